@@ -24,10 +24,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from zoneinfo import ZoneInfo
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.util.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +61,13 @@ class InvalidInput(ValueError):
 
 
 _PHONE_SEPARATORS = re.compile(r"[\s\-().]")
+# Safaricom numbers are 07XX XXX XXX and, since 2020, 010X/011X XXX XXX; "0123456789"
+# (seed 003's example of an invalid number) fits neither.
+_NATIONAL = r"(7\d{8}|1[01]\d{7})"
 _PHONE_SHAPES = (
-    re.compile(r"^\+?254([71]\d{8})$"),
-    re.compile(r"^0([71]\d{8})$"),
-    re.compile(r"^([71]\d{8})$"),
+    re.compile(rf"^\+?254{_NATIONAL}$"),
+    re.compile(rf"^0{_NATIONAL}$"),
+    re.compile(rf"^{_NATIONAL}$"),
 )
 
 
@@ -117,6 +123,16 @@ def mask_phone(phone) -> str:
     return text[:4] + "*" * (len(text) - 6) + text[-2:]
 
 
+_CHECKOUT_PHONE = re.compile(r"^(ws_CO_\d{17})(\d{2})\d{5}(\d{2})$")
+
+
+def mask_checkout_id(checkout_id) -> str:
+    """CheckoutRequestIDs end with the payer's national number: mask it as we mask phones."""
+    text = str(checkout_id or "")
+    match = _CHECKOUT_PHONE.match(text)
+    return f"{match.group(1)}{match.group(2)}*****{match.group(3)}" if match else text
+
+
 def daraja_timestamp(now: datetime | None = None) -> str:
     """The YYYYMMDDHHmmss timestamp in Nairobi time, whatever the server's zone."""
     moment = now.astimezone(NAIROBI) if now else datetime.now(NAIROBI)
@@ -162,3 +178,458 @@ def normalize_result_code(value) -> int | str:
     if not text:
         raise ValueError("empty ResultCode")
     return text
+
+
+# ----------------------------------------------------------------------- errors
+
+class DarajaError(Exception):
+    """A call to Daraja did not succeed; carries what an operator needs to look it up."""
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 error_code: str | None = None, request_id: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.error_code = error_code
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        code = f" [{self.error_code}]" if self.error_code else ""
+        return f"{self.message}{code}"
+
+
+class DarajaRequestError(DarajaError):
+    """Daraja refused the request as sent (400.002.02 Invalid <Field>, locked subscriber…)."""
+
+    @property
+    def field(self) -> str | None:
+        match = re.search(r"Invalid (\w+)", self.message or "")
+        return match.group(1) if match else None
+
+
+class DarajaAuthError(DarajaError):
+    """Credentials, product assignment, shortcode or passkey are wrong: an operator must act."""
+
+
+class InvalidAccessToken(DarajaAuthError):
+    """The token was refused (404.001.03 and kin); refreshing it usually helps once."""
+
+
+class DarajaRateLimited(DarajaError):
+    """Spike arrest, quota or HTTP 429: slow down."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class DarajaUnavailable(DarajaError):
+    """Daraja could not be reached, or answered with a server error."""
+
+
+class DarajaBadResponse(DarajaError):
+    """Daraja (or a proxy in front of it) answered with something that is not Daraja's JSON."""
+
+
+class DarajaTimeout(DarajaError):
+    """No answer in time. For a push, the prompt may still reach the phone: never resend blindly."""
+
+
+class MalformedCallback(ValueError):
+    """A callback body that is not Daraja's Body.stkCallback shape."""
+
+
+_TOKEN_ERRORS = {"404.001.03", "400.003.01", "401.002.01", "401.003.01"}
+_AUTH_ERRORS = {"400.008.01", "400.008.02", "403.001.01", "404.001.01", "404.001.04",
+                "404.003.01", "405.001", "999991", "999996", "999997", "999998"}
+_RATE_LIMIT_ERRORS = {"500.003.02", "500.003.03"}
+_PENDING_MESSAGES = ("being processed", "under processing")
+
+
+def _error_body(response: requests.Response) -> dict:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def error_from_response(response: requests.Response) -> DarajaError:
+    """Turn a non-success Daraja answer into the matching exception class."""
+    body = _error_body(response)
+    fault = body.get("fault") if isinstance(body.get("fault"), dict) else None
+    code = str(body.get("errorCode") or body.get("resultCode") or "") or None
+    message = str(body.get("errorMessage") or body.get("resultDesc")
+                  or (fault or {}).get("faultstring") or "").strip()
+    facts = {"status": response.status_code, "error_code": code,
+             "request_id": body.get("requestId")}
+    lowered = message.lower()
+
+    if response.status_code == 429 or code in _RATE_LIMIT_ERRORS or "spike arrest" in lowered:
+        retry_after = response.headers.get("Retry-After", "")
+        return DarajaRateLimited(message or "Daraja rate limit reached",
+                                 retry_after=float(retry_after) if retry_after.isdigit() else None,
+                                 **facts)
+    if code in _TOKEN_ERRORS or "invalid access token" in lowered:
+        return InvalidAccessToken(message or "Invalid Access Token", **facts)
+    if code in _AUTH_ERRORS or response.status_code in (401, 403):
+        return DarajaAuthError(message or "Daraja refused the credentials", **facts)
+    if code == "500.001.1001":
+        if "credentials" in lowered or "merchant does not exist" in lowered:
+            return DarajaAuthError(message, **facts)
+        return DarajaRequestError(message or "Daraja refused the request", **facts)
+    if code and code.startswith("400."):
+        return DarajaRequestError(message or "Bad Request", **facts)
+    if not body:
+        kind = DarajaUnavailable if response.status_code >= 500 else DarajaBadResponse
+        return kind(f"Daraja answered HTTP {response.status_code} without a Daraja error body",
+                    status=response.status_code)
+    if response.status_code >= 500:
+        return DarajaUnavailable(message or "Daraja server error", **facts)
+    return DarajaRequestError(message or f"Daraja answered HTTP {response.status_code}", **facts)
+
+
+# ------------------------------------------------------------------ result types
+
+@dataclass(frozen=True)
+class PushAccepted:
+    """Daraja accepted the push: a prompt is on its way (this is not a payment yet)."""
+    merchant_request_id: str
+    checkout_request_id: str
+    response_code: str
+    response_description: str
+    customer_message: str
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """What STK Query says: still pending, or final with a ResultCode."""
+    checkout_request_id: str
+    pending: bool
+    result_code: int | str | None = None
+    result_desc: str | None = None
+    merchant_request_id: str | None = None
+
+    @property
+    def paid(self) -> bool:
+        return not self.pending and self.result_code == 0
+
+
+@dataclass(frozen=True)
+class CallbackResult:
+    """A parsed Body.stkCallback."""
+    merchant_request_id: str
+    checkout_request_id: str
+    result_code: int | str
+    result_desc: str
+    amount: Decimal | None = None
+    receipt: str | None = None
+    transaction_date: datetime | None = None
+    phone: str | None = None
+    items: dict = field(default_factory=dict)
+
+    @property
+    def paid(self) -> bool:
+        return self.result_code == 0
+
+
+def parse_callback(document) -> CallbackResult:
+    """Parse Daraja's STK callback; raise MalformedCallback when it is not that shape."""
+    try:
+        callback = document["Body"]["stkCallback"]
+    except (KeyError, TypeError):
+        raise MalformedCallback("missing Body.stkCallback") from None
+    if not isinstance(callback, dict):
+        raise MalformedCallback("Body.stkCallback is not an object")
+    checkout_id = callback.get("CheckoutRequestID")
+    if not isinstance(checkout_id, str) or not checkout_id.strip():
+        raise MalformedCallback("missing CheckoutRequestID")
+    if "ResultCode" not in callback or isinstance(callback["ResultCode"], (bool, dict, list)):
+        raise MalformedCallback("missing ResultCode")
+    try:
+        result_code = normalize_result_code(callback["ResultCode"])
+    except ValueError:
+        raise MalformedCallback("ResultCode is empty") from None
+
+    items: dict = {}
+    metadata = callback.get("CallbackMetadata")
+    if metadata is not None:
+        raw_items = metadata.get("Item") if isinstance(metadata, dict) else None
+        if not isinstance(raw_items, list):
+            raise MalformedCallback("CallbackMetadata.Item is not a list")
+        for item in raw_items:
+            if isinstance(item, dict) and isinstance(item.get("Name"), str):
+                items[item["Name"]] = item.get("Value")
+
+    return CallbackResult(
+        merchant_request_id=str(callback.get("MerchantRequestID") or ""),
+        checkout_request_id=checkout_id.strip(),
+        result_code=result_code,
+        result_desc=str(callback.get("ResultDesc") or ""),
+        amount=_decimal_or_none(items.get("Amount")),
+        receipt=str(items["MpesaReceiptNumber"]) if items.get("MpesaReceiptNumber") else None,
+        transaction_date=_daraja_datetime(items.get("TransactionDate")),
+        phone=str(items["PhoneNumber"]) if items.get("PhoneNumber") not in (None, "") else None,
+        items=items,
+    )
+
+
+def _decimal_or_none(value) -> Decimal | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise MalformedCallback(f"Amount is not a number: {value!r}") from None
+    if not amount.is_finite():
+        raise MalformedCallback("Amount is not a finite number")
+    return amount
+
+
+def _daraja_datetime(value) -> datetime | None:
+    """20240315143105 (a number or a string) in Nairobi time; None when absent or unreadable."""
+    if value is None:
+        return None
+    try:
+        return datetime.strptime(str(value).strip()[:14], "%Y%m%d%H%M%S").replace(tzinfo=NAIROBI)
+    except ValueError:
+        log.warning("callback TransactionDate %r is not YYYYMMDDHHmmss", value)
+        return None
+
+
+# ------------------------------------------------------------------------ token
+
+class TokenCache:
+    """One access token per process, refreshed a minute before it expires.
+
+    A lock makes concurrent callers share a single fetch: a hundred threads pushing
+    at a cold start cause one token request. Tokens are never logged.
+    """
+
+    def __init__(self, clock=time.monotonic, margin: float = 60.0):
+        self._clock = clock
+        self._margin = margin
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._refresh_at = 0.0
+
+    def get(self, fetch) -> str:
+        """Return a valid token, calling fetch() -> (token, expires_in) only when needed."""
+        with self._lock:
+            if self._token is None or self._clock() >= self._refresh_at:
+                token, expires_in = fetch()
+                margin = min(self._margin, expires_in / 10)
+                self._token, self._refresh_at = token, self._clock() + expires_in - margin
+            return self._token
+
+    def invalidate(self, token: str) -> None:
+        """Forget token (if it is still the current one) so the next get() fetches anew."""
+        with self._lock:
+            if self._token == token:
+                self._token = None
+
+
+# ----------------------------------------------------------------------- client
+
+class Daraja:
+    """A Daraja client over one pooled requests.Session.
+
+    Only a connection that was never made is retried (urllib3 connect retries):
+    a push whose request went out and timed out may already be on the phone, so it
+    is reported as DarajaTimeout and left to STK Query to settle. Rate-limit answers
+    are retried after a short backoff, and an invalid-token answer once with a fresh
+    token; Daraja processed neither, so neither can prompt a customer twice.
+    """
+
+    def __init__(self, *, base_url: str, consumer_key: str, consumer_secret: str,
+                 shortcode: str = SANDBOX_SHORTCODE, passkey: str = SANDBOX_PASSKEY,
+                 transaction_type: str = PAYBILL, party_b: str | None = None,
+                 timeout: tuple[float, float] = (3.05, 15.0),
+                 token_cache: TokenCache | None = None,
+                 rate_limit_retries: int = 2, backoff: float = 0.5, sleep=time.sleep):
+        if transaction_type not in TRANSACTION_TYPES:
+            raise ValueError(f"transaction_type must be one of {', '.join(TRANSACTION_TYPES)}")
+        self.base_url = base_url.rstrip("/")
+        self.shortcode = str(shortcode)
+        self.transaction_type = transaction_type
+        self.party_b = str(party_b or shortcode)
+        self.timeout = timeout
+        self.token_cache = token_cache or TokenCache()
+        self._credentials = (consumer_key, consumer_secret)
+        self._passkey = passkey
+        self._rate_limit_retries = rate_limit_retries
+        self._backoff = backoff
+        self._sleep = sleep
+        self.session = requests.Session()
+        retry = Retry(total=2, connect=2, read=0, redirect=0, status=0, other=0,
+                      backoff_factor=0.2, raise_on_status=False)
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=64, max_retries=retry)
+        self.session.mount("https://", adapter)
+        self.session.mount("http://", adapter)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __repr__(self) -> str:
+        return f"Daraja(base_url={self.base_url!r}, shortcode={self.shortcode!r})"
+
+    # -- token
+
+    def fetch_token(self) -> tuple[str, int]:
+        """Ask Daraja for a new token: (access_token, expires_in seconds)."""
+        response = self._send("GET", "/oauth/v1/generate", "oauth",
+                              params={"grant_type": "client_credentials"},
+                              auth=self._credentials)
+        body = _error_body(response)
+        token = body.get("access_token")
+        try:
+            expires_in = int(str(body.get("expires_in", "")).strip())
+        except ValueError:
+            expires_in = 0
+        if not isinstance(token, str) or not token or expires_in <= 0:
+            raise DarajaBadResponse("Daraja token answer has no access_token/expires_in",
+                                    status=response.status_code)
+        return token, expires_in
+
+    def access_token(self) -> str:
+        """A cached token, fetched when missing or about to expire."""
+        return self.token_cache.get(self.fetch_token)
+
+    # -- STK push and query
+
+    def stk_push(self, phone, amount: int, *, callback_url: str,
+                 account_reference: str = "", description: str = "",
+                 now: datetime | None = None) -> PushAccepted:
+        """Send the PIN prompt to phone; return Daraja's acknowledgement."""
+        msisdn = normalize_phone(phone)
+        amount = validate_amount(amount, DARAJA_MAX_AMOUNT)
+        timestamp = daraja_timestamp(now)
+        payload = {
+            "BusinessShortCode": self.shortcode,
+            "Password": stk_password(self.shortcode, self._passkey, timestamp),
+            "Timestamp": timestamp,
+            "TransactionType": self.transaction_type,
+            "Amount": amount,
+            "PartyA": msisdn,
+            "PartyB": self.party_b,
+            "PhoneNumber": msisdn,
+            "CallBackURL": callback_url.strip(),
+            "AccountReference": clean_text(account_reference, ACCOUNT_REFERENCE_LIMIT) or "Payment",
+            "TransactionDesc": clean_text(description, TRANSACTION_DESC_LIMIT) or "Payment",
+        }
+        body = self._call("/mpesa/stkpush/v1/processrequest", "stk push", payload,
+                          phone=msisdn)
+        try:
+            accepted = PushAccepted(
+                merchant_request_id=str(body["MerchantRequestID"]),
+                checkout_request_id=str(body["CheckoutRequestID"]),
+                response_code=str(body.get("ResponseCode", "")),
+                response_description=str(body.get("ResponseDescription", "")),
+                customer_message=str(body.get("CustomerMessage", "")),
+            )
+        except KeyError as missing:
+            raise DarajaBadResponse(f"STK push answer lacks {missing}") from None
+        if accepted.response_code != "0":
+            raise DarajaRequestError(accepted.response_description or "Push not accepted",
+                                     error_code=accepted.response_code)
+        return accepted
+
+    def stk_query(self, checkout_request_id: str, now: datetime | None = None) -> QueryResult:
+        """Ask Daraja for the outcome; "being processed" comes back as pending."""
+        timestamp = daraja_timestamp(now)
+        payload = {
+            "BusinessShortCode": self.shortcode,
+            "Password": stk_password(self.shortcode, self._passkey, timestamp),
+            "Timestamp": timestamp,
+            "CheckoutRequestID": checkout_request_id,
+        }
+        try:
+            body = self._call("/mpesa/stkpushquery/v1/query", "stk query", payload)
+        except DarajaRequestError as error:
+            if error.error_code == "500.001.1001" and any(
+                    text in error.message.lower() for text in _PENDING_MESSAGES + ("lock subscriber",)):
+                return QueryResult(checkout_request_id, pending=True)
+            raise
+        if "ResultCode" not in body:
+            raise DarajaBadResponse("STK query answer lacks ResultCode")
+        code = normalize_result_code(body["ResultCode"])
+        desc = str(body.get("ResultDesc") or "")
+        if code == 4999 or "under processing" in desc.lower():
+            return QueryResult(checkout_request_id, pending=True)
+        return QueryResult(checkout_request_id, pending=False, result_code=code,
+                           result_desc=desc,
+                           merchant_request_id=body.get("MerchantRequestID"))
+
+    # -- transport
+
+    def _call(self, path: str, what: str, payload: dict, phone: str | None = None) -> dict:
+        """POST JSON with a bearer token; refresh the token once, back off on rate limits."""
+        refreshed = False
+        attempt = 0
+        while True:
+            token = self.access_token()
+            try:
+                response = self._send("POST", path, what, json=payload,
+                                      headers={"Authorization": f"Bearer {token}"}, phone=phone)
+            except InvalidAccessToken:
+                self.token_cache.invalidate(token)
+                if refreshed:
+                    raise
+                refreshed = True
+                continue
+            except DarajaRateLimited as error:
+                if attempt >= self._rate_limit_retries:
+                    raise
+                delay = min(error.retry_after or self._backoff * 2 ** attempt, 5.0)
+                attempt += 1
+                log.warning("daraja %s rate limited; retrying in %.1fs", what, delay)
+                self._sleep(delay)
+                continue
+            body = _error_body(response)
+            if not body:
+                raise DarajaBadResponse(f"Daraja {what} answer is not JSON",
+                                        status=response.status_code)
+            return body
+
+    def _send(self, method: str, path: str, what: str, phone: str | None = None,
+              **kwargs) -> requests.Response:
+        """One HTTP exchange; raises the typed error for anything but a 2xx."""
+        started = time.monotonic()
+        try:
+            response = self.session.request(method, self.base_url + path,
+                                            timeout=self.timeout, **kwargs)
+        except requests.ConnectionError as error:
+            # ConnectTimeout is a ConnectionError: nothing was sent.
+            if isinstance(error, requests.ConnectTimeout) or not _sent(error):
+                log.error("daraja %s: cannot connect to %s", what, self.base_url)
+                raise DarajaUnavailable(f"Cannot reach Daraja at {self.base_url}") from None
+            log.error("daraja %s: connection lost after sending", what)
+            raise DarajaTimeout(f"Daraja {what} connection was lost after the request was sent") from None
+        except requests.Timeout:
+            log.error("daraja %s: no answer within %ss", what, self.timeout[1])
+            raise DarajaTimeout(f"Daraja did not answer the {what} in time") from None
+        except requests.RequestException as error:
+            log.error("daraja %s failed: %s", what, type(error).__name__)
+            raise DarajaUnavailable(f"Daraja {what} failed") from None
+        elapsed = (time.monotonic() - started) * 1000
+        log.info("daraja %s -> HTTP %s in %.0f ms%s", what, response.status_code, elapsed,
+                 f" phone={mask_phone(phone)}" if phone else "")
+        if 200 <= response.status_code < 300:
+            return response
+        error = error_from_response(response)
+        log.warning("daraja %s refused: HTTP %s %s %s", what, response.status_code,
+                    error.error_code or "-", error.message)
+        raise error
+
+
+def _sent(error: requests.ConnectionError) -> bool:
+    """Whether the request may have gone out before the connection failed."""
+    reason = error.args[0] if error.args else None
+    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
+    return not isinstance(reason, (NewConnectionError, ConnectTimeoutError))

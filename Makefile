@@ -1,0 +1,29 @@
+# Two commands matter: `make run` (the demo) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+READY  := $(VENV)/.ready
+
+.PHONY: run test bench services clean
+
+$(READY): requirements.txt requirements-dev.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	@touch $(READY)
+
+run: $(READY)
+	$(BIN)/python server.py
+
+# Browser tests need Chromium and the Redis store tests a redis-server binary:
+# install Debian's packages when they are missing (root, or sudo without a password).
+services:
+	@./scripts/ensure-packages.sh
+
+test: $(READY) services
+	$(BIN)/python -m pytest
+
+bench: $(READY) services
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache test-artifacts

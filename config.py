@@ -1,0 +1,211 @@
+"""Settings: read once from the environment (and .env) into one immutable object.
+
+Names follow API.md; seed 000's spellings are accepted as aliases. A missing or
+malformed setting raises ConfigError with one line naming it, so start-up stops
+with that line instead of a stack trace at the first payment.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import mpesa
+
+MODES = ("simulator", "sandbox", "production")
+# Daraja is reported to refuse callback URLs containing these (daraja-reference §7.5).
+REFUSED_CALLBACK_WORDS = ("m-pesa", "mpesa", "safaricom", "exec", "exe", "cmd", "sql", "query")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    mpesa_env: str = "simulator"
+    base_url: str | None = None
+    consumer_key: str = ""
+    consumer_secret: str = field(default="", repr=False)
+    shortcode: str = mpesa.SANDBOX_SHORTCODE
+    passkey: str = field(default=mpesa.SANDBOX_PASSKEY, repr=False)
+    transaction_type: str = mpesa.PAYBILL
+    party_b: str | None = None
+    callback_url: str | None = None
+    callback_token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    max_amount: int = 150_000
+    store_url: str = "memory://"
+    transaction_ttl: int = 120
+    retention_seconds: int = 86_400
+    frontend_urls: tuple[str, ...] = ()
+    admin_token: str | None = field(default=None, repr=False)
+    port: int = 3001
+    rate_limit_push_per_phone: str = "3/minute;10/hour"
+    rate_limit_push_per_ip: str = "10/minute;100/hour"
+    rate_limit_status_per_ip: str = "120/minute"
+    ratelimit_enabled: bool = True
+    usd_to_kes_rate: float | None = None
+    query_interval: float = 5.0
+    first_query_after: float = 20.0
+    daraja_timeout: float = 15.0
+    trusted_proxies: int = 0
+
+    @property
+    def simulator(self) -> bool:
+        return self.mpesa_env == "simulator"
+
+    @property
+    def store_kind(self) -> str:
+        return self.store_url.split(":", 1)[0]
+
+
+def _get(env, *names: str) -> str | None:
+    for name in names:
+        value = env.get(name)
+        if value is not None and value.strip() != "":
+            return value.strip()
+    return None
+
+
+def _int(env, name: str, default: int, minimum: int = 0) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"\d+", raw) or int(raw) < minimum:
+        raise ConfigError(f"{name} must be a whole number of at least {minimum} (got {raw!r})")
+    return int(raw)
+
+
+def _float(env, name: str, default: float | None, allow_zero: bool = False) -> float | None:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number (got {raw!r})") from None
+    if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+        raise ConfigError(f"{name} must be a number greater than {'or equal to ' if allow_zero else ''}0 (got {raw!r})")
+    return value
+
+
+def _bool(env, name: str, default: bool) -> bool:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false (got {raw!r})")
+
+
+def check_callback_url(url: str, mode: str) -> str:
+    """The public base URL Daraja will call; HTTPS and no refused words in production."""
+    url = url.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or " " in url:
+        raise ConfigError(f"CALLBACK_URL must be an absolute http(s) URL (got {url!r})")
+    if mode == "production" and parts.scheme != "https":
+        raise ConfigError("CALLBACK_URL must use https in production")
+    lowered = url.lower()
+    for word in REFUSED_CALLBACK_WORDS:
+        if word in lowered:
+            raise ConfigError(f"CALLBACK_URL must not contain {word!r}: Daraja is reported to refuse such URLs")
+    return url
+
+
+def load_settings(environ=None, **overrides) -> Settings:
+    """Read the settings from environ (default os.environ), then apply overrides."""
+    env = dict(os.environ if environ is None else environ)
+    consumer_key = _get(env, "MPESA_CONSUMER_KEY") or ""
+    consumer_secret = _get(env, "MPESA_CONSUMER_SECRET") or ""
+    mode = (_get(env, "MPESA_ENV") or ("sandbox" if consumer_key else "simulator")).lower()
+    if mode not in MODES:
+        raise ConfigError(f"MPESA_ENV must be one of {', '.join(MODES)} (got {mode!r})")
+
+    if mode != "simulator":
+        if not consumer_key:
+            raise ConfigError(f"MPESA_CONSUMER_KEY is required when MPESA_ENV={mode}")
+        if not consumer_secret:
+            raise ConfigError(f"MPESA_CONSUMER_SECRET is required when MPESA_ENV={mode}")
+
+    shortcode = _get(env, "MPESA_BUSINESS_SHORTCODE", "MPESA_SHORTCODE") or mpesa.SANDBOX_SHORTCODE
+    if not re.fullmatch(r"\d{5,7}", shortcode):
+        raise ConfigError(f"MPESA_BUSINESS_SHORTCODE must be 5 to 7 digits (got {shortcode!r})")
+    passkey = _get(env, "MPESA_PASSKEY")
+    if passkey is None:
+        if mode == "production":
+            raise ConfigError("MPESA_PASSKEY is required when MPESA_ENV=production")
+        passkey = mpesa.SANDBOX_PASSKEY
+
+    transaction_type = _get(env, "MPESA_TRANSACTION_TYPE") or mpesa.PAYBILL
+    if transaction_type not in mpesa.TRANSACTION_TYPES:
+        raise ConfigError(f"MPESA_TRANSACTION_TYPE must be one of {', '.join(mpesa.TRANSACTION_TYPES)}")
+    party_b = _get(env, "MPESA_PARTY_B", "MPESA_TILL_NUMBER")
+    if transaction_type == mpesa.BUY_GOODS and not party_b:
+        raise ConfigError("MPESA_PARTY_B (the till number) is required for CustomerBuyGoodsOnline")
+    if party_b is not None and not re.fullmatch(r"\d{5,7}", party_b):
+        raise ConfigError(f"MPESA_PARTY_B must be 5 to 7 digits (got {party_b!r})")
+
+    base_url = _get(env, "MPESA_BASE_URL")
+    if base_url is not None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"MPESA_BASE_URL must be an absolute http(s) URL (got {base_url!r})")
+        base_url = f"{parts.scheme}://{parts.netloc}{parts.path}".rstrip("/")
+
+    callback_url = _get(env, "CALLBACK_URL", "MPESA_CALLBACK_URL")
+    if callback_url is not None:
+        callback_url = check_callback_url(callback_url, mode)
+    elif mode != "simulator":
+        raise ConfigError(f"CALLBACK_URL (the public https address of this server) is required when MPESA_ENV={mode}")
+
+    callback_token = _get(env, "CALLBACK_TOKEN")
+    if callback_token is None and mode != "simulator":
+        raise ConfigError(f"CALLBACK_TOKEN is required when MPESA_ENV={mode} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    if callback_token is not None and not re.fullmatch(r"[A-Za-z0-9_\-]{16,}", callback_token):
+        raise ConfigError("CALLBACK_TOKEN must be at least 16 characters of letters, digits, '-' or '_'")
+
+    max_amount = _int(env, "MAX_AMOUNT", 150_000, minimum=1)
+    if max_amount > mpesa.DARAJA_MAX_AMOUNT:
+        raise ConfigError(f"MAX_AMOUNT must not exceed Daraja's limit of {mpesa.DARAJA_MAX_AMOUNT}")
+
+    store_url = _get(env, "STORE_URL") or "memory://"
+    if store_url.split(":", 1)[0] not in ("memory", "sqlite", "redis", "rediss"):
+        raise ConfigError(f"STORE_URL must start with memory://, sqlite:/// or redis:// (got {store_url!r})")
+
+    values = dict(
+        mpesa_env=mode,
+        base_url=base_url,
+        consumer_key=consumer_key,
+        consumer_secret=consumer_secret,
+        shortcode=shortcode,
+        passkey=passkey,
+        transaction_type=transaction_type,
+        party_b=party_b,
+        callback_url=callback_url,
+        max_amount=max_amount,
+        store_url=store_url,
+        transaction_ttl=_int(env, "TRANSACTION_TTL", 120, minimum=1),
+        retention_seconds=_int(env, "RETENTION_SECONDS", 86_400, minimum=60),
+        frontend_urls=tuple(u.strip().rstrip("/") for u in (_get(env, "FRONTEND_URL") or "").split(",") if u.strip()),
+        admin_token=_get(env, "ADMIN_TOKEN"),
+        port=_int(env, "PORT", 3001, minimum=0),
+        rate_limit_push_per_phone=_get(env, "RATE_LIMIT_PUSH_PER_PHONE") or "3/minute;10/hour",
+        rate_limit_push_per_ip=_get(env, "RATE_LIMIT_PUSH_PER_IP") or "10/minute;100/hour",
+        rate_limit_status_per_ip=_get(env, "RATE_LIMIT_STATUS_PER_IP") or "120/minute",
+        ratelimit_enabled=_bool(env, "RATELIMIT_ENABLED", True),
+        usd_to_kes_rate=_float(env, "USD_TO_KES_RATE", None),
+        query_interval=_float(env, "STATUS_QUERY_INTERVAL", 5.0),
+        first_query_after=_float(env, "STATUS_FIRST_QUERY_AFTER", 20.0, allow_zero=True),
+        daraja_timeout=_float(env, "DARAJA_TIMEOUT", 15.0),
+        # Heroku's router is one proxy: trust exactly its X-Forwarded-For / -Proto.
+        trusted_proxies=_int(env, "TRUSTED_PROXIES", 1 if "DYNO" in env else 0),
+    )
+    if callback_token is not None:
+        values["callback_token"] = callback_token
+    values.update(overrides)
+    return Settings(**values)

@@ -1,0 +1,249 @@
+"""The payment life cycle: start a push, learn its outcome, settle it exactly once.
+
+A payment is pending until Daraja tells us how it ended, by callback (the fast
+path) or by STK Query (the fallback when callbacks are lost). The first result
+from Daraja wins; repeats and contradicting results are recorded and ignored.
+Past TRANSACTION_TTL a pending payment gets one last query and is otherwise
+marked failed with reason "timeout" — our own verdict, not Daraja's, so a real
+result arriving later still replaces it (flagged "late_result") rather than
+leaving money taken from a customer unrecorded.
+
+Knows nothing of Flask: the server turns these results into HTTP answers.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+
+import mpesa
+from config import Settings
+from store import DuplicateTransaction, Store, Transaction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PaymentRequest:
+    phone: str
+    amount: int
+    description: str
+    account_reference: str
+
+
+def validate_request(body, max_amount: int) -> PaymentRequest:
+    """Check a /stkpush body; raise mpesa.InvalidInput naming the first bad field."""
+    if not isinstance(body, dict):
+        raise mpesa.InvalidInput("body", "Request body must be a JSON object")
+    if body.get("phone") in (None, ""):
+        raise mpesa.InvalidInput("phone", "Phone number is required")
+    phone = mpesa.normalize_phone(body["phone"])
+    amount = mpesa.validate_amount(body.get("amount"), max_amount)
+    texts = {}
+    for name, limit in (("description", 200), ("accountReference", 100)):
+        value = body.get(name, "")
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise mpesa.InvalidInput(name, f"{name} must be text")
+        if len(value) > limit:
+            raise mpesa.InvalidInput(name, f"{name} must be at most {limit} characters")
+        texts[name] = value.strip()
+    return PaymentRequest(phone, amount, texts["description"], texts["accountReference"])
+
+
+def event(name: str, at: float, **details) -> dict:
+    return {"at": at, "event": name, **{k: v for k, v in details.items() if v is not None}}
+
+
+class Payments:
+    """Starts payments and settles them in the store, idempotently."""
+
+    def __init__(self, store: Store, daraja: mpesa.Daraja, settings: Settings, clock=time.time):
+        self.store = store
+        self.daraja = daraja
+        self.settings = settings
+        self.clock = clock
+
+    @property
+    def callback_url(self) -> str:
+        return f"{self.settings.callback_url}/hooks/stk/{self.settings.callback_token}"
+
+    # -- start
+
+    def start(self, request: PaymentRequest) -> tuple[Transaction, mpesa.PushAccepted]:
+        """Send the prompt and record the pending payment; Daraja errors propagate."""
+        accepted = self.daraja.stk_push(
+            request.phone, request.amount, callback_url=self.callback_url,
+            account_reference=request.account_reference or request.description,
+            description=request.description)
+        now = self.clock()
+        tx = Transaction(
+            checkout_request_id=accepted.checkout_request_id,
+            merchant_request_id=accepted.merchant_request_id,
+            phone=request.phone, amount=request.amount,
+            account_reference=request.account_reference, description=request.description,
+            initiated_at=now,
+            history=[event("initiated", now, amount=request.amount,
+                           accountReference=request.account_reference),
+                     event("push_accepted", now, merchantRequestId=accepted.merchant_request_id,
+                           customerMessage=accepted.customer_message)],
+        )
+        try:
+            self.store.create(tx)
+        except DuplicateTransaction:
+            log.error("daraja returned a CheckoutRequestID already stored: %s",
+                      mpesa.mask_checkout_id(accepted.checkout_request_id))
+            raise
+        log.info("payment %s started: %s KES phone=%s", mpesa.mask_checkout_id(tx.checkout_request_id), tx.amount,
+                 mpesa.mask_phone(tx.phone))
+        orphan = self.store.get_value(f"orphan:{tx.checkout_request_id}")
+        if orphan:
+            self.store.delete(f"orphan:{tx.checkout_request_id}")
+            self.handle_callback(orphan["body"])
+        return self.store.get(tx.checkout_request_id) or tx, accepted
+
+    # -- callback
+
+    def handle_callback(self, body) -> Transaction | None:
+        """Apply a Daraja callback; MalformedCallback propagates, unknown ids are kept aside."""
+        result = mpesa.parse_callback(body)
+        now = self.clock()
+        tx, outcome = self.store.update(
+            result.checkout_request_id,
+            lambda tx: self._settle(tx, source="callback", code=result.result_code,
+                                    desc=result.result_desc, amount=result.amount,
+                                    receipt=result.receipt, transaction_date=result.transaction_date,
+                                    raw=body, now=now))
+        if tx is None:
+            log.warning("callback for unknown CheckoutRequestID %s (ResultCode %s) kept for matching",
+                        mpesa.mask_checkout_id(result.checkout_request_id), result.result_code)
+            self.store.set_value(f"orphan:{result.checkout_request_id}", {"body": body},
+                                 self.settings.retention_seconds)
+            return None
+        self._log_outcome(tx, "callback", outcome)
+        return tx
+
+    # -- status
+
+    def status(self, checkout_request_id: str) -> Transaction | None:
+        """The stored record, after asking Daraja when a callback is overdue."""
+        tx = self.store.get(checkout_request_id)
+        if tx is None or tx.is_final:
+            return tx
+        age = self.clock() - tx.initiated_at
+        if age >= self.settings.transaction_ttl:
+            return self.settle_expired(tx)
+        if age >= self.settings.first_query_after and self._may_query(tx):
+            return self._query_and_settle(tx) or tx
+        return tx
+
+    def settle_expired(self, tx: Transaction) -> Transaction:
+        """One last query for a payment past its TTL; otherwise mark it timed out."""
+        if not self.store.add(f"final-query:{tx.checkout_request_id}", {"at": self.clock()},
+                              self.settings.query_interval):
+            return self.store.get(tx.checkout_request_id) or tx
+        settled = self._query_and_settle(tx)
+        if settled is not None and settled.is_final:
+            return settled
+        now = self.clock()
+        tx, outcome = self.store.update(tx.checkout_request_id,
+                                        lambda tx: self._time_out(tx, now))
+        self._log_outcome(tx, "timeout", outcome)
+        return tx
+
+    def reconcile(self) -> list[Transaction]:
+        """Settle every payment still pending past its TTL (after an outage, or on a schedule)."""
+        cutoff = self.clock() - self.settings.transaction_ttl
+        return [self.settle_expired(tx) for tx in self.store.pending_before(cutoff)]
+
+    def _may_query(self, tx: Transaction) -> bool:
+        # One query per transaction per interval across every thread, worker and dyno.
+        return self.store.add(f"query:{tx.checkout_request_id}", {"at": self.clock()},
+                              self.settings.query_interval)
+
+    def _query_and_settle(self, tx: Transaction) -> Transaction | None:
+        now = self.clock()
+        try:
+            result = self.daraja.stk_query(tx.checkout_request_id)
+        except mpesa.DarajaError as error:
+            log.warning("stk query for %s failed: %s", mpesa.mask_checkout_id(tx.checkout_request_id), error)
+            tx, _ = self.store.update(tx.checkout_request_id, lambda tx: tx.history.append(
+                event("queried", now, result="error", error=str(error))))
+            return tx
+        if result.pending:
+            tx, _ = self.store.update(tx.checkout_request_id, lambda tx: tx.history.append(
+                event("queried", now, result="pending")))
+            return tx
+        tx, outcome = self.store.update(
+            tx.checkout_request_id,
+            lambda tx: self._settle(tx, source="query", code=result.result_code,
+                                    desc=result.result_desc, now=now))
+        self._log_outcome(tx, "query", outcome)
+        return tx
+
+    # -- the state machine (runs inside store.update: touches only tx)
+
+    def _settle(self, tx: Transaction, *, source: str, code, desc: str, now: float,
+                amount: Decimal | None = None, receipt: str | None = None,
+                transaction_date=None, raw=None) -> str:
+        tx.history.append(event(f"{source}_received", now, resultCode=code, resultDesc=desc,
+                                receipt=receipt, raw=raw))
+        replaces_timeout = tx.settled_by == "timeout"
+        if tx.is_final and not replaces_timeout:
+            if (code == 0 and tx.status == "completed" and tx.settled_by == "query"
+                    and receipt and not tx.mpesa_receipt_number):
+                tx.mpesa_receipt_number = receipt
+                tx.transaction_date = transaction_date.isoformat() if transaction_date else None
+                tx.callback = raw
+                tx.history.append(event("receipt_added", now, receipt=receipt))
+                return "receipt_added"
+            same = code == tx.result_code
+            tx.history.append(event("duplicate_ignored" if same else "contradiction_ignored", now,
+                                    source=source, resultCode=code))
+            return "duplicate" if same else "contradiction"
+
+        if replaces_timeout:
+            tx.flags.append("late_result")
+        tx.result_code, tx.result_desc = code, desc
+        tx.settled_by = source
+        tx.completed_at = now
+        if raw is not None:
+            tx.callback = raw
+        if code == 0:
+            tx.mpesa_receipt_number = receipt
+            tx.transaction_date = transaction_date.isoformat() if transaction_date else None
+            if amount is not None and amount != Decimal(tx.amount):
+                tx.status, tx.reason = "failed", "error"
+                tx.flags.append("amount_mismatch")
+                tx.history.append(event("amount_mismatch", now, asked=tx.amount, paid=str(amount)))
+                return "amount_mismatch"
+            tx.status, tx.reason = "completed", None
+            tx.history.append(event("completed", now, receipt=receipt, source=source))
+            return "completed"
+        tx.status, tx.reason = "failed", mpesa.result_reason(code)[0]
+        tx.history.append(event("failed", now, reason=tx.reason, resultCode=code, source=source))
+        return "failed"
+
+    def _time_out(self, tx: Transaction, now: float) -> str:
+        if tx.is_final:
+            return "already_final"
+        tx.status, tx.reason, tx.settled_by = "failed", "timeout", "timeout"
+        tx.result_desc = "No answer from M-Pesa before the payment timed out"
+        tx.completed_at = now
+        tx.history.append(event("timed_out", now, after=round(now - tx.initiated_at, 1)))
+        return "timed_out"
+
+    def _log_outcome(self, tx: Transaction | None, source: str, outcome) -> None:
+        if tx is None:
+            return
+        if outcome in ("duplicate", "contradiction"):
+            log.warning("%s for %s ignored (%s): payment already %s", source,
+                        mpesa.mask_checkout_id(tx.checkout_request_id), outcome, tx.status)
+        elif outcome == "amount_mismatch":
+            log.error("payment %s paid a different amount than the %s KES asked: not completed",
+                      mpesa.mask_checkout_id(tx.checkout_request_id), tx.amount)
+        else:
+            log.info("payment %s %s via %s (reason=%s) phone=%s", mpesa.mask_checkout_id(tx.checkout_request_id),
+                     tx.status, source, tx.reason or "-", mpesa.mask_phone(tx.phone))

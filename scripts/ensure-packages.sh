@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests use (chromium, redis-server) when missing.
+# Never fails the build: the tests that need a missing tool say so loudly and skip.
+set -u
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -eq 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+  echo "!! cannot install ${missing[*]} (not root, no sudo): the tests that need them will be skipped" >&2
+  exit 0
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "!! no apt-get: install ${missing[*]} yourself; the tests that need them will be skipped" >&2
+  exit 0
+fi
+echo "Installing ${missing[*]} (Debian packages) for the test suite..."
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq >/dev/null 2>&1
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+  || echo "!! installing ${missing[*]} failed: the tests that need them will be skipped" >&2
+exit 0

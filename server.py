@@ -1,0 +1,497 @@
+"""The M-Pesa payment server: create_app() builds the Flask application.
+
+Routes (API.md): POST /stkpush, POST /stkpush/status, GET /stkpush/status/<id>,
+GET /health, POST /hooks/stk/<token> (Daraja's callback), GET /transactions[/<id>]
+(admin), and the pages from pages.py. `python server.py` runs the development
+server; the Procfile runs gunicorn with gunicorn.conf.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+
+from flask import Flask, current_app, g, jsonify, request
+from flask_cors import CORS
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+import mpesa
+import pages
+import simulator
+from config import ConfigError, Settings, load_settings
+from payments import Payments, validate_request
+from store import Store, Transaction, open_store
+
+log = logging.getLogger("server")
+
+SERVICE_NAME = "M-Pesa Payment Server"
+MAX_BODY_BYTES = 64 * 1024
+IDEMPOTENCY_TTL = 24 * 3600
+CHECKOUT_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; "
+                           "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
+                           "base-uri 'self'; form-action 'self'")
+
+
+class ApiError(Exception):
+    """An answer other than success, with its HTTP status and JSON body."""
+
+    def __init__(self, http_status: int, message: str, headers: dict | None = None, **fields):
+        super().__init__(message)
+        self.status = http_status
+        self.body = {"success": False, "message": message, **fields}
+        self.headers = headers or {}
+
+
+def get_payments() -> Payments:
+    return current_app.extensions["payments"]
+
+
+def get_store() -> Store:
+    return current_app.extensions["store"]
+
+
+def iso_utc(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ------------------------------------------------------------------ answers
+
+def status_answer(tx: Transaction) -> dict:
+    """The poll answer for one payment (phone masked: anyone with the id may poll)."""
+    base = {"checkoutRequestId": tx.checkout_request_id, "status": tx.status,
+            "amount": tx.amount, "currency": tx.currency, "phone": mpesa.mask_phone(tx.phone),
+            "accountReference": tx.account_reference}
+    if tx.status == "completed":
+        return {"success": True, **base, "transaction_id": tx.mpesa_receipt_number,
+                "MpesaReceiptNumber": tx.mpesa_receipt_number, "description": tx.description,
+                "completedAt": iso_utc(tx.completed_at), "transactionDate": tx.transaction_date,
+                "message": "Payment completed"}
+    if tx.status == "failed":
+        if "amount_mismatch" in tx.flags:
+            message = "The amount paid does not match the amount asked; contact the shop"
+        elif tx.reason == "timeout" and tx.settled_by == "timeout":
+            message = "The payment timed out: no answer from the phone"
+        else:
+            message = mpesa.result_reason(tx.result_code)[1]
+        return {"success": False, **base, "reason": tx.reason, "resultCode": tx.result_code,
+                "message": message}
+    return {"success": True, **base, "message": "Waiting for user to complete payment"}
+
+
+def admin_view(tx: Transaction) -> dict:
+    data = tx.to_dict()
+    data["initiatedAt"] = iso_utc(tx.initiated_at)
+    data["completedAtIso"] = iso_utc(tx.completed_at)
+    return data
+
+
+DARAJA_ANSWERS = {
+    mpesa.DarajaTimeout: (504, "M-Pesa did not answer in time. The prompt may still reach the "
+                               "phone: wait a minute before trying again"),
+    mpesa.DarajaRateLimited: (503, "M-Pesa is busy; try again in a minute"),
+    mpesa.DarajaUnavailable: (503, "M-Pesa cannot be reached right now; try again shortly"),
+    mpesa.DarajaBadResponse: (502, "M-Pesa sent an unexpected answer; try again shortly"),
+    mpesa.DarajaAuthError: (502, "M-Pesa refused this server's credentials or configuration"),
+    mpesa.DarajaRequestError: (502, "M-Pesa refused the request"),
+}
+
+
+def daraja_error(error: mpesa.DarajaError) -> ApiError:
+    """Map a Daraja failure to 502/503/504 with a message safe to show a customer."""
+    for kind, (status, message) in DARAJA_ANSWERS.items():
+        if isinstance(error, kind):
+            break
+    if isinstance(error, mpesa.DarajaRequestError) and error.message:
+        message = f"{message}: {_printable(error.message)}"
+    headers = {}
+    if isinstance(error, mpesa.DarajaRateLimited):
+        headers["Retry-After"] = str(int(error.retry_after or 30))
+    fields = {"errorCode": error.error_code} if error.error_code else {}
+    return ApiError(status, message, headers=headers, **fields)
+
+
+def _printable(text: str) -> str:
+    return re.sub(r"[^\w .,:;'()\-/]", "", text)[:160]
+
+
+# ------------------------------------------------------------------- routes
+
+def register_api(app: Flask, limiter: Limiter, settings: Settings) -> None:
+
+    def phone_key() -> str:
+        body = request.get_json(silent=True)
+        try:
+            return "phone:" + mpesa.normalize_phone((body or {}).get("phone"))
+        except (mpesa.InvalidInput, AttributeError):
+            return "phone:invalid"
+
+    def counts_as_prompt(response) -> bool:
+        return response.status_code == 200 and not response.headers.get("Idempotent-Replayed")
+
+    @app.post("/stkpush")
+    @limiter.limit(settings.rate_limit_push_per_ip, deduct_when=counts_as_prompt)
+    @limiter.limit(settings.rate_limit_push_per_phone, key_func=phone_key,
+                   deduct_when=counts_as_prompt)
+    def stkpush():
+        body = request.get_json(silent=True)
+        if body is None:
+            raise ApiError(400, "Request body must be JSON", field="body")
+        key = request.headers.get("Idempotency-Key")
+        if key is None:
+            answer, status = start_payment(body)
+            return jsonify(answer), status
+        return idempotent(key.strip(), body)
+
+    @app.post("/stkpush/status")
+    @limiter.limit(settings.rate_limit_status_per_ip)
+    def status_post():
+        body = request.get_json(silent=True) or {}
+        checkout_id = None
+        if isinstance(body, dict):
+            checkout_id = next((body[k] for k in ("checkoutRequestId", "checkoutRequestID",
+                                                  "CheckoutRequestID") if k in body), None)
+        return status_for(checkout_id)
+
+    @app.get("/stkpush/status/<checkout_id>")
+    @limiter.limit(settings.rate_limit_status_per_ip)
+    def status_get(checkout_id):
+        return status_for(checkout_id)
+
+    @app.post("/hooks/stk/<token>")
+    @limiter.exempt
+    def daraja_callback(token):
+        if not hmac.compare_digest(token.encode(), settings.callback_token.encode()):
+            log.warning("callback with a wrong token from %s refused", request.remote_addr)
+            raise ApiError(403, "Forbidden")
+        body = request.get_json(silent=True)
+        try:
+            get_payments().handle_callback(body)
+        except mpesa.MalformedCallback as error:
+            log.warning("malformed callback refused: %s", error)
+            return jsonify({"ResultCode": 1, "ResultDesc": f"Rejected: {error}"}), 400
+        return jsonify({"ResultCode": 0, "ResultDesc": "Accepted"})
+
+    @app.get("/health")
+    @limiter.exempt
+    def health():
+        answer = {"status": "ok", "timestamp": iso_utc(time.time()), "service": SERVICE_NAME,
+                  "mode": settings.mpesa_env, "store": get_store().kind}
+        if request.args.get("deep") not in (None, "", "0", "false"):
+            try:
+                get_payments().daraja.access_token()
+                answer["daraja"] = "ok"
+            except mpesa.DarajaError as error:
+                answer.update(status="error", daraja="error",
+                              message=daraja_error(error).body["message"])
+                return jsonify(answer), 503
+        return jsonify(answer)
+
+    @app.get("/transactions")
+    def transactions():
+        require_admin()
+        status = request.args.get("status") or None
+        if status not in (None, "pending", "completed", "failed"):
+            raise ApiError(400, "status must be pending, completed or failed", field="status")
+        phone = request.args.get("phone") or None
+        if phone:
+            phone = mpesa.normalize_phone(phone)
+        limit = _positive_int("limit", 20, maximum=100)
+        page = _positive_int("page", 1, maximum=100_000)
+        items, total = get_store().list(status=status, phone=phone, limit=limit,
+                                        offset=(page - 1) * limit)
+        return jsonify({"success": True, "total": total, "page": page, "limit": limit,
+                        "transactions": [admin_view(tx) for tx in items]})
+
+    @app.get("/transactions/<checkout_id>")
+    def transaction(checkout_id):
+        require_admin()
+        tx = get_store().get(checkout_id)
+        if tx is None:
+            raise ApiError(404, "Transaction not found", status="not_found")
+        return jsonify({"success": True, "transaction": admin_view(tx)})
+
+
+def start_payment(body) -> tuple[dict, int]:
+    """Validate, push, record; return the JSON answer and its status (errors raise)."""
+    payment = validate_request(body, current_app.config["MAX_AMOUNT"])
+    try:
+        tx, accepted = get_payments().start(payment)
+    except mpesa.DarajaError as error:
+        raise daraja_error(error) from None
+    return {"success": True, "checkoutRequestId": tx.checkout_request_id,
+            "merchantRequestId": tx.merchant_request_id, "status": tx.status,
+            "message": "STK push sent successfully",
+            "customerMessage": accepted.customer_message}, 200
+
+
+def idempotent(key: str, body) -> tuple:
+    """Stripe-style Idempotency-Key: a retry gets the first answer and sends no prompt."""
+    if not key or len(key) > 255:
+        raise ApiError(400, "Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
+    store = get_store()
+    slot = "idem:" + hashlib.sha256(key.encode()).hexdigest()
+    fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    if not store.add(slot, {"fingerprint": fingerprint, "state": "started"}, IDEMPOTENCY_TTL):
+        first = store.get_value(slot) or {}
+        if first.get("fingerprint") != fingerprint:
+            raise ApiError(409, "This Idempotency-Key was already used with a different request",
+                           field="Idempotency-Key")
+        if first.get("state") != "done":
+            raise ApiError(409, "A request with this Idempotency-Key is still in progress",
+                           field="Idempotency-Key")
+        response = jsonify(first["answer"])
+        response.status_code = first["status"]
+        response.headers["Idempotent-Replayed"] = "true"
+        return response
+    try:
+        answer, status = start_payment(body)
+    except ApiError as error:
+        if error.status == 504:
+            # The prompt may be on its way: a retry must not send a second one.
+            store.set_value(slot, {"fingerprint": fingerprint, "state": "done",
+                                   "status": error.status, "answer": error.body}, IDEMPOTENCY_TTL)
+        else:
+            store.delete(slot)  # nothing reached the phone; the same key may try again
+        raise
+    except Exception:
+        store.delete(slot)
+        raise
+    store.set_value(slot, {"fingerprint": fingerprint, "state": "done", "status": status,
+                           "answer": answer}, IDEMPOTENCY_TTL)
+    return jsonify(answer), status
+
+
+def status_for(checkout_id):
+    if not isinstance(checkout_id, str) or not CHECKOUT_ID.match(checkout_id.strip()):
+        raise ApiError(400, "checkoutRequestId is required", field="checkoutRequestId")
+    tx = get_payments().status(checkout_id.strip())
+    if tx is None:
+        raise ApiError(404, "Transaction not found", status="not_found")
+    return jsonify(status_answer(tx))
+
+
+def require_admin() -> None:
+    token = current_app.config["ADMIN_TOKEN"]
+    if not token:
+        raise ApiError(404, "Not found")
+    given = request.headers.get("Authorization", "")
+    expected = f"Bearer {token}"
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise ApiError(401, "Admin token required", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _positive_int(name: str, default: int, maximum: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        raise ApiError(400, f"{name} must be a whole number from 1 to {maximum}", field=name)
+    return int(raw)
+
+
+# ---------------------------------------------------------- errors and logs
+
+def register_handlers(app: Flask) -> None:
+
+    @app.errorhandler(ApiError)
+    def api_error(error: ApiError):
+        return jsonify(error.body), error.status, error.headers
+
+    @app.errorhandler(mpesa.InvalidInput)
+    def invalid_input(error: mpesa.InvalidInput):
+        return jsonify({"success": False, "message": error.message, "field": error.field}), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        messages = {404: "Not found", 405: "Method not allowed",
+                    413: f"Request body too large (limit {MAX_BODY_BYTES // 1024} KB)",
+                    429: "Too many requests; slow down"}
+        body = {"success": False, "message": messages.get(error.code, error.name)}
+        headers = dict(error.get_headers()) if error.code == 429 else {}
+        headers.pop("Content-Type", None)
+        return jsonify(body), error.code, headers
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        log.exception("unexpected error on %s %s", request.method, _loggable_path())
+        return jsonify({"success": False, "message": "Internal error; the payment state is unchanged"}), 500
+
+    @app.before_request
+    def start_timer():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def finish(response):
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        if request.is_secure:
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+        log.info("%s %s %s %.1fms", request.method, _loggable_path(), response.status_code, elapsed)
+        return response
+
+
+def _loggable_path() -> str:
+    """The request path with the callback secret and payers' numbers masked."""
+    path = request.path
+    if path.startswith("/hooks/stk/"):
+        return "/hooks/stk/***"
+    return "/".join(mpesa.mask_checkout_id(part) for part in path.split("/"))
+
+
+# --------------------------------------------------------------- the factory
+
+def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None = None,
+               store: Store | None = None) -> Flask:
+    """Build the application; ready-made parts may be passed in (tests do)."""
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    app.config.update(
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+        JSON_SORT_KEYS=False,
+        MPESA_MODE=settings.mpesa_env,
+        MAX_AMOUNT=settings.max_amount,
+        USD_TO_KES_RATE=settings.usd_to_kes_rate,
+        BUSINESS_SHORTCODE=settings.shortcode,
+        ADMIN_TOKEN=settings.admin_token,
+        SIMULATOR_URL=None,
+        RATELIMIT_ENABLED=settings.ratelimit_enabled,
+        RATELIMIT_HEADERS_ENABLED=True,
+        RATELIMIT_STORAGE_URI=limiter_storage(settings.store_url),
+        RATELIMIT_KEY_PREFIX="limits",
+    )
+    app.json.sort_keys = False
+    if settings.trusted_proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,
+                                x_proto=settings.trusted_proxies)
+
+    if settings.callback_url is None:
+        settings = replace(settings, callback_url=f"http://127.0.0.1:{settings.port}")
+    if daraja is None:
+        daraja, sim = build_daraja(settings)
+        if sim is not None:
+            app.extensions["simulator"] = sim
+    if settings.simulator:
+        app.config["SIMULATOR_URL"] = daraja.base_url
+    store = store or open_store(settings.store_url, retention=settings.retention_seconds)
+
+    app.extensions["settings"] = settings
+    app.extensions["store"] = store
+    app.extensions["payments"] = Payments(store, daraja, settings)
+
+    CORS(app, origins=list(settings.frontend_urls),
+         resources={r"/stkpush*": {}, r"/health": {}},
+         allow_headers=["Content-Type", "Idempotency-Key"],
+         expose_headers=["Retry-After", "Idempotent-Replayed"])
+    limiter = Limiter(get_remote_address, app=app)
+    app.extensions["rate_limiter"] = limiter  # Flask-Limiter holds itself only weakly
+    register_api(app, limiter, settings)
+    register_handlers(app)
+    app.register_blueprint(pages.bp)
+
+    @app.cli.command("reconcile")
+    def reconcile_command():
+        """Query every payment still pending past its TTL and settle it."""
+        settled = get_payments().reconcile()
+        for tx in settled:
+            print(f"{tx.checkout_request_id} {tx.status} {tx.reason or ''}".rstrip())
+        print(f"{len(settled)} payment(s) settled")
+
+    return app
+
+
+def limiter_storage(store_url: str) -> str:
+    """Rate-limit counters live where the transactions live (memory for SQLite: one machine)."""
+    return store_url if store_url.startswith(("redis://", "rediss://")) else "memory://"
+
+
+def build_daraja(settings: Settings) -> tuple[mpesa.Daraja, "simulator.RunningSimulator | None"]:
+    """The Daraja client for the configured mode; starts the simulator when it is needed."""
+    sim = None
+    base_url = settings.base_url
+    key, secret = settings.consumer_key, settings.consumer_secret
+    if settings.simulator:
+        key = key or simulator.SIM_CONSUMER_KEY
+        secret = secret or simulator.SIM_CONSUMER_SECRET
+        if base_url is None:
+            sim = simulator.start(config=simulator.SimulatorConfig(
+                shortcodes={settings.shortcode: settings.passkey}))
+            base_url = sim.url
+    elif base_url is None:
+        base_url = mpesa.BASE_URLS[settings.mpesa_env]
+    client = mpesa.Daraja(base_url=base_url, consumer_key=key, consumer_secret=secret,
+                          shortcode=settings.shortcode, passkey=settings.passkey,
+                          transaction_type=settings.transaction_type, party_b=settings.party_b,
+                          timeout=(3.05, settings.daraja_timeout))
+    return client, sim
+
+
+def banner(app: Flask) -> str:
+    settings: Settings = app.extensions["settings"]
+    base = f"http://127.0.0.1:{settings.port}"
+    lines = [
+        f"{SERVICE_NAME} running",
+        f"  Server:     {base}",
+        f"  Pay page:   {base}/pay.html",
+        f"  Test page:  {base}/test.html",
+        f"  Shortcode:  {settings.shortcode} ({settings.transaction_type})",
+        f"  Mode:       {settings.mpesa_env}" + (f" (Daraja simulator at {app.config['SIMULATOR_URL']})"
+                                                 if settings.simulator else ""),
+        f"  Store:      {app.extensions['store'].kind}",
+    ]
+    if settings.simulator:
+        lines.append(f"  Phone:      {base}/handset.html  (the simulated handset; PIN {simulator.SIM_PIN})")
+    return "\n".join(lines)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+def app_from_environment() -> Flask:
+    """Load .env, read the settings, build the app; a bad setting exits with one line."""
+    from dotenv import load_dotenv
+    load_dotenv()
+    configure_logging()
+    try:
+        return create_app()
+    except ConfigError as error:
+        sys.exit(f"Configuration error: {error}")
+
+
+_app = None
+
+
+def __getattr__(name):
+    # `gunicorn server:app` builds the application on first use, not at import,
+    # so that importing this module (tests, tools) starts nothing.
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = app_from_environment()
+        return _app
+    raise AttributeError(name)
+
+
+if __name__ == "__main__":
+    application = app_from_environment()
+    settings = application.extensions["settings"]
+    print(banner(application), flush=True)
+    application.run(host="0.0.0.0" if settings.mpesa_env != "simulator" else "127.0.0.1",
+                    port=settings.port, threaded=True, use_reloader=False)

@@ -1,0 +1,212 @@
+// The test page: connection test, a raw test STK push, and recent test payments.
+import { fetchJson, newKey, pageConfig } from "./api.js";
+import { formatKes, localPhone, normalisePhone } from "./phone.js";
+
+const config = pageConfig();
+const $ = (id) => document.getElementById(id);
+const STORAGE_KEY = "mpesa-test-payments";
+const KEEP = 20;
+const REFRESH_EVERY_MS = 5000;
+const TIME = new Intl.DateTimeFormat("en-KE", { timeZone: "Africa/Nairobi", dateStyle: "short", timeStyle: "medium" });
+
+const pretty = (value) => JSON.stringify(value, null, 2);
+
+// ---- 1. connection test
+$("connection-button").addEventListener("click", async () => {
+  const button = $("connection-button");
+  button.disabled = true;
+  button.textContent = "Testing…";
+  const outcome = $("connection-outcome");
+  $("connection-result").hidden = false;
+  outcome.className = "outcome";
+  outcome.textContent = "Testing the connection…";
+  let answer;
+  try {
+    answer = await fetchJson(`${config.urls.health}?deep=1`, { timeout: 30000 });
+  } catch {
+    answer = null;
+  }
+  const data = (answer && answer.body) || {};
+  const ok = Boolean(answer && answer.status === 200 && data.status === "ok");
+  outcome.className = ok ? "outcome outcome-ok" : "outcome outcome-failed";
+  outcome.textContent = ok
+    ? "ok: the server is up and Daraja gave it an access token."
+    : `failed: ${answer ? data.message || data.error || "the server reported a problem" : "the server could not be reached"}.`;
+  $("connection-mode").textContent = data.mode || "—";
+  $("connection-store").textContent = data.store || "—";
+  $("connection-status").textContent = answer ? String(answer.status) : "no answer";
+  $("connection-raw").textContent = answer ? pretty(answer.body) : "No answer.";
+  button.disabled = false;
+  button.textContent = "Test connection";
+});
+
+// ---- 2. test push
+const phoneInput = $("test-phone");
+const handsetLink = $("test-handset-link");
+
+function phoneChanged() {
+  const phone = normalisePhone(phoneInput.value);
+  $("test-phone-hint").textContent = phone
+    ? `Sent to Daraja as ${phone}.`
+    : phoneInput.value.trim() ? "The server will refuse this number." : "";
+  if (handsetLink) {
+    handsetLink.href = phone ? `${config.urls.handset}?phone=${phone}` : config.urls.handset;
+  }
+}
+phoneInput.addEventListener("input", phoneChanged);
+
+$("push-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const button = $("push-button");
+  if (button.disabled) return;
+  const amountText = form.elements.amount.value.trim();
+  const body = {
+    phone: form.elements.phone.value,
+    amount: /^\d{1,12}$/.test(amountText) ? Number(amountText) : amountText,
+    accountReference: form.elements.accountReference.value,
+    description: form.elements.description.value,
+  };
+  const key = newKey();
+  $("push-request").textContent = [
+    `POST ${config.urls.stkpush}`,
+    "Content-Type: application/json",
+    `Idempotency-Key: ${key}`,
+    "",
+    pretty(body),
+  ].join("\n");
+  $("push-answer").textContent = "Waiting for the answer…";
+  button.disabled = true;
+  let answer;
+  try {
+    answer = await fetchJson(config.urls.stkpush, { method: "POST", body, headers: { "Idempotency-Key": key }, timeout: 45000 });
+  } catch (error) {
+    $("push-answer").textContent = `No answer: ${error.name === "AbortError" ? "timed out" : "network error"}.`;
+    button.disabled = false;
+    return;
+  }
+  button.disabled = false;
+  $("push-answer").textContent = `HTTP ${answer.status}\n\n${answer.body === null ? "(not JSON)" : pretty(answer.body)}`;
+  const data = answer.body || {};
+  if (answer.status === 200 && data.checkoutRequestId) {
+    const phone = normalisePhone(body.phone);
+    remember({
+      checkoutRequestId: data.checkoutRequestId,
+      phone: phone ? localPhone(phone) : String(body.phone),
+      amount: body.amount,
+      startedAt: new Date().toISOString(),
+      status: data.status || "pending",
+      detail: "",
+    });
+    refreshSoon();
+  }
+});
+
+// ---- 3. recent payments
+function load() {
+  try {
+    const items = JSON.parse(localStorage.getItem(STORAGE_KEY) || "[]");
+    return Array.isArray(items) ? items : [];
+  } catch {
+    return [];
+  }
+}
+
+function save(items) {
+  try {
+    localStorage.setItem(STORAGE_KEY, JSON.stringify(items.slice(0, KEEP)));
+  } catch {
+    // Storage full or turned off: the table still shows this visit's payments.
+  }
+  render(items);
+}
+
+function remember(item) {
+  save([item, ...load().filter((old) => old.checkoutRequestId !== item.checkoutRequestId)]);
+}
+
+function cell(row, text, className) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+
+function render(items = load()) {
+  const tbody = $("recent-rows");
+  tbody.replaceChildren();
+  for (const item of items.slice(0, KEEP)) {
+    const row = tbody.insertRow();
+    const started = new Date(item.startedAt);
+    cell(row, Number.isNaN(started.getTime()) ? "—" : TIME.format(started));
+    cell(row, item.phone);
+    cell(row, typeof item.amount === "number" ? formatKes(item.amount) : String(item.amount));
+    cell(row, item.status, `status status-${String(item.status).replace(/[^a-z_]/g, "")}`);
+    cell(row, item.detail || "");
+    const idCell = row.insertCell();
+    if (item.status === "completed") {
+      const link = document.createElement("a");
+      link.href = `${config.urls.confirmation}?checkoutRequestId=${encodeURIComponent(item.checkoutRequestId)}`;
+      link.textContent = item.checkoutRequestId;
+      idCell.append(link);
+    } else {
+      idCell.textContent = item.checkoutRequestId;
+    }
+    idCell.className = "mono";
+  }
+  $("recent-empty").hidden = items.length > 0;
+  $("recent-table").hidden = items.length === 0;
+}
+
+async function refresh({ all = false } = {}) {
+  const items = load();
+  for (const item of items) {
+    if (!all && item.status !== "pending") continue;
+    let answer;
+    try {
+      answer = await fetchJson(`${config.urls.status}/${encodeURIComponent(item.checkoutRequestId)}`, { timeout: 10000 });
+    } catch {
+      continue;
+    }
+    const data = answer.body || {};
+    if (answer.status === 404) {
+      item.status = "not_found";
+      item.detail = "The server has no record of it (expired or restarted).";
+    } else if (answer.status === 200 && data.status) {
+      item.status = data.status;
+      item.detail = data.status === "completed"
+        ? data.MpesaReceiptNumber || data.transaction_id || ""
+        : data.status === "failed" ? `${data.reason || "failed"}: ${data.message || ""}` : "";
+    }
+  }
+  // Merge by id: a push may have been added while we were asking.
+  const fresh = new Map(items.map((item) => [item.checkoutRequestId, item]));
+  save(load().map((item) => fresh.get(item.checkoutRequestId) || item));
+}
+
+let timer = null;
+let running = false;
+async function refreshLoop() {
+  timer = null;
+  running = true;
+  await refresh();
+  running = false;
+  if (load().some((item) => item.status === "pending")) refreshSoon();
+}
+
+function refreshSoon() {
+  if (timer === null && !running) timer = setTimeout(refreshLoop, REFRESH_EVERY_MS);
+}
+
+$("refresh-button").addEventListener("click", async () => {
+  const button = $("refresh-button");
+  button.disabled = true;
+  await refresh({ all: true });
+  button.disabled = false;
+});
+
+$("clear-button").addEventListener("click", () => save([]));
+
+render();
+phoneChanged();
+if (load().some((item) => item.status === "pending")) refreshLoop();
