@@ -6,6 +6,7 @@ with that line instead of a stack trace at the first payment.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
@@ -15,6 +16,14 @@ from urllib.parse import urlsplit
 import mpesa
 
 MODES = ("simulator", "sandbox", "production")
+# Addresses Daraja's callbacks are reported to come from (daraja-reference §4.5: the
+# union of the two lists in circulation). Used only when CALLBACK_ALLOWED_IPS asks.
+SAFARICOM_CALLBACK_IPS = (
+    "196.201.214.200", "196.201.214.206", "196.201.213.114", "196.201.214.207",
+    "196.201.214.208", "196.201.213.44", "196.201.212.127", "196.201.212.138",
+    "196.201.212.129", "196.201.212.136", "196.201.212.74", "196.201.212.69",
+    "196.201.212.128", "196.201.212.132",
+)
 # Daraja is reported to refuse callback URLs containing these (daraja-reference §7.5).
 REFUSED_CALLBACK_WORDS = ("m-pesa", "mpesa", "safaricom", "exec", "exe", "cmd", "sql", "query")
 
@@ -41,6 +50,8 @@ class Settings:
     retention_seconds: int = 86_400
     frontend_urls: tuple[str, ...] = ()
     admin_token: str | None = field(default=None, repr=False)
+    merchant_webhook_url: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
     port: int = 3001
     rate_limit_push_per_phone: str = "3/minute;10/hour"
     rate_limit_push_per_ip: str = "10/minute;100/hour"
@@ -51,6 +62,7 @@ class Settings:
     first_query_after: float = 20.0
     daraja_timeout: float = 15.0
     trusted_proxies: int = 0
+    callback_allowed_ips: tuple = ()  # ip_network objects; empty: any source address
 
     @property
     def simulator(self) -> bool:
@@ -100,6 +112,23 @@ def _bool(env, name: str, default: bool) -> bool:
     if raw.lower() in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false (got {raw!r})")
+
+
+def parse_allowed_ips(raw: str | None) -> tuple:
+    """'safaricom' and/or comma-separated addresses and CIDR ranges -> ip_network objects."""
+    networks = []
+    for part in (raw or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.lower() == "safaricom":
+            networks.extend(ipaddress.ip_network(ip) for ip in SAFARICOM_CALLBACK_IPS)
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"CALLBACK_ALLOWED_IPS: {part!r} is not an address or CIDR range") from None
+    return tuple(networks)
 
 
 def check_callback_url(url: str, mode: str) -> str:
@@ -177,6 +206,14 @@ def load_settings(environ=None, **overrides) -> Settings:
     if store_url.split(":", 1)[0] not in ("memory", "sqlite", "redis", "rediss"):
         raise ConfigError(f"STORE_URL must start with memory://, sqlite:/// or redis:// (got {store_url!r})")
 
+    webhook_url = _get(env, "MERCHANT_WEBHOOK_URL")
+    webhook_secret = _get(env, "WEBHOOK_SECRET")
+    if webhook_url is not None:
+        if urlsplit(webhook_url).scheme not in ("http", "https") or not urlsplit(webhook_url).netloc:
+            raise ConfigError(f"MERCHANT_WEBHOOK_URL must be an absolute http(s) URL (got {webhook_url!r})")
+        if not webhook_secret:
+            raise ConfigError("WEBHOOK_SECRET is required when MERCHANT_WEBHOOK_URL is set")
+
     values = dict(
         mpesa_env=mode,
         base_url=base_url,
@@ -193,6 +230,8 @@ def load_settings(environ=None, **overrides) -> Settings:
         retention_seconds=_int(env, "RETENTION_SECONDS", 86_400, minimum=60),
         frontend_urls=tuple(u.strip().rstrip("/") for u in (_get(env, "FRONTEND_URL") or "").split(",") if u.strip()),
         admin_token=_get(env, "ADMIN_TOKEN"),
+        merchant_webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
         port=_int(env, "PORT", 3001, minimum=0),
         rate_limit_push_per_phone=_get(env, "RATE_LIMIT_PUSH_PER_PHONE") or "3/minute;10/hour",
         rate_limit_push_per_ip=_get(env, "RATE_LIMIT_PUSH_PER_IP") or "10/minute;100/hour",
@@ -204,6 +243,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         daraja_timeout=_float(env, "DARAJA_TIMEOUT", 15.0),
         # Heroku's router is one proxy: trust exactly its X-Forwarded-For / -Proto.
         trusted_proxies=_int(env, "TRUSTED_PROXIES", 1 if "DYNO" in env else 0),
+        callback_allowed_ips=parse_allowed_ips(_get(env, "CALLBACK_ALLOWED_IPS")),
     )
     if callback_token is not None:
         values["callback_token"] = callback_token

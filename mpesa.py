@@ -429,6 +429,72 @@ class TokenCache:
                 self._token = None
 
 
+class SharedTokenCache:
+    """One token for every worker and dyno, kept in the shared store.
+
+    Daraja's portal says each new token may invalidate the previous one, so workers
+    must not race to mint their own: one of them refreshes under a lock in the store
+    while the others wait for its token. `kv` is anything with the store's
+    add/get_value/set_value/delete. Each process also keeps the token in memory, so
+    the store is read only when the token is about to expire or was refused.
+    """
+
+    def __init__(self, kv, key: str = "daraja-token", clock=time.time, margin: float = 60.0,
+                 lock_ttl: float = 20.0, poll: float = 0.05, sleep=time.sleep):
+        self._kv = kv
+        self._key = key
+        self._clock = clock
+        self._margin = margin
+        self._lock_ttl = lock_ttl
+        self._poll = poll
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._refresh_at = 0.0
+
+    def _fresh(self, entry) -> bool:
+        return bool(entry) and self._clock() < entry.get("refresh_at", 0)
+
+    def _adopt(self, entry: dict) -> str:
+        self._token, self._refresh_at = entry["token"], entry["refresh_at"]
+        return self._token
+
+    def get(self, fetch) -> str:
+        """Return the shared token, fetching it (in one process only) when needed."""
+        with self._lock:
+            if self._token is not None and self._clock() < self._refresh_at:
+                return self._token
+            deadline = self._clock() + self._lock_ttl * 1.5
+            while True:
+                entry = self._kv.get_value(self._key)
+                if self._fresh(entry):
+                    return self._adopt(entry)
+                if self._kv.add(self._key + ":lock", {"at": self._clock()}, self._lock_ttl):
+                    try:
+                        entry = self._kv.get_value(self._key)
+                        if self._fresh(entry):
+                            return self._adopt(entry)
+                        token, expires_in = fetch()
+                        entry = {"token": token,
+                                 "refresh_at": self._clock() + expires_in - min(self._margin, expires_in / 10)}
+                        self._kv.set_value(self._key, entry, expires_in)
+                        return self._adopt(entry)
+                    finally:
+                        self._kv.delete(self._key + ":lock")
+                if self._clock() >= deadline:
+                    raise DarajaUnavailable("Timed out waiting for another worker's Daraja token")
+                self._sleep(self._poll)
+
+    def invalidate(self, token: str) -> None:
+        """Drop token here and in the store (unless another worker already replaced it)."""
+        with self._lock:
+            if self._token == token:
+                self._token = None
+            entry = self._kv.get_value(self._key)
+            if entry and entry.get("token") == token:
+                self._kv.delete(self._key)
+
+
 # ----------------------------------------------------------------------- client
 
 class Daraja:

@@ -42,7 +42,7 @@ def _max_amount() -> int:
     return int(current_app.config.get("MAX_AMOUNT") or 150_000)
 
 
-def _page_config(**extra) -> dict:
+def _page_config() -> dict:
     """What every page script needs to know: mode, limits and the URLs it calls."""
     root = request.script_root
     rate = current_app.config.get("USD_TO_KES_RATE")
@@ -64,7 +64,6 @@ def _page_config(**extra) -> dict:
     if _simulator_mode():
         config["urls"]["handset"] = url_for("pages.handset")
         config["urls"]["prompts"] = url_for("pages.simulator_prompts")
-    config.update(extra)
     return config
 
 
@@ -73,7 +72,7 @@ def _render(template: str, **context):
         template,
         simulator_mode=_simulator_mode(),
         mode=current_app.config.get("MPESA_MODE") or "simulator",
-        page_config=_page_config(**context.pop("extra_config", {})),
+        page_config=_page_config(),
         **context,
     )
 

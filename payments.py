@@ -24,6 +24,10 @@ from store import DuplicateTransaction, Store, Transaction
 log = logging.getLogger(__name__)
 
 
+# Outcomes of a settlement that leave the record in a (new) final state.
+FINAL_OUTCOMES = ("completed", "failed", "amount_mismatch", "timed_out")
+
+
 @dataclass(frozen=True)
 class PaymentRequest:
     phone: str
@@ -60,11 +64,13 @@ def event(name: str, at: float, **details) -> dict:
 class Payments:
     """Starts payments and settles them in the store, idempotently."""
 
-    def __init__(self, store: Store, daraja: mpesa.Daraja, settings: Settings, clock=time.time):
+    def __init__(self, store: Store, daraja: mpesa.Daraja, settings: Settings, clock=time.time,
+                 on_final=None):
         self.store = store
         self.daraja = daraja
         self.settings = settings
         self.clock = clock
+        self.on_final = on_final  # called with the record each time it reaches a final state
 
     @property
     def callback_url(self) -> str:
@@ -238,6 +244,11 @@ class Payments:
     def _log_outcome(self, tx: Transaction | None, source: str, outcome) -> None:
         if tx is None:
             return
+        if outcome in FINAL_OUTCOMES and self.on_final is not None:
+            try:
+                self.on_final(tx)
+            except Exception:  # a notification problem must never undo a settled payment
+                log.exception("on_final hook failed for %s", mpesa.mask_checkout_id(tx.checkout_request_id))
         if outcome in ("duplicate", "contradiction"):
             log.warning("%s for %s ignored (%s): payment already %s", source,
                         mpesa.mask_checkout_id(tx.checkout_request_id), outcome, tx.status)

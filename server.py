@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -140,10 +141,17 @@ def register_api(app: Flask, limiter: Limiter, settings: Settings) -> None:
     def counts_as_prompt(response) -> bool:
         return response.status_code == 200 and not response.headers.get("Idempotent-Replayed")
 
+    def is_replay() -> bool:
+        # A retry of a finished Idempotency-Key sends no prompt: it is never limited.
+        key = request.headers.get("Idempotency-Key", "").strip()
+        first = get_store().get_value(idempotency_slot(key)) if key else None
+        return bool(first) and first.get("state") == "done"
+
     @app.post("/stkpush")
-    @limiter.limit(settings.rate_limit_push_per_ip, deduct_when=counts_as_prompt)
+    @limiter.limit(settings.rate_limit_push_per_ip, deduct_when=counts_as_prompt,
+                   exempt_when=is_replay)
     @limiter.limit(settings.rate_limit_push_per_phone, key_func=phone_key,
-                   deduct_when=counts_as_prompt)
+                   deduct_when=counts_as_prompt, exempt_when=is_replay)
     def stkpush():
         body = request.get_json(silent=True)
         if body is None:
@@ -175,6 +183,10 @@ def register_api(app: Flask, limiter: Limiter, settings: Settings) -> None:
         if not hmac.compare_digest(token.encode(), settings.callback_token.encode()):
             log.warning("callback with a wrong token from %s refused", request.remote_addr)
             raise ApiError(403, "Forbidden")
+        if settings.callback_allowed_ips and not address_allowed(request.remote_addr,
+                                                                 settings.callback_allowed_ips):
+            log.warning("callback from %s refused: not in CALLBACK_ALLOWED_IPS", request.remote_addr)
+            raise ApiError(403, "Forbidden")
         body = request.get_json(silent=True)
         try:
             get_payments().handle_callback(body)
@@ -197,6 +209,11 @@ def register_api(app: Flask, limiter: Limiter, settings: Settings) -> None:
                               message=daraja_error(error).body["message"])
                 return jsonify(answer), 503
         return jsonify(answer)
+
+    @app.get("/openapi.json")
+    @limiter.exempt
+    def openapi():
+        return current_app.send_static_file("openapi.json")
 
     @app.get("/transactions")
     def transactions():
@@ -236,12 +253,16 @@ def start_payment(body) -> tuple[dict, int]:
             "customerMessage": accepted.customer_message}, 200
 
 
+def idempotency_slot(key: str) -> str:
+    return "idem:" + hashlib.sha256(key.encode()).hexdigest()
+
+
 def idempotent(key: str, body) -> tuple:
     """Stripe-style Idempotency-Key: a retry gets the first answer and sends no prompt."""
     if not key or len(key) > 255:
         raise ApiError(400, "Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
     store = get_store()
-    slot = "idem:" + hashlib.sha256(key.encode()).hexdigest()
+    slot = idempotency_slot(key)
     fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     if not store.add(slot, {"fingerprint": fingerprint, "state": "started"}, IDEMPOTENCY_TTL):
         first = store.get_value(slot) or {}
@@ -280,6 +301,14 @@ def status_for(checkout_id):
     if tx is None:
         raise ApiError(404, "Transaction not found", status="not_found")
     return jsonify(status_answer(tx))
+
+
+def address_allowed(address: str | None, networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def require_admin() -> None:
@@ -381,17 +410,26 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
 
     if settings.callback_url is None:
         settings = replace(settings, callback_url=f"http://127.0.0.1:{settings.port}")
+    store = store or open_store(settings.store_url, retention=settings.retention_seconds)
     if daraja is None:
-        daraja, sim = build_daraja(settings)
+        # Several processes share a SQLite or Redis store: they share one token too.
+        tokens = mpesa.SharedTokenCache(store) if store.kind != "memory" else mpesa.TokenCache()
+        daraja, sim = build_daraja(settings, tokens)
         if sim is not None:
             app.extensions["simulator"] = sim
     if settings.simulator:
         app.config["SIMULATOR_URL"] = daraja.base_url
-    store = store or open_store(settings.store_url, retention=settings.retention_seconds)
 
     app.extensions["settings"] = settings
     app.extensions["store"] = store
-    app.extensions["payments"] = Payments(store, daraja, settings)
+    notifier = None
+    if settings.merchant_webhook_url:
+        import webhooks
+        notifier = webhooks.WebhookSender(settings.merchant_webhook_url, settings.webhook_secret,
+                                          store)
+        app.extensions["webhooks"] = notifier
+    app.extensions["payments"] = Payments(store, daraja, settings,
+                                          on_final=notifier.notify if notifier else None)
 
     CORS(app, origins=list(settings.frontend_urls),
          resources={r"/stkpush*": {}, r"/health": {}},
@@ -408,7 +446,8 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
         """Query every payment still pending past its TTL and settle it."""
         settled = get_payments().reconcile()
         for tx in settled:
-            print(f"{tx.checkout_request_id} {tx.status} {tx.reason or ''}".rstrip())
+            # Printed output ends up in logs (Heroku Scheduler): ids masked like everywhere.
+            print(f"{mpesa.mask_checkout_id(tx.checkout_request_id)} {tx.status} {tx.reason or ''}".rstrip())
         print(f"{len(settled)} payment(s) settled")
 
     return app
@@ -419,7 +458,7 @@ def limiter_storage(store_url: str) -> str:
     return store_url if store_url.startswith(("redis://", "rediss://")) else "memory://"
 
 
-def build_daraja(settings: Settings) -> tuple[mpesa.Daraja, "simulator.RunningSimulator | None"]:
+def build_daraja(settings: Settings, token_cache=None) -> tuple[mpesa.Daraja, "simulator.RunningSimulator | None"]:
     """The Daraja client for the configured mode; starts the simulator when it is needed."""
     sim = None
     base_url = settings.base_url
@@ -436,7 +475,7 @@ def build_daraja(settings: Settings) -> tuple[mpesa.Daraja, "simulator.RunningSi
     client = mpesa.Daraja(base_url=base_url, consumer_key=key, consumer_secret=secret,
                           shortcode=settings.shortcode, passkey=settings.passkey,
                           transaction_type=settings.transaction_type, party_b=settings.party_b,
-                          timeout=(3.05, settings.daraja_timeout))
+                          timeout=(3.05, settings.daraja_timeout), token_cache=token_cache)
     return client, sim
 
 

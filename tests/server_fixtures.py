@@ -31,6 +31,8 @@ class LiveServer:
             return
         self._server.shutdown()
         self._server = None
+        if "webhooks" in self.app.extensions:
+            self.app.extensions["webhooks"].close()
         self.app.extensions["payments"].daraja.close()
         self.app.extensions["store"].close()
 

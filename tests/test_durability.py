@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from mpesa import mask_checkout_id
 from tests.server_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,21 +120,102 @@ def test_kill_9_loses_nothing(server_env, tmp_path, simulator):
         restarted.kill(signal.SIGTERM)
 
 
-def test_gunicorn_workers_share_payments_through_sqlite(server_env, tmp_path):
-    port, env = server_env
-    env = {**env, "WEB_CONCURRENCY": "3", "GUNICORN_THREADS": "4"}
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    return request.getfixturevalue("clean_redis_url")
+
+
+def gunicorn(env: dict, port: int, log_path: Path, workers: int = 4) -> ServerProcess:
+    env = {**env, "WEB_CONCURRENCY": str(workers), "GUNICORN_THREADS": "4"}
     command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"]
-    server = ServerProcess(command, env, port, tmp_path / "gunicorn.log")
+    return ServerProcess(command, env, port, log_path)
+
+
+def pids_by_path(log_text: str) -> dict[str, set[str]]:
+    seen: dict[str, set[str]] = {}
+    for match in re.finditer(r"\[(\d+)\] INFO server: POST (/stkpush\S*) 200", log_text):
+        seen.setdefault(match.group(2), set()).add(match.group(1))
+    return seen
+
+
+def test_gunicorn_workers_share_payments_and_one_token(server_env, shared_store_url, tmp_path, simulator):
+    port, env = server_env
+    server = gunicorn({**env, "STORE_URL": shared_store_url}, port, tmp_path / "gunicorn.log")
     try:
-        phones = [f"0711{n:06d}" for n in range(24)]
-        with ThreadPoolExecutor(8) as pool:
+        phones = [f"0711{n:06d}" for n in range(40)]
+        with ThreadPoolExecutor(16) as pool:
             ids = list(pool.map(lambda phone: push(server.url, phone), phones))
-            answers = list(pool.map(lambda checkout_id: status(server.url, checkout_id), ids))
+            answers = list(pool.map(lambda checkout_id: status(server.url, checkout_id), ids * 3))
         assert all(answer["status"] == "pending" for answer in answers), answers
-        log = server.log_path.read_text()
-        pids = {(m.group(1), m.group(2)) for m in re.finditer(r"\[(\d+)\] INFO server: POST (/stkpush\S*) 200", log)}
-        push_pids = {pid for pid, path in pids if path == "/stkpush"}
-        poll_pids = {pid for pid, path in pids if path == "/stkpush/status"}
-        assert len(push_pids | poll_pids) > 1, "every request went to one worker"
+        seen = pids_by_path(server.log_path.read_text())
+        assert len(seen["/stkpush"] | seen["/stkpush/status"]) > 1, "every request went to one worker"
+        sim_stats = requests.get(simulator.url + "/simulator/stats", timeout=5).json()
+        assert sim_stats["tokens_issued"] == 1
+        assert sim_stats["pushes_accepted"] == 40
     finally:
         server.kill(signal.SIGTERM)
+
+
+def test_killing_a_worker_under_load_loses_nothing(server_env, shared_store_url, tmp_path, simulator):
+    port, env = server_env
+    server = gunicorn({**env, "STORE_URL": shared_store_url}, port, tmp_path / "gunicorn.log",
+                      workers=2)
+    try:
+        phones = [f"0111{n:06d}" for n in range(30)]
+        ids: list[str] = []
+
+        def pay(phone):
+            try:
+                checkout_id = push(server.url, phone)
+            except (AssertionError, requests.RequestException):
+                return None  # the request the killed worker was serving: never acknowledged
+            ids.append(checkout_id)
+            return checkout_id
+
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(pay, phone) for phone in phones]
+            time.sleep(0.3)
+            worker = max(pids_by_path(server.log_path.read_text()).get("/stkpush", {"0"}))
+            if worker != "0":
+                os.kill(int(worker), signal.SIGKILL)
+            for future in futures:
+                future.result()
+        assert len(ids) >= 20
+        for checkout_id in ids:
+            requests.post(f"{simulator.url}/simulator/prompts/{checkout_id}/pin",
+                          json={"pin": "1234"}, timeout=5)
+        for checkout_id in ids:
+            answer = wait_until(lambda: (lambda a: a if a["status"] == "completed" else None)(
+                status(server.url, checkout_id)))
+            assert answer["MpesaReceiptNumber"]
+        receipts = [status(server.url, checkout_id)["MpesaReceiptNumber"] for checkout_id in ids]
+        assert len(set(receipts)) == len(ids)
+        callbacks = requests.get(simulator.url + "/simulator/callbacks", timeout=5).json()["callbacks"]
+        paid_once = {c["body"]["Body"]["stkCallback"]["CheckoutRequestID"] for c in callbacks}
+        assert set(ids) <= paid_once
+    finally:
+        server.kill(signal.SIGTERM)
+
+
+def test_reconcile_command_settles_payments_left_pending(live_server_factory, simulator, tmp_path):
+    store_url = f"sqlite:///{tmp_path / 'reconcile.db'}"
+    live = live_server_factory(STORE_URL=store_url)
+    requests.post(simulator.url + "/simulator/scenarios", timeout=5,
+                  json={"phone": "0711000500", "resultCode": 0, "delay": 0.1, "callback": "drop"})
+    paid_quietly = push(live.url, "0711000500")
+    never_answered = push(live.url, "0711000501")
+    wait_until(lambda: requests.get(f"{simulator.url}/simulator/prompts/{paid_quietly}",
+                                    timeout=5).json()["status"] == "completed")
+    live.stop()  # an outage: the server is down, the callback was lost
+
+    env = {**os.environ, "MPESA_ENV": "simulator", "MPESA_BASE_URL": simulator.url,
+           "STORE_URL": store_url, "TRANSACTION_TTL": "1", "CALLBACK_TOKEN": TOKEN}
+    time.sleep(1.1)
+    result = subprocess.run([sys.executable, "-m", "flask", "--app", "server", "reconcile"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"{mask_checkout_id(paid_quietly)} completed" in result.stdout
+    assert f"{mask_checkout_id(never_answered)} failed timeout" in result.stdout
+    assert "2 payment(s) settled" in result.stdout
