@@ -52,6 +52,9 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     merchant_webhook_url: str | None = None
     webhook_secret: str | None = field(default=None, repr=False)
+    webhook_max_attempts: int = 12
+    webhook_base_delay: float = 1.0
+    webhook_max_delay: float = 300.0
     port: int = 3001
     rate_limit_push_per_phone: str = "3/minute;10/hour"
     rate_limit_push_per_ip: str = "10/minute;100/hour"
@@ -232,6 +235,9 @@ def load_settings(environ=None, **overrides) -> Settings:
         admin_token=_get(env, "ADMIN_TOKEN"),
         merchant_webhook_url=webhook_url,
         webhook_secret=webhook_secret,
+        webhook_max_attempts=_int(env, "WEBHOOK_MAX_ATTEMPTS", 12, minimum=1),
+        webhook_base_delay=_float(env, "WEBHOOK_BASE_DELAY", 1.0),
+        webhook_max_delay=_float(env, "WEBHOOK_MAX_DELAY", 300.0),
         port=_int(env, "PORT", 3001, minimum=0),
         rate_limit_push_per_phone=_get(env, "RATE_LIMIT_PUSH_PER_PHONE") or "3/minute;10/hour",
         rate_limit_push_per_ip=_get(env, "RATE_LIMIT_PUSH_PER_IP") or "10/minute;100/hour",

@@ -425,8 +425,10 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
     notifier = None
     if settings.merchant_webhook_url:
         import webhooks
-        notifier = webhooks.WebhookSender(settings.merchant_webhook_url, settings.webhook_secret,
-                                          store)
+        notifier = webhooks.WebhookSender(
+            settings.merchant_webhook_url, settings.webhook_secret, store,
+            max_attempts=settings.webhook_max_attempts, base_delay=settings.webhook_base_delay,
+            max_delay=settings.webhook_max_delay)
         app.extensions["webhooks"] = notifier
     app.extensions["payments"] = Payments(store, daraja, settings,
                                           on_final=notifier.notify if notifier else None)
@@ -449,6 +451,13 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
             # Printed output ends up in logs (Heroku Scheduler): ids masked like everywhere.
             print(f"{mpesa.mask_checkout_id(tx.checkout_request_id)} {tx.status} {tx.reason or ''}".rstrip())
         print(f"{len(settled)} payment(s) settled")
+        notifier = current_app.extensions.get("webhooks")
+        if notifier is not None:
+            # Events a crashed or restarted process left unsent, and those queued just now.
+            resent = notifier.redeliver_pending()
+            delivered = notifier.flush(30)
+            notifier.close()
+            print(f"{resent} webhook event(s) re-sent" + ("" if delivered else "; some still pending"))
 
     return app
 

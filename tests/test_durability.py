@@ -199,7 +199,8 @@ def test_killing_a_worker_under_load_loses_nothing(server_env, shared_store_url,
         server.kill(signal.SIGTERM)
 
 
-def test_reconcile_command_settles_payments_left_pending(live_server_factory, simulator, tmp_path):
+def test_reconcile_command_settles_payments_left_pending(live_server_factory, simulator, tmp_path,
+                                                         callback_receiver):
     store_url = f"sqlite:///{tmp_path / 'reconcile.db'}"
     live = live_server_factory(STORE_URL=store_url)
     requests.post(simulator.url + "/simulator/scenarios", timeout=5,
@@ -211,7 +212,8 @@ def test_reconcile_command_settles_payments_left_pending(live_server_factory, si
     live.stop()  # an outage: the server is down, the callback was lost
 
     env = {**os.environ, "MPESA_ENV": "simulator", "MPESA_BASE_URL": simulator.url,
-           "STORE_URL": store_url, "TRANSACTION_TTL": "1", "CALLBACK_TOKEN": TOKEN}
+           "STORE_URL": store_url, "TRANSACTION_TTL": "1", "CALLBACK_TOKEN": TOKEN,
+           "MERCHANT_WEBHOOK_URL": callback_receiver.url, "WEBHOOK_SECRET": "shop-secret"}
     time.sleep(1.1)
     result = subprocess.run([sys.executable, "-m", "flask", "--app", "server", "reconcile"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -219,3 +221,6 @@ def test_reconcile_command_settles_payments_left_pending(live_server_factory, si
     assert f"{mask_checkout_id(paid_quietly)} completed" in result.stdout
     assert f"{mask_checkout_id(never_answered)} failed timeout" in result.stdout
     assert "2 payment(s) settled" in result.stdout
+    # The shop hears of both before the command exits.
+    events = {body["data"]["checkoutRequestId"]: body["type"] for body in callback_receiver.wait(2)}
+    assert events == {paid_quietly: "payment.completed", never_answered: "payment.failed"}
