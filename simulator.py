@@ -1198,10 +1198,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = SimulatorConfig(pin=args.pin, auto_delay=args.auto_delay, prompt_timeout=args.prompt_timeout,
                              token_ttl=args.token_ttl, query_min_interval=args.query_min_interval)
-    try:
-        running = start(args.host, args.port, config)
-    except OSError as exc:
-        parser.exit(1, f"simulator: cannot listen on {args.host}:{args.port}: {exc}\n")
+    running = start(args.host, args.port, config)  # werkzeug explains a failed bind itself and exits 1
     print(f"Daraja simulator on {running.url} (consumer key {config.consumer_key}, "
           f"shortcode {SANDBOX_SHORTCODE}, PIN {config.pin}); Ctrl-C stops it", flush=True)
     try:
