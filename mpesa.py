@@ -49,8 +49,6 @@ ACCOUNT_REFERENCE_LIMIT = 12
 TRANSACTION_DESC_LIMIT = 13
 
 
-# --------------------------------------------------------------------------- rules
-
 class InvalidInput(ValueError):
     """A value a customer or shop sent that we refuse before calling Daraja."""
 
@@ -144,8 +142,6 @@ def stk_password(shortcode: str, passkey: str, timestamp: str) -> str:
     return base64.b64encode(f"{shortcode}{passkey}{timestamp}".encode()).decode("ascii")
 
 
-# ----------------------------------------------------------------- result codes
-
 # ResultCode -> (reason, message a customer understands)
 RESULT_REASONS: dict[int | str, tuple[str, str]] = {
     1032: ("cancelled", "User cancelled transaction"),
@@ -179,8 +175,6 @@ def normalize_result_code(value) -> int | str:
         raise ValueError("empty ResultCode")
     return text
 
-
-# ----------------------------------------------------------------------- errors
 
 class DarajaError(Exception):
     """A call to Daraja did not succeed; carries what an operator needs to look it up."""
@@ -289,8 +283,6 @@ def error_from_response(response: requests.Response) -> DarajaError:
     return DarajaRequestError(message or f"Daraja answered HTTP {response.status_code}", **facts)
 
 
-# ------------------------------------------------------------------ result types
-
 @dataclass(frozen=True)
 class PushAccepted:
     """Daraja accepted the push: a prompt is on its way (this is not a payment yet)."""
@@ -397,8 +389,6 @@ def _daraja_datetime(value) -> datetime | None:
         return None
 
 
-# ------------------------------------------------------------------------ token
-
 class TokenCache:
     """One access token per process, refreshed a minute before it expires.
 
@@ -494,8 +484,6 @@ class SharedTokenCache:
             if entry and entry.get("token") == token:
                 self._kv.delete(self._key)
 
-
-# ----------------------------------------------------------------------- client
 
 class Daraja:
     """A Daraja client over one pooled requests.Session.

@@ -141,8 +141,6 @@ class SimulatorConfig:
         return settings
 
 
-# ---------------------------------------------------------------- Daraja errors
-
 class DarajaRefusal(Exception):
     """An answer in Daraja's error envelope; the HTTP status is the code's first group."""
 
@@ -166,8 +164,6 @@ def _request_id() -> str:
     """An id shaped like Daraja's older MerchantRequestIDs: 12345-12345678-1."""
     return f"{secrets.randbelow(90_000) + 10_000}-{secrets.randbelow(90_000_000) + 10_000_000}-1"
 
-
-# -------------------------------------------------------- Daraja field rules
 
 def _text(value) -> str | None:
     """A JSON string or integer as text (Daraja takes either for its numeric fields)."""
@@ -255,8 +251,6 @@ def _push_fields(body: dict, skew: float) -> dict:
         "transaction_desc": _limited_text(body, "TransactionDesc", 13, required=False),
     }
 
-
-# ------------------------------------------------------------- control rules
 
 def _number(data: dict, key: str, default=None, *, positive: bool = False):
     value = data.get(key, default)
@@ -446,8 +440,6 @@ class Prompt:
         return {"Body": {"stkCallback": result}}
 
 
-# ------------------------------------------------------------------ scheduler
-
 class Scheduler:
     """Runs callables after a delay on one daemon thread; cancellable, never blocks callers."""
 
@@ -501,8 +493,6 @@ class Scheduler:
                 except Exception:
                     log.exception("simulator: scheduled task failed")
 
-
-# ------------------------------------------------------------------ the state
 
 class Simulator:
     """The simulated Daraja's state and behaviour; the Flask views are thin wrappers.
@@ -895,8 +885,6 @@ def _setting(data: dict, key: str):
         raise BadRequest(f"{key} cannot be null")
     return checked
 
-
-# ---------------------------------------------------------------- Flask views
 
 daraja = Blueprint("daraja", __name__)
 control = Blueprint("control", __name__, url_prefix="/simulator")
