@@ -22,7 +22,8 @@ services:
 test: $(READY) services
 	$(BIN)/python -m pytest
 
-bench: $(READY) services
+bench: $(READY)
+	@./scripts/ensure-bench-tools.sh
 	$(BIN)/python -m bench.run
 
 clean:

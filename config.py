@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import mpesa
 
 MODES = ("simulator", "sandbox", "production")
+EXAMPLE_CATALOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "catalog.example.json")
 # Addresses Daraja's callbacks are reported to come from (daraja-reference §4.5: the
 # union of the two lists in circulation). Used only when CALLBACK_ALLOWED_IPS asks.
 SAFARICOM_CALLBACK_IPS = (
@@ -50,6 +51,7 @@ class Settings:
     retention_seconds: int = 86_400
     frontend_urls: tuple[str, ...] = ()
     admin_token: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)  # signs /admin sessions
     merchant_webhook_url: str | None = None
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_max_attempts: int = 12
@@ -65,6 +67,9 @@ class Settings:
     first_query_after: float = 20.0
     daraja_timeout: float = 15.0
     trusted_proxies: int = 0
+    catalog_file: str | None = None
+    pricing: str = "open"            # "open": amounts or items; "catalog": items only
+    checkout_secret: str | None = field(default=None, repr=False)
     callback_allowed_ips: tuple = ()  # ip_network objects; empty: any source address
 
     @property
@@ -217,6 +222,21 @@ def load_settings(environ=None, **overrides) -> Settings:
         if not webhook_secret:
             raise ConfigError("WEBHOOK_SECRET is required when MERCHANT_WEBHOOK_URL is set")
 
+    catalog_file = _get(env, "CATALOG_FILE")
+    if catalog_file is None and mode == "simulator" and os.path.exists(EXAMPLE_CATALOG):
+        catalog_file = EXAMPLE_CATALOG  # the demo sells the example shop's items
+    pricing = (_get(env, "PRICING") or "open").lower()
+    if pricing not in ("open", "catalog"):
+        raise ConfigError(f"PRICING must be open or catalog (got {pricing!r})")
+    if pricing == "catalog" and catalog_file is None:
+        raise ConfigError("PRICING=catalog needs CATALOG_FILE (the items and their prices)")
+    secret_key = _get(env, "SECRET_KEY")
+    if secret_key is not None and len(secret_key) < 16:
+        raise ConfigError("SECRET_KEY must be at least 16 characters")
+    checkout_secret = _get(env, "CHECKOUT_SECRET")
+    if checkout_secret is not None and len(checkout_secret) < 16:
+        raise ConfigError("CHECKOUT_SECRET must be at least 16 characters")
+
     values = dict(
         mpesa_env=mode,
         base_url=base_url,
@@ -233,6 +253,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         retention_seconds=_int(env, "RETENTION_SECONDS", 86_400, minimum=60),
         frontend_urls=tuple(u.strip().rstrip("/") for u in (_get(env, "FRONTEND_URL") or "").split(",") if u.strip()),
         admin_token=_get(env, "ADMIN_TOKEN"),
+        secret_key=secret_key,
         merchant_webhook_url=webhook_url,
         webhook_secret=webhook_secret,
         webhook_max_attempts=_int(env, "WEBHOOK_MAX_ATTEMPTS", 12, minimum=1),
@@ -250,6 +271,9 @@ def load_settings(environ=None, **overrides) -> Settings:
         # Heroku's router is one proxy: trust exactly its X-Forwarded-For / -Proto.
         trusted_proxies=_int(env, "TRUSTED_PROXIES", 1 if "DYNO" in env else 0),
         callback_allowed_ips=parse_allowed_ips(_get(env, "CALLBACK_ALLOWED_IPS")),
+        catalog_file=catalog_file,
+        pricing=pricing,
+        checkout_secret=checkout_secret,
     )
     if callback_token is not None:
         values["callback_token"] = callback_token

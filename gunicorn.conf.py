@@ -6,11 +6,19 @@ sqlite/redis  several workers (WEB_CONCURRENCY, default 2 per core + 1), threads
 In simulator mode the Daraja simulator runs once, as a child process of the gunicorn
 master, and every worker talks to it (each worker starting its own would split the
 simulated prompts between them).
+
+Logs are JSON lines (LOG_FORMAT=json, the default here; LOG_FORMAT=text for plain lines),
+gunicorn's own included. /metrics adds up every worker's numbers: prometheus-client's
+multiprocess mode, in PROMETHEUS_MULTIPROC_DIR (a fresh temporary directory unless set;
+one directory per server), emptied when gunicorn starts.
 """
+import glob
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import requests
@@ -32,6 +40,31 @@ graceful_timeout = 20
 keepalive = 5
 accesslog = None  # the app logs one line per request itself
 
+_log_format = (os.environ.get("LOG_FORMAT") or "json").strip().lower()
+if _log_format not in ("json", "text"):
+    sys.exit(f"Configuration error: LOG_FORMAT must be text or json (got {_log_format!r})")
+os.environ["LOG_FORMAT"] = _log_format  # the workers' configure_logging reads it
+if _log_format == "json":
+    # One root handler for gunicorn's lines and the app's; metrics.JsonFormatter is imported
+    # only after PROMETHEUS_MULTIPROC_DIR is set below (this dict is applied later).
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "metrics.JsonFormatter"}},
+        "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json",
+                                "stream": "ext://sys.stdout"}},
+        "root": {"level": "INFO", "handlers": ["stdout"]},
+        "loggers": {"gunicorn.error": {"handlers": [], "propagate": True},
+                    "gunicorn.access": {"handlers": [], "propagate": False}},
+    }
+
+# prometheus-client picks its multiprocess mode when first imported: set the directory first.
+_METRICS_PREFIX = "mpesa-metrics-"
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_METRICS_PREFIX)
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+os.environ.setdefault("METRICS_STARTED_AT", str(time.time()))  # /stats "since", for every worker
+
 if _settings.store_kind == "memory":
     if int(os.environ.get("WEB_CONCURRENCY", "1")) > 1:
         sys.exit("Configuration error: STORE_URL=memory:// cannot be shared by several workers; "
@@ -44,8 +77,10 @@ _simulator_process = None
 
 
 def on_starting(server):
-    """Start one shared Daraja simulator when no Daraja is configured."""
+    """Empty the metrics directory; start one shared Daraja simulator when no Daraja is configured."""
     global _simulator_process
+    for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        os.remove(path)  # a previous run's numbers
     if not _settings.simulator or _settings.base_url:
         return
     import socket
@@ -70,6 +105,16 @@ def when_ready(server):
                     _settings.port, _settings.mpesa_env, _settings.store_kind, workers)
 
 
+def child_exit(server, worker):
+    """A dead worker's live gauges leave /metrics; its counters stay in the totals."""
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(worker.pid)
+
+
 def on_exit(server):
     if _simulator_process is not None:
         _simulator_process.terminate()
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    if (os.path.dirname(metrics_dir) == tempfile.gettempdir()
+            and os.path.basename(metrics_dir).startswith(_METRICS_PREFIX)):
+        shutil.rmtree(metrics_dir, ignore_errors=True)  # the one made above

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 
+import checkout
+import metrics
 import mpesa
 from config import Settings
 from store import DuplicateTransaction, Store, Transaction
@@ -28,33 +30,24 @@ log = logging.getLogger(__name__)
 FINAL_OUTCOMES = ("completed", "failed", "amount_mismatch", "timed_out")
 
 
+TICKET_TTL = 400 * 24 * 3600  # a ticket can be looked up (and checked in) this long
+
+
 @dataclass(frozen=True)
 class PaymentRequest:
     phone: str
     amount: int
     description: str
     account_reference: str
+    order: checkout.Order | None = None
 
 
-def validate_request(body, max_amount: int) -> PaymentRequest:
-    """Check a /stkpush body; raise mpesa.InvalidInput naming the first bad field."""
-    if not isinstance(body, dict):
-        raise mpesa.InvalidInput("body", "Request body must be a JSON object")
-    if body.get("phone") in (None, ""):
-        raise mpesa.InvalidInput("phone", "Phone number is required")
-    phone = mpesa.normalize_phone(body["phone"])
-    amount = mpesa.validate_amount(body.get("amount"), max_amount)
-    texts = {}
-    for name, limit in (("description", 200), ("accountReference", 100)):
-        value = body.get(name, "")
-        if value is None:
-            value = ""
-        if not isinstance(value, str):
-            raise mpesa.InvalidInput(name, f"{name} must be text")
-        if len(value) > limit:
-            raise mpesa.InvalidInput(name, f"{name} must be at most {limit} characters")
-        texts[name] = value.strip()
-    return PaymentRequest(phone, amount, texts["description"], texts["accountReference"])
+class SoldOut(Exception):
+    """Not enough units of an item left for this order."""
+
+    def __init__(self, item: checkout.OrderLine):
+        super().__init__(f"Sold out: {item.name}")
+        self.item = item
 
 
 def event(name: str, at: float, **details) -> dict:
@@ -65,11 +58,12 @@ class Payments:
     """Starts payments and settles them in the store, idempotently."""
 
     def __init__(self, store: Store, daraja: mpesa.Daraja, settings: Settings, clock=time.time,
-                 on_final=None):
+                 on_final=None, catalog: checkout.Catalog | None = None):
         self.store = store
         self.daraja = daraja
         self.settings = settings
         self.clock = clock
+        self.catalog = catalog
         self.on_final = on_final  # called with the record each time it reaches a final state
 
     @property
@@ -78,19 +72,66 @@ class Payments:
 
     # -- start
 
+    def prepare(self, body) -> PaymentRequest:
+        """Check a /stkpush body and price it; raise mpesa.InvalidInput naming the bad field."""
+        if not isinstance(body, dict):
+            raise mpesa.InvalidInput("body", "Request body must be a JSON object")
+        if body.get("phone") in (None, ""):
+            raise mpesa.InvalidInput("phone", "Phone number is required")
+        phone = mpesa.normalize_phone(body["phone"])
+        texts = {}
+        for name, limit in (("description", 200), ("accountReference", 100)):
+            value = body.get(name, "")
+            if value is None:
+                value = ""
+            if not isinstance(value, str):
+                raise mpesa.InvalidInput(name, f"{name} must be text")
+            if len(value) > limit:
+                raise mpesa.InvalidInput(name, f"{name} must be at most {limit} characters")
+            texts[name] = value.strip()
+        order = None
+        if body.get("items") is not None:
+            if self.catalog is None:
+                raise mpesa.InvalidInput("items", "This shop has no catalogue: send an amount")
+            if body.get("amount") not in (None, ""):
+                raise mpesa.InvalidInput("amount", "Send either items or an amount, not both")
+            order = self.catalog.price(body["items"], self.settings.max_amount)
+            amount = order.total
+        else:
+            if self.settings.pricing == "catalog":
+                raise mpesa.InvalidInput("amount", "Prices come from the shop's catalogue: send items")
+            if self.settings.checkout_secret:
+                checkout.check_link(self.settings.checkout_secret, body, self.clock())
+            amount = mpesa.validate_amount(body.get("amount"), self.settings.max_amount)
+        return PaymentRequest(phone, amount, texts["description"], texts["accountReference"], order)
+
     def start(self, request: PaymentRequest) -> tuple[Transaction, mpesa.PushAccepted]:
-        """Send the prompt and record the pending payment; Daraja errors propagate."""
-        accepted = self.daraja.stk_push(
-            request.phone, request.amount, callback_url=self.callback_url,
-            account_reference=request.account_reference or request.description,
-            description=request.description)
+        """Hold stock, send the prompt and record the pending payment.
+
+        SoldOut and Daraja errors propagate (with the stock released again).
+        """
+        held = self._hold_stock(request.order)
+        reference = request.account_reference or (request.order.number if request.order else "")
+        try:
+            accepted = metrics.timed("stk_push", self.daraja.stk_push)(
+                request.phone, request.amount, callback_url=self.callback_url,
+                account_reference=reference or request.description,
+                description=request.description)
+        except BaseException:
+            self._release_stock(held)
+            raise
         now = self.clock()
+        extra = {}
+        if request.order is not None:
+            extra["order"] = request.order.to_dict()
+        if held:
+            extra["stock"] = "held"
         tx = Transaction(
             checkout_request_id=accepted.checkout_request_id,
             merchant_request_id=accepted.merchant_request_id,
             phone=request.phone, amount=request.amount,
-            account_reference=request.account_reference, description=request.description,
-            initiated_at=now,
+            account_reference=reference, description=request.description,
+            initiated_at=now, extra=extra,
             history=[event("initiated", now, amount=request.amount,
                            accountReference=request.account_reference),
                      event("push_accepted", now, merchantRequestId=accepted.merchant_request_id,
@@ -122,6 +163,7 @@ class Payments:
                                     desc=result.result_desc, amount=result.amount,
                                     receipt=result.receipt, transaction_date=result.transaction_date,
                                     raw=body, now=now))
+        metrics.callback(outcome if tx is not None else "unknown_id")
         if tx is None:
             log.warning("callback for unknown CheckoutRequestID %s (ResultCode %s) kept for matching",
                         mpesa.mask_checkout_id(result.checkout_request_id), result.result_code)
@@ -172,7 +214,7 @@ class Payments:
     def _query_and_settle(self, tx: Transaction) -> Transaction | None:
         now = self.clock()
         try:
-            result = self.daraja.stk_query(tx.checkout_request_id)
+            result = metrics.timed("stk_query", self.daraja.stk_query)(tx.checkout_request_id)
         except mpesa.DarajaError as error:
             log.warning("stk query for %s failed: %s", mpesa.mask_checkout_id(tx.checkout_request_id), error)
             tx, _ = self.store.update(tx.checkout_request_id, lambda tx: tx.history.append(
@@ -221,29 +263,136 @@ class Payments:
             tx.mpesa_receipt_number = receipt
             tx.transaction_date = transaction_date.isoformat() if transaction_date else None
             if amount is not None and amount != Decimal(tx.amount):
-                tx.status, tx.reason = "failed", "error"
                 tx.flags.append("amount_mismatch")
                 tx.history.append(event("amount_mismatch", now, asked=tx.amount, paid=str(amount)))
+                self._finish(tx, "failed", "error", now)
                 return "amount_mismatch"
-            tx.status, tx.reason = "completed", None
             tx.history.append(event("completed", now, receipt=receipt, source=source))
-            return "completed"
-        tx.status, tx.reason = "failed", mpesa.result_reason(code)[0]
-        tx.history.append(event("failed", now, reason=tx.reason, resultCode=code, source=source))
-        return "failed"
+            return self._finish(tx, "completed", None, now)
+        reason = mpesa.result_reason(code)[0]
+        tx.history.append(event("failed", now, reason=reason, resultCode=code, source=source))
+        return self._finish(tx, "failed", reason, now)
 
     def _time_out(self, tx: Transaction, now: float) -> str:
         if tx.is_final:
             return "already_final"
-        tx.status, tx.reason, tx.settled_by = "failed", "timeout", "timeout"
+        tx.settled_by = "timeout"
         tx.result_desc = "No answer from M-Pesa before the payment timed out"
         tx.completed_at = now
         tx.history.append(event("timed_out", now, after=round(now - tx.initiated_at, 1)))
+        self._finish(tx, "failed", "timeout", now)
         return "timed_out"
+
+    def _finish(self, tx: Transaction, status: str, reason: str | None, now: float) -> str:
+        """Enter a final state; note what the stock must do and issue tickets when paid.
+
+        Stock moves are recorded here ("to_release", "to_reclaim") and carried out after
+        the record is saved (_move_stock), so a crash in between can only leave units
+        held (never sold twice).
+        """
+        tx.status, tx.reason = status, reason
+        stock = tx.extra.get("stock")
+        if status == "completed":
+            if stock in ("held", "to_release"):
+                tx.extra["stock"] = "sold"
+            elif stock == "released":  # our timeout gave the units back; the money came anyway
+                tx.extra["stock"] = "to_reclaim"
+            lines = (tx.extra.get("order") or {}).get("items", [])
+            if "tickets" not in tx.extra and any(line["kind"] == "ticket" for line in lines):
+                tx.extra["tickets"] = [
+                    {"number": checkout.ticket_number(), "itemId": line["id"], "name": line["name"]}
+                    for line in lines if line["kind"] == "ticket" for _ in range(line["quantity"])]
+                tx.history.append(event("tickets_issued", now,
+                                        tickets=[t["number"] for t in tx.extra["tickets"]]))
+        elif stock == "held":
+            tx.extra["stock"] = "to_release"
+        return status
+
+    # -- stock and tickets (after the record is saved)
+
+    def _hold_stock(self, order: checkout.Order | None) -> list[tuple[str, int]]:
+        """Hold the units of every limited item, all or nothing; SoldOut otherwise."""
+        held: list[tuple[str, int]] = []
+        for line in order.lines if order else ():
+            capacity = self.catalog.items[line.id].capacity
+            if capacity is None:
+                continue
+            if self.store.adjust_counter(f"stock:{line.id}", line.quantity, maximum=capacity) is None:
+                self._release_stock(held)
+                raise SoldOut(line)
+            held.append((line.id, line.quantity))
+        return held
+
+    def _release_stock(self, held) -> None:
+        for item_id, quantity in held:
+            self.store.adjust_counter(f"stock:{item_id}", -quantity)
+
+    def _limited_lines(self, tx: Transaction) -> list[tuple[str, int]]:
+        lines = (tx.extra.get("order") or {}).get("items", [])
+        return [(line["id"], line["quantity"]) for line in lines
+                if self.catalog and line["id"] in self.catalog.items
+                and self.catalog.items[line["id"]].capacity is not None]
+
+    def _move_stock(self, tx: Transaction) -> None:
+        """Carry out the stock move _finish recorded, exactly once (claimed in the store)."""
+        def claim(tx: Transaction):
+            move = {"to_release": ("released", "release"), "to_reclaim": ("sold", "reclaim")}
+            state, action = move.get(tx.extra.get("stock"), (None, None))
+            if action:
+                tx.extra["stock"] = state
+            return action
+
+        _, action = self.store.update(tx.checkout_request_id, claim)
+        if action == "release":
+            self._release_stock(self._limited_lines(tx))
+        elif action == "reclaim":
+            for item_id, quantity in self._limited_lines(tx):
+                sold = self.store.adjust_counter(f"stock:{item_id}", quantity)
+                if sold > self.catalog.items[item_id].capacity:
+                    log.error("item %s oversold (%s of %s): payment %s arrived after its timeout",
+                              item_id, sold, self.catalog.items[item_id].capacity,
+                              mpesa.mask_checkout_id(tx.checkout_request_id))
+                    self.store.update(tx.checkout_request_id, lambda tx: tx.flags.append("oversold"))
+
+    def available(self, item: checkout.Item) -> int | None:
+        """Units of item still for sale (capacity minus held and sold)."""
+        if item.capacity is None:
+            return None
+        return max(0, item.capacity - self.store.get_counter(f"stock:{item.id}"))
+
+    def ticket(self, number: str) -> tuple[Transaction, dict] | None:
+        """The paid payment a ticket number belongs to, and the ticket."""
+        entry = self.store.get_value(f"ticket:{number}")
+        tx = self.store.get(entry["checkoutRequestId"]) if entry else None
+        if tx is None or tx.status != "completed":
+            return None
+        ticket = next((t for t in tx.extra.get("tickets", []) if t["number"] == number), None)
+        return (tx, ticket) if ticket else None
+
+    def check_in(self, number: str) -> tuple[dict | None, dict | None]:
+        """Mark a ticket used at the door: (ticket, None), or (ticket, first check-in) if used."""
+        found = self.ticket(number)
+        if found is None:
+            return None, None
+        tx, ticket = found
+        now = self.clock()
+        if not self.store.add(f"checkin:{number}", {"at": now}, TICKET_TTL):
+            return ticket, self.store.get_value(f"checkin:{number}")
+        self.store.update(tx.checkout_request_id, lambda tx: tx.history.append(
+            event("ticket_checked_in", now, ticket=number)))
+        return ticket, None
 
     def _log_outcome(self, tx: Transaction | None, source: str, outcome) -> None:
         if tx is None:
             return
+        if outcome in FINAL_OUTCOMES:
+            metrics.payment_settled(tx)
+        if tx.extra.get("stock") in ("to_release", "to_reclaim"):
+            self._move_stock(tx)
+        if outcome == "completed":
+            for ticket in tx.extra.get("tickets", []):
+                self.store.set_value(f"ticket:{ticket['number']}",
+                                     {"checkoutRequestId": tx.checkout_request_id}, TICKET_TTL)
         if outcome in FINAL_OUTCOMES and self.on_final is not None:
             try:
                 self.on_final(tx)

@@ -2,34 +2,41 @@
 
 Routes (API.md): POST /stkpush, POST /stkpush/status, GET /stkpush/status/<id>,
 GET /health, POST /hooks/stk/<token> (Daraja's callback), GET /transactions[/<id>]
-(admin), and the pages from pages.py. `python server.py` runs the development
-server; the Procfile runs gunicorn with gunicorn.conf.py.
+(admin), GET /metrics and /stats (monitoring, see metrics.py), and the pages from
+pages.py. `python server.py` runs the development server; the Procfile runs gunicorn
+with gunicorn.conf.py.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import ipaddress
 import json
 import logging
+import os
 import re
 import sys
 import time
+import uuid
 from dataclasses import replace
 from datetime import datetime, timezone
 
-from flask import Flask, current_app, g, jsonify, request
+import segno
+from flask import Flask, current_app, g, has_request_context, jsonify, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+import checkout
+import metrics
 import mpesa
 import pages
 import simulator
 from config import ConfigError, Settings, load_settings
-from payments import Payments, validate_request
+from payments import Payments, SoldOut
 from store import Store, Transaction, open_store
 
 log = logging.getLogger("server")
@@ -38,6 +45,8 @@ SERVICE_NAME = "M-Pesa Payment Server"
 MAX_BODY_BYTES = 64 * 1024
 IDEMPOTENCY_TTL = 24 * 3600
 CHECKOUT_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")  # an incoming X-Request-ID we reuse
+TEXT_LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; "
                            "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
                            "base-uri 'self'; form-action 'self'")
@@ -61,6 +70,10 @@ def get_store() -> Store:
     return current_app.extensions["store"]
 
 
+def nairobi_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, mpesa.NAIROBI).strftime("%Y-%m-%d %H:%M:%S EAT")
+
+
 def iso_utc(epoch: float | None) -> str | None:
     if epoch is None:
         return None
@@ -69,11 +82,23 @@ def iso_utc(epoch: float | None) -> str | None:
 
 # ------------------------------------------------------------------ answers
 
+def order_fields(tx: Transaction) -> dict:
+    """The order number, lines and (once paid) tickets of a payment made for items."""
+    order = tx.extra.get("order")
+    if not order:
+        return {}
+    fields = {"orderNumber": order["number"], "items": order["items"]}
+    if tx.status == "completed":
+        fields["tickets"] = [{**ticket, "qr": f"/tickets/{ticket['number']}/qr.svg"}
+                             for ticket in tx.extra.get("tickets", [])]
+    return fields
+
+
 def status_answer(tx: Transaction) -> dict:
     """The poll answer for one payment (phone masked: anyone with the id may poll)."""
     base = {"checkoutRequestId": tx.checkout_request_id, "status": tx.status,
             "amount": tx.amount, "currency": tx.currency, "phone": mpesa.mask_phone(tx.phone),
-            "accountReference": tx.account_reference}
+            "accountReference": tx.account_reference, **order_fields(tx)}
     if tx.status == "completed":
         return {"success": True, **base, "transaction_id": tx.mpesa_receipt_number,
                 "MpesaReceiptNumber": tx.mpesa_receipt_number, "description": tx.description,
@@ -132,7 +157,7 @@ def _printable(text: str) -> str:
 def register_api(app: Flask, limiter: Limiter, settings: Settings) -> None:
 
     def phone_key() -> str:
-        body = request.get_json(silent=True)
+        body = read_json()
         try:
             return "phone:" + mpesa.normalize_phone((body or {}).get("phone"))
         except (mpesa.InvalidInput, AttributeError):
@@ -153,7 +178,7 @@ def register_api(app: Flask, limiter: Limiter, settings: Settings) -> None:
     @limiter.limit(settings.rate_limit_push_per_phone, key_func=phone_key,
                    deduct_when=counts_as_prompt, exempt_when=is_replay)
     def stkpush():
-        body = request.get_json(silent=True)
+        body = read_json()
         if body is None:
             raise ApiError(400, "Request body must be JSON", field="body")
         key = request.headers.get("Idempotency-Key")
@@ -165,7 +190,7 @@ def register_api(app: Flask, limiter: Limiter, settings: Settings) -> None:
     @app.post("/stkpush/status")
     @limiter.limit(settings.rate_limit_status_per_ip)
     def status_post():
-        body = request.get_json(silent=True) or {}
+        body = read_json() or {}
         checkout_id = None
         if isinstance(body, dict):
             checkout_id = next((body[k] for k in ("checkoutRequestId", "checkoutRequestID",
@@ -182,18 +207,37 @@ def register_api(app: Flask, limiter: Limiter, settings: Settings) -> None:
     def daraja_callback(token):
         if not hmac.compare_digest(token.encode(), settings.callback_token.encode()):
             log.warning("callback with a wrong token from %s refused", request.remote_addr)
+            metrics.callback("bad_token")
             raise ApiError(403, "Forbidden")
         if settings.callback_allowed_ips and not address_allowed(request.remote_addr,
                                                                  settings.callback_allowed_ips):
             log.warning("callback from %s refused: not in CALLBACK_ALLOWED_IPS", request.remote_addr)
+            metrics.callback("not_allowed")
             raise ApiError(403, "Forbidden")
-        body = request.get_json(silent=True)
+        body = read_json()
         try:
             get_payments().handle_callback(body)
         except mpesa.MalformedCallback as error:
             log.warning("malformed callback refused: %s", error)
+            metrics.callback("malformed")
             return jsonify({"ResultCode": 1, "ResultDesc": f"Rejected: {error}"}), 400
         return jsonify({"ResultCode": 0, "ResultDesc": "Accepted"})
+
+    metrics.preset_labels()
+
+    @app.get("/metrics")
+    @limiter.exempt
+    def prometheus_metrics():
+        require_admin()
+        body, content_type = metrics.render(request.headers.get("Accept"))
+        return current_app.response_class(body, content_type=content_type)
+
+    @app.get("/stats")
+    @limiter.exempt
+    def stats():
+        if not settings.simulator:
+            require_admin()
+        return jsonify({"success": True, **metrics.stats()})
 
     @app.get("/health")
     @limiter.exempt
@@ -202,13 +246,47 @@ def register_api(app: Flask, limiter: Limiter, settings: Settings) -> None:
                   "mode": settings.mpesa_env, "store": get_store().kind}
         if request.args.get("deep") not in (None, "", "0", "false"):
             try:
-                get_payments().daraja.access_token()
+                metrics.timed("token", get_payments().daraja.access_token)()
                 answer["daraja"] = "ok"
             except mpesa.DarajaError as error:
                 answer.update(status="error", daraja="error",
                               message=daraja_error(error).body["message"])
                 return jsonify(answer), 503
         return jsonify(answer)
+
+    @app.get("/catalog")
+    @limiter.limit(settings.rate_limit_status_per_ip)
+    def catalog():
+        payments = get_payments()
+        if payments.catalog is None:
+            raise ApiError(404, "This shop has no catalogue")
+        items = [{"id": item.id, "name": item.name, "price": item.price,
+                  "description": item.description, "kind": item.kind,
+                  "capacity": item.capacity, "available": payments.available(item)}
+                 for item in payments.catalog.items.values()]
+        return jsonify({"success": True, "currency": "KES", "items": items})
+
+    @app.get("/tickets/<number>/qr.svg")
+    @limiter.limit(settings.rate_limit_status_per_ip)
+    def ticket_qr(number):
+        if get_payments().ticket(number) is None:
+            raise ApiError(404, "Ticket not found")
+        svg = io.BytesIO()
+        segno.make_qr(number, error="m").save(svg, kind="svg", scale=6, border=2,
+                                              title=f"Ticket {number}")
+        return current_app.response_class(svg.getvalue(), mimetype="image/svg+xml",
+                                          headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.post("/tickets/<number>/check-in")
+    def ticket_check_in(number):
+        require_admin()
+        ticket, first = get_payments().check_in(number)
+        if ticket is None:
+            raise ApiError(404, "Ticket not found")
+        if first is not None:
+            raise ApiError(409, f"Ticket already used at {nairobi_time(first['at'])}",
+                           ticket=ticket, checkedInAt=iso_utc(first["at"]))
+        return jsonify({"success": True, "message": "Ticket checked in", "ticket": ticket})
 
     @app.get("/openapi.json")
     @limiter.exempt
@@ -241,16 +319,20 @@ def register_api(app: Flask, limiter: Limiter, settings: Settings) -> None:
 
 
 def start_payment(body) -> tuple[dict, int]:
-    """Validate, push, record; return the JSON answer and its status (errors raise)."""
-    payment = validate_request(body, current_app.config["MAX_AMOUNT"])
+    """Validate, price, push, record; return the JSON answer and its status (errors raise)."""
+    payments = get_payments()
+    payment = payments.prepare(body)
     try:
-        tx, accepted = get_payments().start(payment)
+        tx, accepted = payments.start(payment)
+    except SoldOut as sold_out:
+        raise ApiError(409, str(sold_out), field="items", itemId=sold_out.item.id) from None
     except mpesa.DarajaError as error:
         raise daraja_error(error) from None
-    return {"success": True, "checkoutRequestId": tx.checkout_request_id,
-            "merchantRequestId": tx.merchant_request_id, "status": tx.status,
-            "message": "STK push sent successfully",
-            "customerMessage": accepted.customer_message}, 200
+    answer = {"success": True, "checkoutRequestId": tx.checkout_request_id,
+              "merchantRequestId": tx.merchant_request_id, "status": tx.status,
+              "message": "STK push sent successfully",
+              "customerMessage": accepted.customer_message, "amount": tx.amount}
+    return {**answer, **order_fields(tx)}, 200
 
 
 def idempotency_slot(key: str) -> str:
@@ -321,11 +403,33 @@ def require_admin() -> None:
         raise ApiError(401, "Admin token required", headers={"WWW-Authenticate": "Bearer"})
 
 
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+def read_json():
+    """The JSON body, or None when it is not JSON (strict: no NaN/Infinity, bounded nesting)."""
+    if not request.is_json:
+        return None
+    try:
+        return json.loads(request.get_data(), parse_constant=_refuse_constant,
+                          parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        return None
+
+
 def _positive_int(name: str, default: int, maximum: int) -> int:
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    if not re.fullmatch(r"[0-9]{1,9}", raw) or not 1 <= int(raw) <= maximum:
         raise ApiError(400, f"{name} must be a whole number from 1 to {maximum}", field=name)
     return int(raw)
 
@@ -357,9 +461,17 @@ def register_handlers(app: Flask) -> None:
         log.exception("unexpected error on %s %s", request.method, _loggable_path())
         return jsonify({"success": False, "message": "Internal error; the payment state is unchanged"}), 500
 
+
+def register_request_log(app: Flask) -> None:
+    """Per request: an id (X-Request-ID), security headers, one log line and its metrics.
+
+    create_app registers these hooks first, so they also see requests the rate limiter refuses.
+    """
+
     @app.before_request
-    def start_timer():
+    def start_request():
         g.started = time.perf_counter()
+        request_id()
 
     @app.after_request
     def finish(response):
@@ -369,9 +481,23 @@ def register_handlers(app: Flask) -> None:
         response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         if request.is_secure:
             response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
-        elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
-        log.info("%s %s %s %.1fms", request.method, _loggable_path(), response.status_code, elapsed)
+        response.headers["X-Request-ID"] = request_id()
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        metrics.request_served(request.method, request.url_rule.rule if request.url_rule else None,
+                               response.status_code, elapsed)
+        path = _loggable_path()
+        log.info("%s %s %s %.1fms", request.method, path, response.status_code, elapsed * 1000,
+                 extra={"method": request.method, "path": path, "status": response.status_code,
+                        "duration_ms": round(elapsed * 1000, 1), "remote_addr": request.remote_addr})
         return response
+
+
+def request_id() -> str:
+    """The id of the request being served: its own X-Request-ID if sane, else a new one."""
+    if "request_id" not in g:
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    return g.request_id
 
 
 def _loggable_path() -> str:
@@ -389,6 +515,7 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
     """Build the application; ready-made parts may be passed in (tests do)."""
     settings = settings or load_settings()
     app = Flask(__name__)
+    register_request_log(app)  # first, so that its hooks wrap every other one
     app.config.update(
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         JSON_SORT_KEYS=False,
@@ -430,18 +557,26 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
             max_attempts=settings.webhook_max_attempts, base_delay=settings.webhook_base_delay,
             max_delay=settings.webhook_max_delay)
         app.extensions["webhooks"] = notifier
-    app.extensions["payments"] = Payments(store, daraja, settings,
+    catalog = None
+    if settings.catalog_file:
+        try:
+            catalog = checkout.Catalog.load(settings.catalog_file)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    app.extensions["payments"] = Payments(store, daraja, settings, catalog=catalog,
                                           on_final=notifier.notify if notifier else None)
 
     CORS(app, origins=list(settings.frontend_urls),
-         resources={r"/stkpush*": {}, r"/health": {}},
-         allow_headers=["Content-Type", "Idempotency-Key"],
-         expose_headers=["Retry-After", "Idempotent-Replayed"])
+         resources={r"/stkpush*": {}, r"/health": {}, r"/catalog": {}, r"/static/js/*": {}},
+         allow_headers=["Content-Type", "Idempotency-Key", "X-Request-ID"],
+         expose_headers=["Retry-After", "Idempotent-Replayed", "X-Request-ID"])
     limiter = Limiter(get_remote_address, app=app)
     app.extensions["rate_limiter"] = limiter  # Flask-Limiter holds itself only weakly
     register_api(app, limiter, settings)
     register_handlers(app)
     app.register_blueprint(pages.bp)
+    import admin   # the operator's dashboard at /admin (off while ADMIN_TOKEN is unset)
+    admin.init_app(app, settings)
 
     @app.cli.command("reconcile")
     def reconcile_command():
@@ -506,9 +641,34 @@ def banner(app: Flask) -> str:
     return "\n".join(lines)
 
 
+class RequestIdFilter(logging.Filter):
+    """Tags each record made while serving a request with that request's id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if has_request_context() and g.get("request_id"):
+            record.request_id = g.request_id
+        return True
+
+
+def log_format() -> str:
+    """LOG_FORMAT: text (python server.py's default) or json (gunicorn.conf.py's default)."""
+    value = (os.environ.get("LOG_FORMAT") or "text").strip().lower()
+    if value not in ("text", "json"):
+        sys.exit(f"Configuration error: LOG_FORMAT must be text or json (got {value!r})")
+    return value
+
+
 def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    """Log to stdout as text or JSON lines (LOG_FORMAT), with the request id on each JSON line."""
+    root = logging.getLogger()
+    if not root.handlers:  # under gunicorn, gunicorn.conf.py has set up the handler already
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format=TEXT_LOG_FORMAT)
+    json_lines = log_format() == "json"
+    for handler in root.handlers:
+        if json_lines:
+            handler.setFormatter(metrics.JsonFormatter())
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
@@ -540,6 +700,9 @@ def __getattr__(name):
 if __name__ == "__main__":
     application = app_from_environment()
     settings = application.extensions["settings"]
-    print(banner(application), flush=True)
+    if log_format() == "json":
+        log.info(banner(application))
+    else:
+        print(banner(application), flush=True)
     application.run(host="0.0.0.0" if settings.mpesa_env != "simulator" else "127.0.0.1",
                     port=settings.port, threaded=True, use_reloader=False)

@@ -9,6 +9,11 @@ CheckoutRequestID with an atomic read-modify-write (`update`), newest-first list
 small key/value space with TTLs and an atomic set-if-absent (`add`) for idempotency keys,
 query throttles and locks.
 
+For the operator's dashboard, `search` finds records by what an operator has in hand (an id,
+a receipt, a reference, a phone's last digits) with filters, and `overview` adds up counters
+that every write keeps per time bucket (5 minutes, hours, Nairobi days): neither reads every
+record. SQLite indexes the searched fields; Redis keeps a sorted set per searched value.
+
     URL                      keeps records                          shared by
     memory://                `retention` s after their last write   one process's threads
     sqlite:///relative.db    until deleted by hand (the ledger)     one machine's processes
@@ -24,12 +29,14 @@ everywhere: with an exception, before anything is saved.
 from __future__ import annotations
 
 import copy
+import bisect
 import heapq
 import json
 import logging
 import math
 import os
 import sqlite3
+import string
 import threading
 import time
 import weakref
@@ -123,6 +130,25 @@ class Store(Protocol):
     def pending_before(self, cutoff: float) -> list[Transaction]:
         """Return pending records initiated before cutoff, oldest first."""
 
+    def search(self, text: str | None = None, *, status: str | None = None,
+               reason: str | None = None, since: float | None = None,
+               until: float | None = None, limit: int = 20,
+               offset: int = 0) -> tuple[list[Transaction], int]:
+        """Return one page of the records matching every filter, newest first, and the count.
+
+        text matches a CheckoutRequestID exactly, a receipt number or an account reference
+        ignoring ASCII case, or, 3 digits or more, the end of the phone number. reason
+        matches failed records only. since and until bound initiated_at: [since, until).
+        """
+
+    def overview(self, since: float, until: float, step: float) -> Overview:
+        """Add up the counters of the payments initiated in [since, until), per step and in all.
+
+        since and step fall on 5-minute boundaries (hours and days: Nairobi's) and
+        until - since is a multiple of step. Memory and Redis forget a bucket `retention`
+        s after its last write, as they forget records; SQLite keeps every bucket.
+        """
+
     def add(self, key: str, value: dict, ttl: float) -> bool:
         """Store value under key for ttl seconds unless a live value is there; True if stored."""
 
@@ -134,6 +160,16 @@ class Store(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the value under key, if any."""
+
+    def adjust_counter(self, key: str, delta: int, maximum: int | None = None) -> int | None:
+        """Atomically add delta to a durable integer counter (missing counts as 0).
+
+        Returns the new value, or None (and changes nothing) when it would fall below 0
+        or rise above maximum. Counters never expire (stock held and sold).
+        """
+
+    def get_counter(self, key: str) -> int:
+        """Return the counter's value (0 when it was never set)."""
 
     def close(self) -> None:
         """Release connections."""
@@ -192,12 +228,269 @@ def _check_page(limit: int, offset: int) -> None:
         raise ValueError("limit and offset must not be negative")
 
 
+# The dashboard's reads: search() and overview().
+
+TALLY_STEPS = (300, 3600, 86400)   # counter buckets: 5 minutes, an hour, a day
+TALLY_UTC_OFFSET = 3 * 3600        # buckets start on Nairobi's hours and midnights (EAT, no DST)
+DURATION_BOUNDS = (1, 2, 3, 5, 7, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1800, 3600)
+PHONE_SUFFIX_MIN = 3               # fewer trailing digits than this do not search phones
+MAX_OVERVIEW_BUCKETS = 10_000
+# SQLite's upper() and lower() change ASCII letters only: so do these, so backends agree.
+_ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def tally(tx: Transaction) -> dict[str, int]:
+    """What one record adds to the counters of the time bucket it was initiated in.
+
+    started; status:<status>; received (KES, completed only); reason:<reason> (failed);
+    settled:<callback|query|timeout> and time:<bound> (final only: seconds from push to
+    result, as the first DURATION_BOUNDS at or above them, or "inf"); flag:<flag>;
+    event:<name> per history entry, and event:queried:error per failed status query.
+    """
+    counts: dict[str, int] = {"started": 1, f"status:{tx.status}": 1}
+    if tx.status == "completed":
+        counts["received"] = int(tx.amount)
+    elif tx.status == "failed":
+        counts[f"reason:{tx.reason or 'unknown'}"] = 1
+    if tx.is_final:
+        if tx.settled_by:
+            counts[f"settled:{tx.settled_by}"] = 1
+        if tx.completed_at is not None:
+            counts[f"time:{duration_bound(tx.completed_at - tx.initiated_at)}"] = 1
+    for flag in set(tx.flags):
+        counts[f"flag:{flag}"] = 1
+    for entry in tx.history:
+        names = [f"event:{entry.get('event')}"]
+        if entry.get("event") == "queried" and entry.get("result") == "error":
+            names.append("event:queried:error")
+        for name in names:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def duration_bound(seconds: float) -> str:
+    """The histogram bucket of a push-to-result time: its upper bound in seconds, or "inf"."""
+    return next((str(bound) for bound in DURATION_BOUNDS if seconds <= bound), "inf")
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Added-up counters (see tally()) of the payments initiated in a bucket or a window."""
+
+    counts: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> int:
+        return self.counts.get(name, 0)
+
+    @property
+    def started(self) -> int:
+        return self["started"]
+
+    @property
+    def completed(self) -> int:
+        return self["status:completed"]
+
+    @property
+    def failed(self) -> int:
+        return self["status:failed"]
+
+    @property
+    def pending(self) -> int:
+        return self["status:pending"]
+
+    @property
+    def received(self) -> int:
+        """KES received: the amounts of the completed payments."""
+        return self["received"]
+
+    @property
+    def conversion(self) -> float | None:
+        """Completed / started, or None when nothing started."""
+        return self.completed / self.started if self.started else None
+
+    def group(self, kind: str) -> dict[str, int]:
+        """The non-zero counters named <kind>:<name>, as {name: count}."""
+        prefix = f"{kind}:"
+        return {name[len(prefix):]: value for name, value in sorted(self.counts.items())
+                if name.startswith(prefix) and value}
+
+    def time_to_final(self, share: float) -> float | None:
+        """Seconds within which `share` (0.5: the median) of final payments got their result.
+
+        An upper bound from the DURATION_BOUNDS histogram (math.inf past the last bound);
+        None when no payment is final.
+        """
+        bounds = [*DURATION_BOUNDS, math.inf]
+        counts = [self[f"time:{'inf' if bound == math.inf else bound}"] for bound in bounds]
+        if not sum(counts):
+            return None
+        rank, seen = max(1, math.ceil(share * sum(counts))), 0
+        for bound, count in zip(bounds, counts):
+            seen += count
+            if seen >= rank:
+                return bound
+        return math.inf
+
+
+@dataclass(frozen=True)
+class Overview:
+    """What overview() found: the whole window and each step of it, oldest first."""
+
+    since: float
+    until: float
+    step: float
+    total: Tally
+    buckets: tuple[tuple[float, Tally], ...]   # (bucket start, its counters)
+
+
+def _tallied(tx: Transaction) -> tuple[float, dict[str, int]]:
+    return tx.initiated_at, tally(tx)
+
+
+def _tally_buckets(at: float) -> list[tuple[int, int]]:
+    """The (step, index) of each counter bucket a record initiated at `at` counts in."""
+    return [(step, int((at + TALLY_UTC_OFFSET) // step)) for step in TALLY_STEPS]
+
+
+def _tally_rows(before: tuple[float, dict] | None,
+                after: tuple[float, dict]) -> list[tuple[int, int, str, int]]:
+    """The counter changes (step, index, name, delta) that turn `before` into `after`."""
+    changes: dict[tuple[int, int, str], int] = {}
+    for sign, side in ((-1, before), (1, after)):
+        if side is None:
+            continue
+        at, counts = side
+        for step, index in _tally_buckets(at):
+            for name, value in counts.items():
+                key = (step, index, name)
+                changes[key] = changes.get(key, 0) + sign * value
+    return [(*key, value) for key, value in changes.items() if value]
+
+
+def _overview_plan(since: float, until: float,
+                   step: float) -> tuple[int, list[tuple[float, range]]]:
+    """Check an overview's bounds; return the counter step to read and each bucket's indexes."""
+    since, until, step = float(since), float(until), float(step)
+    if not (step > 0 and until > since and (until - since) % step == 0):
+        raise ValueError("overview: until - since must be a positive multiple of step")
+    resolution = next((r for r in reversed(TALLY_STEPS)
+                       if step % r == 0 and (since + TALLY_UTC_OFFSET) % r == 0), None)
+    if resolution is None:
+        raise ValueError("overview: since and step must fall on 5-minute boundaries")
+    per_step, count = int(step // resolution), int((until - since) // step)
+    if per_step * count > MAX_OVERVIEW_BUCKETS:
+        raise ValueError(f"overview: more than {MAX_OVERVIEW_BUCKETS} buckets to read; "
+                         "use a longer step")
+    first = int((since + TALLY_UTC_OFFSET) // resolution)
+    return resolution, [(since + n * step, range(first + n * per_step, first + (n + 1) * per_step))
+                        for n in range(count)]
+
+
+def _assemble(since: float, until: float, step: float, plan: list[tuple[float, range]],
+              found: dict[int, dict[str, int]]) -> Overview:
+    """Add the counters found per stored bucket into the overview's steps and total."""
+    total: dict[str, int] = {}
+    buckets = []
+    for start, indexes in plan:
+        counts: dict[str, int] = {}
+        for index in indexes:
+            for name, value in found.get(index, {}).items():
+                counts[name] = counts.get(name, 0) + int(value)
+        for name, value in counts.items():
+            total[name] = total.get(name, 0) + value
+        buckets.append((start, Tally({n: v for n, v in counts.items() if v})))
+    return Overview(float(since), float(until), float(step),
+                    Tally({n: v for n, v in total.items() if v}), tuple(buckets))
+
+
+def _receipt_key(tx: Transaction) -> str:
+    return str(tx.mpesa_receipt_number or "").translate(_ASCII_UPPER)
+
+
+def _reference_key(tx: Transaction) -> str:
+    return str(tx.account_reference or "").translate(_ASCII_LOWER)
+
+
+class _Search(NamedTuple):
+    """A search's filters, checked, with the text in each form it is compared in."""
+
+    text: str | None
+    receipt: str | None
+    reference: str | None
+    digits: str | None          # the text, when it can be a phone's last digits
+    status: str | None
+    reason: str | None
+    since: float | None
+    until: float | None
+
+    @classmethod
+    def of(cls, text, status, reason, since, until) -> _Search:
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+        text = str(text).strip() if text is not None else ""
+        if not text:
+            return cls(None, None, None, None, status, reason or None,
+                       None if since is None else float(since),
+                       None if until is None else float(until))
+        digits = text if (text.isascii() and text.isdigit()
+                          and len(text) >= PHONE_SUFFIX_MIN) else None
+        return cls(text, text.translate(_ASCII_UPPER), text.translate(_ASCII_LOWER), digits,
+                   status, reason or None, None if since is None else float(since),
+                   None if until is None else float(until))
+
+    @property
+    def impossible(self) -> bool:
+        return self.reason is not None and self.status not in (None, "failed")
+
+    def admits(self, checkout_request_id: str, status: str, reason: str | None, phone: str,
+               receipt: str, reference: str, initiated_at: float) -> bool:
+        if self.status is not None and status != self.status:
+            return False
+        if self.reason is not None and (status != "failed" or reason != self.reason):
+            return False
+        if self.since is not None and initiated_at < self.since:
+            return False
+        if self.until is not None and initiated_at >= self.until:
+            return False
+        if self.text is None:
+            return True
+        return (checkout_request_id == self.text or (bool(receipt) and receipt == self.receipt)
+                or (bool(reference) and reference == self.reference)
+                or (self.digits is not None and phone.endswith(self.digits)))
+
+    def admits_tx(self, tx: Transaction) -> bool:
+        return self.admits(tx.checkout_request_id, tx.status, tx.reason, tx.phone,
+                           _receipt_key(tx), _reference_key(tx), tx.initiated_at)
+
+
 class _Record(NamedTuple):
     expires_at: float
     status: str
     phone: str
     initiated_at: float
     data: str
+    reason: str | None = None   # the searched fields (see _Search.admits)
+    receipt: str = ""
+    reference: str = ""
+
+
+def _words(record: _Record) -> list[str]:
+    """What a text search can find a memory record by (see _Search.admits)."""
+    words = [f"t:{record.phone[-PHONE_SUFFIX_MIN:]}"]
+    if record.receipt:
+        words.append(f"r:{record.receipt}")
+    if record.reference:
+        words.append(f"f:{record.reference}")
+    return words
+
+
+def _sorted_lists(record: _Record) -> list[str]:
+    """The sorted lists a memory record is in, for searches by filters alone."""
+    names = ["all", f"status:{record.status}"]
+    if record.status == "failed" and record.reason:
+        names.append(f"reason:{record.reason}")
+    return names
 
 
 class MemoryStore:
@@ -212,6 +505,9 @@ class MemoryStore:
     an OrderedDict, and with a constant retention the front is always the next to expire.
     Values carry their own ttl, so their expiry times sit in a heap. `list` and
     `pending_before` look at every live record, which suits the sizes a single process holds.
+    `search` does not: filters alone bisect a sorted list (all, per status, per reason), text
+    looks up a small word index, and `overview` reads the per-bucket counters each write
+    keeps, which expire like records.
     """
 
     kind = "memory"
@@ -224,6 +520,12 @@ class MemoryStore:
         self._records: OrderedDict[str, _Record] = OrderedDict()
         self._values: dict[str, tuple[float, str]] = {}
         self._expiries: list[tuple[float, str]] = []   # heap; stale entries are skipped
+        # (step, index) -> (expires_at, counters); in expiry order, like the records
+        self._tallies: OrderedDict[tuple[int, int], tuple[float, dict]] = OrderedDict()
+        self._words: dict[str, set[str]] = {}   # receipt, reference, phone tail -> ids
+        # "all", "status:<status>", "reason:<reason>" -> sorted [(initiated_at, id)]
+        self._sorted: dict[str, list[tuple[float, str]]] = {}
+        self._counters: dict[str, int] = {}
 
     def create(self, tx: Transaction) -> None:
         data = _encode(tx)
@@ -232,6 +534,7 @@ class MemoryStore:
             if self._live(tx.checkout_request_id, now) is not None:
                 raise DuplicateTransaction(tx.checkout_request_id)
             self._put(tx, data, now)
+            self._count(_tally_rows(None, _tallied(tx)), now)
 
     def get(self, checkout_request_id: str) -> Transaction | None:
         with self._lock:
@@ -246,8 +549,10 @@ class MemoryStore:
             if record is None:
                 return None, None
             tx = _decode(record.data)
+            before = _tallied(tx)
             result = _apply(tx, mutate)
             self._put(tx, _encode(tx), now)
+            self._count(_tally_rows(before, _tallied(tx)), now)
         return tx, result
 
     def list(self, status: str | None = None, phone: str | None = None,
@@ -261,6 +566,65 @@ class MemoryStore:
                        and (phone is None or r.phone == phone)]
         matches.sort(reverse=True)
         return [_decode(data) for _, _, data in matches[offset:offset + limit]], len(matches)
+
+    def search(self, text: str | None = None, *, status: str | None = None,
+               reason: str | None = None, since: float | None = None,
+               until: float | None = None, limit: int = 20,
+               offset: int = 0) -> tuple[list[Transaction], int]:
+        _check_page(limit, offset)
+        criteria = _Search.of(text, status, reason, since, until)
+        if criteria.impossible:
+            return [], 0
+        if criteria.text is None:
+            return self._search_sorted(criteria, limit, offset)
+        with self._lock:
+            now = self._expire()
+            words, records = self._words, self._records
+            named = set(words.get(f"r:{criteria.receipt}", ()))   # only what the text can name
+            named |= words.get(f"f:{criteria.reference}", set())
+            if criteria.digits is not None:
+                named |= words.get(f"t:{criteria.digits[-PHONE_SUFFIX_MIN:]}", set())
+            if criteria.text in records:
+                named.add(criteria.text)
+            matches = [(r.initiated_at, key, r.data) for key, r in
+                       ((key, records[key]) for key in named)
+                       if r.expires_at > now and criteria.admits(
+                           key, r.status, r.reason, r.phone, r.receipt, r.reference,
+                           r.initiated_at)]
+        matches.sort(reverse=True)
+        return [_decode(data) for _, _, data in matches[offset:offset + limit]], len(matches)
+
+    def _search_sorted(self, criteria: _Search, limit: int,
+                       offset: int) -> tuple[list[Transaction], int]:
+        """Filters alone: one sorted list holds exactly the matches, as in Redis."""
+        if criteria.reason is not None:
+            name = f"reason:{criteria.reason}"
+        elif criteria.status is not None:
+            name = f"status:{criteria.status}"
+        else:
+            name = "all"
+        with self._lock:
+            self._expire()
+            entries = self._sorted.get(name, [])
+            low = 0 if criteria.since is None else bisect.bisect_left(entries, (criteria.since, ""))
+            high = (len(entries) if criteria.until is None
+                    else bisect.bisect_left(entries, (criteria.until, "")))
+            end = high - offset
+            page = entries[max(low, end - limit):end] if limit and end > low else []
+            found = [self._records[key].data for _, key in reversed(page)]
+        return [_decode(data) for data in found], max(0, high - low)
+
+    def overview(self, since: float, until: float, step: float) -> Overview:
+        resolution, plan = _overview_plan(since, until, step)
+        found = {}
+        with self._lock:
+            now = self._expire()
+            for _, indexes in plan:
+                for index in indexes:
+                    entry = self._tallies.get((resolution, index))
+                    if entry is not None and entry[0] > now:
+                        found[index] = dict(entry[1])
+        return _assemble(since, until, step, plan, found)
 
     def pending_before(self, cutoff: float) -> list[Transaction]:
         with self._lock:
@@ -301,6 +665,18 @@ class MemoryStore:
             self._expire()
             self._values.pop(key, None)
 
+    def adjust_counter(self, key: str, delta: int, maximum: int | None = None) -> int | None:
+        with self._lock:
+            value = self._counters.get(key, 0) + delta
+            if value < 0 or (maximum is not None and value > maximum):
+                return None
+            self._counters[key] = value
+            return value
+
+    def get_counter(self, key: str) -> int:
+        with self._lock:
+            return self._counters.get(key, 0)
+
     def close(self) -> None:
         """Nothing to release: the data lives as long as the object."""
 
@@ -312,6 +688,7 @@ class MemoryStore:
             oldest = next(iter(records))
             if records[oldest].expires_at > now:
                 break
+            self._forget(oldest, records[oldest])
             del records[oldest]
         heap = self._expiries
         while heap and heap[0][0] <= now:
@@ -319,21 +696,64 @@ class MemoryStore:
             current = self._values.get(key)
             if current is not None and current[0] == expires_at:
                 del self._values[key]
+        tallies = self._tallies
+        while tallies:
+            oldest = next(iter(tallies))
+            if tallies[oldest][0] > now:
+                break
+            del tallies[oldest]
         return now
 
     def _live(self, checkout_request_id: str, now: float) -> _Record | None:
         record = self._records.get(checkout_request_id)
         if record is not None and record.expires_at <= now:
             # Only reachable if the clock stepped back and broke the front-first order.
+            self._forget(checkout_request_id, record)
             del self._records[checkout_request_id]
             return None
         return record
 
     def _put(self, tx: Transaction, data: str, now: float) -> None:
         key = tx.checkout_request_id
-        self._records[key] = _Record(now + self._retention, tx.status, tx.phone,
-                                     tx.initiated_at, data)
+        old = self._records.get(key)
+        if old is not None:
+            self._forget(key, old)
+        record = _Record(now + self._retention, tx.status, tx.phone, tx.initiated_at, data,
+                         tx.reason, _receipt_key(tx), _reference_key(tx))
+        self._records[key] = record
         self._records.move_to_end(key)
+        for word in _words(record):
+            self._words.setdefault(word, set()).add(key)
+        for name in _sorted_lists(record):
+            bisect.insort(self._sorted.setdefault(name, []), (record.initiated_at, key))
+
+    def _forget(self, key: str, record: _Record) -> None:
+        """Take a record out of the search indexes."""
+        for word in _words(record):
+            ids = self._words.get(word)
+            if ids is not None:
+                ids.discard(key)
+                if not ids:
+                    del self._words[word]
+        for name in _sorted_lists(record):
+            entries = self._sorted.get(name, [])
+            at = bisect.bisect_left(entries, (record.initiated_at, key))
+            if at < len(entries) and entries[at] == (record.initiated_at, key):
+                del entries[at]
+            if not entries:
+                self._sorted.pop(name, None)
+
+    def _count(self, rows: list[tuple[int, int, str, int]], now: float) -> None:
+        """Apply counter changes; a bucket written to expires `retention` s later."""
+        changes: dict[tuple[int, int], list[tuple[str, int]]] = {}
+        for step, index, name, value in rows:
+            changes.setdefault((step, index), []).append((name, value))
+        for key, named in changes.items():
+            entry = self._tallies.pop(key, None)
+            counts = entry[1] if entry is not None and entry[0] > now else {}
+            for name, value in named:
+                counts[name] = counts.get(name, 0) + value
+            self._tallies[key] = (now + self._retention, counts)
 
     def _set(self, key: str, data: str, expires_at: float) -> None:
         self._values[key] = (expires_at, data)
@@ -365,8 +785,65 @@ CREATE TABLE IF NOT EXISTS kv (
     expires_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS kv_by_expiry ON kv (expires_at);
+CREATE TABLE IF NOT EXISTS counters (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 PRAGMA user_version = 1;
 """
+
+
+# Searched fields, computed by SQLite from the JSON record (virtual: nothing is stored twice,
+# and a ledger made before them gets them, indexed, by ALTER TABLE when it is opened).
+_SEARCH_COLUMNS = (
+    ("reason", "json_extract(record, '$.reason')"),
+    ("receipt_key", "upper(coalesce(json_extract(record, '$.mpesa_receipt_number'), ''))"),
+    ("reference_key", "lower(coalesce(json_extract(record, '$.account_reference'), ''))"),
+    # The phone reversed, so that its last digits are a prefix an index can find.
+    ("phone_reversed", " || ".join(f"substr(phone, -{n}, 1)" for n in range(1, 16))),
+)
+_SEARCH_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS transactions_by_reason"
+    " ON transactions (reason, status, initiated_at, checkout_request_id)",
+    "CREATE INDEX IF NOT EXISTS transactions_by_receipt ON transactions (receipt_key)",
+    "CREATE INDEX IF NOT EXISTS transactions_by_reference ON transactions (reference_key)",
+    "CREATE INDEX IF NOT EXISTS transactions_by_phone_end ON transactions (phone_reversed)",
+)
+_TALLIES = """CREATE TABLE tallies (
+    step INTEGER NOT NULL,      -- seconds per bucket: one of TALLY_STEPS
+    bucket INTEGER NOT NULL,    -- (initiated_at + TALLY_UTC_OFFSET) // step
+    name TEXT NOT NULL,         -- a counter of tally()
+    value INTEGER NOT NULL,
+    PRIMARY KEY (step, bucket, name)
+) WITHOUT ROWID"""
+_COUNT = ("INSERT INTO tallies (step, bucket, name, value) VALUES (?, ?, ?, ?)"
+          " ON CONFLICT (step, bucket, name) DO UPDATE SET value = value + excluded.value")
+
+
+def _upgrade_sqlite(db: sqlite3.Connection) -> None:
+    """Give a ledger the search columns and counters (once; counted from its records)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_xinfo(transactions)")}
+        for name, expression in _SEARCH_COLUMNS:
+            if name not in columns:
+                db.execute(f"ALTER TABLE transactions ADD COLUMN {name}"
+                           f" GENERATED ALWAYS AS ({expression}) VIRTUAL")
+        for statement in _SEARCH_INDEXES:
+            db.execute(statement)
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tallies'"
+                      ).fetchone() is None:
+            db.execute(_TALLIES)
+            totals: dict[tuple[int, int, str], int] = {}
+            for data, in db.execute("SELECT record FROM transactions"):
+                for step, index, name, value in _tally_rows(None, _tallied(_decode(data))):
+                    totals[(step, index, name)] = totals.get((step, index, name), 0) + value
+            db.executemany(_COUNT, [(*key, value) for key, value in totals.items()])
+        db.commit()
+    except BaseException:
+        if db.in_transaction:
+            db.rollback()
+        raise
 
 
 class _Connection:
@@ -386,6 +863,9 @@ class SQLiteStore:
     here); key/values expire after their ttl and are purged now and then. Each record is a
     JSON text column plus real status, phone and initiated_at columns, indexed for listing:
     `SELECT json_extract(record, '$.mpesa_receipt_number') FROM transactions` works.
+    Generated columns (reason, receipt_key, reference_key, phone_reversed) are indexed for
+    `search`, and every write adjusts the per-bucket counters in `tallies` for `overview`,
+    in the same transaction.
 
     Several gunicorn workers may share the file: every thread of every process gets its own
     connection (reopened after a fork), writes that read first run under BEGIN IMMEDIATE,
@@ -421,17 +901,20 @@ class SQLiteStore:
                 log.warning("SQLite store %s is in %s mode, not WAL: readers will wait for writers",
                             path, mode)
             db.executescript(_SCHEMA)
+            _upgrade_sqlite(db)
         finally:
             db.close()
 
     def create(self, tx: Transaction) -> None:
         data = _encode(tx)
         try:
-            self._db().execute(
-                "INSERT INTO transactions"
-                " (checkout_request_id, status, phone, initiated_at, record)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (tx.checkout_request_id, tx.status, tx.phone, tx.initiated_at, data))
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO transactions"
+                    " (checkout_request_id, status, phone, initiated_at, record)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (tx.checkout_request_id, tx.status, tx.phone, tx.initiated_at, data))
+                db.executemany(_COUNT, _tally_rows(None, _tallied(tx)))
         except sqlite3.IntegrityError as exc:
             if exc.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
                 raise DuplicateTransaction(tx.checkout_request_id) from None
@@ -450,10 +933,12 @@ class SQLiteStore:
             if row is None:
                 return None, None
             tx = _decode(row[0])
+            before = _tallied(tx)
             result = _apply(tx, mutate)
             db.execute("UPDATE transactions SET status = ?, phone = ?, initiated_at = ?, record = ?"
                        " WHERE checkout_request_id = ?",
                        (tx.status, tx.phone, tx.initiated_at, _encode(tx), checkout_request_id))
+            db.executemany(_COUNT, _tally_rows(before, _tallied(tx)))
         return tx, result
 
     def list(self, status: str | None = None, phone: str | None = None,
@@ -473,6 +958,52 @@ class SQLiteStore:
                               " ORDER BY initiated_at DESC, checkout_request_id DESC"
                               " LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
         return [_decode(data) for data, in rows], total
+
+    def search(self, text: str | None = None, *, status: str | None = None,
+               reason: str | None = None, since: float | None = None,
+               until: float | None = None, limit: int = 20,
+               offset: int = 0) -> tuple[list[Transaction], int]:
+        _check_page(limit, offset)
+        criteria = _Search.of(text, status, reason, since, until)
+        if criteria.impossible:
+            return [], 0
+        conditions, params = [], []
+        if criteria.reason is not None:   # implies failed; and then its index is the one to use
+            conditions.append("reason = ? AND status = 'failed'")
+            params.append(criteria.reason)
+        elif criteria.status is not None:
+            conditions.append("status = ?")
+            params.append(criteria.status)
+        if criteria.since is not None:
+            conditions.append("initiated_at >= ?")
+            params.append(criteria.since)
+        if criteria.until is not None:
+            conditions.append("initiated_at < ?")
+            params.append(criteria.until)
+        if criteria.text is not None:
+            either = ["checkout_request_id = ?", "receipt_key = ?", "reference_key = ?"]
+            params += [criteria.text, criteria.receipt, criteria.reference]
+            if criteria.digits is not None:
+                either.append("(phone_reversed >= ? AND phone_reversed < ?)")
+                params += [criteria.digits[::-1], criteria.digits[::-1] + ":"]   # ":" follows "9"
+            conditions.append(f"({' OR '.join(either)})")
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        with self._read() as db:   # one snapshot, so the page agrees with the total
+            total = db.execute(f"SELECT count(*) FROM transactions {where}", params).fetchone()[0]
+            rows = db.execute(f"SELECT record FROM transactions {where}"
+                              " ORDER BY initiated_at DESC, checkout_request_id DESC"
+                              " LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
+        return [_decode(data) for data, in rows], total
+
+    def overview(self, since: float, until: float, step: float) -> Overview:
+        resolution, plan = _overview_plan(since, until, step)
+        rows = self._db().execute(
+            "SELECT bucket, name, value FROM tallies WHERE step = ? AND bucket BETWEEN ? AND ?",
+            (resolution, plan[0][1][0], plan[-1][1][-1])).fetchall()
+        found: dict[int, dict[str, int]] = {}
+        for bucket, name, value in rows:
+            found.setdefault(bucket, {})[name] = value
+        return _assemble(since, until, step, plan, found)
 
     def pending_before(self, cutoff: float) -> list[Transaction]:
         rows = self._db().execute(
@@ -507,6 +1038,20 @@ class SQLiteStore:
 
     def delete(self, key: str) -> None:
         self._db().execute("DELETE FROM kv WHERE key = ?", (key,))
+
+    def adjust_counter(self, key: str, delta: int, maximum: int | None = None) -> int | None:
+        with self._write() as db:
+            row = db.execute("SELECT value FROM counters WHERE key = ?", (key,)).fetchone()
+            value = (row[0] if row else 0) + delta
+            if value < 0 or (maximum is not None and value > maximum):
+                return None
+            db.execute("INSERT INTO counters (key, value) VALUES (?, ?)"
+                       " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+        return value
+
+    def get_counter(self, key: str) -> int:
+        row = self._db().execute("SELECT value FROM counters WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else 0
 
     def close(self) -> None:
         """Close this process's connections; a later call opens new ones."""
@@ -577,6 +1122,29 @@ _CLOCK_SLACK = 60.0
 _SWEEP_BATCH = 20
 
 
+# Check and change in one step on the server: the counter never passes its bounds,
+# whichever worker or dyno adjusts it.
+_ADJUST_COUNTER = """
+local value = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[1])
+if value < 0 or (ARGV[2] ~= '' and value > tonumber(ARGV[2])) then return false end
+redis.call('SET', KEYS[1], value)
+return value
+"""
+
+
+_TAIL = 4   # Redis lists phones by their last 4 digits: a few records per set
+
+# KEYS: counter hashes; ARGV: their ttl in ms, then (key number, counter, change) triples.
+_COUNT_SCRIPT = """
+for i = 2, #ARGV, 3 do
+  redis.call('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
+end
+for i = 1, #KEYS do
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+"""
+
+
 class RedisStore:
     """Records and values in Redis, shared by every worker, dyno and machine that reaches it.
 
@@ -586,13 +1154,19 @@ class RedisStore:
         idx:all               sorted sets of ids scored by initiated_at, for newest-first
         idx:status:<status>   listing; a record and its index entries change in one MULTI
         idx:phone:<phone>
+        idx:tail:<last 4>     sorted sets for search: phones ending so, failed records by
+        idx:reason:<reason>   reason (the names in the set idx:reasons), receipts and
+        idx:receipt:<RECEIPT> account references (ASCII case folded)
+        idx:ref:<reference>
+        tally:<step>:<index>  hashes of counters per time bucket, for overview; changed in
+                              the MULTI that writes the record
         kv:<key>              key/values, SET NX PX for add
 
     `update` is optimistic (WATCH/MULTI, retried when another writer got there first), so
     mutate may run more than once. Index entries whose record has expired are removed
     lazily: each create sweeps a few of the oldest, and listing removes those it meets.
-    Every index set also expires `retention` s after its last write, so an idle store
-    empties itself completely.
+    Every index set and counter hash also expires `retention` s after its last write, so
+    an idle store empties itself completely.
 
     Guarantees only what the Redis configuration does: without AOF persistence a restart
     loses records, and an eviction policy other than noeviction may drop records, indexes
@@ -610,6 +1184,7 @@ class RedisStore:
         self._retention_ms = _milliseconds(retention)
         self._clock = clock
         self._all = f"{prefix}idx:all"
+        self._reasons = f"{prefix}idx:reasons"
 
     @classmethod
     def from_url(cls, url: str, *, retention: float = DEFAULT_RETENTION,
@@ -637,6 +1212,7 @@ class RedisStore:
                     pipe.multi()
                     pipe.set(key, data, px=self._retention_ms)
                     self._index(pipe, tx)
+                    self._count(pipe, _tally_rows(None, _tallied(tx)))
                     pipe.execute()
                     break
                 except redis.WatchError:
@@ -661,12 +1237,13 @@ class RedisStore:
                     if data is None:
                         return None, None
                     tx = _decode(data)
-                    before = (tx.status, tx.phone)
+                    before, counted = self._index_keys(tx), _tallied(tx)
                     result = _apply(tx, mutate)
                     encoded = _encode(tx)
                     pipe.multi()
                     pipe.set(key, encoded, px=self._retention_ms)
                     self._index(pipe, tx, before)
+                    self._count(pipe, _tally_rows(counted, _tallied(tx)))
                     pipe.execute()
                     return tx, result
                 except redis.WatchError:
@@ -696,6 +1273,66 @@ class RedisStore:
             total, ids = pipe.execute()
         return self._load(ids, phone), total
 
+    def search(self, text: str | None = None, *, status: str | None = None,
+               reason: str | None = None, since: float | None = None,
+               until: float | None = None, limit: int = 20,
+               offset: int = 0) -> tuple[list[Transaction], int]:
+        _check_page(limit, offset)
+        criteria = _Search.of(text, status, reason, since, until)
+        if criteria.impossible:
+            return [], 0
+        if criteria.text is not None:
+            return self._search_text(criteria, limit, offset)
+        # Without text one sorted set holds exactly the matches, scored by initiated_at.
+        if criteria.reason is not None:
+            index = self._reason_key(criteria.reason)
+        elif criteria.status is not None:
+            index = self._status_key(criteria.status)
+        else:
+            index = self._all
+        low = "-inf" if criteria.since is None else repr(criteria.since)
+        high = "+inf" if criteria.until is None else f"({criteria.until!r}"
+        self._forget_expired(self._redis.zrangebyscore(index, "-inf", self._maybe_expired()),
+                             extra=[index])
+        with self._redis.pipeline() as pipe:   # MULTI: the page agrees with the total
+            pipe.zcount(index, low, high)
+            if limit:
+                pipe.zrevrangebyscore(index, high, low, start=offset, num=limit)
+            total, *page = pipe.execute()
+        return self._load(page[0] if page else [], extra=[index]), total
+
+    def _search_text(self, criteria: _Search, limit: int,
+                     offset: int) -> tuple[list[Transaction], int]:
+        """Load the few records the text can name, then filter, sort and page them here."""
+        sets = [self._receipt_key(criteria.receipt), self._reference_key(criteria.reference)]
+        digits = criteria.digits
+        if digits is not None and len(digits) >= 12:   # a whole number: its own set
+            sets.append(self._phone_key(digits))
+        elif digits is not None and len(digits) >= _TAIL:
+            sets.append(self._tail_key(digits))
+        elif digits is not None:
+            sets += [self._tail_key(f"{n}{digits}") for n in range(10 ** (_TAIL - len(digits)))]
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self._tx_key(criteria.text))
+            for index in sets:
+                pipe.zrange(index, 0, -1)
+            exists, *members = pipe.execute()
+        ids = list(dict.fromkeys(([criteria.text] if exists else [])
+                                 + [member for found in members for member in found]))
+        matches = sorted((tx for tx in self._load(ids, extra=sets) if criteria.admits_tx(tx)),
+                         key=lambda tx: (tx.initiated_at, tx.checkout_request_id), reverse=True)
+        return matches[offset:offset + limit], len(matches)
+
+    def overview(self, since: float, until: float, step: float) -> Overview:
+        resolution, plan = _overview_plan(since, until, step)
+        indexes = [index for _, group in plan for index in group]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for index in indexes:
+                pipe.hgetall(self._tally_key(resolution, index))
+            found = {index: {name: int(value) for name, value in counts.items()}
+                     for index, counts in zip(indexes, pipe.execute()) if counts}
+        return _assemble(since, until, step, plan, found)
+
     def pending_before(self, cutoff: float) -> list[Transaction]:
         return self._load(self._redis.zrangebyscore(
             self._status_key("pending"), "-inf", f"({cutoff!r}"))
@@ -716,6 +1353,14 @@ class RedisStore:
     def delete(self, key: str) -> None:
         self._redis.delete(self._kv_key(key))
 
+    def adjust_counter(self, key: str, delta: int, maximum: int | None = None) -> int | None:
+        value = self._redis.eval(_ADJUST_COUNTER, 1, f"{self._prefix}counter:{key}", int(delta),
+                                 "" if maximum is None else int(maximum))
+        return None if value is None else int(value)
+
+    def get_counter(self, key: str) -> int:
+        return int(self._redis.get(f"{self._prefix}counter:{key}") or 0)
+
     def close(self) -> None:
         self._redis.close()
 
@@ -731,19 +1376,59 @@ class RedisStore:
     def _kv_key(self, key: str) -> str:
         return f"{self._prefix}kv:{key}"
 
-    def _index(self, pipe, tx: Transaction, before: tuple[str, str] | None = None) -> None:
-        """Queue the index writes for tx (moving it out of its old status and phone sets)."""
+    def _tail_key(self, digits: str) -> str:
+        return f"{self._prefix}idx:tail:{digits[-_TAIL:]}"
+
+    def _reason_key(self, reason: str) -> str:
+        return f"{self._prefix}idx:reason:{reason}"
+
+    def _receipt_key(self, receipt: str) -> str:
+        return f"{self._prefix}idx:receipt:{receipt}"
+
+    def _reference_key(self, reference: str) -> str:
+        return f"{self._prefix}idx:ref:{reference}"
+
+    def _tally_key(self, step: int, index: int) -> str:
+        return f"{self._prefix}tally:{step}:{index}"
+
+    def _index_keys(self, tx: Transaction) -> list[str]:
+        """The sorted sets that list tx."""
+        keys = [self._all, self._status_key(tx.status), self._phone_key(tx.phone)]
+        if len(tx.phone) >= _TAIL:
+            keys.append(self._tail_key(tx.phone))
+        if tx.status == "failed" and tx.reason:
+            keys.append(self._reason_key(tx.reason))
+        if _receipt_key(tx):
+            keys.append(self._receipt_key(_receipt_key(tx)))
+        if _reference_key(tx):
+            keys.append(self._reference_key(_reference_key(tx)))
+        return keys
+
+    def _index(self, pipe, tx: Transaction, before: list[str] | None = None) -> None:
+        """Queue the index writes for tx (moving it out of the sets that listed it before)."""
         member = tx.checkout_request_id
-        if before is not None:
-            old_status, old_phone = before
-            if old_status != tx.status:
-                pipe.zrem(self._status_key(old_status), member)
-            if old_phone != tx.phone:
-                pipe.zrem(self._phone_key(old_phone), member)
+        keys = self._index_keys(tx)
+        for index in set(before or ()) - set(keys):
+            pipe.zrem(index, member)
         # Each set outlives every record it holds: it is refreshed by each of their writes.
-        for index in (self._all, self._status_key(tx.status), self._phone_key(tx.phone)):
+        for index in keys:
             pipe.zadd(index, {member: tx.initiated_at})
             pipe.pexpire(index, self._retention_ms)
+        if tx.status == "failed" and tx.reason:
+            pipe.sadd(self._reasons, tx.reason)
+            pipe.pexpire(self._reasons, self._retention_ms)
+
+    def _count(self, pipe, rows: list[tuple[int, int, str, int]]) -> None:
+        """Queue counter changes; a bucket's hash expires `retention` s after its last write."""
+        if not rows:
+            return
+        keys: dict[str, int] = {}
+        args: list = [self._retention_ms]
+        for step, index, name, value in rows:
+            position = keys.setdefault(self._tally_key(step, index), len(keys) + 1)
+            args += [position, name, value]
+        # One command instead of one HINCRBY per counter: a write changes about 25.
+        pipe.eval(_COUNT_SCRIPT, len(keys), *keys, *args)
 
     def _maybe_expired(self) -> float:
         """The initiated_at at or before which a record may have expired."""
@@ -758,7 +1443,8 @@ class RedisStore:
             oldest, oldest_for_phone = pipe.execute()
         self._forget_expired(list(dict.fromkeys(oldest + oldest_for_phone)), phone)
 
-    def _forget_expired(self, ids: list[str], phone: str | None = None) -> None:
+    def _forget_expired(self, ids: list[str], phone: str | None = None,
+                        extra: list[str] = ()) -> None:
         """Remove from the indexes those of ids whose record no longer exists."""
         if not ids:
             return
@@ -766,14 +1452,16 @@ class RedisStore:
             for member in ids:
                 pipe.exists(self._tx_key(member))
             alive = pipe.execute()
-        self._unindex([member for member, exists in zip(ids, alive) if not exists], phone)
+        self._unindex([member for member, exists in zip(ids, alive) if not exists], phone, extra)
 
-    def _unindex(self, ids: list[str], phone: str | None = None) -> None:
+    def _unindex(self, ids: list[str], phone: str | None = None, extra: list[str] = ()) -> None:
         if not ids:
             return
         # The phone of an expired record is gone with it; phone sets left holding such ids
         # are cleaned when that phone is listed or swept, or expire with their last record.
-        indexes = [self._all, *(self._status_key(s) for s in STATUSES)]
+        # So are the search sets (tail, receipt, reference): when searched, or with time.
+        indexes = [self._all, *(self._status_key(s) for s in STATUSES), *extra,
+                   *(self._reason_key(r) for r in self._redis.smembers(self._reasons))]
         if phone is not None:
             indexes.append(self._phone_key(phone))
         with self._redis.pipeline(transaction=False) as pipe:
@@ -781,12 +1469,13 @@ class RedisStore:
                 pipe.zrem(index, *ids)
             pipe.execute()
 
-    def _load(self, ids: list[str], phone: str | None = None) -> list[Transaction]:
+    def _load(self, ids: list[str], phone: str | None = None,
+              extra: list[str] = ()) -> list[Transaction]:
         """Fetch records in the order of ids, dropping (and unindexing) expired ones."""
         if not ids:
             return []
         found = self._redis.mget([self._tx_key(member) for member in ids])
-        self._unindex([member for member, data in zip(ids, found) if data is None], phone)
+        self._unindex([member for member, data in zip(ids, found) if data is None], phone, extra)
         return [_decode(data) for data in found if data is not None]
 
 

@@ -50,6 +50,7 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+import metrics
 from mpesa import mask_checkout_id, mask_phone
 from store import Transaction
 
@@ -62,8 +63,6 @@ RECENT_SECONDS = 3 * 86400          # how far back redeliver_pending looks
 _ANSWER_BYTES = 64 * 1024           # read this much of an answer, so the connection can be reused
 _PAGE = 100
 
-
-# ------------------------------------------------------------------ signatures
 
 def sign(secret: str | Iterable[str], timestamp: int, body: bytes) -> str:
     """Return the Mpesa-Signature value for body: t=<timestamp>,v1=<hex hmac> (one v1 per secret)."""
@@ -105,8 +104,6 @@ def _secrets(secret) -> tuple[str, ...]:
     return secrets
 
 
-# ---------------------------------------------------------------------- events
-
 def event_id(tx: Transaction) -> str:
     """evt_<CheckoutRequestID>_<status>, or _late for a result that replaced our timeout."""
     return f"evt_{tx.checkout_request_id}_{'late' if 'late_result' in tx.flags else tx.status}"
@@ -137,8 +134,18 @@ def event_for(tx: Transaction) -> dict:
             "initiatedAt": _iso(tx.initiated_at),
             "completedAt": _iso(tx.completed_at),
             "flags": list(tx.flags),
+            **_order(tx),
         },
     }
+
+
+def _order(tx: Transaction) -> dict:
+    """Order number, lines and ticket numbers when the payment was for catalogue items."""
+    order = tx.extra.get("order")
+    if not order:
+        return {}
+    return {"orderNumber": order["number"], "items": order["items"],
+            "tickets": list(tx.extra.get("tickets", [])) if tx.status == "completed" else []}
 
 
 def record_event(tx: Transaction, event: dict, now: float) -> bool:
@@ -209,8 +216,6 @@ def _describe(error: requests.RequestException) -> str:
         return "connection failed"
     return type(error).__name__
 
-
-# ---------------------------------------------------------------------- sender
 
 @dataclass
 class _Job:
@@ -435,6 +440,8 @@ class WebhookSender:
         _, (outcome, attempt) = self.store.update(
             job.checkout_request_id,
             lambda t: _record_attempt(t, job.event_id, status, error, now, self.max_attempts))
+        if outcome != "gone":
+            metrics.webhook_delivery(outcome)
         name = _loggable(job.event_id)
         if outcome == "delivered":
             log.info("webhook %s delivered: HTTP %s, attempt %d", name, status, attempt)

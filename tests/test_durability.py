@@ -135,7 +135,8 @@ def gunicorn(env: dict, port: int, log_path: Path, workers: int = 4) -> ServerPr
 
 def pids_by_path(log_text: str) -> dict[str, set[str]]:
     seen: dict[str, set[str]] = {}
-    for match in re.finditer(r"\[(\d+)\] INFO server: POST (/stkpush\S*) 200", log_text):
+    for match in re.finditer(r'"logger":"server","pid":(\d+),.*"method":"POST","path":"(/stkpush[^"]*)","status":200,',
+                             log_text):
         seen.setdefault(match.group(2), set()).add(match.group(1))
     return seen
 

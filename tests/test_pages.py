@@ -220,6 +220,16 @@ def test_pay_page_says_when_the_links_amount_is_not_valid(client, amount):
     assert "The amount in this payment link is not valid" in html
 
 
+def test_pay_page_with_items_shows_a_cart_instead_of_the_amount(client):
+    html = client.get("/pay.html?items=ticket-regular:2,tshirt").get_data(as_text=True)
+    assert 'id="cart"' in html and 'id="cart-rows"' in html and 'id="cart-total"' in html
+    assert '<input id="amount"' not in html  # the server prices the cart from its catalogue
+    markup = parse(html)
+    assert len(markup.ids) == len(set(markup.ids))
+    assert all(field.get("id") in markup.labels_for for field in markup.inputs)
+    assert 'id="cart"' not in client.get("/pay.html?amount=100").get_data(as_text=True)
+
+
 def test_pay_page_escapes_what_the_link_says(client):
     html = client.get("/pay.html?description=<img src=x onerror=alert(1)>").get_data(as_text=True)
     assert "<img src=x" not in html

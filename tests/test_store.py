@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import redis
 
 from store import (DuplicateTransaction, MemoryStore, RedisStore, SQLiteStore, Store,
                    Transaction, open_store)
+from store import DURATION_BOUNDS, Tally, tally
 
 ROOT = Path(__file__).resolve().parent.parent
 PHONE = "254712345678"
@@ -680,3 +682,276 @@ def test_redis_forgets_index_entries_of_expired_records(redis_backend):
     time.sleep(0.9)
     assert client.keys("mpesa:*") == []   # an idle store empties itself
     client.close()
+
+
+# The dashboard's reads, over every backend: search() and overview() against a data set
+# counted by hand. MIDNIGHT is a Nairobi midnight (21:00 UTC), so days and hours align.
+
+MIDNIGHT = 1_699_995_600.0   # 2023-11-15 00:00 EAT
+HOUR, DAY = 3600, 86400
+
+
+def payment(checkout_request_id: str, minutes: float, *, phone: str = PHONE, amount: int = 100,
+            status: str = "pending", after: float | None = None, events: tuple = (),
+            **fields) -> Transaction:
+    """A record started `minutes` after MIDNIGHT and settled `after` seconds later."""
+    started = MIDNIGHT + minutes * 60
+    history = [{"at": started, "event": "initiated"}, {"at": started, "event": "push_accepted"}]
+    history += [{"at": started + 1, **event} for event in events]
+    return Transaction(checkout_request_id, f"m-{checkout_request_id}", phone, amount,
+                       status=status, initiated_at=started,
+                       completed_at=None if after is None else started + after,
+                       history=history, **fields)
+
+
+CALLBACK = {"event": "callback_received"}
+DATA_SET = [
+    # hour 0
+    payment("P1", 5, amount=100, status="completed", after=8, settled_by="callback",
+            mpesa_receipt_number="QAB1C2D3E4", account_reference="CART-1",
+            events=(CALLBACK, {"event": "completed"})),
+    payment("P2", 10, phone=OTHER_PHONE, amount=250, status="completed", after=25,
+            settled_by="query", mpesa_receipt_number="QXY9Z8W7V6", account_reference="Cart-2",
+            events=({"event": "queried", "result": "pending"}, {"event": "query_received"},
+                    {"event": "completed"})),
+    payment("P3", 20, phone="254711111678", status="failed", reason="cancelled", after=12,
+            settled_by="callback", account_reference="cart-1",
+            events=(CALLBACK, {"event": "failed"})),
+    # hour 1
+    payment("P4", 60, phone="254722222222", status="failed", reason="timeout", after=120,
+            settled_by="timeout", events=({"event": "queried", "result": "error"},
+                                          {"event": "queried", "result": "error"},
+                                          {"event": "timed_out"})),
+    payment("P5", 90, phone="254733333333", amount=50),
+    # hour 3
+    payment("P6", 195, status="failed", reason="wrong_pin", after=30, settled_by="callback",
+            events=(CALLBACK, {"event": "failed"}, CALLBACK, {"event": "duplicate_ignored"})),
+    payment("P7", 196, phone=OTHER_PHONE, amount=1000, status="completed", after=40,
+            settled_by="callback", mpesa_receipt_number="QLM5N6P7Q8", flags=["late_result"],
+            events=(CALLBACK, {"event": "completed"})),
+    # the next day, 02:00
+    payment("P8", 24 * 60 + 120, phone="254744444444", amount=500, status="completed", after=5,
+            settled_by="callback", mpesa_receipt_number="QRS1T2U3V4",
+            events=(CALLBACK, {"event": "completed"})),
+]
+
+
+@pytest.fixture
+def ledger(store):
+    for tx in DATA_SET:
+        store.create(tx)
+    return store
+
+
+def test_tally_names_what_one_record_adds():
+    p4 = next(tx for tx in DATA_SET if tx.checkout_request_id == "P4")
+    assert tally(p4) == {"started": 1, "status:failed": 1, "reason:timeout": 1,
+                         "settled:timeout": 1, "time:120": 1, "event:initiated": 1,
+                         "event:push_accepted": 1, "event:queried": 2,
+                         "event:queried:error": 2, "event:timed_out": 1}
+    assert tally(make_tx()) == {"started": 1, "status:pending": 1}
+
+
+def test_time_to_final_is_the_bound_of_the_bucket_holding_that_share():
+    durations = Tally({"time:10": 1, "time:15": 1, "time:30": 2, "time:45": 1, "time:120": 1})
+    assert durations.time_to_final(0.5) == 30      # 3rd of 6
+    assert durations.time_to_final(0.95) == 120    # 6th of 6
+    assert durations.time_to_final(0.01) == 10
+    assert Tally({"time:inf": 1}).time_to_final(0.5) == float("inf")
+    assert Tally().time_to_final(0.5) is None and Tally().conversion is None
+    assert DURATION_BOUNDS == tuple(sorted(DURATION_BOUNDS))
+
+
+def test_overview_of_a_day_adds_up_the_hand_counted_data_set(ledger):
+    day = ledger.overview(MIDNIGHT, MIDNIGHT + DAY, HOUR)
+    total = day.total
+    assert (total.started, total.completed, total.failed, total.pending) == (7, 3, 3, 1)
+    assert total.received == 100 + 250 + 1000
+    assert total.conversion == 3 / 7
+    assert total.group("reason") == {"cancelled": 1, "timeout": 1, "wrong_pin": 1}
+    assert total.group("settled") == {"callback": 4, "query": 1, "timeout": 1}
+    # final after 8, 25, 12, 120, 30, 40 s: buckets 10, 30, 15, 120, 30, 45
+    assert (total.time_to_final(0.5), total.time_to_final(0.95)) == (30, 120)
+    assert total["event:queried"] == 3 and total["event:queried:error"] == 2
+    assert total["event:callback_received"] == 5 and total["event:duplicate_ignored"] == 1
+    assert total["flag:late_result"] == 1
+    assert len(day.buckets) == 24
+    assert [start for start, _ in day.buckets[:2]] == [MIDNIGHT, MIDNIGHT + HOUR]
+    started = {round((start - MIDNIGHT) / HOUR): b.started for start, b in day.buckets if b.started}
+    assert started == {0: 3, 1: 2, 3: 2}
+    hour0, hour1 = day.buckets[0][1], day.buckets[1][1]
+    assert (hour0.completed, hour0.failed, hour0.received) == (2, 1, 350)
+    assert (hour1.failed, hour1.pending, hour1.received) == (1, 1, 0)
+
+
+def test_overview_by_day_and_by_five_minutes(ledger):
+    days = ledger.overview(MIDNIGHT, MIDNIGHT + 2 * DAY, DAY)
+    assert [(b.started, b.completed, b.received) for _, b in days.buckets] == [(7, 3, 1350),
+                                                                              (1, 1, 500)]
+    assert days.total.started == 8 and days.total.received == 1850
+    hour = ledger.overview(MIDNIGHT, MIDNIGHT + HOUR, 300)
+    assert [b.started for _, b in hour.buckets] == [0, 1, 1, 0, 1] + [0] * 7
+    week = ledger.overview(MIDNIGHT - 5 * DAY, MIDNIGHT + 2 * DAY, DAY)
+    assert week.total.started == 8 and len(week.buckets) == 7
+    assert ledger.overview(MIDNIGHT + 2 * DAY, MIDNIGHT + 3 * DAY, HOUR).total.counts == {}
+
+
+def test_overview_follows_updates(ledger):
+    def complete(tx: Transaction) -> None:
+        tx.status, tx.settled_by = "completed", "callback"
+        tx.completed_at = tx.initiated_at + 3
+        tx.history.append({"at": tx.completed_at, "event": "completed"})
+
+    ledger.update("P5", complete)
+    total = ledger.overview(MIDNIGHT, MIDNIGHT + DAY, HOUR).total
+    assert (total.completed, total.pending, total.received) == (4, 0, 1400)
+    assert total.group("settled")["callback"] == 5 and total["time:3"] == 1
+
+
+@pytest.mark.parametrize("since, until, step", [
+    (MIDNIGHT + 7, MIDNIGHT + HOUR + 7, 300),     # not on a 5-minute boundary
+    (MIDNIGHT, MIDNIGHT + HOUR, 7 * 60),          # nor is the step
+    (MIDNIGHT, MIDNIGHT + 1000, 300),             # not a whole number of steps
+    (MIDNIGHT, MIDNIGHT, 300),
+])
+def test_overview_refuses_bounds_off_the_buckets(store, since, until, step):
+    with pytest.raises(ValueError):
+        store.overview(since, until, step)
+
+
+def test_overview_forgets_with_the_records_except_in_sqlite(backend):
+    store = backend.open(retention=0.6)
+    store.create(payment("P1", 5, status="completed", after=3))
+    backend.elapse(0.8)
+    started = store.overview(MIDNIGHT, MIDNIGHT + DAY, HOUR).total.started
+    assert started == (1 if backend.kind == "sqlite" else 0)
+
+
+@pytest.mark.parametrize("query, expected", [
+    ({}, ["P8", "P7", "P6", "P5", "P4", "P3", "P2", "P1"]),
+    ({"text": "QAB1C2D3E4"}, ["P1"]),
+    ({"text": " qab1c2d3e4 "}, ["P1"]),                   # receipts: any case, trimmed
+    ({"text": "CART-1"}, ["P3", "P1"]),                   # references: any case
+    ({"text": "cart-2"}, ["P2"]),
+    ({"text": "678"}, ["P6", "P3", "P1"]),                # a phone's last digits
+    ({"text": "45678"}, ["P6", "P1"]),
+    ({"text": PHONE}, ["P6", "P1"]),
+    ({"text": "78"}, []),                                 # too few digits to mean a phone
+    ({"text": "P4"}, ["P4"]),                             # a CheckoutRequestID, exactly
+    ({"text": "p4"}, []),
+    ({"text": "nothing"}, []),
+    ({"status": "failed"}, ["P6", "P4", "P3"]),
+    ({"status": "pending"}, ["P5"]),
+    ({"reason": "cancelled"}, ["P3"]),
+    ({"reason": "timeout", "status": "failed"}, ["P4"]),
+    ({"reason": "timeout", "status": "completed"}, []),
+    ({"since": MIDNIGHT + HOUR, "until": MIDNIGHT + 196 * 60}, ["P6", "P5", "P4"]),
+    ({"since": MIDNIGHT + DAY}, ["P8"]),
+    ({"until": MIDNIGHT + 10 * 60}, ["P1"]),              # until is excluded
+    ({"text": "cart-1", "status": "completed"}, ["P1"]),
+    ({"text": OTHER_PHONE, "since": MIDNIGHT + HOUR}, ["P7"]),
+    ({"status": "failed", "since": MIDNIGHT + HOUR, "until": MIDNIGHT + 2 * HOUR}, ["P4"]),
+])
+def test_search_finds_by_every_field_and_filter(ledger, query, expected):
+    page, total = ledger.search(**query)
+    assert (ids(page), total) == (expected, len(expected))
+
+
+@pytest.mark.parametrize("limit, offset, expected", [
+    (2, 0, ["P8", "P7"]), (2, 1, ["P7", "P6"]), (3, 6, ["P2", "P1"]), (2, 8, []), (0, 0, []),
+])
+def test_search_paginates_and_counts_every_match(ledger, limit, offset, expected):
+    assert ledger.search(limit=limit, offset=offset) == (
+        [ledger.get(i) for i in expected], 8)
+    page, total = ledger.search("cart-1", limit=1, offset=1)
+    assert (ids(page), total) == (["P1"], 2)
+
+
+def test_search_follows_updates(ledger):
+    def complete(tx: Transaction) -> None:
+        tx.status, tx.mpesa_receipt_number, tx.account_reference = "completed", "QNEW123456", "X"
+
+    def unfail(tx: Transaction) -> None:
+        tx.status, tx.reason = "completed", None
+
+    ledger.update("P5", complete)
+    ledger.update("P3", unfail)
+    assert ledger.search(status="pending") == ([], 0)
+    assert ids(ledger.search("qnew123456")[0]) == ["P5"]
+    assert ids(ledger.search(reason="cancelled")[0]) == []
+    assert ids(ledger.search("cart-1")[0]) == ["P3", "P1"]
+    assert ids(ledger.search(status="completed", limit=3)[0]) == ["P8", "P7", "P5"]
+
+
+def test_search_refuses_an_unknown_status(store):
+    with pytest.raises(ValueError):
+        store.search(status="paid")
+
+
+def test_search_forgets_expired_records_except_in_sqlite(backend):
+    store = backend.open(retention=0.6)
+    store.create(payment("P1", 5, status="completed", mpesa_receipt_number="QAB1C2D3E4",
+                         account_reference="CART-1"))
+    backend.elapse(0.8)
+    found = [store.search(text)[1] for text in ("QAB1C2D3E4", "cart-1", "678", "P1")]
+    found += [store.search(status="completed")[1], store.search()[1]]
+    assert found == [1] * 6 if backend.kind == "sqlite" else [0] * 6
+
+
+def test_sqlite_search_uses_its_indexes(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path / 'ledger.db'}")
+    db = store._db()
+
+    def plan(sql: str, *params) -> str:
+        return " ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+
+    text = plan("SELECT record FROM transactions WHERE checkout_request_id = ? OR receipt_key = ?"
+                " OR reference_key = ? OR (phone_reversed >= ? AND phone_reversed < ?)",
+                "x", "X", "x", "876", "876:")
+    assert all(index in text for index in ("transactions_by_receipt", "transactions_by_reference",
+                                           "transactions_by_phone_end"))
+    assert "transactions_by_reason" in plan(
+        "SELECT record FROM transactions WHERE status = 'failed' AND reason = ?"
+        " ORDER BY initiated_at DESC", "cancelled")
+    assert "SCAN" not in plan("SELECT bucket, name, value FROM tallies"
+                              " WHERE step = 3600 AND bucket BETWEEN 1 AND 24")
+    store.close()
+
+
+def test_sqlite_ledger_made_before_the_dashboard_is_upgraded_and_counted(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE transactions (checkout_request_id TEXT PRIMARY KEY, status TEXT NOT NULL,
+            phone TEXT NOT NULL, initiated_at REAL NOT NULL, record TEXT NOT NULL);
+        CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL NOT NULL);
+    """)
+    for tx in DATA_SET:
+        db.execute("INSERT INTO transactions VALUES (?, ?, ?, ?, ?)",
+                   (tx.checkout_request_id, tx.status, tx.phone, tx.initiated_at,
+                    json.dumps(tx.to_dict())))
+    db.commit()
+    db.close()
+    for _ in range(2):   # the second opening finds everything in place and counts nothing twice
+        store = open_store(f"sqlite:///{path}")
+        assert store.overview(MIDNIGHT, MIDNIGHT + 2 * DAY, DAY).total.started == 8
+        assert ids(store.search("qab1c2d3e4")[0]) == ["P1"]
+        assert ids(store.search("678")[0]) == ["P6", "P3", "P1"]
+        store.close()
+
+
+def test_memory_search_reads_only_what_its_indexes_name():
+    clock = FakeClock()
+    store = MemoryStore(retention=100, clock=clock)
+    for tx in DATA_SET:
+        store.create(tx)
+    store._records = records = CountingOrderedDict(store._records)
+    assert ids(store.search("qab1c2d3e4")[0]) == ["P1"]
+    assert ids(store.search("678", status="failed")[0]) == ["P6", "P3"]
+    assert store.search(reason="cancelled")[1] == 1
+    assert ids(store.search(limit=2, offset=1)[0]) == ["P7", "P6"]
+    assert records.visited == 4   # each search peeks at the oldest record for expiry, no more
+    clock.advance(101)
+    store.get("P1")   # everything expires, and the index forgets it all
+    assert store._words == {} and store._sorted == {} and store._tallies == OrderedDict()
+

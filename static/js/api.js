@@ -7,12 +7,18 @@ export function pageConfig() {
 }
 
 /**
- * fetch() a JSON answer. Resolves to {status, ok, body}; body is null when the answer is
- * not JSON. Rejects only when no answer came (network trouble, or no answer in `timeout` ms).
+ * fetch() a JSON answer. Resolves to {status, ok, body, headers}; body is null when the answer
+ * is not JSON. Rejects only when no answer came (network trouble, no answer in `timeout` ms,
+ * or the caller's `signal` aborted).
  */
-export async function fetchJson(url, { method = "GET", body, headers = {}, timeout = 15000 } = {}) {
+export async function fetchJson(url, { method = "GET", body, headers = {}, timeout = 15000, signal } = {}) {
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort(), timeout);
+  const stop = () => controller.abort();
+  if (signal) {
+    if (signal.aborted) stop();
+    else signal.addEventListener("abort", stop, { once: true });
+  }
   try {
     const init = { method, headers: { Accept: "application/json", ...headers }, signal: controller.signal };
     if (body !== undefined) {
@@ -26,9 +32,10 @@ export async function fetchJson(url, { method = "GET", body, headers = {}, timeo
     } catch {
       data = null;
     }
-    return { status: response.status, ok: response.ok, body: data };
+    return { status: response.status, ok: response.ok, body: data, headers: response.headers };
   } finally {
     clearTimeout(timer);
+    if (signal) signal.removeEventListener("abort", stop);
   }
 }
 

@@ -1,8 +1,11 @@
-// The pay page: check the form, start the STK push, then follow it to the end.
-import { fetchJson, newKey, pageConfig, say } from "./api.js";
+// The pay page: check the form, show the cart, then let mpesa-checkout.js start the STK push
+// and follow it; this script only keeps the page's views up to date.
+import { fetchJson, pageConfig, say } from "./api.js";
+import { reasonText, startCheckout } from "./mpesa-checkout.js";
 import { PHONE_ERROR, approxUsd, checkAmount, formatKes, localPhone, normalisePhone } from "./phone.js";
 
 const config = pageConfig();
+const SERVER = config.urls.stkpush.replace(/\/stkpush$/, ""); // "" unless mounted under a prefix
 const POLL_EVERY_MS = 3000;
 const MAX_POLLS = 40; // 2 minutes
 const WAIT_SECONDS = (POLL_EVERY_MS * MAX_POLLS) / 1000;
@@ -11,29 +14,30 @@ const TROUBLE_AFTER = 3; // failed polls in a row before we say so
 const $ = (id) => document.getElementById(id);
 const form = $("pay-form");
 const phoneInput = $("phone");
-const amountInput = $("amount");
+const amountInput = $("amount"); // absent when paying for a cart
 const payButton = $("pay-button");
 const banner = $("banner");
 const phoneHint = $("phone-hint");
 const phoneHintText = phoneHint.textContent;
 const views = { form: $("form-view"), wait: $("wait-view"), result: $("result-view") };
+const params = new URLSearchParams(window.location.search);
 
-const REASONS = {
-  cancelled: ["Payment cancelled", "You cancelled the payment on your phone."],
-  wrong_pin: ["Wrong PIN", "The M-Pesa PIN entered on the phone was wrong, so the payment did not go through."],
-  insufficient_funds: ["Not enough money on M-Pesa", "The M-Pesa balance is too low for this payment. Top up, then try again."],
-  timeout: ["Payment timed out", "The payment request timed out on the phone before the PIN was entered."],
-};
+// What this link pays for: a cart of catalogue items, a signed amount, or a typed amount.
+const cart = $("cart") ? parseCart(params.get("items")) : null;
+const signed = !cart && params.has("signature");
 
-const PUSH_ERRORS = {
-  409: "This payment clashes with one sent a moment ago with other details. Reload the page, then try again.",
-  413: "The payment details are too long to send.",
-  429: "Too many payment requests in a short time. Please wait a minute, then try again.",
-  503: "M-Pesa cannot be reached right now. Please try again in a few minutes.",
-  504: "M-Pesa did not answer in time. If a payment request shows up on your phone you can still approve it; otherwise wait a minute and try again.",
+const HEADINGS = {
+  cancelled: "Payment cancelled",
+  wrong_pin: "Wrong PIN",
+  insufficient_funds: "Not enough money on M-Pesa",
+  timeout: "Payment timed out",
+  no_answer: "No answer from your phone",
+  lost_contact: "We could not check your payment",
+  not_found: "We lost track of this payment",
 };
 
 let busy = false;
+let blocked = ""; // why this link cannot be paid (a broken cart or link); "" when it can
 let unanswered = null; // {key, body}: a push that got no answer is re-sent with the same key
 const touched = { phone: false, amount: false };
 
@@ -47,9 +51,11 @@ function show(view) {
 
 function fieldError(name, text) {
   const input = name === "phone" ? phoneInput : amountInput;
+  if (!input) return false;
   say($(`${name}-error`), text);
   if (text) input.setAttribute("aria-invalid", "true");
   else input.removeAttribute("aria-invalid");
+  return true;
 }
 
 function checkPhone() {
@@ -65,6 +71,7 @@ function checkPhone() {
 }
 
 function checkAmountField() {
+  if (!amountInput) return { value: null };
   const result = checkAmount(amountInput.value, config.maxAmount);
   $("amount-usd").textContent = result.error ? "" : approxUsd(result.value, config.usdToKesRate);
   if (!result.error) fieldError("amount", "");
@@ -74,7 +81,7 @@ function checkAmountField() {
 
 function release() {
   busy = false;
-  payButton.disabled = false;
+  payButton.disabled = Boolean(blocked);
   payButton.textContent = "Pay with M-Pesa";
   form.removeAttribute("aria-busy");
 }
@@ -83,20 +90,125 @@ function showBanner(text) {
   say(banner, text);
 }
 
+function block(text) {
+  blocked = text;
+  showBanner(text);
+  payButton.disabled = true;
+}
+
 phoneInput.addEventListener("input", checkPhone);
 phoneInput.addEventListener("blur", () => {
   if (phoneInput.value.trim()) touched.phone = true;
   checkPhone();
 });
-amountInput.addEventListener("input", checkAmountField);
-amountInput.addEventListener("blur", () => {
-  if (amountInput.value.trim()) touched.amount = true;
-  checkAmountField();
-});
+if (amountInput) {
+  amountInput.addEventListener("input", checkAmountField);
+  amountInput.addEventListener("blur", () => {
+    if (amountInput.value.trim()) touched.amount = true;
+    checkAmountField();
+  });
+}
+
+// ---- the cart: ?items=<id>:<qty>,<id>:<qty>, priced by the server's catalogue
+
+/** "a:2,b" -> [{id: "a", quantity: 2}, {id: "b", quantity: 1}], or null when malformed. */
+function parseCart(text) {
+  const lines = [];
+  for (const part of String(text || "").split(",")) {
+    const match = /^\s*([A-Za-z0-9_-]{1,64})\s*(?::\s*(\d{1,3})\s*)?$/.exec(part);
+    if (!match) return null;
+    const quantity = match[2] === undefined ? 1 : Number(match[2]);
+    if (quantity < 1) return null;
+    const line = lines.find((l) => l.id === match[1]);
+    if (line) line.quantity += quantity;
+    else lines.push({ id: match[1], quantity });
+  }
+  return lines.length ? lines : null;
+}
+
+function cartRow(cells) {
+  const row = document.createElement("tr");
+  cells.forEach((text, n) => {
+    const cell = document.createElement(n === 0 ? "th" : "td");
+    if (n === 0) cell.scope = "row";
+    else cell.className = "num";
+    cell.textContent = text;
+    row.append(cell);
+  });
+  return row;
+}
+
+async function showCart() {
+  const section = $("cart");
+  const rows = $("cart-rows");
+  if (!cart) {
+    section.removeAttribute("aria-busy");
+    $("cart-total").textContent = "—";
+    block("This payment link's list of items is not valid, so it cannot be paid. Ask the shop for a new link.");
+    return;
+  }
+  const fill = (lines, total) => {
+    rows.replaceChildren(...lines.map((line) => cartRow(line)));
+    $("cart-total").textContent = total === null ? "Set when you pay" : formatKes(total);
+    $("cart-usd").textContent = total === null ? "" : approxUsd(total, config.usdToKesRate);
+    section.removeAttribute("aria-busy");
+  };
+  fill(cart.map((line) => [line.id, String(line.quantity), ""]), null);
+
+  let catalog = null;
+  try {
+    const answer = await fetchJson(`${SERVER}/catalog`, { timeout: 10000 });
+    if (answer.status === 200 && answer.body && Array.isArray(answer.body.items)) catalog = answer.body.items;
+  } catch {
+    catalog = null; // the server prices the order anyway
+  }
+  if (!catalog) {
+    $("cart-hint").textContent = "We could not load the prices just now; the shop's prices apply when you pay.";
+    return;
+  }
+  const byId = new Map(catalog.map((item) => [item.id, item]));
+  const unknown = cart.filter((line) => !byId.has(line.id));
+  if (unknown.length) {
+    fill(cart.map((line) => [byId.get(line.id)?.name || line.id, String(line.quantity), ""]), null);
+    block(`This payment link asks for something the shop does not sell (${unknown.map((l) => l.id).join(", ")}). `
+      + "Ask the shop for a new link.");
+    return;
+  }
+  let total = 0;
+  const lines = cart.map((line) => {
+    const item = byId.get(line.id);
+    total += item.price * line.quantity;
+    const name = line.quantity > 1 ? `${item.name} (${formatKes(item.price)} each)` : item.name;
+    return [name, String(line.quantity), formatKes(item.price * line.quantity)];
+  });
+  fill(lines, total);
+  const gone = cart.map((line) => byId.get(line.id))
+    .filter((item, n) => item.available != null && item.available < cart[n].quantity);
+  if (gone.length) {
+    block(`Sold out: ${gone.map((item) => (item.available > 0
+      ? `${item.name} (only ${item.available} left)` : item.name)).join(", ")}.`);
+  } else if (total > config.maxAmount) {
+    block(`This order comes to ${formatKes(total)}, more than the ${formatKes(config.maxAmount)} one M-Pesa payment may be.`);
+  }
+}
+
+// ---- paying
+
+function orderFromForm(phone, amount) {
+  const text = (name) => form.elements[name].value.trim();
+  if (cart) return { items: cart, description: text("description"), accountReference: text("accountReference") };
+  if (signed) {
+    // The shop signed these values exactly as they are in the link: send them untouched.
+    const raw = (name) => params.get(name) ?? undefined;
+    return { link: { amount: raw("amount"), accountReference: raw("accountReference"),
+      description: raw("description"), expires: raw("expires"), signature: raw("signature") } };
+  }
+  return { amount, description: text("description"), accountReference: text("accountReference") };
+}
 
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
-  if (busy) return;
+  if (busy || blocked) return;
   showBanner("");
   touched.phone = touched.amount = true;
   const phone = checkPhone();
@@ -106,13 +218,9 @@ form.addEventListener("submit", async (event) => {
     return;
   }
 
-  const body = { phone, amount: amount.value };
-  for (const name of ["description", "accountReference"]) {
-    const value = form.elements[name].value.trim();
-    if (value) body[name] = value;
-  }
-  const text = JSON.stringify(body);
-  const key = unanswered && unanswered.body === text ? unanswered.key : newKey();
+  const order = orderFromForm(phone, amount.value);
+  const text = JSON.stringify({ phone, ...order });
+  const key = unanswered && unanswered.body === text ? unanswered.key : undefined;
 
   busy = true;
   payButton.disabled = true;
@@ -120,47 +228,69 @@ form.addEventListener("submit", async (event) => {
   form.setAttribute("aria-busy", "true");
   announce("Sending the payment request to your phone.");
 
-  let answer;
-  try {
-    answer = await fetchJson(config.urls.stkpush, {
-      method: "POST",
-      body,
-      headers: { "Idempotency-Key": key },
-      timeout: 45000,
-    });
-  } catch {
-    unanswered = { key, body: text };
-    showBanner("We could not reach the payment server. Check your internet connection, then press Pay again. "
-      + "If a payment request shows up on your phone, you can still approve it.");
-    release();
-    return;
-  }
-  const data = answer.body || {};
-  // The first send with this key is still running on the server: the next press replays it.
-  const stillSending = answer.status === 409 && /in progress/i.test(data.message || "");
-  unanswered = stillSending ? { key, body: text } : null;
+  let waiting = null;
+  const result = await startCheckout({
+    server: SERVER,
+    phone,
+    ...order,
+    idempotencyKey: key,
+    pollInterval: POLL_EVERY_MS,
+    maxPolls: MAX_POLLS,
+    onProgress(progress) {
+      if (progress.state === "sending" || !progress.checkoutRequestId) return;
+      if (!waiting) waiting = wait(phone, progress.answer, amount.value);
+      waiting.update(progress);
+    },
+  });
+  if (waiting) waiting.stop();
+  // A push that got no answer (or is still running on the server) is re-sent with its key.
+  unanswered = ["network", "in_progress"].includes(result.reason) ? { key: result.idempotencyKey, body: text } : null;
 
-  if (answer.status === 200 && data.success && data.checkoutRequestId) {
-    wait(data.checkoutRequestId, phone, amount.value);
-    return;
-  }
-  release();
-  if (answer.status === 400 && (data.field === "phone" || data.field === "amount")) {
-    fieldError(data.field, data.field === "phone" ? PHONE_ERROR : data.message);
-    (data.field === "phone" ? phoneInput : amountInput).focus();
-  } else if (stillSending) {
-    showBanner("Your payment request is still on its way. Wait a few seconds, then press Pay again.");
-  } else if (answer.status === 502) {
-    showBanner(`M-Pesa turned the payment request down${data.message ? `: ${data.message}` : "."}`);
+  if (result.status === "completed") {
+    announce("Payment received. Opening your receipt.");
+    remember(true);
+    window.location.assign(`${config.urls.confirmation}?checkoutRequestId=${encodeURIComponent(result.checkoutRequestId)}`);
+  } else if (result.checkoutRequestId) {
+    ended(result);
   } else {
-    showBanner(PUSH_ERRORS[answer.status] || data.message
-      || "Something went wrong while starting the payment. Please try again.");
+    refused(result);
   }
 });
 
-function wait(checkoutRequestId, phone, amount) {
+/** The push was not accepted: say why next to the field, or in the banner. */
+function refused(result) {
+  release();
+  if (result.reason === "invalid" && (result.field === "phone" || result.field === "amount")
+      && fieldError(result.field, result.field === "phone" ? PHONE_ERROR : result.message)) {
+    (result.field === "phone" ? phoneInput : amountInput).focus();
+    return;
+  }
+  if (result.reason === "network") {
+    showBanner("We could not reach the payment server. Check your internet connection, then press Pay again. "
+      + "If a payment request shows up on your phone, you can still approve it.");
+  } else if (result.reason === "in_progress") {
+    showBanner("Your payment request is still on its way. Wait a few seconds, then press Pay again.");
+  } else if (result.reason === "sold_out") {
+    block(sentence(result.message));
+  } else if (result.reason === "invalid" && ["signature", "expires"].includes(result.field)) {
+    block(`${sentence(result.message)} Ask the shop for a new payment link.`);
+  } else {
+    showBanner(result.message);
+  }
+}
+
+function sentence(text) {
+  return /[.!?]$/.test(text) ? text : `${text}.`;
+}
+
+/** The waiting view: the request was sent; a clock and the polls' news keep it current. */
+function wait(phone, answer, typedAmount) {
   show("wait");
-  $("wait-detail").textContent = `We sent a request for ${formatKes(amount)} to ${localPhone(phone)}.`;
+  const amount = answer && answer.amount != null ? answer.amount : typedAmount;
+  $("wait-detail").textContent = amount != null
+    ? `We sent a request for ${formatKes(amount)} to ${localPhone(phone)}.`
+    : `We sent a payment request to ${localPhone(phone)}.`;
+  say($("wait-order"), answer && answer.orderNumber ? `Order ${answer.orderNumber}` : "");
   $("wait-note").textContent = "";
   const handsetLink = $("handset-link");
   if (handsetLink && config.urls.handset) {
@@ -181,75 +311,29 @@ function wait(checkoutRequestId, phone, amount) {
   };
   tick();
   const clock = setInterval(tick, 1000);
-
-  let polls = 0;
-  let failedInARow = 0;
-  let failedPolls = 0;
-  const end = (heading, message) => {
-    clearInterval(clock);
-    finish(heading, message);
+  return {
+    update(progressReport) {
+      // Network trouble is ridden out quietly; say so only if it lasts.
+      $("wait-note").textContent = progressReport.state === "retrying" && progressReport.failedInARow >= TROUBLE_AFTER
+        ? "We are having trouble reaching the payment server. Still trying…" : "";
+    },
+    stop() {
+      clearInterval(clock);
+    },
   };
-
-  const poll = async () => {
-    polls += 1;
-    let answer = null;
-    try {
-      answer = await fetchJson(config.urls.status, {
-        method: "POST",
-        body: { checkoutRequestId },
-        timeout: 10000,
-      });
-    } catch {
-      answer = null;
-    }
-    const data = answer && answer.body;
-    if (answer && answer.status === 200 && data) {
-      failedInARow = 0;
-      $("wait-note").textContent = "";
-      if (data.status === "completed") {
-        clearInterval(clock);
-        announce("Payment received. Opening your receipt.");
-        remember(true);
-        window.location.assign(`${config.urls.confirmation}?checkoutRequestId=${encodeURIComponent(checkoutRequestId)}`);
-        return;
-      }
-      if (data.status === "failed") {
-        const [heading, message] = REASONS[data.reason]
-          || ["Payment not completed", data.message || "M-Pesa could not complete the payment."];
-        end(heading, message);
-        return;
-      }
-    } else if (answer && answer.status === 404) {
-      end("We lost track of this payment",
-        "The payment server no longer has a record of this payment, so we cannot tell whether it went through. "
-        + "Check your M-Pesa messages before you pay again.");
-      return;
-    } else {
-      // Network trouble or a busy server: keep asking quietly, say so only if it lasts.
-      failedInARow += 1;
-      failedPolls += 1;
-      if (failedInARow >= TROUBLE_AFTER) {
-        $("wait-note").textContent = "We are having trouble reaching the payment server. Still trying…";
-      }
-    }
-    if (polls >= MAX_POLLS) {
-      if (failedInARow > 0 || failedPolls > MAX_POLLS / 2) {
-        end("We could not check your payment",
-          "We lost contact with the payment server, so we do not know whether the payment went through. "
-          + "Check your M-Pesa messages before you pay again.");
-      } else {
-        end("No answer from your phone",
-          "We waited 2 minutes without an answer, so the payment request has timed out. "
-          + "If you did enter your PIN, check your M-Pesa messages before you pay again.");
-      }
-      return;
-    }
-    setTimeout(poll, POLL_EVERY_MS);
-  };
-  setTimeout(poll, POLL_EVERY_MS);
 }
 
-function finish(heading, message) {
+/** The payment was sent but did not complete: say why, offer Try again. */
+function ended(result) {
+  let heading = HEADINGS[result.reason] || "Payment not completed";
+  let message = result.message;
+  if (result.reason === "no_answer") {
+    message = `We waited ${WAIT_SECONDS / 60} minutes without an answer, so the payment request has timed out. `
+      + "If you did enter your PIN, check your M-Pesa messages before you pay again.";
+  } else if (result.status === "error" && !HEADINGS[result.reason]) {
+    heading = "We could not check your payment";
+    message = reasonText("lost_contact");
+  }
   show("result");
   $("result-heading").textContent = heading;
   $("result-message").textContent = message;
@@ -287,7 +371,11 @@ window.addEventListener("pageshow", (event) => {
 
 checkPhone();
 checkAmountField();
-if (!$("amount-error").hidden) {
+if (amountInput && !$("amount-error").hidden) {
   touched.amount = true;
   amountInput.setAttribute("aria-invalid", "true");
+}
+if ($("cart")) showCart();
+if (signed && amountInput && !amountInput.readOnly) {
+  block("The amount in this payment link is not valid, so it cannot be paid. Ask the shop for a new link.");
 }

@@ -1,4 +1,4 @@
-// The test page: connection test, a raw test STK push, and recent test payments.
+// The test page: connection test, a raw test STK push, recent test payments and the success rate.
 import { fetchJson, newKey, pageConfig } from "./api.js";
 import { formatKes, localPhone, normalisePhone } from "./phone.js";
 
@@ -191,6 +191,7 @@ async function refreshLoop() {
   running = true;
   await refresh();
   running = false;
+  loadStats();
   if (load().some((item) => item.status === "pending")) refreshSoon();
 }
 
@@ -203,10 +204,80 @@ $("refresh-button").addEventListener("click", async () => {
   button.disabled = true;
   await refresh({ all: true });
   button.disabled = false;
+  loadStats();
 });
 
 $("clear-button").addEventListener("click", () => save([]));
 
+// ---- 4. success rate: every payment the server settled since it started (GET /stats)
+const statsUrl = $("stats").dataset.url;
+const tokenInput = $("stats-token"); // present outside simulator mode only
+const PERCENT = new Intl.NumberFormat("en-KE", { style: "percent", maximumFractionDigits: 1 });
+const REASONS = {
+  cancelled: "Cancelled by the customer",
+  timeout: "Timed out",
+  insufficient_funds: "Not enough money",
+  wrong_pin: "Wrong PIN",
+  rejected: "Refused by M-Pesa",
+  error: "Other error",
+};
+
+function statsProblem(text) {
+  const outcome = $("stats-outcome");
+  outcome.className = "outcome outcome-failed";
+  outcome.textContent = text;
+}
+
+async function loadStats() {
+  const headers = {};
+  if (tokenInput) {
+    const token = tokenInput.value.trim();
+    if (!token) {
+      $("stats-outcome").className = "outcome";
+      $("stats-outcome").textContent = "Enter the admin token to see the numbers.";
+      return;
+    }
+    headers.Authorization = `Bearer ${token}`;
+  }
+  let answer;
+  try {
+    answer = await fetchJson(statsUrl, { headers, timeout: 10000 });
+  } catch {
+    statsProblem("The server could not be reached.");
+    return;
+  }
+  if (answer.status !== 200 || !answer.body) {
+    statsProblem(answer.status === 401 ? "The admin token was refused."
+      : answer.status === 404 ? "Statistics are off: ADMIN_TOKEN is not set on the server."
+      : `The server answered HTTP ${answer.status}.`);
+    return;
+  }
+  const data = answer.body;
+  $("stats-outcome").className = "outcome";
+  $("stats-outcome").textContent = data.payments ? `${data.payments} payment(s) settled.` : "No payment settled yet.";
+  $("stats-rate").textContent = data.successRate === null ? "—" : PERCENT.format(data.successRate);
+  $("stats-completed").textContent = String(data.byStatus.completed);
+  $("stats-failed").textContent = String(data.byStatus.failed);
+  const since = new Date(data.since);
+  $("stats-since").textContent = Number.isNaN(since.getTime()) ? "—" : TIME.format(since);
+  const rows = $("stats-reason-rows");
+  rows.replaceChildren();
+  for (const [reason, count] of Object.entries(data.byReason || {})) {
+    const row = rows.insertRow();
+    cell(row, REASONS[reason] ? `${REASONS[reason]} (${reason})` : reason);
+    cell(row, String(count));
+  }
+  $("stats-reasons").hidden = rows.rows.length === 0;
+}
+
+$("stats-button").addEventListener("click", loadStats);
+if (tokenInput) {
+  tokenInput.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") loadStats();
+  });
+}
+
 render();
 phoneChanged();
+loadStats();
 if (load().some((item) => item.status === "pending")) refreshLoop();

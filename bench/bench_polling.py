@@ -1,0 +1,130 @@
+"""Status polling throughput: POST /stkpush/status for a completed payment, per store.
+
+Each store's server runs under the Procfile's gunicorn configuration (gunicorn.conf.py:
+memory one worker, SQLite and Redis 2 x cores + 1 workers; 8 threads each) with rate limits
+off, beside bench/bare_app.py under the same configuration: the ceiling for this stack.
+Rounds are interleaved (bare, memory, bare, SQLite, Redis, then again) so drift on the
+machine hits every target alike; the table shows medians.
+"""
+from __future__ import annotations
+
+import requests
+
+from bench.harness import (BenchError, Context, completed_payment, fmt, load, median, server_env,
+                           start_gunicorn, start_redis, start_simulator, table, wrk_path, free_port)
+
+GOAL = 0.9
+CONNECTIONS = 32
+
+
+def run(ctx: Context) -> str:
+    seconds = 2.0 if ctx.quick else 3.0
+    rounds = ctx.runs(4, 1)
+    scratch = ctx.scratch("polling")
+    sim = start_simulator(ctx, auto_delay=0.1)
+    redis_url, redis_how = start_redis(ctx)
+    if redis_url is None:
+        ctx.log(f"!!! REDIS POLLING NOT RUN: {redis_how} !!!")
+
+    stores = [("memory", "memory://"), ("SQLite", f"sqlite:///{scratch / 'payments.db'}")]
+    if redis_url:
+        stores.append(("Redis", redis_url))
+
+    targets = {}      # name -> (url, body)
+    bodies = {}
+    for name, url in stores:
+        ctx.log(f"polling: starting the server with the {name} store")
+        server = start_gunicorn(ctx, server_env(sim.url, url, free_port()), name=f"server-{name}")
+        checkout_id = completed_payment(server.url)
+        body = {"checkoutRequestId": checkout_id}
+        answer = requests.post(server.url + "/stkpush/status", json=body, timeout=10)
+        if answer.status_code != 200 or answer.json().get("status") != "completed":
+            raise BenchError(f"{name}: the status poll answered {answer.status_code} {answer.text[:200]}")
+        bodies[name] = len(answer.content)
+        targets[name] = (server.url + "/stkpush/status", body)
+
+    size = bodies["memory"]
+    bare = {}
+    for label, store_url in (("1 worker", "memory://"), ("several workers", stores[1][1])):
+        env = server_env(sim.url, store_url, free_port(), BARE_BODY_BYTES=size)
+        process = start_gunicorn(ctx, env, app="bench.bare_app:app", name=f"bare-{label}")
+        answer = requests.post(process.url + "/stkpush/status", json={"checkoutRequestId": "x"}, timeout=10)
+        if len(answer.content) != size:
+            raise BenchError(f"the bare app answered {len(answer.content)} bytes, not {size}")
+        bare[label] = (process.url + "/stkpush/status", {"checkoutRequestId": "x"})
+    workers = {"memory": "1 worker", "SQLite": "several workers", "Redis": "several workers"}
+
+    order = [("bare 1 worker", bare["1 worker"]), ("memory", targets["memory"]),
+             ("bare several workers", bare["several workers"])]
+    order += [(name, targets[name]) for name in ("SQLite", "Redis") if name in targets]
+    results: dict[str, list] = {name: [] for name, _ in order}
+    if not ctx.quick:
+        for name, (url, body) in order:   # warm up every worker and connection pool
+            load(url, body, 1, CONNECTIONS, scratch)
+    for round_number in range(rounds):
+        for name, (url, body) in order:
+            ctx.log(f"polling: round {round_number + 1}/{rounds}: {name}")
+            results[name].append(load(url, body, seconds, CONNECTIONS, scratch))
+
+    def rps(name):
+        return median(r.rps for r in results[name])
+
+    rows = []
+    verdicts = []
+    client_ok = results["memory"][0].tool == "wrk"
+    for name, _ in stores:
+        ceiling_name = "bare " + workers[name]
+        ours, ceiling = rps(name), rps(ceiling_name)
+        ratio = ours / ceiling if ours and ceiling else None
+        met = ratio is not None and ratio >= GOAL
+        # The Python generator saturates before the bare app does: its ratios say nothing.
+        verdict = ("yes" if met else "**no**") if client_ok else "unknown (no wrk)"
+        verdicts.append(f"{name} {fmt(ratio, 2)} ({verdict})")
+        ctx.summary.append([f"status polling, {name} store", f"≥ {GOAL} of the bare app",
+                            f"{fmt(ratio, 2)} ({fmt(ours)} vs {fmt(ceiling)} req/s)", verdict])
+        errors = sum(r.errors for r in results[name])
+        rows.append([name, _workers_text(workers[name]), fmt(ours), fmt(ceiling), f"**{fmt(ratio, 2)}**",
+                     verdict,
+                     f"{fmt(median(r.p50_ms for r in results[name]), 1)} / "
+                     f"{fmt(median(r.p99_ms for r in results[name]), 1)}",
+                     f"{fmt(median(r.p50_ms for r in results[ceiling_name]), 1)} / "
+                     f"{fmt(median(r.p99_ms for r in results[ceiling_name]), 1)}",
+                     errors])
+    if not redis_url:
+        rows.append(["Redis", "—", "**skipped**", "", "", "", "", "", redis_how])
+
+    tool = results["memory"][0].tool
+    runs_text = "; ".join(f"{name}: " + ", ".join(fmt(r.rps) for r in results[name]) for name, _ in order)
+    lines = [
+        "## 1. Status polling throughput",
+        "",
+        f"`POST /stkpush/status` for a completed payment, {CONNECTIONS} keep-alive connections, "
+        f"{seconds:.0f} s per run, median of {rounds} interleaved run(s), load from "
+        + (f"`wrk` (1 thread, a Lua script for the POST body)" if tool == "wrk"
+           else "the Python generator (threads with pooled sessions; **wrk is not installed**, "
+                "so the client, not the server, may be the limit)") + ". "
+        "Servers: `gunicorn -c gunicorn.conf.py server:app` with `RATELIMIT_ENABLED=false`; ceiling: "
+        "`gunicorn -c gunicorn.conf.py bench.bare_app:app` (same workers and threads, "
+        f"a JSON body of the same {size} bytes). Both bound to 127.0.0.1.",
+        "",
+        table(["store", "gunicorn", "server req/s", "bare app req/s", "ratio", f"≥ {GOAL}",
+               "server p50 / p99 ms", "bare p50 / p99 ms", "errors"], rows),
+        "",
+        f"Goal: ratio ≥ {GOAL}. Result: " + ", ".join(verdicts) + ".",
+        "",
+        f"Every run (req/s): {runs_text}.",
+    ]
+    if redis_url:
+        lines += ["", f"Redis: {redis_how}."]
+    if not wrk_path():
+        lines += ["", "!!! wrk was not installed: `scripts/ensure-bench-tools.sh` installs it (root or sudo). !!!"]
+    if len(set(bodies.values())) > 1:
+        lines += ["", f"Note: answer sizes differ between stores: {bodies}."]
+    return "\n".join(lines)
+
+
+def _workers_text(kind: str) -> str:
+    import multiprocessing
+    if kind == "1 worker":
+        return "1 worker × 8 threads"
+    return f"{multiprocessing.cpu_count() * 2 + 1} workers × 8 threads"

@@ -1,0 +1,224 @@
+"""Monitoring: Prometheus metrics, the /stats summary, and the JSON log line format.
+
+The metrics (every label takes a few fixed values: never a phone number or an id)::
+
+    mpesa_payments_total{status,reason,settled_by}    each payment's first final verdict
+    mpesa_payments_late_results_total{status,reason}  real results that replaced our own timeout
+    mpesa_stk_push_duration_seconds{result}           histogram of Daraja STK push calls (ok|error)
+    mpesa_stk_query_duration_seconds{result}          histogram of Daraja STK query calls (ok|error)
+    mpesa_daraja_errors_total{call,error,code}        failed Daraja calls by exception class and errorCode
+    mpesa_callbacks_total{outcome}                    Daraja callbacks by what became of them
+    mpesa_webhook_deliveries_total{result}            merchant webhook attempts: delivered|retry|given_up
+    mpesa_http_request_duration_seconds{method,route,status}  histogram of every request served
+
+Several processes (gunicorn workers) use prometheus-client's multiprocess mode: it is on when
+PROMETHEUS_MULTIPROC_DIR is set before prometheus_client is first imported (gunicorn.conf.py
+does that), each process writes its own files there, and render()/stats() add them up. Without
+it one process counts in memory. Either way the numbers start at zero with the server.
+
+A callback that arrives before its push is recorded counts as unknown_id, and once more
+(settled) when the push is recorded and it is matched.
+
+Knows nothing of Flask: the server calls these hooks, serves render() and stats(), and uses
+JsonFormatter for its logs (gunicorn.conf.py too, for gunicorn's own lines).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections import Counter as Tally
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, multiprocess, values
+from prometheus_client.exposition import choose_encoder
+
+import mpesa
+
+MULTIPROCESS = bool(getattr(values.ValueClass, "_multiprocess", False))
+# gunicorn.conf.py sets it in the master, so every worker reports the same start.
+STARTED_AT = float(os.environ.get("METRICS_STARTED_AT") or time.time())
+
+DARAJA_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 12, 20, 30)
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+PAYMENTS = Counter("mpesa_payments", "Payments by their first final verdict",
+                   ["status", "reason", "settled_by"])
+LATE_RESULTS = Counter("mpesa_payments_late_results",
+                       "Real results from Daraja that replaced our own timeout verdict",
+                       ["status", "reason"])
+STK_PUSH_SECONDS = Histogram("mpesa_stk_push_duration_seconds", "Daraja STK push calls",
+                             ["result"], buckets=DARAJA_BUCKETS)
+STK_QUERY_SECONDS = Histogram("mpesa_stk_query_duration_seconds", "Daraja STK query calls",
+                              ["result"], buckets=DARAJA_BUCKETS)
+DARAJA_ERRORS = Counter("mpesa_daraja_errors", "Failed Daraja calls by exception class and errorCode",
+                        ["call", "error", "code"])
+CALLBACKS = Counter("mpesa_callbacks", "Daraja result callbacks by what became of them",
+                    ["outcome"])
+WEBHOOK_DELIVERIES = Counter("mpesa_webhook_deliveries", "Merchant webhook delivery attempts",
+                             ["result"])
+HTTP_SECONDS = Histogram("mpesa_http_request_duration_seconds", "Requests served",
+                         ["method", "route", "status"], buckets=HTTP_BUCKETS)
+
+CALLBACK_OUTCOMES = ("settled", "duplicate", "contradiction", "receipt_added", "unknown_id",
+                     "bad_token", "not_allowed", "malformed")
+WEBHOOK_RESULTS = ("delivered", "retry", "given_up")
+_SETTLED = {"completed": "settled", "failed": "settled", "amount_mismatch": "settled"}
+_DURATIONS = {"stk_push": STK_PUSH_SECONDS, "stk_query": STK_QUERY_SECONDS}
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
+
+
+# --------------------------------------------------------------------- hooks
+
+def preset_labels() -> None:
+    """Show the callback and webhook series at 0 before anything happens (for rate())."""
+    for outcome in CALLBACK_OUTCOMES:
+        CALLBACKS.labels(outcome)
+    for result in WEBHOOK_RESULTS:
+        WEBHOOK_DELIVERIES.labels(result)
+
+
+def payment_settled(tx) -> None:
+    """Count a payment's final verdict; a real result replacing our timeout counts as late."""
+    reason = tx.reason or "none"
+    if "late_result" in tx.flags:
+        LATE_RESULTS.labels(tx.status, reason).inc()
+    else:
+        PAYMENTS.labels(tx.status, reason, tx.settled_by or "unknown").inc()
+
+
+def callback(outcome: str) -> None:
+    """Count one Daraja callback by its outcome (a settlement outcome or one of CALLBACK_OUTCOMES)."""
+    outcome = _SETTLED.get(outcome, outcome)
+    CALLBACKS.labels(outcome if outcome in CALLBACK_OUTCOMES else "other").inc()
+
+
+def webhook_delivery(result: str) -> None:
+    """Count one merchant webhook attempt: delivered, retry or given_up."""
+    WEBHOOK_DELIVERIES.labels(result if result in WEBHOOK_RESULTS else "other").inc()
+
+
+@contextmanager
+def daraja_call(call: str):
+    """Time a Daraja call (stk_push, stk_query, token) and count it when it fails."""
+    started = time.perf_counter()
+    result = "error"
+    try:
+        yield
+        result = "ok"
+    except mpesa.DarajaError as error:
+        DARAJA_ERRORS.labels(call, type(error).__name__, _error_code(error.error_code)).inc()
+        raise
+    finally:
+        histogram = _DURATIONS.get(call)
+        if histogram is not None:
+            histogram.labels(result).observe(time.perf_counter() - started)
+
+
+def timed(call: str, function):
+    """function wrapped in daraja_call(call): metrics.timed("stk_push", daraja.stk_push)(...)."""
+    def wrapper(*args, **kwargs):
+        with daraja_call(call):
+            return function(*args, **kwargs)
+    return wrapper
+
+
+def request_served(method: str, route: str | None, status: int, seconds: float) -> None:
+    """Observe one HTTP request; route is the URL rule (/stkpush/status/<checkout_id>), never the path."""
+    HTTP_SECONDS.labels(method if method in _METHODS else "other", route or "unmatched",
+                        str(status)).observe(seconds)
+
+
+def _error_code(code) -> str:
+    text = str(code or "")
+    if not text:
+        return "none"
+    return text if _ERROR_CODE.fullmatch(text) else "other"
+
+
+# ------------------------------------------------------------------- reading
+
+def render(accept: str | None = None) -> tuple[bytes, str]:
+    """The exposition for a scrape, in the format its Accept header asks for; (body, content type)."""
+    encoder, content_type = choose_encoder(accept or "")
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return encoder(registry), content_type
+    return encoder(REGISTRY), content_type
+
+
+def stats() -> dict:
+    """Payments by final status and by failure reason since the server started, and the success rate."""
+    by_status, by_reason, settled_by, callbacks, pushes = Tally(), Tally(), Tally(), Tally(), Tally()
+    late = 0
+    collectors = ([multiprocess.MultiProcessCollector(None)] if MULTIPROCESS
+                  else [PAYMENTS, LATE_RESULTS, CALLBACKS, STK_PUSH_SECONDS])
+    for collector in collectors:
+        for family in collector.collect():
+            for sample in family.samples:
+                count, labels = int(sample.value), sample.labels
+                if sample.name == "mpesa_payments_total":
+                    by_status[labels["status"]] += count
+                    settled_by[labels["settled_by"]] += count
+                    if labels["status"] == "failed":
+                        by_reason[labels["reason"]] += count
+                elif sample.name == "mpesa_payments_late_results_total":
+                    late += count
+                elif sample.name == "mpesa_callbacks_total":
+                    callbacks[labels["outcome"]] += count
+                elif sample.name == "mpesa_stk_push_duration_seconds_count":
+                    pushes[labels["result"]] += count
+    total = sum(by_status.values())
+    return {
+        "since": _iso(STARTED_AT),
+        "payments": total,
+        "byStatus": {"completed": by_status["completed"], "failed": by_status["failed"]},
+        "byReason": dict(by_reason.most_common()),
+        "successRate": round(by_status["completed"] / total, 4) if total else None,
+        "settledBy": dict(settled_by.most_common()),
+        "lateResults": late,
+        "pushes": {"accepted": pushes["ok"], "failed": pushes["error"]},
+        "callbacks": {name: n for name, n in callbacks.most_common() if n},
+    }
+
+
+def _iso(epoch: float) -> str:
+    moment = datetime.fromtimestamp(epoch, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------- logs
+
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "taskName", "request_id"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, pid, request_id, message, then extras.
+
+    Extras are the record's own fields (`log.info(..., extra={"status": 200})`); a traceback
+    comes as "exception". The message is formatted as for text, so it carries nothing more.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": _iso(record.created), "level": record.levelname, "logger": record.name,
+                 "pid": record.process}
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            entry["request_id"] = request_id
+        entry["message"] = record.getMessage()
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and key not in entry:
+                entry[key] = value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str, separators=(",", ":"))

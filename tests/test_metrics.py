@@ -1,0 +1,332 @@
+"""Monitoring over real HTTP: /metrics, /stats, X-Request-ID and the JSON request logs.
+
+In-process servers share one metrics registry (the process's), so those tests compare a
+scrape taken before with one taken after. The gunicorn test starts from zero and checks
+that several workers' numbers add up.
+"""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+import simulator as sim_module
+from mpesa import mask_checkout_id
+from tests.server_fixtures import free_port
+from tests.test_durability import ServerProcess, wait_until
+
+ADMIN = "admin-secret"
+TOKEN = "test-callback-token-0123456789"
+PAID, CANCELLED, UNREACHABLE = "254700000000", "254700001032", "254700001037"
+WAITING = "254712345678"  # waits for the simulated handset
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+
+
+def scrape(base: str) -> dict:
+    """{(sample name, sorted labels): value} from one /metrics answer."""
+    response = requests.get(base + "/metrics", headers=AUTH, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text)
+            for sample in family.samples}
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    """The sum of the samples called name whose labels include labels."""
+    return sum(value for (sample, sample_labels), value in samples.items()
+               if sample == name and set(labels.items()) <= set(sample_labels))
+
+
+def push(base: str, phone: str, headers: dict | None = None) -> requests.Response:
+    return requests.post(base + "/stkpush", json={"phone": phone, "amount": 100},
+                         headers=headers, timeout=10)
+
+
+def status(base: str, checkout_id: str) -> dict:
+    return requests.get(f"{base}/stkpush/status/{checkout_id}", timeout=10).json()
+
+
+def settled(base: str, checkout_id: str, until=lambda answer: answer["status"] != "pending") -> dict:
+    return wait_until(lambda: (lambda answer: answer if until(answer) else None)(status(base, checkout_id)),
+                      timeout=10, every=0.05)
+
+
+def callback_body(checkout_id: str, code: int = 0) -> dict:
+    body = {"MerchantRequestID": "1-2-3", "CheckoutRequestID": checkout_id, "ResultCode": code,
+            "ResultDesc": "The service request is processed successfully."}
+    if code == 0:
+        body["CallbackMetadata"] = {"Item": [
+            {"Name": "Amount", "Value": 100}, {"Name": "MpesaReceiptNumber", "Value": "SIM0000001"},
+            {"Name": "TransactionDate", "Value": 20261123103000},
+            {"Name": "PhoneNumber", "Value": 254700000000}]}
+    return {"Body": {"stkCallback": body}}
+
+
+@pytest.fixture
+def live(live_server_factory):
+    return live_server_factory(ADMIN_TOKEN=ADMIN, TRANSACTION_TTL="2")
+
+
+# ------------------------------------------------------------- /metrics and /stats
+
+def test_metrics_count_outcomes_callbacks_and_latencies(live):
+    before, stats_before = scrape(live.url), live.get("/stats").json()
+
+    paid = push(live.url, PAID).json()["checkoutRequestId"]
+    cancelled = push(live.url, CANCELLED).json()["checkoutRequestId"]
+    unreachable = push(live.url, UNREACHABLE).json()["checkoutRequestId"]
+    waiting = push(live.url, WAITING).json()["checkoutRequestId"]
+    assert push(live.url, WAITING).status_code == 502  # the phone already has a prompt
+    assert settled(live.url, paid)["status"] == "completed"
+    assert settled(live.url, cancelled)["reason"] == "cancelled"
+    assert settled(live.url, unreachable)["reason"] == "timeout"
+    assert settled(live.url, waiting)["reason"] == "timeout"  # our own verdict, after 2 s
+
+    # The customer pays after all: a late result. Then a spoofed, a repeated, an unknown
+    # and a malformed callback.
+    live.sim("POST", f"/simulator/prompts/{waiting}/pin", json={"pin": sim_module.SIM_PIN})
+    settled(live.url, waiting, until=lambda answer: answer["status"] == "completed")
+    assert live.post("/hooks/stk/guessed-token-guessed-token", json=callback_body(paid)).status_code == 403
+    assert live.post(f"/hooks/stk/{TOKEN}", json=callback_body(paid)).status_code == 200
+    assert live.post(f"/hooks/stk/{TOKEN}", json=callback_body("ws_CO_unknown")).status_code == 200
+    assert live.post(f"/hooks/stk/{TOKEN}", json={"Body": {}}).status_code == 400
+
+    after = scrape(live.url)
+
+    def grew(name, **labels):
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert grew("mpesa_payments_total") == 4
+    assert grew("mpesa_payments_total", status="completed", reason="none", settled_by="callback") == 1
+    assert grew("mpesa_payments_total", status="failed", reason="cancelled", settled_by="callback") == 1
+    assert grew("mpesa_payments_total", status="failed", reason="timeout", settled_by="callback") == 1
+    assert grew("mpesa_payments_total", status="failed", reason="timeout", settled_by="timeout") == 1
+    assert grew("mpesa_payments_late_results_total", status="completed", reason="none") == 1
+
+    assert grew("mpesa_callbacks_total", outcome="settled") == 4
+    assert grew("mpesa_callbacks_total", outcome="duplicate") == 1
+    assert grew("mpesa_callbacks_total", outcome="unknown_id") == 1
+    assert grew("mpesa_callbacks_total", outcome="bad_token") == 1
+    assert grew("mpesa_callbacks_total", outcome="malformed") == 1
+    assert grew("mpesa_callbacks_total", outcome="not_allowed") == 0
+
+    assert grew("mpesa_stk_push_duration_seconds_count", result="ok") == 4
+    assert grew("mpesa_stk_push_duration_seconds_bucket", result="ok", le="+Inf") == 4
+    assert grew("mpesa_stk_push_duration_seconds_bucket", result="ok", le="30.0") == 4
+    assert grew("mpesa_stk_push_duration_seconds_sum", result="ok") > 0
+    assert grew("mpesa_stk_push_duration_seconds_count", result="error") == 1
+    assert grew("mpesa_daraja_errors_total", call="stk_push", error="DarajaRequestError",
+                code="500.001.1001") == 1
+    assert grew("mpesa_stk_query_duration_seconds_count", result="ok") >= 1  # the last query
+
+    assert grew("mpesa_http_request_duration_seconds_count", method="POST", route="/stkpush",
+                status="200") == 4
+    assert grew("mpesa_http_request_duration_seconds_count", method="POST",
+                route="/hooks/stk/<token>", status="403") == 1
+    assert grew("mpesa_http_request_duration_seconds_count",
+                route="/stkpush/status/<checkout_id>") >= 4
+
+    # Labels never carry a phone number, an id or the callback token.
+    for _, labels in after:
+        for _, label in labels:
+            assert not re.search(r"\d{9}", label) and "ws_CO" not in label and TOKEN not in label
+
+    stats = live.get("/stats").json()
+    assert stats["success"] is True
+    assert stats["payments"] - stats_before["payments"] == 4
+    assert stats["byStatus"]["completed"] - stats_before["byStatus"]["completed"] == 1
+    assert stats["byStatus"]["failed"] - stats_before["byStatus"]["failed"] == 3
+    assert stats["byReason"]["cancelled"] - stats_before["byReason"].get("cancelled", 0) == 1
+    assert stats["byReason"]["timeout"] - stats_before["byReason"].get("timeout", 0) == 2
+    assert stats["lateResults"] - stats_before["lateResults"] == 1
+    assert stats["successRate"] == round(stats["byStatus"]["completed"] / stats["payments"], 4)
+    assert stats["since"].endswith("Z")
+
+
+def test_metrics_need_the_admin_token_and_are_off_without_one(live_server_factory):
+    guarded = live_server_factory(ADMIN_TOKEN=ADMIN)
+    refused = guarded.get("/metrics")
+    assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+    assert guarded.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert guarded.get("/metrics", headers={"Authorization": ADMIN}).status_code == 401
+    answer = guarded.get("/metrics", headers=AUTH)
+    assert answer.status_code == 200 and "# TYPE mpesa_payments_total counter" in answer.text
+
+    off = live_server_factory()
+    assert off.get("/metrics").status_code == 404
+    assert off.get("/metrics", headers=AUTH).status_code == 404
+    assert off.get("/stats").status_code == 200  # simulator mode: the test page shows it
+
+
+def test_stats_need_the_admin_token_outside_simulator_mode(live_server_factory):
+    sandbox = {"MPESA_ENV": "sandbox", "MPESA_CONSUMER_KEY": sim_module.SIM_CONSUMER_KEY,
+               "MPESA_CONSUMER_SECRET": sim_module.SIM_CONSUMER_SECRET}
+    guarded = live_server_factory(ADMIN_TOKEN=ADMIN, **sandbox)
+    assert guarded.get("/stats").status_code == 401
+    assert guarded.get("/stats", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert guarded.get("/stats", headers=AUTH).json()["success"] is True
+    assert live_server_factory(**sandbox).get("/stats", headers=AUTH).status_code == 404
+
+
+# -------------------------------------------------------------------- X-Request-ID
+
+@pytest.mark.parametrize("given, kept", [
+    (None, False),
+    ("req-42_a.B", True),
+    ("x" * 64, True),
+    ("x" * 65, False),
+    ("has space", False),
+    ("semi;colon", False),
+    ("", False),
+])
+def test_request_id_is_reused_when_sane_and_generated_otherwise(live_server_factory, given, kept):
+    live = live_server_factory()
+    headers = {} if given is None else {"X-Request-ID": given}
+    echoed = live.get("/health", headers=headers).headers["X-Request-ID"]
+    if kept:
+        assert echoed == given
+    else:
+        assert re.fullmatch(r"[0-9a-f]{32}", echoed)
+        assert echoed != live.get("/health", headers=headers).headers["X-Request-ID"]
+
+
+def test_errors_and_refused_callbacks_carry_a_request_id_too(live_server_factory):
+    live = live_server_factory()
+    assert live.get("/nope").headers["X-Request-ID"]
+    refused = live.post("/hooks/stk/wrong-token-wrong-token", json={}, headers={"X-Request-ID": "cb-1"})
+    assert refused.status_code == 403 and refused.headers["X-Request-ID"] == "cb-1"
+
+
+# ------------------------------------------------------------------- request logs
+
+@pytest.fixture
+def process_env(simulator, tmp_path):
+    """Environment for a server in its own process, using the test simulator."""
+    requests.patch(simulator.url + "/simulator/config", json={"auto_delay": 0.1}, timeout=5)
+    port = free_port()
+    return port, {
+        "MPESA_ENV": "simulator", "MPESA_BASE_URL": simulator.url, "PORT": str(port),
+        "CALLBACK_URL": f"http://127.0.0.1:{port}", "CALLBACK_TOKEN": TOKEN,
+        "RATELIMIT_ENABLED": "false", "ADMIN_TOKEN": ADMIN, "PYTHONUNBUFFERED": "1",
+        "STORE_URL": "memory://",
+    }
+
+
+def pay_and_spoof(base: str) -> str:
+    """One paid payment (with X-Request-ID trace-0001), polled by id, and a spoofed callback."""
+    response = push(base, "0700 000 000", headers={"X-Request-ID": "trace-0001"})
+    assert response.status_code == 200 and response.headers["X-Request-ID"] == "trace-0001"
+    checkout_id = response.json()["checkoutRequestId"]
+    assert settled(base, checkout_id)["status"] == "completed"
+    requests.post(base + "/hooks/stk/guessed-token-guessed-token", json={}, timeout=10)
+    return checkout_id
+
+
+def assert_private(text: str, checkout_id: str) -> None:
+    for secret in (PAID, "0700000000", "700000000", TOKEN, "guessed-token", checkout_id, ADMIN):
+        assert secret not in text, secret
+
+
+def test_json_request_logs_carry_the_request_fields_and_no_secrets(process_env, tmp_path):
+    port, env = process_env
+    server = ServerProcess([sys.executable, "server.py"], {**env, "LOG_FORMAT": "json"}, port,
+                           tmp_path / "server.log")
+    try:
+        checkout_id = pay_and_spoof(server.url)
+    finally:
+        server.kill(signal.SIGTERM)
+    text = server.log_path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    # Flask's own two start-up lines (" * Serving Flask app", " * Debug mode") are not logs.
+    entries = [json.loads(line) for line in lines if not line.startswith(" * ")]
+    assert len(entries) == len([line for line in lines if not line.startswith(" * ")]) > 5
+
+    requests_logged = [e for e in entries if e["logger"] == "server" and "method" in e]
+    push_line = next(e for e in requests_logged if e["path"] == "/stkpush")
+    assert push_line["request_id"] == "trace-0001" and push_line["method"] == "POST"
+    assert push_line["status"] == 200 and push_line["remote_addr"] == "127.0.0.1"
+    assert push_line["pid"] == server.process.pid and push_line["level"] == "INFO"
+    assert isinstance(push_line["duration_ms"], float) and push_line["time"].endswith("Z")
+    assert push_line["message"].startswith("POST /stkpush 200 ")
+    # Every line made while serving the push carries its id: the Daraja call, the payment.
+    traced = {e["logger"] for e in entries if e.get("request_id") == "trace-0001"}
+    assert {"mpesa", "payments", "server"} <= traced
+
+    paths = {e["path"] for e in requests_logged}
+    assert f"/stkpush/status/{mask_checkout_id(checkout_id)}" in paths
+    assert "/hooks/stk/***" in paths
+    assert len({e["request_id"] for e in requests_logged}) == len(requests_logged)
+    assert_private(text, checkout_id)
+
+
+def test_python_server_logs_text_by_default(process_env, tmp_path):
+    port, env = process_env
+    server = ServerProcess([sys.executable, "server.py"], {**env, "LOG_FORMAT": ""}, port,
+                           tmp_path / "server.log")
+    try:
+        checkout_id = pay_and_spoof(server.url)
+    finally:
+        server.kill(signal.SIGTERM)
+    text = server.log_path.read_text()
+    assert re.search(rf"\[{server.process.pid}\] INFO server: POST /stkpush 200 [\d.]+ms", text)
+    assert "/hooks/stk/*** 403" in text
+    assert not any(line.startswith("{") for line in text.splitlines())
+    assert_private(text, checkout_id)
+
+
+# ------------------------------------------------------------ several gunicorn workers
+
+def serving(log_path) -> set[int]:
+    """The pids of the workers that have logged a request so far."""
+    return {json.loads(line)["pid"] for line in log_path.read_text().splitlines()
+            if line.startswith('{"') and '"logger":"server"' in line and '"method":' in line}
+
+
+def test_gunicorn_workers_numbers_add_up(process_env, tmp_path, simulator):
+    port, env = process_env
+    env = {**env, "STORE_URL": f"sqlite:///{tmp_path / 'payments.db'}", "WEB_CONCURRENCY": "3",
+           "GUNICORN_THREADS": "4", "LOG_FORMAT": "",  # gunicorn's default: JSON
+           "PROMETHEUS_MULTIPROC_DIR": ""}  # gunicorn.conf.py makes a fresh one
+    server = ServerProcess([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"],
+                           env, port, tmp_path / "gunicorn.log")
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            # Until every worker has loaded the app, the first one takes every request.
+            wait_until(lambda: list(pool.map(lambda _: requests.get(server.url + "/health", timeout=5),
+                                             range(12))) and len(serving(server.log_path)) == 3,
+                       timeout=30, every=0.2)
+            phones = [f"0711{n:06d}" for n in range(12)]
+            ids = [r.json()["checkoutRequestId"] for r in pool.map(lambda p: push(server.url, p), phones)]
+            for checkout_id in ids:
+                requests.post(f"{simulator.url}/simulator/prompts/{checkout_id}/pin",
+                              json={"pin": sim_module.SIM_PIN}, timeout=5)
+            answers = list(pool.map(lambda checkout_id: settled(server.url, checkout_id), ids))
+        assert all(answer["status"] == "completed" for answer in answers)
+
+        for _ in range(3):  # whichever worker answers, it adds up every worker's numbers
+            samples = scrape(server.url)
+            assert total(samples, "mpesa_payments_total", status="completed") == 12
+            assert total(samples, "mpesa_payments_total") == 12
+            assert total(samples, "mpesa_callbacks_total", outcome="settled") == 12
+            assert total(samples, "mpesa_stk_push_duration_seconds_count", result="ok") == 12
+            assert total(samples, "mpesa_stk_push_duration_seconds_bucket", le="+Inf") == 12
+            assert total(samples, "mpesa_http_request_duration_seconds_count", route="/stkpush") == 12
+        stats = requests.get(server.url + "/stats", timeout=5).json()
+        assert stats["payments"] == 12 and stats["successRate"] == 1.0
+        assert stats["pushes"] == {"accepted": 12, "failed": 0}
+    finally:
+        server.kill(signal.SIGTERM)
+
+    entries = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.strip()]
+    served = [e for e in entries if e["logger"] == "server" and e.get("path", "").startswith("/stkpush")]
+    assert len({e["pid"] for e in served if e["path"] == "/stkpush"}) > 1, "every push went to one worker"
+    assert {"gunicorn.error"} <= {e["logger"] for e in entries}  # gunicorn's own lines are JSON too
+    assert all(e["request_id"] for e in served)
