@@ -34,7 +34,7 @@ except ConfigError as error:
 
 bind = f"0.0.0.0:{_settings.port}"
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+threads = int(os.environ.get("GUNICORN_THREADS") or "8")  # an empty config var means the default
 timeout = 60  # a push may wait up to DARAJA_TIMEOUT for Daraja
 graceful_timeout = 20
 keepalive = 5
@@ -66,12 +66,12 @@ os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 os.environ.setdefault("METRICS_STARTED_AT", str(time.time()))  # /stats "since", for every worker
 
 if _settings.store_kind == "memory":
-    if int(os.environ.get("WEB_CONCURRENCY", "1")) > 1:
+    if int(os.environ.get("WEB_CONCURRENCY") or "1") > 1:
         sys.exit("Configuration error: STORE_URL=memory:// cannot be shared by several workers; "
                  "use sqlite:/// or redis:// for WEB_CONCURRENCY > 1")
     workers = 1
 else:
-    workers = int(os.environ.get("WEB_CONCURRENCY", str(multiprocessing.cpu_count() * 2 + 1)))
+    workers = int(os.environ.get("WEB_CONCURRENCY") or multiprocessing.cpu_count() * 2 + 1)
 
 _simulator_process = None
 
