@@ -17,13 +17,13 @@ run: $(READY)
 # Browser tests need Chromium and the Redis store tests a redis-server binary:
 # install Debian's packages when they are missing (root, or sudo without a password).
 services:
-	@./scripts/ensure-packages.sh
+	@./scripts/ensure-packages.sh chromium redis-server
 
 test: $(READY) services
 	$(BIN)/python -m pytest
 
 bench: $(READY)
-	@./scripts/ensure-bench-tools.sh
+	@./scripts/ensure-packages.sh wrk redis-server
 	$(BIN)/python -m bench.run
 
 clean:

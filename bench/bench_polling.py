@@ -117,7 +117,7 @@ def run(ctx: Context) -> str:
     if redis_url:
         lines += ["", f"Redis: {redis_how}."]
     if not wrk_path():
-        lines += ["", "!!! wrk was not installed: `scripts/ensure-bench-tools.sh` installs it (root or sudo). !!!"]
+        lines += ["", "!!! wrk was not installed: `scripts/ensure-packages.sh wrk` installs it (root or sudo). !!!"]
     if len(set(bodies.values())) > 1:
         lines += ["", f"Note: answer sizes differ between stores: {bodies}."]
     return "\n".join(lines)
