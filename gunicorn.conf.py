@@ -8,9 +8,10 @@ master, and every worker talks to it (each worker starting its own would split t
 simulated prompts between them).
 
 Logs are JSON lines (LOG_FORMAT=json, the default here; LOG_FORMAT=text for plain lines),
-gunicorn's own included. /metrics adds up every worker's numbers: prometheus-client's
+gunicorn's own included (no access log: the app logs each request; --access-logfile adds
+gunicorn's). With several workers /metrics adds up every worker's numbers: prometheus-client's
 multiprocess mode, in PROMETHEUS_MULTIPROC_DIR (a fresh temporary directory unless set;
-one directory per server), emptied when gunicorn starts.
+one directory per server), emptied when gunicorn starts. One worker counts in memory.
 """
 import glob
 import multiprocessing
@@ -23,6 +24,7 @@ import time
 
 import requests
 from dotenv import load_dotenv
+from gunicorn import glogging
 
 from config import ConfigError, load_settings
 
@@ -54,16 +56,9 @@ if _log_format == "json":
         "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json",
                                 "stream": "ext://sys.stdout"}},
         "root": {"level": "INFO", "handlers": ["stdout"]},
-        "loggers": {"gunicorn.error": {"handlers": [], "propagate": True},
-                    "gunicorn.access": {"handlers": [], "propagate": False}},
+        # gunicorn.access is left to gunicorn: silent unless --access-logfile is given.
+        "loggers": {"gunicorn.error": {"handlers": [], "propagate": True}},
     }
-
-# prometheus-client picks its multiprocess mode when first imported: set the directory first.
-_METRICS_PREFIX = "mpesa-metrics-"
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_METRICS_PREFIX)
-os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
-os.environ.setdefault("METRICS_STARTED_AT", str(time.time()))  # /stats "since", for every worker
 
 if _settings.store_kind == "memory":
     if int(os.environ.get("WEB_CONCURRENCY") or "1") > 1:
@@ -73,13 +68,41 @@ if _settings.store_kind == "memory":
 else:
     workers = int(os.environ.get("WEB_CONCURRENCY") or multiprocessing.cpu_count() * 2 + 1)
 
+# prometheus-client picks its multiprocess mode when first imported: set the directory first.
+# One worker counts in memory: multiprocess mode writes a file under a lock per observation.
+_METRICS_PREFIX = "mpesa-metrics-"
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # set at all, even empty, means multiprocess
+    if workers > 1:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_METRICS_PREFIX)
+_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _metrics_dir:
+    os.makedirs(_metrics_dir, exist_ok=True)
+os.environ.setdefault("METRICS_STARTED_AT", str(time.time()))  # /stats "since", for every worker
+
+
+class AppLogger(glogging.Logger):
+    """gunicorn's logger, minus the access log's work when there is no access log.
+
+    logconfig_dict below makes gunicorn build every request's access-log fields and hand
+    them to a logger with no handler; the app writes its own line per request instead.
+    An --access-logfile still gets gunicorn's lines.
+    """
+
+    @property
+    def access_log_enabled(self):
+        return bool(self.cfg.accesslog)
+
+
+logger_class = AppLogger
+
 _simulator_process = None
 
 
 def on_starting(server):
     """Empty the metrics directory; start one shared Daraja simulator when no Daraja is configured."""
     global _simulator_process
-    for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+    for path in glob.glob(os.path.join(_metrics_dir, "*.db")) if _metrics_dir else ():
         os.remove(path)  # a previous run's numbers
     if not _settings.simulator or _settings.base_url:
         return
@@ -107,14 +130,14 @@ def when_ready(server):
 
 def child_exit(server, worker):
     """A dead worker's live gauges leave /metrics; its counters stay in the totals."""
-    from prometheus_client import multiprocess
-    multiprocess.mark_process_dead(worker.pid)
+    if _metrics_dir:
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(worker.pid)
 
 
 def on_exit(server):
     if _simulator_process is not None:
         _simulator_process.terminate()
-    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    if (os.path.dirname(metrics_dir) == tempfile.gettempdir()
-            and os.path.basename(metrics_dir).startswith(_METRICS_PREFIX)):
-        shutil.rmtree(metrics_dir, ignore_errors=True)  # the one made above
+    if (_metrics_dir and os.path.dirname(_metrics_dir) == tempfile.gettempdir()
+            and os.path.basename(_metrics_dir).startswith(_METRICS_PREFIX)):
+        shutil.rmtree(_metrics_dir, ignore_errors=True)  # the one made above

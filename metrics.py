@@ -194,6 +194,7 @@ def _iso(epoch: float) -> str:
 
 # ---------------------------------------------------------------------- logs
 
+_LOG_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))  # one, not one per line
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime", "taskName", "request_id"}
 
@@ -221,4 +222,4 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, default=str, separators=(",", ":"))
+        return _LOG_ENCODER.encode(entry)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import re
 import threading
 import time
@@ -29,7 +30,7 @@ from zoneinfo import ZoneInfo
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ProxyError
 from urllib3.util.retry import Retry
 
 log = logging.getLogger(__name__)
@@ -485,6 +486,25 @@ class SharedTokenCache:
                 self._kv.delete(self._key)
 
 
+def pooled_session(url: str, adapter: HTTPAdapter) -> requests.Session:
+    """A requests.Session for one service, with the proxy and CA settings read once.
+
+    By default requests re-reads the proxy variables, the CA-bundle variables and ~/.netrc
+    from the environment on every call (trust_env); for one fixed service they are resolved
+    here instead: HTTPS_PROXY/HTTP_PROXY/NO_PROXY for `url`, and REQUESTS_CA_BUNDLE or
+    CURL_CA_BUNDLE when set.
+    """
+    session = requests.Session()
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.proxies.update(requests.utils.get_environ_proxies(url))
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
+    session.trust_env = False
+    return session
+
+
 class Daraja:
     """A Daraja client over one pooled requests.Session.
 
@@ -514,12 +534,10 @@ class Daraja:
         self._rate_limit_retries = rate_limit_retries
         self._backoff = backoff
         self._sleep = sleep
-        self.session = requests.Session()
         retry = Retry(total=2, connect=2, read=0, redirect=0, status=0, other=0,
                       backoff_factor=0.2, raise_on_status=False)
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=64, max_retries=retry)
-        self.session.mount("https://", adapter)
-        self.session.mount("http://", adapter)
+        self.session = pooled_session(self.base_url, HTTPAdapter(
+            pool_connections=4, pool_maxsize=64, max_retries=retry))
 
     def __enter__(self):
         return self
@@ -686,4 +704,5 @@ def _sent(error: requests.ConnectionError) -> bool:
     """Whether the request may have gone out before the connection failed."""
     reason = error.args[0] if error.args else None
     reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
-    return not isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+    # urllib3 raises ProxyError only while no connection to the proxy was made.
+    return not isinstance(reason, (NewConnectionError, ConnectTimeoutError, ProxyError))

@@ -52,6 +52,11 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'se
                            "base-uri 'self'; form-action 'self'")
 
 
+SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
+                    ("Referrer-Policy", "same-origin"),
+                    ("Content-Security-Policy", CONTENT_SECURITY_POLICY))
+
+
 class ApiError(Exception):
     """An answer other than success, with its HTTP status and JSON body."""
 
@@ -154,7 +159,7 @@ def _printable(text: str) -> str:
 
 # ------------------------------------------------------------------- routes
 
-def register_api(app: Flask, limiter: Limiter, settings: Settings) -> None:
+def register_api(app: Flask, limiter: Limiter | NoRateLimits, settings: Settings) -> None:
 
     def phone_key() -> str:
         body = read_json()
@@ -458,7 +463,7 @@ def register_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):
-        log.exception("unexpected error on %s %s", request.method, _loggable_path())
+        log.exception("unexpected error on %s %s", request.method, _loggable_path(request.path))
         return jsonify({"success": False, "message": "Internal error; the payment state is unchanged"}), 500
 
 
@@ -475,20 +480,23 @@ def register_request_log(app: Flask) -> None:
 
     @app.after_request
     def finish(response):
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-        if request.is_secure:
-            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
-        response.headers["X-Request-ID"] = request_id()
-        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
-        metrics.request_served(request.method, request.url_rule.rule if request.url_rule else None,
-                               response.status_code, elapsed)
-        path = _loggable_path()
-        log.info("%s %s %s %.1fms", request.method, path, response.status_code, elapsed * 1000,
-                 extra={"method": request.method, "path": path, "status": response.status_code,
-                        "duration_ms": round(elapsed * 1000, 1), "remote_addr": request.remote_addr})
+        # Runs for every request: the request and g are looked up once, not per read.
+        served, context = request._get_current_object(), g._get_current_object()
+        headers = response.headers
+        present = {name.lower() for name, _ in headers.items()}
+        for name, value in SECURITY_HEADERS:
+            if name.lower() not in present:
+                headers.add(name, value)
+        if served.is_secure and "strict-transport-security" not in present:
+            headers.add("Strict-Transport-Security", "max-age=31536000")
+        headers["X-Request-ID"] = request_id()
+        elapsed = time.perf_counter() - getattr(context, "started", time.perf_counter())
+        method, status, rule = served.method, response.status_code, served.url_rule
+        metrics.request_served(method, rule.rule if rule else None, status, elapsed)
+        path = _loggable_path(served.path)
+        log.info("%s %s %s %.1fms", method, path, status, elapsed * 1000,
+                 extra={"method": method, "path": path, "status": status,
+                        "duration_ms": round(elapsed * 1000, 1), "remote_addr": served.remote_addr})
         return response
 
 
@@ -500,9 +508,8 @@ def request_id() -> str:
     return g.request_id
 
 
-def _loggable_path() -> str:
-    """The request path with the callback secret and payers' numbers masked."""
-    path = request.path
+def _loggable_path(path: str) -> str:
+    """A request path with the callback secret and payers' numbers masked."""
     if path.startswith("/hooks/stk/"):
         return "/hooks/stk/***"
     return "/".join(mpesa.mask_checkout_id(part) for part in path.split("/"))
@@ -570,8 +577,11 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
          resources={r"/stkpush*": {}, r"/health": {}, r"/catalog": {}, r"/static/js/*": {}},
          allow_headers=["Content-Type", "Idempotency-Key", "X-Request-ID"],
          expose_headers=["Retry-After", "Idempotent-Replayed", "X-Request-ID"])
-    limiter = Limiter(get_remote_address, app=app)
-    app.extensions["rate_limiter"] = limiter  # Flask-Limiter holds itself only weakly
+    if settings.ratelimit_enabled:
+        limiter = Limiter(get_remote_address, app=app)
+        app.extensions["rate_limiter"] = limiter  # Flask-Limiter holds itself only weakly
+    else:
+        limiter = NoRateLimits()
     register_api(app, limiter, settings)
     register_handlers(app)
     app.register_blueprint(pages.bp)
@@ -595,6 +605,19 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
             print(f"{resent} webhook event(s) re-sent" + ("" if delivered else "; some still pending"))
 
     return app
+
+
+class NoRateLimits:
+    """Stands in for Flask-Limiter under RATELIMIT_ENABLED=false: its decorators change nothing.
+
+    (A disabled Flask-Limiter still inspects every decorated request.)
+    """
+
+    def limit(self, *args, **kwargs):
+        return lambda view: view
+
+    def exempt(self, view):
+        return view
 
 
 def limiter_storage(store_url: str) -> str:
@@ -645,8 +668,10 @@ class RequestIdFilter(logging.Filter):
     """Tags each record made while serving a request with that request's id."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if has_request_context() and g.get("request_id"):
-            record.request_id = g.request_id
+        if has_request_context():
+            request_id = g.get("request_id")
+            if request_id:
+                record.request_id = request_id
         return True
 
 

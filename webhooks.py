@@ -51,7 +51,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 import metrics
-from mpesa import mask_checkout_id, mask_phone
+from mpesa import mask_checkout_id, mask_phone, pooled_session
 from store import Transaction
 
 log = logging.getLogger(__name__)
@@ -330,10 +330,8 @@ class WebhookSender:
     # -- the queue
 
     def _new_session(self) -> requests.Session:
-        session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self._workers, max_retries=0)
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
+        session = pooled_session(self.url, HTTPAdapter(pool_connections=1, pool_maxsize=self._workers,
+                                                       max_retries=0))
         session.headers["User-Agent"] = USER_AGENT
         return session
 

@@ -6,7 +6,7 @@ polls a completed payment, then while 50 threads push. Only the thread holding t
 sampled (--gil), so the shares are of the worker's Python CPU time, not of threads waiting.
 The tables give each function's share of the samples with it on the stack (inclusive) or at
 the top (self); the findings turn the large shares into proposed changes. A micro-benchmark
-then times the store's record encoding and decoding against a shallow alternative.
+then times each piece of a status poll in-process, beside the whole poll and the bare app.
 """
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ import re
 import subprocess
 import time
 from collections import Counter
-from dataclasses import fields
 from pathlib import Path
 
-import store
-from bench.bench_memory import Clock, record
+from bench.bench_memory import record
 from bench.harness import (ROOT, BenchError, Context, bench_venv_python, completed_payment, free_port,
-                           gunicorn_workers, load, post_batch, server_env, start_gunicorn, start_simulator,
-                           table)
+                           gunicorn_workers, load, post_batch, server_env, start_gunicorn, start_redis,
+                           start_simulator, table)
+from config import load_settings
 
 FRAME = re.compile(r"^(?P<function>.+) \((?P<file>[^:()]+)(?::\d+)?\)$")
 CONCERNS = [  # label, test on a frame's (file, function); none of them wraps the view
@@ -70,7 +69,7 @@ def run(ctx: Context) -> str:
     push_stacks = _record(py_spy, workers[0], seconds, scratch / "push.txt",
                           lambda: post_batch(jobs, 50, deadline_seconds=seconds * 3))
 
-    micro, speedups = _micro(ctx)
+    micro = _micro(ctx)
     sections, shares = [], {}
     for title, stacks in (("Status poll (`POST /stkpush/status`, completed payment)", poll_stacks),
                           ("Push (`POST /stkpush`)", push_stacks)):
@@ -87,10 +86,10 @@ def run(ctx: Context) -> str:
         "",
         "### Findings",
         "",
-        _findings(shares, speedups),
+        _findings(shares),
         *sections,
         "",
-        "### Encoding and decoding a stored record",
+        "### What each piece of a status poll costs",
         "",
         micro,
     ]
@@ -185,89 +184,117 @@ def _version(py_spy: Path) -> str:
         return "?"
 
 
-# A shallow encode/decode: json.dumps does not need asdict's deep copy, and json.loads
-# already returns fresh objects, so from_dict's deepcopy copies what nobody else holds.
-_KNOWN = tuple(f.name for f in fields(store.Transaction))
-
-
-def shallow_encode(tx: store.Transaction) -> str:
-    return json.dumps({name: getattr(tx, name) for name in _KNOWN}, ensure_ascii=False, separators=(",", ":"))
-
-
-def shallow_decode(text: str) -> store.Transaction:
-    data = json.loads(text)
-    return store.Transaction(**{name: data[name] for name in _KNOWN if name in data})
-
-
 def _micro(ctx: Context) -> str:
-    repeat = 2000 if ctx.quick else 5000
-    completed = record(1, Clock().now)
-    pending = store.Transaction(**{**completed.to_dict(), "status": "pending", "callback": None,
-                                   "history": completed.history[:2], "mpesa_receipt_number": None})
-    rows, speedups = [], {}
-    for name, tx in (("completed (5 events, raw callback)", completed), ("pending (2 events)", pending)):
-        text = store._encode(tx)
-        if shallow_encode(tx) != text or shallow_decode(text) != store._decode(text):
-            raise BenchError("the shallow encode/decode does not reproduce store._encode/_decode")
-        timings = []
-        for function, argument in ((store._encode, tx), (shallow_encode, tx),
-                                   (store._decode, text), (shallow_decode, text)):
-            began = time.perf_counter()
-            for _ in range(repeat):
-                function(argument)
-            timings.append((time.perf_counter() - began) / repeat * 1e6)
-        rows.append([name, f"{timings[0]:.0f} µs", f"{timings[1]:.0f} µs", f"{timings[2]:.0f} µs",
-                     f"{timings[3]:.0f} µs"])
-        speedups[name] = (timings[0] / timings[1], timings[2] / timings[3])
+    """What each piece of a status poll costs, in this process (no HTTP server, no threads)."""
+    import io
+    import logging
+    import os
+    import timeit
+
+    import bench.bare_app as bare
+    import metrics
+    import server
+
+    repeat = 1000 if ctx.quick else 3000
+    server.configure_logging()
+    sink = open(os.devnull, "w")
+    for handler in logging.getLogger().handlers:
+        handler.setStream(sink)
+        handler.setFormatter(metrics.JsonFormatter())
+    scratch = ctx.scratch("profile-micro")
+    redis_url, _ = start_redis(ctx)
+    sim = start_simulator(ctx)
+    stores = [("memory", "memory://"), ("SQLite", f"sqlite:///{scratch / 'payments.db'}")]
+    stores += [("Redis", redis_url)] if redis_url else []
+    completed = record(1, time.time())
+    apps = {}
+    for name, url in stores:
+        settings = load_settings({**server_env(sim.url, url, free_port()), "LOG_FORMAT": "json"})
+        app = server.create_app(settings)
+        app.extensions["store"].create(completed)
+        apps[name] = app
+    body = json.dumps({"checkoutRequestId": completed.checkout_request_id}).encode()
+
+    def best(function) -> float:
+        return min(timeit.repeat(function, number=repeat, repeat=5)) / repeat * 1e6
+
+    def poll(app):
+        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/stkpush/status", "SERVER_NAME": "bench",
+                   "SERVER_PORT": "80", "wsgi.url_scheme": "http", "CONTENT_TYPE": "application/json",
+                   "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": "127.0.0.1"}
+
+        def call():
+            answer = app({**environ, "wsgi.input": io.BytesIO(body)}, lambda status, headers: None)
+            b"".join(answer)
+            getattr(answer, "close", lambda: None)()
+        return call
+
+    memory = apps["memory"]
+    request_log = logging.getLogger("server")
+    with memory.test_request_context("/stkpush/status", method="POST", data=body,
+                                     content_type="application/json"):
+        server.request_id()
+        tx = memory.extensions["store"].get(completed.checkout_request_id)
+        pieces = [
+            ("the request's JSON log line (`finish` in server.py, to /dev/null)", best(lambda: request_log.info(
+                "%s %s %s %.1fms", "POST", "/stkpush/status", 200, 1.2,
+                extra={"method": "POST", "path": "/stkpush/status", "status": 200, "duration_ms": 1.2,
+                       "remote_addr": "127.0.0.1"}))),
+            ("its request metrics (`metrics.request_served`)",
+             best(lambda: metrics.request_served("POST", "/stkpush/status", 200, 0.001))),
+            ("reading the body (`read_json`)", best(server.read_json)),
+            ("building and encoding the answer (`status_answer` + `jsonify`)",
+             best(lambda: server.jsonify(server.status_answer(tx)))),
+        ]
+    for name, app in apps.items():
+        store_ = app.extensions["store"]
+        pieces.append((f"reading the record (`{type(store_).__name__}.get`)",
+                       best(lambda: store_.get(completed.checkout_request_id))))
+    whole = [("the bare app (bench/bare_app.py)", best(poll(bare.app)))]
+    whole += [(f"the server, {name} store", best(poll(app))) for name, app in apps.items()]
+    for app in apps.values():
+        app.extensions["store"].close()
+    rows = [[name, f"{micros:.1f} µs"] for name, micros in whole + pieces]
     return "\n".join([
-        f"Mean of {repeat:,} calls each, in-process. `store._encode` is "
-        "`json.dumps(dataclasses.asdict(tx))` (asdict deep-copies every list and dict first) and "
-        "`store._decode` is `Transaction.from_dict(json.loads(text))` (from_dict deep-copies every value "
-        "json.loads just created). The shallow versions give identical text and equal records:",
+        f"Best of 5 × {repeat:,} calls each, in this process: one completed payment polled through "
+        "the WSGI app with no HTTP server in front (so without gunicorn's own cost per request, "
+        "which both apps pay alike), then the pieces of a poll one by one. Rate limits off, "
+        "as in section 1.",
         "",
-        "```python",
-        "def _encode(tx):",
-        "    return json.dumps({f: getattr(tx, f) for f in _FIELDS}, ensure_ascii=False, separators=(',', ':'))",
+        table(["what", "time per call"], rows),
         "",
-        "def _decode(text):",
-        "    data = json.loads(text)",
-        "    return Transaction(**{f: data[f] for f in _FIELDS if f in data})",
-        "```",
-        "",
-        table(["record", "encode now", "encode shallow", "decode now", "decode shallow"], rows),
-    ]), speedups
+        "A ratio of 0.9 in section 1 leaves the server about 11% more CPU per request than the bare "
+        "app *including* gunicorn's share, and gunicorn's share is most of the bare app's cost.",
+    ])
 
 
 # What to change when a concern takes a material share of a path (shown from 3%).
 PROPOSALS = {
     "logging (the per-request line and others)":
         "the per-request INFO line (`register_request_log.finish` in server.py, formatted as JSON by "
-        "metrics.py): log successful status polls at DEBUG, or sample them, and keep INFO for pushes, "
-        "callbacks, errors and slow requests",
+        "metrics.py) is what the issue asks for, one per request; to go further, log successful status "
+        "polls at DEBUG or sample them, keeping INFO for pushes, callbacks, errors and slow requests "
+        "(a product decision)",
     "gunicorn access-log atoms, built then dropped":
-        "`logconfig_dict` in gunicorn.conf.py makes gunicorn build the access-log atoms of every request "
-        "although `accesslog = None` and `gunicorn.access` has no handler: set `logger_class` to a "
-        "`gunicorn.glogging.Logger` subclass whose `access()` returns at once",
+        "gunicorn builds access-log fields nobody writes: check `AppLogger` in gunicorn.conf.py",
     "request metrics (metrics.py, prometheus_client)":
-        "prometheus-client runs in multiprocess mode (gunicorn.conf.py always sets "
-        "PROMETHEUS_MULTIPROC_DIR), so each observation writes an mmap'd file under a lock: set it only "
-        "when gunicorn runs more than one worker (the memory store runs one)",
+        "with several workers each observation writes prometheus-client's multiprocess files; "
+        "fewer histogram buckets or labels would make it cheaper",
     "store.py (reads, writes, encoding)":
-        "`store._encode`/`_decode` copy every record deeply (`asdict`, then `from_dict`'s deepcopy of "
-        "what `json.loads` just made): use the shallow versions below",
+        "the record is decoded whole from JSON on every poll; a poll needs a few fields",
     "Flask-Limiter request check (limits off)":
-        "Flask-Limiter still checks every request with `RATELIMIT_ENABLED=false`: when limits are off, "
-        "do not create the Limiter (no-op decorators); with limits on it costs more than this, so "
-        "measure `RATELIMIT_ENABLED=true` before trusting these polling numbers for production",
+        "Flask-Limiter is created although limits are off: check `NoRateLimits` in server.py",
+    "Flask-CORS after_request":
+        "Flask-CORS matches every request against its resources; requests without an Origin "
+        "header could skip it",
+    "uuid (request ids)":
+        "`uuid.uuid4()` per request; a per-process random prefix and a counter would do",
     "requests reading proxy settings from the environment":
-        "requests re-reads the proxy variables from `os.environ` on every Daraja call (`trust_env`): "
-        "resolve them once when `mpesa.Daraja` is built (`session.proxies = "
-        "requests.utils.get_environ_proxies(base_url)`, `session.trust_env = False`, and "
-        "`REQUESTS_CA_BUNDLE` into `session.verify` if set)",
+        "requests is reading the environment per call again: check `mpesa.pooled_session`",
 }
 
 
-def _findings(shares: dict, speedups: dict) -> str:
+def _findings(shares: dict) -> str:
     """The proposals whose concern takes at least 3% of a path's Python CPU time."""
     items = []
     for concern, proposal in PROPOSALS.items():
@@ -275,7 +302,4 @@ def _findings(shares: dict, speedups: dict) -> str:
                 if (share := found.get(concern, 0)) >= 0.03]
         if seen:
             items.append(f"- **{concern}**: {' and '.join(seen)} CPU. Change: {proposal}.")
-    for name, (encode, decode) in speedups.items():
-        items.append(f"- Shallow encode/decode of a {name} record: encode {encode:.1f}× and decode "
-                     f"{decode:.1f}× faster, same bytes (table below).")
     return "\n".join(items) if items else "Nothing takes 3% or more of either path."

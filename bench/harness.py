@@ -216,8 +216,6 @@ def start_simulator(ctx: Context, *, auto_delay: float = 0.1, prompt_timeout: fl
 def start_gunicorn(ctx: Context, env: dict, app: str = "server:app", name: str = "server") -> Process:
     """The Procfile's `gunicorn -c gunicorn.conf.py <app>`, bound to loopback only."""
     port = int(env["PORT"])
-    # Each server its own metrics folder, inside the scratch folder that is removed at the end.
-    env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(ctx.scratch(f"metrics-{port}"))}
     command = [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"{LOCAL}:{port}", app]
     process = ctx.start(name, command, env, ready_url=f"http://{LOCAL}:{port}/health", timeout=60)
     process.url = f"http://{LOCAL}:{port}"

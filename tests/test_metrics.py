@@ -330,3 +330,27 @@ def test_gunicorn_workers_numbers_add_up(process_env, tmp_path, simulator):
     assert len({e["pid"] for e in served if e["path"] == "/stkpush"}) > 1, "every push went to one worker"
     assert {"gunicorn.error"} <= {e["logger"] for e in entries}  # gunicorn's own lines are JSON too
     assert all(e["request_id"] for e in served)
+
+
+@pytest.mark.parametrize("access_log", [False, True])
+def test_gunicorn_with_one_worker_counts_and_logs_each_request(process_env, tmp_path, access_log):
+    port, env = process_env
+    env = {**env, "LOG_FORMAT": "", "PROMETHEUS_MULTIPROC_DIR": ""}   # memory store: one worker
+    extra = ["--access-logfile", "-"] if access_log else []
+    server = ServerProcess([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *extra,
+                            "server:app"], env, port, tmp_path / "gunicorn.log")
+    try:
+        checkout_id = push(server.url, "0700 000 000").json()["checkoutRequestId"]
+        assert settled(server.url, checkout_id)["status"] == "completed"
+        samples = scrape(server.url)
+        assert total(samples, "mpesa_payments_total", status="completed") == 1
+        assert total(samples, "mpesa_http_request_duration_seconds_count", route="/stkpush") == 1
+    finally:
+        server.kill(signal.SIGTERM)
+
+    lines = [line for line in server.log_path.read_text().splitlines() if line.strip()]
+    app_lines = [line for line in lines if '"logger":"server"' in line and '"method":"POST"' in line
+                 and '"path":"/stkpush"' in line]
+    assert len(app_lines) == 1   # the app's own line for the one push
+    gunicorn_access = [line for line in lines if '"POST /stkpush HTTP/1.1" 200' in line]
+    assert len(gunicorn_access) == (1 if access_log else 0)

@@ -314,6 +314,28 @@ def test_unreachable_daraja_is_unavailable():
             client.stk_push(PHONE, 5, callback_url=CALLBACK)
 
 
+def test_the_proxy_set_when_the_client_is_built_is_used(simulator, monkeypatch):
+    # An unreachable proxy: calls through it fail, calls around it reach the simulator.
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "")
+    with client_for(simulator.url) as through_proxy:
+        monkeypatch.delenv("HTTP_PROXY")   # read when the client was built, not per call
+        with pytest.raises(mpesa.DarajaUnavailable):
+            through_proxy.access_token()
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with client_for(simulator.url) as bypassing:
+        assert bypassing.access_token()
+
+
+def test_a_ca_bundle_from_the_environment_is_used_for_https(monkeypatch, tmp_path):
+    bundle = tmp_path / "corporate-ca.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    with client_for("https://127.0.0.1:9") as client:
+        assert client.session.verify == str(bundle)
+
+
 @pytest.mark.parametrize("mode, error", [
     ("http500", mpesa.DarajaUnavailable),
     ("http503_html", mpesa.DarajaUnavailable),

@@ -1,8 +1,13 @@
 """One behavioural suite over every store backend, then what only one backend promises."""
 from __future__ import annotations
 
+import copy
+import dataclasses
+import fcntl
+import gc
 import json
 import multiprocessing
+import os
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +22,7 @@ import redis
 from store import (DuplicateTransaction, MemoryStore, RedisStore, SQLiteStore, Store,
                    Transaction, open_store)
 from store import DURATION_BOUNDS, Tally, tally
+from store import _FEW_LEAVING, _decode, _encode, _without
 
 ROOT = Path(__file__).resolve().parent.parent
 PHONE = "254712345678"
@@ -89,6 +95,20 @@ def make_tx(checkout_request_id: str = "ws_CO_1", *, phone: str = PHONE,
                        phone=phone, amount=100, initiated_at=initiated_at, **fields)
 
 
+def settled_tx(checkout_request_id: str = "ws_CO_1", status: str = "completed") -> Transaction:
+    """A record as payments.py leaves it: Daraja's raw callback on it and in its history."""
+    callback = {"Body": {"stkCallback": {
+        "CheckoutRequestID": checkout_request_id, "ResultCode": 0, "ResultDesc": "Imekamilika ✓",
+        "CallbackMetadata": {"Item": [{"Name": "Amount", "Value": 100.0},
+                                      {"Name": "MpesaReceiptNumber", "Value": "LHH31TV4QV"},
+                                      {"Name": "Balance"}]}}}}
+    return make_tx(checkout_request_id, status=status, result_code=0, result_desc="Imekamilika ✓",
+                   mpesa_receipt_number="LHH31TV4QV", account_reference="Café №7",
+                   callback=callback, flags=["amount_checked"], extra={"cart": {"items": [1, 2]}},
+                   history=[{"at": 1_700_000_000.0, "event": "initiated", "amount": 100},
+                            {"at": 1_700_000_025.0, "event": "callback_received", "raw": callback}])
+
+
 def increment(tx: Transaction) -> int:
     tx.extra["n"] = tx.extra.get("n", 0) + 1
     return tx.extra["n"]
@@ -140,6 +160,30 @@ def test_records_are_copies_not_shared_with_the_store(store):
     updated.flags.append("tampered")
     again = store.get("ws_CO_1")
     assert again.history == [] and again.flags == [] and again.extra["n"] == 1
+
+
+def test_no_record_handed_out_shares_nested_values_with_the_store(store):
+    tx = settled_tx()
+    store.create(tx)
+    store.create(settled_tx("ws_CO_2", status="pending"))
+    kept = {"ws_CO_1": copy.deepcopy(tx), "ws_CO_2": store.get("ws_CO_2")}
+    handed_out = [
+        tx,
+        store.get("ws_CO_1"),
+        store.update("ws_CO_1", lambda tx: None)[0],
+        store.list()[0][0],
+        store.list(status="completed", phone=PHONE)[0][0],
+        store.search("LHH31TV4QV")[0][0],
+        store.search(status="completed")[0][0],
+        store.pending_before(2e9)[0],
+    ]
+    for record in handed_out:
+        record.callback["Body"]["stkCallback"]["ResultCode"] = 1032
+        record.history[1]["raw"]["Body"].clear()
+        record.history.append({"at": 1.0, "event": "tampered"})
+        record.flags.append("tampered")
+        record.extra["cart"]["items"].append(3)
+    assert {key: store.get(key) for key in kept} == kept
 
 
 def test_update_saves_the_mutation_and_returns_its_result(store):
@@ -380,6 +424,17 @@ def test_from_dict_ignores_keys_it_does_not_know_and_fills_defaults():
     assert (tx.currency, tx.status, tx.history) == ("KES", "pending", [])
 
 
+def test_stored_text_is_what_the_deep_copy_gave_and_reads_back_equal():
+    tx = settled_tx()
+    text = _encode(tx)
+    assert text == json.dumps(dataclasses.asdict(tx), ensure_ascii=False, separators=(",", ":"))
+    assert _decode(text) == tx == Transaction.from_dict(json.loads(text))
+    later = json.dumps({**json.loads(text), "added_by_a_later_version": 1, "flags": None})
+    assert _decode(later) == dataclasses.replace(tx, flags=None)
+    older = json.dumps({k: v for k, v in json.loads(text).items() if k not in ("flags", "extra")})
+    assert (_decode(older).flags, _decode(older).extra) == ([], {})
+
+
 def test_to_dict_and_from_dict_copy_nested_values():
     tx = make_tx(extra={"a": {"b": 1}})
     data = tx.to_dict()
@@ -519,6 +574,60 @@ def test_memory_values_expire_and_overwrites_do_not_grow_the_heap():
     assert len(store._expiries) < 100 and store.get_value("throttle") == {"n": 9999}
 
 
+def scattered_tx(n: int) -> Transaction:
+    """Record n of a varied set: every status and reason, initiated out of write order."""
+    status, reason = [("completed", None), ("failed", "cancelled"), ("failed", "timeout"),
+                      ("pending", None)][n % 4]
+    return make_tx(f"ws_CO_{n:04d}", phone=f"2547{n:08d}", status=status, reason=reason,
+                   initiated_at=1_700_000_000.0 + (n * 7919) % 1000,
+                   mpesa_receipt_number=f"R{n:04d}" if status == "completed" else None,
+                   account_reference=f"ref-{n % 7}")
+
+
+def test_memory_expiry_leaves_the_indexes_as_if_only_the_survivors_were_written():
+    clock = FakeClock()
+    store = MemoryStore(retention=100, clock=clock)
+    for n in range(1000):
+        store.create(scattered_tx(n))
+    clock.advance(50)
+    survivors = [scattered_tx(n) for n in range(1000, 1040)]
+    for tx in survivors:   # one a second
+        store.create(tx)
+        clock.advance(1)
+
+    def only(transactions: list[Transaction]) -> MemoryStore:
+        reference = MemoryStore(retention=100, clock=clock)
+        for tx in transactions:
+            reference.create(tx)
+        return reference
+
+    # 1000 expire at once: filtered out of "all" and "status:failed", deleted from the others.
+    clock.advance(20)
+    # Then the 3 oldest survivors: deleted one by one.
+    for expired_now, reference in ((1000, only(survivors)), (3, only(survivors[3:]))):
+        store.get("anything")
+        assert len(store._records) == len(reference._records)
+        assert store._sorted == reference._sorted and store._words == reference._words
+        for query in [{}, {"status": "failed"}, {"reason": "timeout"}, {"text": "R1004"},
+                      {"text": "ref-3"}, {"text": "0001012"}, {"since": 1_700_000_500.0}]:
+            assert store.search(**query, limit=100) == reference.search(**query, limit=100)
+        assert store.list(limit=100) == reference.list(limit=100)
+        clock.advance(42.5)
+    assert store.search("R0004") == ([], 0)
+
+
+def test_without_deletes_a_few_in_place_and_filters_for_many():
+    entries = [(float(n % 50), f"id{n}") for n in range(1000)]
+    entries.sort()
+    absent = (3.0, "nobody")
+    few = [entries[500], entries[5], absent]
+    assert _without(list(entries), few) == [entry for entry in entries if entry not in few]
+    many = entries[::3] + [absent]
+    assert len(many) > _FEW_LEAVING
+    assert _without(list(entries), many) == [entry for entry in entries if entry not in many]
+    assert _without([], many) == [] and _without(list(entries), []) == entries
+
+
 # SQLite only.
 
 def test_sqlite_keeps_records_across_close_and_reopen(tmp_path):
@@ -612,6 +721,43 @@ def test_sqlite_has_real_indexed_columns_and_wal(tmp_path):
         " ORDER BY initiated_at DESC", (PHONE,)))
     assert "transactions_by_phone" in plan
     store.close()
+
+
+def test_sqlite_writers_wait_their_turn_on_the_lock_file_and_readers_do_not(tmp_path):
+    path = tmp_path / "ledger.db"
+    store = open_store(f"sqlite:///{path}")
+    store.create(make_tx())
+    updated = threading.Event()
+    writer = threading.Thread(target=lambda: (store.update("ws_CO_1", increment), updated.set()))
+    with open(f"{path}-lock") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)   # another writer's turn
+        writer.start()
+        assert not updated.wait(0.3)
+        assert store.get("ws_CO_1").extra == {}
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
+        assert updated.wait(10)
+    writer.join()
+    assert store.get("ws_CO_1").extra == {"n": 1}
+    store.close()
+
+
+def test_sqlite_lock_file_is_closed_by_close_and_when_a_thread_ends(tmp_path):
+    path = tmp_path / "ledger.db"
+
+    def lock_files_open() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}") == f"{path}-lock"
+                   for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    store = open_store(f"sqlite:///{path}")
+    store.create(make_tx())
+    for _ in range(5):
+        thread = threading.Thread(target=store.update, args=("ws_CO_1", increment))
+        thread.start()
+        thread.join()
+    gc.collect()
+    assert lock_files_open() == 1   # this thread's
+    store.close()
+    assert lock_files_open() == 0
 
 
 # Redis only.
