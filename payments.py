@@ -58,13 +58,16 @@ class Payments:
     """Starts payments and settles them in the store, idempotently."""
 
     def __init__(self, store: Store, daraja: mpesa.Daraja, settings: Settings, clock=time.time,
-                 on_final=None, catalog: checkout.Catalog | None = None):
+                 on_final=None, catalog: checkout.Catalog | None = None, on_settling=None):
         self.store = store
         self.daraja = daraja
         self.settings = settings
         self.clock = clock
         self.catalog = catalog
         self.on_final = on_final  # called with the record each time it reaches a final state
+        # Called as on_settling(tx, now) inside the update that makes tx final, after every
+        # other change: what it writes on tx is saved with the verdict or not at all.
+        self.on_settling = on_settling
 
     @property
     def callback_url(self) -> str:
@@ -306,6 +309,8 @@ class Payments:
                                         tickets=[t["number"] for t in tx.extra["tickets"]]))
         elif stock == "held":
             tx.extra["stock"] = "to_release"
+        if self.on_settling is not None:
+            self.on_settling(tx, now)
         return status
 
     # -- stock and tickets (after the record is saved)

@@ -571,7 +571,8 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
         except ValueError as error:
             raise ConfigError(str(error)) from None
     app.extensions["payments"] = Payments(store, daraja, settings, catalog=catalog,
-                                          on_final=notifier.notify if notifier else None)
+                                          on_final=notifier.notify if notifier else None,
+                                          on_settling=notifier.record if notifier else None)
 
     CORS(app, origins=list(settings.frontend_urls),
          resources={r"/stkpush*": {}, r"/health": {}, r"/catalog": {}, r"/static/js/*": {}},

@@ -1,7 +1,8 @@
 """Signed merchant webhooks: each final payment status POSTed to the shop, at least once.
 
     sender = WebhookSender("https://shop.example/mpesa/events", secret, store)
-    sender.notify(tx)            # Payments(on_final=sender.notify): record, then queue
+    sender.record(tx, now)       # Payments(on_settling=sender.record): inside the settling update
+    sender.notify(tx)            # Payments(on_final=sender.notify): record if need be, then queue
     sender.redeliver_pending()   # after a crash (the reconcile command): queue the leftovers
     sender.close()
 
@@ -24,8 +25,9 @@ redirect too: none is followed) or no answer is retried after about
 base_delay * 2**(attempt - 1) s, capped at max_delay, with jitter, until max_attempts have
 been made; then the event is given up.
 
-The store holds the truth and the queue only memory: jobs queued in a process that dies
-are found again by `redeliver_pending()`, which resumes at the recorded attempt count.
+The store holds the truth and the queue only memory: the event is written in the same
+store update that settles the payment, and jobs queued in a process that dies are found
+again by `redeliver_pending()`, which resumes at the recorded attempt count.
 Not guaranteed: a 2xx that arrives just before the process dies unrecorded is sent again
 (at least once: dedupe by id), and the events of one payment may arrive out of order (a
 `late` event supersedes the earlier failed one; its `created` is later).
@@ -275,17 +277,27 @@ class WebhookSender:
 
     # -- public
 
+    @staticmethod
+    def record(tx: Transaction, now: float) -> None:
+        """Add tx's event, undelivered, to tx itself: for the store update that settles tx
+        (Payments' on_settling), so that no crash can leave a settled payment unannounced."""
+        record_event(tx, event_for(tx), now)
+
     def notify(self, tx: Transaction) -> str | None:
         """Record tx's final status as an undelivered event and queue it; return the event id."""
         if not tx.is_final:
             return None
         event = event_for(tx)   # from the record as settled, before anything else changes it
-        now = self.clock()
-        stored, pending = self.store.update(tx.checkout_request_id,
-                                            lambda t: record_event(t, event, now))
-        if stored is None:
-            log.warning("webhook %s not sent: record gone", _loggable(event["id"]))
-            return None
+        entry = tx.extra.get("webhooks", {}).get(event["id"])
+        if entry is not None:   # recorded while settling
+            pending = not (entry["delivered"] or entry["givenUp"])
+        else:
+            now = self.clock()
+            stored, pending = self.store.update(tx.checkout_request_id,
+                                                lambda t: record_event(t, event, now))
+            if stored is None:
+                log.warning("webhook %s not sent: record gone", _loggable(event["id"]))
+                return None
         if pending:
             self._enqueue(_Job(tx.checkout_request_id, event["id"]))
         return event["id"]

@@ -397,6 +397,27 @@ def test_a_cancelled_payment_is_delivered_as_failed(shop):
     assert receiver.ids() == [event["id"]]
 
 
+def test_a_process_that_dies_just_after_settling_leaves_the_event_to_be_sent(shop):
+    live, receiver = shop()
+    payments = live.app.extensions["payments"]
+
+    def dies_before_queueing(tx):   # as if the process were killed right after the write
+        raise RuntimeError("gone between the settling write and the webhook queue")
+    payments.on_final = dies_before_queueing
+    checkout_id = push(live, PAID)
+    tx = wait_for(lambda: (tx := admin(live, checkout_id)) and tx["status"] == "completed" and tx)
+    event_id = f"evt_{checkout_id}_completed"
+    assert tx["extra"]["webhooks"][event_id]["delivered"] is False   # saved with the verdict
+    time.sleep(0.3)
+    assert receiver.ids() == []
+
+    # What `flask reconcile` runs after the restart:
+    assert live.app.extensions["webhooks"].redeliver_pending() == 1
+    assert receiver.wait(1)[0]["body"]["id"] == event_id
+    delivered(live, checkout_id)
+    assert live.app.extensions["webhooks"].redeliver_pending() == 0
+
+
 def test_a_failing_shop_gets_the_same_event_until_it_answers_2xx(shop):
     live, receiver = shop(answers=[500, 500])
     checkout_id = push(live, PAID)
