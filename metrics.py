@@ -33,10 +33,14 @@ from collections import Counter as Tally
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, multiprocess, values
-from prometheus_client.exposition import choose_encoder
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # Set but blank (an empty config var) would still mean multiprocess mode, in the current directory.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
-import mpesa
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, multiprocess, values  # noqa: E402
+from prometheus_client.exposition import choose_encoder  # noqa: E402
+
+import mpesa  # noqa: E402
 
 MULTIPROCESS = bool(getattr(values.ValueClass, "_multiprocess", False))
 # gunicorn.conf.py sets it in the master, so every worker reports the same start.

@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -354,3 +355,18 @@ def test_gunicorn_with_one_worker_counts_and_logs_each_request(process_env, tmp_
     assert len(app_lines) == 1   # the app's own line for the one push
     gunicorn_access = [line for line in lines if '"POST /stkpush HTTP/1.1" 200' in line]
     assert len(gunicorn_access) == (1 if access_log else 0)
+
+
+def test_a_blank_metrics_directory_setting_counts_in_memory(process_env, tmp_path):
+    # An empty config var (PROMETHEUS_MULTIPROC_DIR=) must not switch on multiprocess mode.
+    port, env = process_env
+    server = ServerProcess([sys.executable, "server.py"], {**env, "PROMETHEUS_MULTIPROC_DIR": ""},
+                           port, tmp_path / "server.log")
+    try:
+        checkout_id = push(server.url, "0700 000 000").json()["checkoutRequestId"]
+        assert settled(server.url, checkout_id)["status"] == "completed"
+        assert total(scrape(server.url), "mpesa_payments_total", status="completed") == 1
+    finally:
+        server.kill(signal.SIGTERM)
+    root = Path(__file__).resolve().parent.parent
+    assert not list(root.glob(f"*_{server.process.pid}.db")), "metrics files written to the working directory"
