@@ -286,6 +286,14 @@ def test_dockerfile_runs_the_procfile_command_on_slim_python_311():
     assert "MPESA_ENV" not in docker_env(), "no credentials: the image must start the demo"
 
 
+def test_heroku_builds_with_the_python_the_image_and_the_tests_use():
+    # Heroku's Python buildpack reads .python-version; without it, it picks its own newest.
+    wanted = (ROOT / ".python-version").read_text().strip()
+    assert wanted == "3.11"
+    base = next(args for keyword, args in dockerfile() if keyword == "FROM")
+    assert base.startswith(f"python:{wanted}")
+
+
 def test_dockerfile_runs_as_a_non_root_user():
     keywords = [keyword for keyword, _ in dockerfile()]
     assert "USER" in keywords, "no USER: the server would run as root"
