@@ -70,11 +70,10 @@ else:
 
 # prometheus-client picks its multiprocess mode when first imported: set the directory first.
 # One worker counts in memory: multiprocess mode writes a file under a lock per observation.
+# (A blank setting is dropped by metrics.py, which every process imports before prometheus-client.)
 _METRICS_PREFIX = "mpesa-metrics-"
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # set at all, even empty, means multiprocess
-    if workers > 1:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_METRICS_PREFIX)
+if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_METRICS_PREFIX)
 _metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _metrics_dir:
     os.makedirs(_metrics_dir, exist_ok=True)
