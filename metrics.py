@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -203,6 +204,23 @@ _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) 
     "message", "asctime", "taskName", "request_id"}
 
 
+_second = (None, "")   # (a whole epoch second, its UTC text): log lines come many a second
+
+
+def _log_time(epoch: float) -> str:
+    """_iso(epoch), the date and second part made once a second."""
+    global _second
+    fraction, whole = math.modf(epoch)
+    micro = round(fraction * 1_000_000)   # as datetime.fromtimestamp rounds
+    if micro == 1_000_000:
+        whole, micro = whole + 1, 0
+    cached, text = _second
+    if whole != cached:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, text)
+    return f"{text}.{micro // 1000:03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, pid, request_id, message, then extras.
 
@@ -211,7 +229,7 @@ class JsonFormatter(logging.Formatter):
     """
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": _iso(record.created), "level": record.levelname, "logger": record.name,
+        entry = {"time": _log_time(record.created), "level": record.levelname, "logger": record.name,
                  "pid": record.process}
         request_id = getattr(record, "request_id", None)
         if request_id:

@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
@@ -240,10 +241,12 @@ def test_json_request_logs_carry_the_request_fields_and_no_secrets(process_env, 
     port, env = process_env
     server = ServerProcess([sys.executable, "server.py"], {**env, "LOG_FORMAT": "json"}, port,
                            tmp_path / "server.log")
+    started = datetime.now(timezone.utc).replace(microsecond=0)
     try:
         checkout_id = pay_and_spoof(server.url)
     finally:
         server.kill(signal.SIGTERM)
+    ended = datetime.now(timezone.utc)
     text = server.log_path.read_text()
     lines = [line for line in text.splitlines() if line.strip()]
     # Flask's own two start-up lines (" * Serving Flask app", " * Debug mode") are not logs.
@@ -255,7 +258,9 @@ def test_json_request_logs_carry_the_request_fields_and_no_secrets(process_env, 
     assert push_line["request_id"] == "trace-0001" and push_line["method"] == "POST"
     assert push_line["status"] == 200 and push_line["remote_addr"] == "127.0.0.1"
     assert push_line["pid"] == server.process.pid and push_line["level"] == "INFO"
-    assert isinstance(push_line["duration_ms"], float) and push_line["time"].endswith("Z")
+    assert isinstance(push_line["duration_ms"], float)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", push_line["time"])
+    assert started <= datetime.fromisoformat(push_line["time"].replace("Z", "+00:00")) <= ended
     assert push_line["message"].startswith("POST /stkpush 200 ")
     # Every line made while serving the push carries its id: the Daraja call, the payment.
     traced = {e["logger"] for e in entries if e.get("request_id") == "trace-0001"}
@@ -331,6 +336,8 @@ def test_gunicorn_workers_numbers_add_up(process_env, tmp_path, simulator):
     assert len({e["pid"] for e in served if e["path"] == "/stkpush"}) > 1, "every push went to one worker"
     assert {"gunicorn.error"} <= {e["logger"] for e in entries}  # gunicorn's own lines are JSON too
     assert all(e["request_id"] for e in served)
+    # Each forked worker draws its own ids: none is handed out twice across workers.
+    assert len({e["request_id"] for e in served}) == len(served)
 
 
 @pytest.mark.parametrize("access_log", [False, True])

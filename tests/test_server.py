@@ -1,6 +1,7 @@
 """The payment server end to end: real HTTP to the server, real HTTP to the simulator."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -331,6 +332,14 @@ def test_every_bad_field_gets_its_own_400(live, simulator, body, field, message)
 def test_body_that_is_not_a_json_object_is_a_400(live, data, content_type):
     response = live.post("/stkpush", data=data, headers={"Content-Type": content_type})
     assert response.status_code == 400 and response.json()["success"] is False
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_json_with_a_byte_order_mark_is_read_like_plain_utf8(live, encoding):
+    # Windows tools (PowerShell's Out-File, Notepad) write a BOM; RFC 8259 lets parsers accept it.
+    data = json.dumps({"phone": WAITING, "amount": 3}).encode(encoding)
+    response = live.post("/stkpush", data=data, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200 and response.json()["amount"] == 3
 
 
 def test_oversized_body_is_a_413_in_json(live):
