@@ -128,7 +128,9 @@ def run(ctx: Context) -> str:
         f"Every run (req/s): {runs_text}.",
     ]
     if redis_url:
-        lines += ["", f"Redis: {redis_how}."]
+        from redis.utils import HIREDIS_AVAILABLE
+        parser = "hiredis" if HIREDIS_AVAILABLE else "redis-py's Python parser (hiredis missing)"
+        lines += ["", f"Redis: {redis_how}; answers read by {parser}."]
     if not wrk_path():
         lines += ["", "!!! wrk was not installed: `scripts/ensure-packages.sh wrk` installs it (root or sudo). !!!"]
     if len(set(bodies.values())) > 1:
