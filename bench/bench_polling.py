@@ -18,6 +18,11 @@ CONNECTIONS = 32
 LIMITED = "memory, rate limits on"
 # On as in production, with limits no benchmark client reaches (one IP polls here).
 LIMITS_ON = {"RATELIMIT_ENABLED": "true", "RATE_LIMIT_STATUS_PER_IP": "100000000/minute"}
+UNLOGGED = "memory, no request log line"
+# A diagnostic, not a setting: the server's logger raised to WARNING at interpreter start-up
+# (sitecustomize), to show what the one INFO line per request costs under gunicorn.
+QUIET_LOGGER = 'import logging\nlogging.getLogger("server").setLevel(logging.WARNING)\n'
+DIAGNOSTICS = (LIMITED, UNLOGGED)
 
 
 def run(ctx: Context) -> str:
@@ -32,14 +37,19 @@ def run(ctx: Context) -> str:
     stores = [("memory", "memory://"), ("SQLite", f"sqlite:///{scratch / 'payments.db'}")]
     if redis_url:
         stores.append(("Redis", redis_url))
-    # Not a goal row: what Flask-Limiter costs per poll when limits are on, as they are by default.
-    stores.append((LIMITED, "memory://"))
+    # Not goal rows: what Flask-Limiter costs per poll when limits are on, as they are by
+    # default, and what the request's log line costs.
+    stores += [(LIMITED, "memory://"), (UNLOGGED, "memory://")]
+    quiet = scratch / "quiet-logger"
+    quiet.mkdir(exist_ok=True)
+    (quiet / "sitecustomize.py").write_text(QUIET_LOGGER)
+    extra_settings = {LIMITED: LIMITS_ON, UNLOGGED: {"PYTHONPATH": str(quiet)}}
 
     targets = {}      # name -> (url, body)
     bodies = {}
     for name, url in stores:
         ctx.log(f"polling: starting the server with the {name} store")
-        settings = LIMITS_ON if name == LIMITED else {}
+        settings = extra_settings.get(name, {})
         server = start_gunicorn(ctx, server_env(sim.url, url, free_port(), **settings),
                                 name=f"server-{name.split(',')[0]}-{len(targets)}")
         checkout_id = completed_payment(server.url)
@@ -60,10 +70,11 @@ def run(ctx: Context) -> str:
             raise BenchError(f"the bare app answered {len(answer.content)} bytes, not {size}")
         bare[label] = (process.url + "/stkpush/status", {"checkoutRequestId": "x"})
     workers = {"memory": "1 worker", "SQLite": "several workers", "Redis": "several workers",
-               LIMITED: "1 worker"}
+               LIMITED: "1 worker", UNLOGGED: "1 worker"}
 
     order = [("bare 1 worker", bare["1 worker"]), ("memory", targets["memory"]),
-             (LIMITED, targets[LIMITED]), ("bare several workers", bare["several workers"])]
+             (LIMITED, targets[LIMITED]), (UNLOGGED, targets[UNLOGGED]),
+             ("bare several workers", bare["several workers"])]
     order += [(name, targets[name]) for name in ("SQLite", "Redis") if name in targets]
     results: dict[str, list] = {name: [] for name, _ in order}
     if not ctx.quick:
@@ -87,7 +98,7 @@ def run(ctx: Context) -> str:
         met = ratio is not None and ratio >= GOAL
         # The Python generator saturates before the bare app does: its ratios say nothing.
         verdict = ("yes" if met else "**no**") if client_ok else "unknown (no wrk)"
-        if name == LIMITED:
+        if name in DIAGNOSTICS:
             verdict = "(not a goal)"
         else:
             verdicts.append(f"{name} {fmt(ratio, 2)} ({verdict})")
@@ -116,7 +127,9 @@ def run(ctx: Context) -> str:
                 "so the client, not the server, may be the limit)") + ". "
         "Servers: `gunicorn -c gunicorn.conf.py server:app` with `RATELIMIT_ENABLED=false` (the row "
         f"*{LIMITED}*: `RATELIMIT_ENABLED=true` with `RATE_LIMIT_STATUS_PER_IP` set out of reach, "
-        "so every poll pays Flask-Limiter's check and count as in production); ceiling: "
+        "so every poll pays Flask-Limiter's check and count as in production; the row "
+        f"*{UNLOGGED}*: the `server` logger raised to WARNING by a `sitecustomize.py` on "
+        "`PYTHONPATH`, a diagnostic of what the one log line per request costs, not a setting); ceiling: "
         "`gunicorn -c gunicorn.conf.py bench.bare_app:app` (same workers and threads, "
         f"a JSON body of the same {size} bytes). Both bound to 127.0.0.1.",
         "",

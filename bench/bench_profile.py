@@ -37,7 +37,7 @@ CONCERNS = [  # label, test on a frame's (file, function); none of them wraps th
     ("Flask-CORS after_request", lambda f, fn: f.startswith("flask_cors/") and "after_request" in fn),
     ("request metrics (metrics.py, prometheus_client)", lambda f, fn: f.startswith("prometheus_client/")
      or (f == "metrics.py" and fn == "request_served")),
-    ("uuid (request ids)", lambda f, fn: f == "uuid.py"),
+    ("request ids", lambda f, fn: f == "server.py" and fn == "request_id"),
     ("outgoing HTTP to Daraja (requests, urllib3)", lambda f, fn: f.startswith(("requests/", "urllib3/"))),
     ("requests reading proxy settings from the environment", lambda f, fn: f.startswith("requests/")
      and ("merge_environment_settings" in fn or "get_environ_proxies" in fn)),
@@ -287,8 +287,9 @@ PROPOSALS = {
     "Flask-CORS after_request":
         "Flask-CORS matches every request against its resources; requests without an Origin "
         "header could skip it",
-    "uuid (request ids)":
-        "`uuid.uuid4()` per request; a per-process random prefix and a counter would do",
+    "request ids":
+        "`server.request_id` draws 128 bits from a per-process generator; a per-process random "
+        "prefix and a counter would do with less",
     "requests reading proxy settings from the environment":
         "requests is reading the environment per call again: check `mpesa.pooled_session`",
 }
