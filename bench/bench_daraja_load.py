@@ -16,7 +16,7 @@ import time
 import requests
 
 from bench.harness import (BenchError, Context, fmt, free_port, percentile, server_env, simulator_stats,
-                           start_gunicorn, start_redis, start_simulator, table)
+                           start_gunicorn, start_simulator, store_urls, table)
 
 CLIENTS = 100
 INTERVAL = 0.1
@@ -27,14 +27,7 @@ def run(ctx: Context) -> str:
     seconds = 10.0
     goal = math.floor(seconds / QUERY_INTERVAL) + 1
     sim = start_simulator(ctx)
-    stores = [("memory", "memory://"), ("SQLite", f"sqlite:///{ctx.scratch('load') / 'payments.db'}")]
-    redis_url, redis_how = start_redis(ctx)
-    if redis_url:
-        stores.append(("Redis", redis_url))
-    else:
-        ctx.log(f"!!! REDIS DARAJA-LOAD RUN SKIPPED: {redis_how} !!!")
-    if ctx.quick:
-        stores = stores[:1]
+    stores, redis_missing = store_urls(ctx, "daraja-load")
 
     rows = []
     for number, (name, url) in enumerate(stores):
@@ -58,8 +51,8 @@ def run(ctx: Context) -> str:
                      f"**{queries}**", "yes" if met else "**no**"])
         ctx.summary.append([f"Daraja load, {name} store: STK queries while {CLIENTS} clients poll for "
                             f"{seconds:.0f} s", f"≤ {goal}", str(queries), "yes" if met else "**no**"])
-    if not redis_url and not ctx.quick:
-        rows.append(["Redis", "**skipped**", "", "", "", "", "", "", redis_how])
+    if redis_missing and not ctx.quick:
+        rows.append(["Redis", "**skipped**", "", "", "", "", "", "", redis_missing])
     return "\n".join([
         "## 3. Daraja load",
         "",

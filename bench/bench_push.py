@@ -16,7 +16,7 @@ import requests
 import mpesa
 from bench.harness import (LOCAL, SIM_KEY, SIM_SECRET, BenchError, Context, closes_connections, fmt,
                            free_port, median, percentile, post_batch, server_env, simulator_reset,
-                           simulator_stats, start_gunicorn, start_redis, start_simulator, table)
+                           simulator_stats, start_gunicorn, start_simulator, store_urls, table)
 
 THREADS = 50
 
@@ -25,14 +25,7 @@ def run(ctx: Context) -> str:
     pushes = 200 if ctx.quick else 1000
     rounds = ctx.runs(3, 1)
     sim = start_simulator(ctx)
-    stores = [("memory", "memory://"), ("SQLite", f"sqlite:///{ctx.scratch('push') / 'payments.db'}")]
-    redis_url, redis_how = start_redis(ctx)
-    if redis_url:
-        stores.append(("Redis", redis_url))
-    else:
-        ctx.log(f"!!! REDIS PUSH RUN SKIPPED: {redis_how} !!!")
-    if ctx.quick:
-        stores = stores[:1]
+    stores, redis_missing = store_urls(ctx, "push")
 
     servers = {}
     for name, url in stores:
@@ -92,8 +85,8 @@ def run(ctx: Context) -> str:
     if closes_connections(sim.url + "/simulator/health"):
         lines += ["", "The simulator answers `Connection: close`: the server's pooled Daraja session opens a "
                       "connection per push here, as the direct client does."]
-    if not redis_url and not ctx.quick:
-        lines += ["", f"**Redis skipped:** {redis_how}."]
+    if redis_missing and not ctx.quick:
+        lines += ["", f"**Redis skipped:** {redis_missing}."]
     if failures:
         lines += ["", "Refused or failed pushes (first few): " + "; ".join(sorted(set(failures))[:6])]
     return "\n".join(lines)

@@ -262,6 +262,18 @@ def start_redis(ctx: Context) -> tuple[str | None, str]:
     return None, f"{problem} and nothing answers at {fallback}"
 
 
+def store_urls(ctx: Context, label: str) -> tuple[list[tuple[str, str]], str | None]:
+    """(name, STORE_URL) pairs to run: memory, SQLite in a scratch folder, and Redis when one
+    can be had; a quick run keeps memory only. Also why Redis is missing (None when it is not)."""
+    stores = [("memory", "memory://"), ("SQLite", f"sqlite:///{ctx.scratch(label) / 'payments.db'}")]
+    redis_url, redis_how = start_redis(ctx)
+    if redis_url:
+        stores.append(("Redis", redis_url))
+    else:
+        ctx.log(f"!!! REDIS {label.upper()} RUN SKIPPED: {redis_how} !!!")
+    return (stores[:1] if ctx.quick else stores), (None if redis_url else redis_how)
+
+
 def redis_answers(url: str) -> bool:
     import redis
     client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)

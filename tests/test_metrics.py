@@ -237,15 +237,19 @@ def assert_private(text: str, checkout_id: str) -> None:
         assert secret not in text, secret
 
 
-def test_json_request_logs_carry_the_request_fields_and_no_secrets(process_env, tmp_path):
+def pay_and_spoof_on_python_server(process_env, log_path, log_format: str) -> tuple[ServerProcess, str]:
+    """`python server.py` with LOG_FORMAT=log_format: pay once, spoof a callback, stop."""
     port, env = process_env
-    server = ServerProcess([sys.executable, "server.py"], {**env, "LOG_FORMAT": "json"}, port,
-                           tmp_path / "server.log")
-    started = datetime.now(timezone.utc).replace(microsecond=0)
+    server = ServerProcess([sys.executable, "server.py"], {**env, "LOG_FORMAT": log_format}, port, log_path)
     try:
-        checkout_id = pay_and_spoof(server.url)
+        return server, pay_and_spoof(server.url)
     finally:
         server.kill(signal.SIGTERM)
+
+
+def test_json_request_logs_carry_the_request_fields_and_no_secrets(process_env, tmp_path):
+    started = datetime.now(timezone.utc).replace(microsecond=0)
+    server, checkout_id = pay_and_spoof_on_python_server(process_env, tmp_path / "server.log", "json")
     ended = datetime.now(timezone.utc)
     text = server.log_path.read_text()
     lines = [line for line in text.splitlines() if line.strip()]
@@ -274,13 +278,7 @@ def test_json_request_logs_carry_the_request_fields_and_no_secrets(process_env, 
 
 
 def test_python_server_logs_text_by_default(process_env, tmp_path):
-    port, env = process_env
-    server = ServerProcess([sys.executable, "server.py"], {**env, "LOG_FORMAT": ""}, port,
-                           tmp_path / "server.log")
-    try:
-        checkout_id = pay_and_spoof(server.url)
-    finally:
-        server.kill(signal.SIGTERM)
+    server, checkout_id = pay_and_spoof_on_python_server(process_env, tmp_path / "server.log", "")
     text = server.log_path.read_text()
     assert re.search(rf"\[{server.process.pid}\] INFO server: POST /stkpush 200 [\d.]+ms", text)
     assert "/hooks/stk/*** 403" in text
