@@ -494,6 +494,9 @@ def register_request_log(app: Flask) -> None:
         if served.is_secure and "strict-transport-security" not in present:
             headers.add("Strict-Transport-Security", "max-age=31536000")
         headers["X-Request-ID"] = request_id()
+        if response.status_code not in (429, 503):
+            # Flask-Limiter's headers put Retry-After on every answer; only a refusal means wait.
+            headers.pop("Retry-After", None)
         elapsed = time.perf_counter() - getattr(context, "started", time.perf_counter())
         method, status, rule = served.method, response.status_code, served.url_rule
         metrics.request_served(method, rule.rule if rule else None, status, elapsed)

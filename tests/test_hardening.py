@@ -49,6 +49,20 @@ def test_status_polling_has_its_own_looser_limit(live_server_factory):
     assert codes == [200] * 5 + [429]
 
 
+def test_only_a_refusal_tells_the_client_to_wait(live_server_factory):
+    # Flask-Limiter's headers add Retry-After to every answer; on a 200 it would tell a shop's
+    # HTTP client to hold off for a minute before its next poll.
+    live = live_server_factory(**LIMITS, RATE_LIMIT_STATUS_PER_IP="2/minute")
+    checkout_id = started(live)
+    answers = [live.post("/stkpush/status", json={"checkoutRequestId": checkout_id}) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    for served in answers[:2]:
+        assert "Retry-After" not in served.headers
+        assert served.headers["X-RateLimit-Limit"] == "2"   # the limit itself is still shown
+    assert [a.headers["X-RateLimit-Remaining"] for a in answers[:2]] == ["1", "0"]
+    assert 0 < int(answers[2].headers["Retry-After"]) <= 60
+
+
 def test_forwarded_for_is_trusted_from_exactly_one_proxy(live_server_factory):
     behind_router = live_server_factory(**LIMITS, RATE_LIMIT_PUSH_PER_IP="1/minute", TRUSTED_PROXIES="1")
     for n, client in enumerate(("10.0.0.1", "10.0.0.2")):
