@@ -32,7 +32,6 @@ import re
 import time
 from collections import Counter as Tally
 from contextlib import contextmanager
-from datetime import datetime, timezone
 
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     # Set but blank (an empty config var) would still mean multiprocess mode, in the current directory.
@@ -192,11 +191,6 @@ def stats() -> dict:
     }
 
 
-def _iso(epoch: float) -> str:
-    moment = datetime.fromtimestamp(epoch, timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 # ---------------------------------------------------------------------- logs
 
 _LOG_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))  # one, not one per line
@@ -207,8 +201,8 @@ _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) 
 _second = (None, "")   # (a whole epoch second, its UTC text): log lines come many a second
 
 
-def _log_time(epoch: float) -> str:
-    """_iso(epoch), the date and second part made once a second."""
+def _iso(epoch: float) -> str:
+    """2026-11-23T09:35:42.596Z: UTC to the millisecond, the date and second part made once a second."""
     global _second
     fraction, whole = math.modf(epoch)
     micro = round(fraction * 1_000_000)   # as datetime.fromtimestamp rounds
@@ -229,7 +223,7 @@ class JsonFormatter(logging.Formatter):
     """
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": _log_time(record.created), "level": record.levelname, "logger": record.name,
+        entry = {"time": _iso(record.created), "level": record.levelname, "logger": record.name,
                  "pid": record.process}
         request_id = getattr(record, "request_id", None)
         if request_id:
