@@ -47,13 +47,13 @@ if _log_format not in ("json", "text"):
     sys.exit(f"Configuration error: LOG_FORMAT must be text or json (got {_log_format!r})")
 os.environ["LOG_FORMAT"] = _log_format  # the workers' configure_logging reads it
 if _log_format == "json":
-    # One root handler for gunicorn's lines and the app's; metrics.JsonFormatter is imported
-    # only after PROMETHEUS_MULTIPROC_DIR is set below (this dict is applied later).
+    # One root handler for gunicorn's lines and the app's; metrics (its formatter and handler) is
+    # imported only after PROMETHEUS_MULTIPROC_DIR is set below (this dict is applied later).
     logconfig_dict = {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": "metrics.JsonFormatter"}},
-        "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json",
+        "handlers": {"stdout": {"class": "metrics.LineHandler", "formatter": "json",
                                 "stream": "ext://sys.stdout"}},
         "root": {"level": "INFO", "handlers": ["stdout"]},
         # gunicorn.access is left to gunicorn: silent unless --access-logfile is given.

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import select
 import time
 from collections import Counter as Tally
 from contextlib import contextmanager
@@ -213,6 +214,53 @@ def _iso(epoch: float) -> str:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
         _second = (whole, text)
     return f"{text}.{micro // 1000:03d}Z"
+
+
+class LineHandler(logging.StreamHandler):
+    """A StreamHandler that writes each line with one write(2) to the stream's file, lock-free.
+
+    logging.StreamHandler holds its lock across the write and flush, system calls that let go
+    of the GIL: under gunicorn's threads the others then queue on that lock at every request.
+    POSIX makes one write of up to PIPE_BUF bytes to a pipe atomic, so such lines from threads
+    and workers never mix without a lock. A longer line (a traceback) is written under the lock,
+    as is any line when the stream has no file descriptor (a test's StringIO).
+    """
+
+    def handle(self, record: logging.LogRecord):
+        kept = self.filter(record)
+        if isinstance(kept, logging.LogRecord):   # Python 3.12+: a filter may swap the record
+            record = kept
+        if kept:
+            self.emit(record)
+        return kept
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            try:
+                fd = self.stream.fileno()
+            except (AttributeError, OSError, ValueError):
+                fd = None
+            if fd is None:
+                with self.lock:
+                    self.stream.write(line)
+                    self.flush()
+                return
+            data = line.encode(getattr(self.stream, "encoding", None) or "utf-8", "backslashreplace")
+            if len(data) <= select.PIPE_BUF:
+                _write_all(fd, data)
+            else:
+                with self.lock:
+                    _write_all(fd, data)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
 
 
 class JsonFormatter(logging.Formatter):

@@ -701,7 +701,8 @@ def configure_logging() -> None:
     """Log to stdout as text or JSON lines (LOG_FORMAT), with the request id on each JSON line."""
     root = logging.getLogger()
     if not root.handlers:  # under gunicorn, gunicorn.conf.py has set up the handler already
-        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format=TEXT_LOG_FORMAT)
+        logging.basicConfig(level=logging.INFO, format=TEXT_LOG_FORMAT,
+                            handlers=[metrics.LineHandler(sys.stdout)])
     json_lines = log_format() == "json"
     for handler in root.handlers:
         if json_lines:

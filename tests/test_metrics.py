@@ -6,10 +6,15 @@ that several workers' numbers add up.
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
+import os
 import re
+import select
 import signal
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +25,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 import simulator as sim_module
+from metrics import JsonFormatter, LineHandler
 from mpesa import mask_checkout_id
 from tests.server_fixtures import free_port
 from tests.test_durability import ServerProcess, wait_until
@@ -375,3 +381,51 @@ def test_a_blank_metrics_directory_setting_counts_in_memory(process_env, tmp_pat
         server.kill(signal.SIGTERM)
     root = Path(__file__).resolve().parent.parent
     assert not list(root.glob(f"*_{server.process.pid}.db")), "metrics files written to the working directory"
+
+
+# ------------------------------------------------------------------- the log handler
+
+def line_logger(stream) -> logging.Logger:
+    """A logger of its own writing JSON lines through metrics.LineHandler to stream."""
+    handler = LineHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(f"test-lines-{id(stream)}")
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+def test_lines_from_many_threads_reach_a_pipe_whole_and_in_full():
+    read_end, write_end = os.pipe()
+    received = bytearray()
+    reader = threading.Thread(target=lambda: [received.extend(chunk) for chunk in
+                                              iter(lambda: os.read(read_end, 65536), b"")])
+    reader.start()
+    with os.fdopen(write_end, "w") as stream:
+        logger = line_logger(stream)
+
+        def log_lines(thread):
+            for n in range(200):
+                logger.info("thread %s line %s", thread, n, extra={"padding": "x" * (n % 300)})
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(log_lines, range(8)))
+        try:
+            raise ValueError("a traceback longer than one atomic pipe write " + "y" * 5000)
+        except ValueError:
+            logger.exception("failed")
+    reader.join(timeout=10)
+    os.close(read_end)
+
+    entries = [json.loads(line) for line in received.decode().splitlines()]
+    assert len(entries) == 8 * 200 + 1
+    assert {(e["message"]) for e in entries[:-1]} == {f"thread {t} line {n}" for t in range(8) for n in range(200)}
+    assert entries[-1]["message"] == "failed" and "y" * 5000 in entries[-1]["exception"]
+    assert len(received.decode().splitlines()[-1]) > select.PIPE_BUF
+
+
+def test_the_line_handler_writes_to_a_stream_without_a_file_too():
+    stream = io.StringIO()
+    line_logger(stream).info("paid %s KES", 100, extra={"status": 200})
+    entry = json.loads(stream.getvalue())
+    assert entry["message"] == "paid 100 KES" and entry["status"] == 200
+    assert stream.getvalue().endswith("}\n")
