@@ -54,6 +54,17 @@ def event(name: str, at: float, **details) -> dict:
     return {"at": at, "event": name, **{k: v for k, v in details.items() if v is not None}}
 
 
+def settled_for_good(tx: Transaction) -> bool:
+    """True once nothing Daraja may still send can change the record's verdict or receipt.
+
+    Our own timeout yields to a late result, and a payment completed by STK Query still gets
+    its receipt from the callback (see Payments._settle); every other final record stays.
+    """
+    if not tx.is_final or tx.settled_by == "timeout":
+        return False
+    return not (tx.status == "completed" and tx.settled_by == "query" and not tx.mpesa_receipt_number)
+
+
 class Payments:
     """Starts payments and settles them in the store, idempotently."""
 

@@ -18,6 +18,7 @@ import os
 import random
 import re
 import sys
+import threading
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -36,7 +37,7 @@ import mpesa
 import pages
 import simulator
 from config import ConfigError, Settings, load_settings
-from payments import Payments, SoldOut
+from payments import Payments, SoldOut, settled_for_good
 from store import Store, Transaction, open_store
 
 log = logging.getLogger("server")
@@ -384,10 +385,57 @@ def idempotent(key: str, body) -> tuple:
 def status_for(checkout_id):
     if not isinstance(checkout_id, str) or not CHECKOUT_ID.match(checkout_id.strip()):
         raise ApiError(400, "checkoutRequestId is required", field="checkoutRequestId")
-    tx = get_payments().status(checkout_id.strip())
+    checkout_id = checkout_id.strip()
+    answers: FinalAnswers = current_app.extensions["final_answers"]
+    body = answers.get(checkout_id)
+    if body is not None:
+        return current_app.response_class(body, mimetype="application/json")
+    tx = get_payments().status(checkout_id)
     if tx is None:
         raise ApiError(404, "Transaction not found", status="not_found")
-    return jsonify(status_answer(tx))
+    response = jsonify(status_answer(tx))
+    if settled_for_good(tx):
+        answers.keep(tx, response.get_data())
+    return response
+
+
+class FinalAnswers:
+    """The encoded poll answers of payments settled for good, kept by each process.
+
+    Most polls ask about a payment that is already settled: a page or a shop's back end
+    polls until it sees the verdict. Once payments.settled_for_good(tx) nothing changes that
+    answer until the store forgets the record, `retention` seconds after its last write, so
+    never before completed_at + retention: an answer is kept until then, and the oldest go
+    first past `size` answers. The poll skips the store read and the encoding.
+    """
+
+    def __init__(self, retention: float, clock=time.time, size: int = 10_000):
+        self._retention = retention
+        self._clock = clock
+        self._size = size
+        self._answers: dict[str, tuple[bytes, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, checkout_id: str) -> bytes | None:
+        kept = self._answers.get(checkout_id)
+        if kept is None:
+            return None
+        body, until = kept
+        if self._clock() >= until:
+            self._answers.pop(checkout_id, None)
+            return None
+        return body
+
+    def keep(self, tx: Transaction, body: bytes) -> None:
+        if tx.completed_at is None:
+            return
+        until = tx.completed_at + self._retention
+        if self._clock() >= until:
+            return
+        with self._lock:
+            self._answers[tx.checkout_request_id] = (body, until)
+            while len(self._answers) > self._size:
+                del self._answers[next(iter(self._answers))]
 
 
 def address_allowed(address: str | None, networks) -> bool:
@@ -586,6 +634,8 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
     app.extensions["payments"] = Payments(store, daraja, settings, catalog=catalog,
                                           on_final=notifier.notify if notifier else None,
                                           on_settling=notifier.record if notifier else None)
+    app.extensions["final_answers"] = FinalAnswers(settings.retention_seconds,
+                                                   clock=app.extensions["payments"].clock)
 
     CORS(app, origins=list(settings.frontend_urls),
          resources={r"/stkpush*": {}, r"/health": {}, r"/catalog": {}, r"/static/js/*": {}},

@@ -4,9 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 
 import pytest
 import requests
+
+from payments import settled_for_good
+from server import FinalAnswers
+from store import Transaction
 
 PAID, CANCELLED, WRONG_PIN, BROKE, UNREACHABLE = (
     "254700000000", "254700001032", "254700002001", "254700000001", "254700001037")
@@ -377,6 +382,57 @@ def test_status_by_get_matches_post(live):
     assert by_get["status"] == "pending"
     assert by_get["message"] == "Waiting for user to complete payment"
     assert by_get == poll(live, checkout_id, timeout=0)
+
+
+def test_a_settled_payment_answers_every_poll_with_the_same_bytes(live):
+    checkout_id = started(live, PAID)
+    settled = poll(live, checkout_id)
+    assert settled["status"] == "completed"
+    answers = [live.post("/stkpush/status", json={"checkoutRequestId": checkout_id})
+               for _ in range(3)] + [live.get(f"/stkpush/status/{checkout_id}")]
+    assert {a.content for a in answers} == {answers[0].content}
+    assert all(a.status_code == 200 and a.headers["Content-Type"] == "application/json"
+               for a in answers)
+    assert json.loads(answers[0].content) == settled
+    assert live.app.extensions["final_answers"].get(checkout_id) == answers[0].content
+
+
+def settled_tx(status="completed", settled_by="callback", receipt="SIM0000001", completed_at=1000.0):
+    return Transaction("ws_CO_1", "m-1", "254712345678", 100, status=status, settled_by=settled_by,
+                       mpesa_receipt_number=receipt if status == "completed" else None,
+                       completed_at=completed_at)
+
+
+@pytest.mark.parametrize("tx, for_good", [
+    (Transaction("ws_CO_1", "m-1", "254712345678", 100), False),
+    (settled_tx(), True),
+    (settled_tx("failed", "callback"), True),
+    (settled_tx("failed", "query"), True),
+    (settled_tx(settled_by="query"), True),
+    (settled_tx(settled_by="query", receipt=None), False),   # the callback may still bring it
+    (settled_tx("failed", "timeout"), False),                # a late result may still come
+])
+def test_only_answers_nothing_can_change_are_kept(tx, for_good):
+    assert settled_for_good(tx) is for_good
+
+
+def test_kept_answers_go_when_the_store_may_forget_the_payment():
+    now = [1000.0]
+    answers = FinalAnswers(retention=60, clock=lambda: now[0])
+    answers.keep(settled_tx(completed_at=1000.0), b"paid")
+    now[0] = 1059.9
+    assert answers.get("ws_CO_1") == b"paid"
+    now[0] = 1060.0
+    assert answers.get("ws_CO_1") is None
+    answers.keep(settled_tx(completed_at=990.0), b"paid")   # already past its retention
+    assert answers.get("ws_CO_1") is None
+
+
+def test_kept_answers_are_bounded_oldest_first():
+    answers = FinalAnswers(retention=60, clock=lambda: 1000.0, size=2)
+    for n in range(3):
+        answers.keep(replace(settled_tx(), checkout_request_id=f"ws_CO_{n}"), b"%d" % n)
+    assert [answers.get(f"ws_CO_{n}") for n in range(3)] == [None, b"1", b"2"]
 
 
 # -------------------------------------------------------------------- health
