@@ -637,10 +637,11 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
     app.extensions["final_answers"] = FinalAnswers(settings.retention_seconds,
                                                    clock=app.extensions["payments"].clock)
 
-    CORS(app, origins=list(settings.frontend_urls),
-         resources={r"/stkpush*": {}, r"/health": {}, r"/catalog": {}, r"/static/js/*": {}},
-         allow_headers=["Content-Type", "Idempotency-Key", "X-Request-ID"],
-         expose_headers=["Retry-After", "Idempotent-Replayed", "X-Request-ID"])
+    if settings.frontend_urls:   # otherwise same origin only, and no CORS work per request
+        CORS(app, origins=list(settings.frontend_urls),
+             resources={r"/stkpush*": {}, r"/health": {}, r"/catalog": {}, r"/static/js/*": {}},
+             allow_headers=["Content-Type", "Idempotency-Key", "X-Request-ID"],
+             expose_headers=["Retry-After", "Idempotent-Replayed", "X-Request-ID"])
     if settings.ratelimit_enabled:
         limiter = Limiter(get_remote_address, app=app)
         app.extensions["rate_limiter"] = limiter  # Flask-Limiter holds itself only weakly

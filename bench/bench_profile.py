@@ -243,12 +243,13 @@ def _micro(ctx: Context) -> str:
             ("its request metrics (`metrics.request_served`)",
              best(lambda: metrics.request_served("POST", "/stkpush/status", 200, 0.001))),
             ("reading the body (`read_json`)", best(server.read_json)),
-            ("building and encoding the answer (`status_answer` + `jsonify`)",
+            ("building and encoding the answer (`status_answer` + `jsonify`; first poll after settling only)",
              best(lambda: server.jsonify(server.status_answer(tx)))),
         ]
     for name, app in apps.items():
         store_ = app.extensions["store"]
-        pieces.append((f"reading the record (`{type(store_).__name__}.get`)",
+        pieces.append((f"reading the record (`{type(store_).__name__}.get`; the first poll after "
+                       "it settled only, later ones get the kept answer)",
                        best(lambda: store_.get(completed.checkout_request_id))))
     whole = [("the bare app (bench/bare_app.py)", best(poll(bare.app)))]
     whole += [(f"the server, {name} store", best(poll(app))) for name, app in apps.items()]
@@ -281,12 +282,13 @@ PROPOSALS = {
         "with several workers each observation writes prometheus-client's multiprocess files; "
         "fewer histogram buckets or labels would make it cheaper",
     "store.py (reads, writes, encoding)":
-        "the record is decoded whole from JSON on every poll; a poll needs a few fields",
+        "the record is decoded whole from JSON on every read (callbacks, polls of pending "
+        "payments); most need a few fields",
     "Flask-Limiter request check (limits off)":
         "Flask-Limiter is created although limits are off: check `NoRateLimits` in server.py",
     "Flask-CORS after_request":
-        "Flask-CORS matches every request against its resources; requests without an Origin "
-        "header could skip it",
+        "Flask-CORS (installed only when FRONTEND_URL is set) matches every request against its "
+        "resources; requests without an Origin header could skip it",
     "request ids":
         "`server.request_id` draws 128 bits from a per-process generator; a per-process random "
         "prefix and a counter would do with less",

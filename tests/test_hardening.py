@@ -86,6 +86,14 @@ def test_cors_only_for_the_configured_front_end(live_server_factory):
     assert "idempotency-key" in preflight.headers["Access-Control-Allow-Headers"].lower()
 
 
+def test_without_a_front_end_no_other_origin_is_allowed(live_server_factory):
+    live = live_server_factory()
+    for method, path in (("GET", "/health"), ("POST", "/stkpush/status"), ("OPTIONS", "/stkpush")):
+        response = requests.request(method, live.url + path, timeout=5, json={}, headers={
+            "Origin": "https://shop.example.com", "Access-Control-Request-Method": "POST"})
+        assert not [name for name in response.headers if name.lower().startswith("access-control-")]
+
+
 def test_callbacks_from_outside_the_allow_list_are_refused(live_server_factory):
     closed = live_server_factory(CALLBACK_ALLOWED_IPS="safaricom")
     checkout_id = started(closed)
