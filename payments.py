@@ -54,15 +54,18 @@ def event(name: str, at: float, **details) -> dict:
     return {"at": at, "event": name, **{k: v for k, v in details.items() if v is not None}}
 
 
+def awaits_receipt(tx: Transaction) -> bool:
+    """Completed by STK Query, which brings no receipt number: the callback may still bring it."""
+    return tx.status == "completed" and tx.settled_by == "query" and not tx.mpesa_receipt_number
+
+
 def settled_for_good(tx: Transaction) -> bool:
     """True once nothing Daraja may still send can change the record's verdict or receipt.
 
-    Our own timeout yields to a late result, and a payment completed by STK Query still gets
-    its receipt from the callback (see Payments._settle); every other final record stays.
+    Our own timeout yields to a late result, and a payment that awaits_receipt gets it from
+    the callback (see Payments._settle); every other final record stays as it is.
     """
-    if not tx.is_final or tx.settled_by == "timeout":
-        return False
-    return not (tx.status == "completed" and tx.settled_by == "query" and not tx.mpesa_receipt_number)
+    return tx.is_final and tx.settled_by != "timeout" and not awaits_receipt(tx)
 
 
 class Payments:
@@ -254,8 +257,7 @@ class Payments:
                                 receipt=receipt, raw=raw))
         replaces_timeout = tx.settled_by == "timeout"
         if tx.is_final and not replaces_timeout:
-            if (code == 0 and tx.status == "completed" and tx.settled_by == "query"
-                    and receipt and not tx.mpesa_receipt_number):
+            if code == 0 and receipt and awaits_receipt(tx):
                 tx.mpesa_receipt_number = receipt
                 tx.transaction_date = transaction_date.isoformat() if transaction_date else None
                 tx.callback = raw
