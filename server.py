@@ -15,7 +15,6 @@ import ipaddress
 import json
 import logging
 import os
-import random
 import re
 import sys
 import threading
@@ -24,7 +23,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 import segno
-from flask import Flask, current_app, g, has_request_context, jsonify, request
+from flask import Flask, current_app, has_request_context, jsonify, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -35,6 +34,7 @@ import checkout
 import metrics
 import mpesa
 import pages
+import requestlog
 import simulator
 from config import ConfigError, Settings, load_settings
 from payments import Payments, SoldOut, settled_for_good
@@ -46,16 +46,7 @@ SERVICE_NAME = "M-Pesa Payment Server"
 MAX_BODY_BYTES = 64 * 1024
 IDEMPOTENCY_TTL = 24 * 3600
 CHECKOUT_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")  # an incoming X-Request-ID we reuse
 TEXT_LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
-CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; "
-                           "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
-                           "base-uri 'self'; form-action 'self'")
-
-
-SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
-                    ("Referrer-Policy", "same-origin"),
-                    ("Content-Security-Policy", CONTENT_SECURITY_POLICY))
 
 
 class ApiError(Exception):
@@ -515,65 +506,8 @@ def register_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):
-        log.exception("unexpected error on %s %s", request.method, _loggable_path(request.path))
+        log.exception("unexpected error on %s %s", request.method, requestlog.loggable_path(request.path))
         return jsonify({"success": False, "message": "Internal error; the payment state is unchanged"}), 500
-
-
-def register_request_log(app: Flask) -> None:
-    """Per request: an id (X-Request-ID), security headers, one log line and its metrics.
-
-    create_app registers these hooks first, so they also see requests the rate limiter refuses.
-    """
-
-    @app.before_request
-    def start_request():
-        g.started = time.perf_counter()
-        request_id()
-
-    @app.after_request
-    def finish(response):
-        # Runs for every request: the request and g are looked up once, not per read.
-        served, context = request._get_current_object(), g._get_current_object()
-        headers = response.headers
-        present = {name.lower() for name, _ in headers.items()}
-        for name, value in SECURITY_HEADERS:
-            if name.lower() not in present:
-                headers.add(name, value)
-        if served.is_secure and "strict-transport-security" not in present:
-            headers.add("Strict-Transport-Security", "max-age=31536000")
-        headers["X-Request-ID"] = request_id()
-        if response.status_code not in (429, 503):
-            # Flask-Limiter's headers put Retry-After on every answer; only a refusal means wait.
-            headers.pop("Retry-After", None)
-        elapsed = time.perf_counter() - getattr(context, "started", time.perf_counter())
-        method, status, rule = served.method, response.status_code, served.url_rule
-        metrics.request_served(method, rule.rule if rule else None, status, elapsed)
-        path = _loggable_path(served.path)
-        log.info("%s %s %s %.1fms", method, path, status, elapsed * 1000,
-                 extra={"method": method, "path": path, "status": status,
-                        "duration_ms": round(elapsed * 1000, 1), "remote_addr": served.remote_addr})
-        return response
-
-
-# Request ids need to be unique, not secret: a generator of our own (reseeded in each forked
-# worker) spares every request a system call for OS randomness, and leaves random's shared one alone.
-_REQUEST_IDS = random.Random()
-os.register_at_fork(after_in_child=_REQUEST_IDS.seed)
-
-
-def request_id() -> str:
-    """The id of the request being served: its own X-Request-ID if sane, else a new one."""
-    if "request_id" not in g:
-        given = request.headers.get("X-Request-ID", "")
-        g.request_id = given if REQUEST_ID.fullmatch(given) else f"{_REQUEST_IDS.getrandbits(128):032x}"
-    return g.request_id
-
-
-def _loggable_path(path: str) -> str:
-    """A request path with the callback secret and payers' numbers masked."""
-    if path.startswith("/hooks/stk/"):
-        return "/hooks/stk/***"
-    return "/".join(mpesa.mask_checkout_id(part) for part in path.split("/"))
 
 
 # --------------------------------------------------------------- the factory
@@ -583,7 +517,6 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
     """Build the application; ready-made parts may be passed in (tests do)."""
     settings = settings or load_settings()
     app = Flask(__name__)
-    register_request_log(app)  # first, so that its hooks wrap every other one
     app.config.update(
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         JSON_SORT_KEYS=False,
@@ -599,7 +532,8 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
         RATELIMIT_KEY_PREFIX="limits",
     )
     app.json.sort_keys = False
-    if settings.trusted_proxies:
+    app.wsgi_app = requestlog.RequestLog(app.wsgi_app)
+    if settings.trusted_proxies:   # outside RequestLog: it logs the corrected address and scheme
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,
                                 x_proto=settings.trusted_proxies)
 
@@ -734,7 +668,7 @@ class RequestIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if has_request_context():
-            request_id = g.get("request_id")
+            request_id = request.environ.get(requestlog.ENVIRON_KEY)
             if request_id:
                 record.request_id = request_id
         return True

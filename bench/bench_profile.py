@@ -37,7 +37,6 @@ CONCERNS = [  # label, test on a frame's (file, function); none of them wraps th
     ("Flask-CORS after_request", lambda f, fn: f.startswith("flask_cors/") and "after_request" in fn),
     ("request metrics (metrics.py, prometheus_client)", lambda f, fn: f.startswith("prometheus_client/")
      or (f == "metrics.py" and fn == "request_served")),
-    ("request ids", lambda f, fn: f == "server.py" and fn == "request_id"),
     ("outgoing HTTP to Daraja (requests, urllib3)", lambda f, fn: f.startswith(("requests/", "urllib3/"))),
     ("requests reading proxy settings from the environment", lambda f, fn: f.startswith("requests/")
      and ("merge_environment_settings" in fn or "get_environ_proxies" in fn)),
@@ -233,10 +232,9 @@ def _micro(ctx: Context) -> str:
     request_log = logging.getLogger("server")
     with memory.test_request_context("/stkpush/status", method="POST", data=body,
                                      content_type="application/json"):
-        server.request_id()
         tx = memory.extensions["store"].get(completed.checkout_request_id)
         pieces = [
-            ("the request's JSON log line (`finish` in server.py, to /dev/null)", best(lambda: request_log.info(
+            ("the request's JSON log line (`RequestLog` in requestlog.py, to /dev/null)", best(lambda: request_log.info(
                 "%s %s %s %.1fms", "POST", "/stkpush/status", 200, 1.2,
                 extra={"method": "POST", "path": "/stkpush/status", "status": 200, "duration_ms": 1.2,
                        "remote_addr": "127.0.0.1"}))),
@@ -272,7 +270,7 @@ def _micro(ctx: Context) -> str:
 # What to change when a concern takes a material share of a path (shown from 3%).
 PROPOSALS = {
     "logging (the per-request line and others)":
-        "the per-request INFO line (`register_request_log.finish` in server.py, formatted as JSON by "
+        "the per-request INFO line (`requestlog.RequestLog`, formatted as JSON by "
         "metrics.py) is what the issue asks for, one per request; to go further, log successful status "
         "polls at DEBUG or sample them, keeping INFO for pushes, callbacks, errors and slow requests "
         "(a product decision)",
@@ -289,9 +287,6 @@ PROPOSALS = {
     "Flask-CORS after_request":
         "Flask-CORS (installed only when FRONTEND_URL is set) matches every request against its "
         "resources; requests without an Origin header could skip it",
-    "request ids":
-        "`server.request_id` draws 128 bits from a per-process generator; a per-process random "
-        "prefix and a counter would do with less",
     "requests reading proxy settings from the environment":
         "requests is reading the environment per call again: check `mpesa.pooled_session`",
 }

@@ -1,6 +1,8 @@
 """Abuse limits, proxies, CORS, callback source addresses and Daraja faults, end to end."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import requests
 
@@ -72,6 +74,21 @@ def test_forwarded_for_is_trusted_from_exactly_one_proxy(live_server_factory):
     assert push(direct, "0711000200", headers={"X-Forwarded-For": "10.0.0.1"}).status_code == 200
     spoofed = push(direct, "0711000201", headers={"X-Forwarded-For": "10.0.0.2"})
     assert spoofed.status_code == 429  # a client cannot pick its own address
+
+
+def test_https_through_the_proxy_gets_hsts_and_the_log_names_the_client(live_server_factory, caplog):
+    caplog.set_level(logging.INFO)
+    live = live_server_factory(TRUSTED_PROXIES="1")
+    assert "Strict-Transport-Security" not in live.get("/health").headers   # plain HTTP
+    secure = live.get("/health", headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "10.0.0.7"})
+    assert secure.headers["Strict-Transport-Security"] == "max-age=31536000"
+    for name in ("Content-Security-Policy", "X-Content-Type-Options", "X-Frame-Options",
+                 "Referrer-Policy", "X-Request-ID"):
+        assert len(secure.raw.headers.getlist(name)) == 1, name
+    line = next(record for record in reversed(caplog.records)
+                if record.name == "server" and getattr(record, "request_id", None)
+                == secure.headers["X-Request-ID"])
+    assert line.remote_addr == "10.0.0.7" and line.path == "/health" and line.status == 200
 
 
 def test_cors_only_for_the_configured_front_end(live_server_factory):
