@@ -223,7 +223,7 @@ def _micro(ctx: Context) -> str:
                    "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": "127.0.0.1"}
 
         def call():
-            answer = app({**environ, "wsgi.input": io.BytesIO(body)}, lambda status, headers: None)
+            answer = app({**environ, "wsgi.input": io.BytesIO(body)}, lambda status, headers, exc_info=None: None)
             b"".join(answer)
             getattr(answer, "close", lambda: None)()
         return call
