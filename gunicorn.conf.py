@@ -9,9 +9,11 @@ simulated prompts between them).
 
 Logs are JSON lines (LOG_FORMAT=json, the default here; LOG_FORMAT=text for plain lines),
 gunicorn's own included (no access log: the app logs each request; --access-logfile adds
-gunicorn's). With several workers /metrics adds up every worker's numbers: prometheus-client's
-multiprocess mode, in PROMETHEUS_MULTIPROC_DIR (a fresh temporary directory unless set;
-one directory per server), emptied when gunicorn starts. One worker counts in memory.
+gunicorn's). Each worker writes its INFO lines together, at most LOG_GATHER_SECONDS after
+they are logged; warnings and errors at once. With several workers /metrics adds up every
+worker's numbers: prometheus-client's multiprocess mode, in PROMETHEUS_MULTIPROC_DIR (a fresh
+temporary directory unless set; one directory per server), emptied when gunicorn starts. One
+worker counts in memory.
 """
 import glob
 import multiprocessing
@@ -94,6 +96,7 @@ class AppLogger(glogging.Logger):
 
 
 logger_class = AppLogger
+LOG_GATHER_SECONDS = 0.1   # how long a worker's INFO line may wait to be written with others
 
 _simulator_process = None
 
@@ -125,6 +128,16 @@ def on_starting(server):
 def when_ready(server):
     server.log.info("Pay page: http://127.0.0.1:%s/pay.html (mode %s, store %s, %s worker(s))",
                     _settings.port, _settings.mpesa_env, _settings.store_kind, workers)
+
+
+def post_worker_init(worker):
+    """Each worker writes its INFO lines together, every LOG_GATHER_SECONDS (metrics.LineHandler.gather)."""
+    import logging
+
+    import metrics
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, metrics.LineHandler):
+            handler.gather(LOG_GATHER_SECONDS)
 
 
 def child_exit(server, worker):

@@ -30,6 +30,7 @@ import math
 import os
 import re
 import select
+import threading
 import time
 from collections import Counter as Tally
 from contextlib import contextmanager
@@ -217,14 +218,36 @@ def _iso(epoch: float) -> str:
 
 
 class LineHandler(logging.StreamHandler):
-    """A StreamHandler that writes each line with one write(2) to the stream's file, lock-free.
+    """A StreamHandler that writes each line whole, with one write(2) to the stream's file, lock-free.
 
     logging.StreamHandler holds its lock across the write and flush, system calls that let go
     of the GIL: under gunicorn's threads the others then queue on that lock at every request.
     POSIX makes one write of up to PIPE_BUF bytes to a pipe atomic, so such lines from threads
     and workers never mix without a lock. A longer line (a traceback) is written under the lock,
     as is any line when the stream has no file descriptor (a test's StringIO).
+
+    gather(seconds) (gunicorn.conf.py turns it on in each worker) goes further: lines at INFO
+    and below wait up to `seconds` in a list, and a writer thread writes them together, in
+    writes of whole lines of up to PIPE_BUF bytes. One write(2) then serves many requests
+    instead of one each, and each write(2) under gunicorn's threads hands the GIL around. A
+    record that says it is `immutable` (requestlog.RequestRecord) is formatted by the writer
+    thread too; others are formatted at once, since their arguments may change. A WARNING or
+    worse is written at once, after the lines gathered before it, and flush() (which
+    logging.shutdown calls at exit) writes whatever waits.
     """
+
+    _gathering = False
+    _gathered: list | tuple = ()   # records and encoded lines waiting for the writer thread
+
+    def gather(self, seconds: float) -> None:
+        """Write lines at INFO and below every `seconds`, from a thread started here."""
+        if self._gathering or self._fd() is None:
+            return
+        self._gathered, self._gathered_lock = [], threading.Lock()
+        self._closed = threading.Event()
+        self._gathering = True
+        threading.Thread(target=self._write_gathered_every, args=(seconds,), name="log-writer",
+                         daemon=True).start()
 
     def handle(self, record: logging.LogRecord):
         kept = self.filter(record)
@@ -236,26 +259,81 @@ class LineHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record) + self.terminator
-            try:
-                fd = self.stream.fileno()
-            except (AttributeError, OSError, ValueError):
-                fd = None
+            if self._gathering and record.levelno <= logging.INFO:
+                item = record if getattr(record, "immutable", False) else self._encode(record)
+                with self._gathered_lock:
+                    if self._gathering:   # else closed meanwhile: written at once below
+                        self._gathered.append(item)
+                        return
+            fd = self._fd()
             if fd is None:
                 with self.lock:
-                    self.stream.write(line)
+                    self.stream.write(self.format(record) + self.terminator)
                     self.flush()
                 return
-            data = line.encode(getattr(self.stream, "encoding", None) or "utf-8", "backslashreplace")
-            if len(data) <= select.PIPE_BUF:
-                _write_all(fd, data)
-            else:
+            data = self._encode(record)
+            if self._gathering or len(data) > select.PIPE_BUF:
                 with self.lock:
+                    self._write_gathered()   # what was logged before this line goes first
                     _write_all(fd, data)
+            else:
+                _write_all(fd, data)
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
+
+    def flush(self) -> None:
+        self._write_gathered()
+        super().flush()
+
+    def close(self) -> None:
+        """Write what waits and stop the writer thread; later lines are written at once."""
+        if self._gathering:
+            with self._gathered_lock:
+                self._gathering = False
+            self._write_gathered()
+            self._closed.set()
+        super().close()
+
+    def _fd(self) -> int | None:
+        try:
+            return self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return None
+
+    def _encode(self, record: logging.LogRecord) -> bytes:
+        line = self.format(record) + self.terminator
+        return line.encode(getattr(self.stream, "encoding", None) or "utf-8", "backslashreplace")
+
+    def _write_gathered_every(self, seconds: float) -> None:
+        while not self._closed.wait(seconds):
+            self._write_gathered()
+
+    def _write_gathered(self) -> None:
+        if not self._gathered:
+            return
+        with self.lock:
+            with self._gathered_lock:
+                items, self._gathered = self._gathered, []
+            chunk = b""
+            for item in items:
+                try:
+                    line = item if isinstance(item, bytes) else self._encode(item)
+                except Exception:
+                    self.handleError(item)
+                    continue
+                if len(chunk) + len(line) > select.PIPE_BUF:
+                    self._write_chunk(chunk)
+                    chunk = b""
+                chunk += line
+            self._write_chunk(chunk)
+
+    def _write_chunk(self, chunk: bytes) -> None:
+        try:
+            _write_all(self.stream.fileno(), chunk)
+        except (OSError, ValueError):   # the stream is gone: report it with the lines that were lost
+            self.handleError(logging.makeLogRecord({"msg": chunk.decode(errors="replace")}))
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -34,7 +34,24 @@ _WAIT_STATUSES = ("429", "503")  # the answers where Retry-After means something
 # Request ids need to be unique, not secret: a generator of our own (reseeded in each forked
 # worker) spares every request a system call for OS randomness, and leaves random's shared one alone.
 _REQUEST_IDS = random.Random()
-os.register_at_fork(after_in_child=_REQUEST_IDS.seed)
+_pid = os.getpid()   # for the log line: LogRecord asks the system at every line
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+    _REQUEST_IDS.seed()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _logging_started() -> float:
+    probe = logging.LogRecord("", logging.INFO, "", 0, "", (), None)
+    return probe.created - probe.relativeCreated / 1000
+
+
+_LOGGING_STARTED = _logging_started()   # what LogRecord.relativeCreated counts from
 
 
 class RequestLog:
@@ -78,10 +95,9 @@ class RequestLog:
         rule = getattr(served, "url_rule", None)
         metrics.request_served(method, rule.rule if rule else None, status, elapsed)
         path = loggable_path(served.path if served is not None else environ.get("PATH_INFO", ""))
-        log.info("%s %s %s %.1fms", method, path, status, elapsed * 1000,
-                 extra={"method": method, "path": path, "status": status,
-                        "duration_ms": round(elapsed * 1000, 1),
-                        "remote_addr": environ.get("REMOTE_ADDR"), "request_id": request_id})
+        if log.isEnabledFor(logging.INFO):
+            log.handle(RequestRecord(method, path, status, round(elapsed * 1000, 1),
+                                     environ.get("REMOTE_ADDR"), request_id))
         return body
 
 
@@ -90,3 +106,35 @@ def loggable_path(path: str) -> str:
     if path.startswith("/hooks/stk/"):
         return "/hooks/stk/***"
     return "/".join(mask_checkout_id(part) for part in path.split("/"))
+
+
+class RequestRecord(logging.LogRecord):
+    """The request's log line: a LogRecord made without LogRecord.__init__'s work.
+
+    What is the same on every line (where it was logged; thread and process names, which the
+    server does not collect) is copied in at once; LogRecord.__init__ works it out for every
+    line, a large part of the line's cost. Its fields never change once made, so a handler may
+    format it later (`immutable`: metrics.LineHandler does so on its writer thread).
+    """
+
+    immutable = True
+
+    def __init__(self, method: str, path: str, status: int, duration_ms: float,
+                 remote_addr: str | None, request_id: str):
+        self.__dict__.update(_REQUEST_RECORD)   # %-style formats read the record's own fields only
+        self.created = created = time.time()
+        self.msecs = (created - int(created)) * 1000
+        self.relativeCreated = (created - _LOGGING_STARTED) * 1000
+        self.process = _pid
+        self.args = (method, path, status, duration_ms)
+        self.method, self.path, self.status, self.duration_ms = method, path, status, duration_ms
+        self.remote_addr, self.request_id = remote_addr, request_id
+
+
+_REQUEST_RECORD = {
+    "name": log.name, "msg": "%s %s %s %.1fms", "levelno": logging.INFO,
+    "levelname": logging.getLevelName(logging.INFO), "pathname": __file__,
+    "filename": os.path.basename(__file__), "module": __name__, "funcName": "RequestLog", "lineno": 0,
+    "exc_info": None, "exc_text": None, "stack_info": None,
+    "thread": None, "threadName": None, "processName": None, "taskName": None,
+}

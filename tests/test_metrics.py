@@ -26,6 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import simulator as sim_module
 from metrics import JsonFormatter, LineHandler
+import requestlog
+from requestlog import RequestRecord
+from server import TEXT_LOG_FORMAT
 from mpesa import mask_checkout_id
 from tests.server_fixtures import free_port
 from tests.test_durability import ServerProcess, wait_until
@@ -366,6 +369,8 @@ def test_gunicorn_with_one_worker_counts_and_logs_each_request(process_env, tmp_
     assert len(app_lines) == 1   # the app's own line for the one push
     gunicorn_access = [line for line in lines if '"POST /stkpush HTTP/1.1" 200' in line]
     assert len(gunicorn_access) == (1 if access_log else 0)
+    # The worker's last INFO line, logged as it exits, is written before it is gone.
+    assert any('"message":"Worker exiting' in line for line in lines)
 
 
 def test_a_blank_metrics_directory_setting_counts_in_memory(process_env, tmp_path):
@@ -429,3 +434,90 @@ def test_the_line_handler_writes_to_a_stream_without_a_file_too():
     entry = json.loads(stream.getvalue())
     assert entry["message"] == "paid 100 KES" and entry["status"] == 200
     assert stream.getvalue().endswith("}\n")
+
+
+def waiting_in(pipe_end: int) -> list[str]:
+    """The lines written to a non-blocking pipe so far (none: nothing was written)."""
+    data = b""
+    while True:
+        try:
+            chunk = os.read(pipe_end, 65536)
+        except BlockingIOError:
+            return data.decode().splitlines()
+        data += chunk
+
+
+def test_gathered_lines_wait_and_go_out_in_order_before_a_warning_or_at_flush():
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    with os.fdopen(write_end, "w") as stream:
+        logger = line_logger(stream)
+        handler = logger.handlers[0]
+        handler.gather(3600)   # its writer thread does not wake during this test
+        for n in range(3):
+            logger.info("paid %s", n)
+        assert waiting_in(read_end) == []
+        logger.warning("Daraja slow")   # at once, after the lines logged before it
+        assert [json.loads(line)["message"] for line in waiting_in(read_end)] == [
+            "paid 0", "paid 1", "paid 2", "Daraja slow"]
+        logger.info("paid 3")
+        handler.flush()
+        assert [json.loads(line)["message"] for line in waiting_in(read_end)] == ["paid 3"]
+        logger.info("paid 4")
+        handler.close()   # logging.shutdown at exit: what waits goes out, and later lines at once
+        logger.info("paid 5")
+        assert [json.loads(line)["message"] for line in waiting_in(read_end)] == ["paid 4", "paid 5"]
+    os.close(read_end)
+
+
+def test_the_writer_thread_writes_gathered_lines_whole_from_many_threads():
+    read_end, write_end = os.pipe()
+    received = bytearray()
+    reader = threading.Thread(target=lambda: [received.extend(chunk) for chunk in
+                                              iter(lambda: os.read(read_end, 65536), b"")])
+    reader.start()
+    with os.fdopen(write_end, "w") as stream:
+        logger = line_logger(stream)
+        logger.handlers[0].gather(0.05)
+
+        def log_lines(thread):
+            for n in range(200):
+                if n % 2:
+                    logger.info("thread %s line %s", thread, n, extra={"padding": "x" * (n % 300)})
+                else:   # formatted by the writer thread
+                    logger.handle(RequestRecord("POST", f"/t{thread}/{n}", 200, 1.5, "127.0.0.1", f"id-{n}"))
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(log_lines, range(8)))
+        # No flush: the writer thread alone writes them, within a few of its rounds.
+        wait_until(lambda: received.count(b"\n") == 8 * 200, timeout=10, every=0.05)
+        logger.handlers[0].close()
+    reader.join(timeout=10)
+    os.close(read_end)
+
+    entries = [json.loads(line) for line in received.decode().splitlines()]
+    assert len(entries) == 8 * 200
+    assert {e["message"] for e in entries if "padding" in e} == {
+        f"thread {t} line {n}" for t in range(8) for n in range(1, 200, 2)}
+    requests_logged = [e for e in entries if "path" in e]
+    assert {e["path"] for e in requests_logged} == {f"/t{t}/{n}" for t in range(8) for n in range(0, 200, 2)}
+    assert all(e["message"] == f"POST {e['path']} 200 1.5ms" and e["status"] == 200
+               and e["request_id"] == "id-" + e["path"].rsplit("/", 1)[1] for e in requests_logged)
+
+
+@pytest.mark.parametrize("formatter", [
+    JsonFormatter(),
+    logging.Formatter(TEXT_LOG_FORMAT + " %(filename)s %(module)s %(funcName)s %(lineno)d "
+                      "%(msecs)03d %(relativeCreated)d %(levelno)s %(exc_text)s %(remote_addr)s"),
+], ids=["json", "text"])
+def test_the_request_record_formats_as_a_standard_record_would(formatter):
+    made = RequestRecord("POST", "/stkpush", 200, 34.9, "127.0.0.1", "trace-0001")
+    standard = logging.getLogger("server").makeRecord(
+        "server", logging.INFO, requestlog.__file__, 0, "%s %s %s %.1fms", ("POST", "/stkpush", 200, 34.9),
+        None, "RequestLog", {"method": "POST", "path": "/stkpush", "status": 200, "duration_ms": 34.9,
+                             "remote_addr": "127.0.0.1", "request_id": "trace-0001"})
+    standard.created, standard.msecs = made.created, made.msecs
+    assert abs(standard.relativeCreated - made.relativeCreated) < 1000 * (time.time() - made.created) + 1
+    standard.relativeCreated = made.relativeCreated
+    assert formatter.format(made) == formatter.format(standard)
+    assert made.process == os.getpid()
+
