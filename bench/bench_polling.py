@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import requests
 
-from bench.harness import (BenchError, Context, completed_payment, fmt, load, median, server_env,
-                           start_gunicorn, start_redis, start_simulator, table, wrk_path, free_port)
+from bench.harness import (BenchError, Context, completed_payment, cpu_seconds, fmt, gunicorn_workers, load,
+                           median, server_env, start_gunicorn, start_redis, start_simulator, table, wrk_path,
+                           free_port)
 
 GOAL = 0.9
 CONNECTIONS = 32
@@ -27,7 +28,7 @@ DIAGNOSTICS = (LIMITED, UNLOGGED)
 
 def run(ctx: Context) -> str:
     seconds = 2.0 if ctx.quick else 3.0
-    rounds = ctx.runs(4, 1)
+    rounds = ctx.runs(6, 1)
     scratch = ctx.scratch("polling")
     sim = start_simulator(ctx, auto_delay=0.1)
     redis_url, redis_how = start_redis(ctx)
@@ -47,6 +48,7 @@ def run(ctx: Context) -> str:
 
     targets = {}      # name -> (url, body)
     bodies = {}
+    servers = {}      # name -> its gunicorn (master) process
     for name, url in stores:
         ctx.log(f"polling: starting the server with the {name} store")
         settings = extra_settings.get(name, {})
@@ -59,6 +61,7 @@ def run(ctx: Context) -> str:
             raise BenchError(f"{name}: the status poll answered {answer.status_code} {answer.text[:200]}")
         bodies[name] = len(answer.content)
         targets[name] = (server.url + "/stkpush/status", body)
+        servers[name] = server
 
     size = bodies["memory"]
     bare = {}
@@ -69,6 +72,7 @@ def run(ctx: Context) -> str:
         if len(answer.content) != size:
             raise BenchError(f"the bare app answered {len(answer.content)} bytes, not {size}")
         bare[label] = (process.url + "/stkpush/status", {"checkoutRequestId": "x"})
+        servers["bare " + label] = process
     workers = {"memory": "1 worker", "SQLite": "several workers", "Redis": "several workers",
                LIMITED: "1 worker", UNLOGGED: "1 worker"}
 
@@ -77,13 +81,20 @@ def run(ctx: Context) -> str:
              ("bare several workers", bare["several workers"])]
     order += [(name, targets[name]) for name in ("SQLite", "Redis") if name in targets]
     results: dict[str, list] = {name: [] for name, _ in order}
+    cpu: dict[str, list] = {name: [] for name, _ in order}   # worker CPU µs per answered poll
     if not ctx.quick:
         for name, (url, body) in order:   # warm up every worker and connection pool
             load(url, body, 1, CONNECTIONS, scratch)
     for round_number in range(rounds):
         for name, (url, body) in order:
             ctx.log(f"polling: round {round_number + 1}/{rounds}: {name}")
-            results[name].append(load(url, body, seconds, CONNECTIONS, scratch))
+            workers_now = gunicorn_workers(servers[name])   # asked each run: all of them are up by now
+            before = cpu_seconds(workers_now)
+            result = load(url, body, seconds, CONNECTIONS, scratch)
+            after = cpu_seconds(workers_now)
+            results[name].append(result)
+            if before is not None and after is not None and result.ok:
+                cpu[name].append((after - before) / result.ok * 1e6)
 
     def rps(name):
         return median(r.rps for r in results[name])
@@ -105,15 +116,18 @@ def run(ctx: Context) -> str:
             ctx.summary.append([f"status polling, {name} store", f"≥ {GOAL} of the bare app",
                                 f"{fmt(ratio, 2)} ({fmt(ours)} vs {fmt(ceiling)} req/s)", verdict])
         errors = sum(r.errors for r in results[name])
+        cpu_ours, cpu_ceiling = median(cpu[name]), median(cpu[ceiling_name])
+        cpu_text = (f"{fmt(cpu_ours)} / {fmt(cpu_ceiling)} ({fmt(cpu_ceiling / cpu_ours, 2)})"
+                    if cpu_ours and cpu_ceiling else "—")
         rows.append([name, _workers_text(workers[name]), fmt(ours), fmt(ceiling), f"**{fmt(ratio, 2)}**",
-                     verdict,
+                     verdict, cpu_text,
                      f"{fmt(median(r.p50_ms for r in results[name]), 1)} / "
                      f"{fmt(median(r.p99_ms for r in results[name]), 1)}",
                      f"{fmt(median(r.p50_ms for r in results[ceiling_name]), 1)} / "
                      f"{fmt(median(r.p99_ms for r in results[ceiling_name]), 1)}",
                      errors])
     if not redis_url:
-        rows.append(["Redis", "—", "**skipped**", "", "", "", "", "", redis_how])
+        rows.append(["Redis", "—", "**skipped**", "", "", "", "", "", "", redis_how])
 
     tool = results["memory"][0].tool
     runs_text = "; ".join(f"{name}: " + ", ".join(fmt(r.rps) for r in results[name]) for name, _ in order)
@@ -134,9 +148,16 @@ def run(ctx: Context) -> str:
         f"a JSON body of the same {size} bytes). Both bound to 127.0.0.1.",
         "",
         table(["store", "gunicorn", "server req/s", "bare app req/s", "ratio", f"≥ {GOAL}",
-               "server p50 / p99 ms", "bare p50 / p99 ms", "errors"], rows),
+               "CPU µs per poll, server / bare (bare ÷ server)", "server p50 / p99 ms",
+               "bare p50 / p99 ms", "errors"], rows),
         "",
         f"Goal: ratio ≥ {GOAL}. Result: " + ", ".join(verdicts) + ".",
+        "",
+        "CPU per poll: the gunicorn workers' CPU time (user + system, from `/proc`) over each run, "
+        "divided by the polls answered, median over the runs. It varies less from run to run than "
+        "requests per second, which also depend on how the machine shares its cores between the "
+        "load generator and the server at that moment. Most of it is gunicorn's own work, which both "
+        "apps pay.",
         "",
         f"Every run (req/s): {runs_text}.",
     ]

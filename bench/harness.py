@@ -232,6 +232,19 @@ def gunicorn_workers(process: Process) -> list[int]:
     return [int(pid) for pid in out.split()]
 
 
+def cpu_seconds(pids: list[int]) -> float | None:
+    """CPU time (user + system) the processes have used so far, from /proc; None where unreadable."""
+    total = 0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])   # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / os.sysconf("SC_CLK_TCK") if pids else None
+
+
 def start_redis(ctx: Context) -> tuple[str | None, str]:
     """A Redis for the Redis store: (url, how) or (None, why not)."""
     binary = shutil.which("redis-server")
