@@ -218,7 +218,7 @@ def _iso(epoch: float) -> str:
 
 
 class LineHandler(logging.StreamHandler):
-    """A StreamHandler that writes each line whole, with one write(2) to the stream's file, lock-free.
+    """A StreamHandler that writes whole lines straight to the stream's file, lock-free.
 
     logging.StreamHandler holds its lock across the write and flush, system calls that let go
     of the GIL: under gunicorn's threads the others then queue on that lock at every request.
@@ -233,18 +233,19 @@ class LineHandler(logging.StreamHandler):
     record that says it is `immutable` (requestlog.RequestRecord) is formatted by the writer
     thread too; others are formatted at once, since their arguments may change. A WARNING or
     worse is written at once, after the lines gathered before it, and flush() (which
-    logging.shutdown calls at exit) writes whatever waits.
+    logging.shutdown calls at exit) writes whatever waits. The writer sleeps while nothing does.
     """
 
     _gathering = False
     _gathered: list | tuple = ()   # records and encoded lines waiting for the writer thread
 
     def gather(self, seconds: float) -> None:
-        """Write lines at INFO and below every `seconds`, from a thread started here."""
+        """Write lines at INFO and below at most `seconds` after they come, from a thread started here."""
         if self._gathering or self._fd() is None:
             return
         self._gathered, self._gathered_lock = [], threading.Lock()
-        self._closed = threading.Event()
+        self._waiting = threading.Event()   # set when the first line of a batch is gathered
+        self._stopped = threading.Event()
         self._gathering = True
         threading.Thread(target=self._write_gathered_every, args=(seconds,), name="log-writer",
                          daemon=True).start()
@@ -264,6 +265,8 @@ class LineHandler(logging.StreamHandler):
                 with self._gathered_lock:
                     if self._gathering:   # else closed meanwhile: written at once below
                         self._gathered.append(item)
+                        if len(self._gathered) == 1:
+                            self._waiting.set()
                         return
             fd = self._fd()
             if fd is None:
@@ -293,7 +296,8 @@ class LineHandler(logging.StreamHandler):
             with self._gathered_lock:
                 self._gathering = False
             self._write_gathered()
-            self._closed.set()
+            self._stopped.set()
+            self._waiting.set()
         super().close()
 
     def _fd(self) -> int | None:
@@ -307,7 +311,9 @@ class LineHandler(logging.StreamHandler):
         return line.encode(getattr(self.stream, "encoding", None) or "utf-8", "backslashreplace")
 
     def _write_gathered_every(self, seconds: float) -> None:
-        while not self._closed.wait(seconds):
+        # An idle worker's writer sleeps until a line comes, instead of waking every `seconds`.
+        while self._waiting.wait() and not self._stopped.wait(seconds):
+            self._waiting.clear()   # before taking the lines: one gathered later sets it again
             self._write_gathered()
 
     def _write_gathered(self) -> None:

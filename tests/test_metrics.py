@@ -490,12 +490,15 @@ def test_the_writer_thread_writes_gathered_lines_whole_from_many_threads():
             list(pool.map(log_lines, range(8)))
         # No flush: the writer thread alone writes them, within a few of its rounds.
         wait_until(lambda: received.count(b"\n") == 8 * 200, timeout=10, every=0.05)
+        time.sleep(0.3)   # idle: the writer sleeps until the next line comes
+        logger.info("after a pause")
+        wait_until(lambda: received.count(b"\n") == 8 * 200 + 1, timeout=10, every=0.05)
         logger.handlers[0].close()
     reader.join(timeout=10)
     os.close(read_end)
 
     entries = [json.loads(line) for line in received.decode().splitlines()]
-    assert len(entries) == 8 * 200
+    assert len(entries) == 8 * 200 + 1 and entries.pop()["message"] == "after a pause"
     assert {e["message"] for e in entries if "padding" in e} == {
         f"thread {t} line {n}" for t in range(8) for n in range(1, 200, 2)}
     requests_logged = [e for e in entries if "path" in e]
