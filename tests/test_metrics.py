@@ -400,12 +400,18 @@ def line_logger(stream) -> logging.Logger:
     return logger
 
 
-def test_lines_from_many_threads_reach_a_pipe_whole_and_in_full():
-    read_end, write_end = os.pipe()
+def read_in_background(read_end: int) -> tuple[bytearray, threading.Thread]:
+    """What a thread started here reads from read_end until the other end is closed."""
     received = bytearray()
     reader = threading.Thread(target=lambda: [received.extend(chunk) for chunk in
                                               iter(lambda: os.read(read_end, 65536), b"")])
     reader.start()
+    return received, reader
+
+
+def test_lines_from_many_threads_reach_a_pipe_whole_and_in_full():
+    read_end, write_end = os.pipe()
+    received, reader = read_in_background(read_end)
     with os.fdopen(write_end, "w") as stream:
         logger = line_logger(stream)
 
@@ -472,10 +478,7 @@ def test_gathered_lines_wait_and_go_out_in_order_before_a_warning_or_at_flush():
 
 def test_the_writer_thread_writes_gathered_lines_whole_from_many_threads():
     read_end, write_end = os.pipe()
-    received = bytearray()
-    reader = threading.Thread(target=lambda: [received.extend(chunk) for chunk in
-                                              iter(lambda: os.read(read_end, 65536), b"")])
-    reader.start()
+    received, reader = read_in_background(read_end)
     with os.fdopen(write_end, "w") as stream:
         logger = line_logger(stream)
         logger.handlers[0].gather(0.05)
