@@ -131,7 +131,8 @@ def when_ready(server):
 
 
 def post_worker_init(worker):
-    """Each worker writes its INFO lines together, every LOG_GATHER_SECONDS (metrics.LineHandler.gather)."""
+    """Each worker writes its INFO lines together, at most LOG_GATHER_SECONDS after they are logged
+    (metrics.LineHandler.gather): started here, after the fork, so the master runs no writer thread."""
     import logging
 
     import metrics

@@ -227,7 +227,8 @@ class LineHandler(logging.StreamHandler):
     as is any line when the stream has no file descriptor (a test's StringIO).
 
     gather(seconds) (gunicorn.conf.py turns it on in each worker) goes further: lines at INFO
-    and below wait up to `seconds` in a list, and a writer thread writes them together, in
+    and below wait up to `seconds` in a list (the logging thread takes only the list's lock for
+    as long as an append), and a writer thread writes them together, under the lock, in
     writes of whole lines of up to PIPE_BUF bytes. One write(2) then serves many requests
     instead of one each, and each write(2) under gunicorn's threads hands the GIL around. A
     record that says it is `immutable` (requestlog.RequestRecord) is formatted by the writer
