@@ -9,8 +9,8 @@ simulated prompts between them).
 
 Logs are JSON lines (LOG_FORMAT=json, the default here; LOG_FORMAT=text for plain lines),
 gunicorn's own included (no access log: the app logs each request; --access-logfile adds
-gunicorn's). Each worker writes its INFO lines together, at most LOG_GATHER_SECONDS after
-they are logged; warnings and errors at once. With several workers /metrics adds up every
+gunicorn's). Each worker records its requests (metrics and log line) on a thread of its own and
+writes its INFO lines together, each at most LOG_GATHER_SECONDS later; warnings and errors at once. With several workers /metrics adds up every
 worker's numbers: prometheus-client's multiprocess mode, in PROMETHEUS_MULTIPROC_DIR (a fresh
 temporary directory unless set; one directory per server), emptied when gunicorn starts. One
 worker counts in memory.
@@ -96,7 +96,7 @@ class AppLogger(glogging.Logger):
 
 
 logger_class = AppLogger
-LOG_GATHER_SECONDS = 0.1   # how long a worker's INFO line may wait to be written with others
+LOG_GATHER_SECONDS = 0.1   # how long a worker's request may wait to be recorded, and an INFO line to be written
 
 _simulator_process = None
 
@@ -131,11 +131,14 @@ def when_ready(server):
 
 
 def post_worker_init(worker):
-    """Each worker writes its INFO lines together, at most LOG_GATHER_SECONDS after they are logged
-    (metrics.LineHandler.gather): started here, after the fork, so the master runs no writer thread."""
+    """Each worker records its requests (metrics, log line) on a thread of its own, and writes its
+    INFO lines together, each at most LOG_GATHER_SECONDS later (requestlog.defer,
+    metrics.LineHandler.gather): started here, after the fork, so the master runs neither thread."""
     import logging
 
     import metrics
+    import requestlog
+    requestlog.defer(LOG_GATHER_SECONDS)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, metrics.LineHandler):
             handler.gather(LOG_GATHER_SECONDS)

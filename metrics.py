@@ -230,15 +230,14 @@ class LineHandler(logging.StreamHandler):
     and below wait up to `seconds` in a list (the logging thread takes only the list's lock for
     as long as an append), and a writer thread writes them together, under the lock, in
     writes of whole lines of up to PIPE_BUF bytes. One write(2) then serves many requests
-    instead of one each, and each write(2) under gunicorn's threads hands the GIL around. A
-    record that says it is `immutable` (requestlog.RequestRecord) is formatted by the writer
-    thread too; others are formatted at once, since their arguments may change. A WARNING or
-    worse is written at once, after the lines gathered before it, and flush() (which
-    logging.shutdown calls at exit) writes whatever waits. The writer sleeps while nothing does.
+    instead of one each, and each write(2) under gunicorn's threads hands the GIL around. Lines
+    are formatted when logged, since a record's arguments may change. A WARNING or worse is
+    written at once, after the lines gathered before it, and flush() (which logging.shutdown
+    calls at exit) writes whatever waits. The writer sleeps while nothing does.
     """
 
     _gathering = False
-    _gathered: list | tuple = ()   # records and encoded lines waiting for the writer thread
+    _gathered: list | tuple = ()   # encoded lines waiting for the writer thread
 
     def gather(self, seconds: float) -> None:
         """Write lines at INFO and below at most `seconds` after they come, from a thread started here."""
@@ -262,10 +261,10 @@ class LineHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             if self._gathering and record.levelno <= logging.INFO:
-                item = record if getattr(record, "immutable", False) else self._encode(record)
+                line = self._encode(record)
                 with self._gathered_lock:
                     if self._gathering:   # else closed meanwhile: written at once below
-                        self._gathered.append(item)
+                        self._gathered.append(line)
                         if len(self._gathered) == 1:
                             self._waiting.set()
                         return
@@ -322,14 +321,9 @@ class LineHandler(logging.StreamHandler):
             return
         with self.lock:
             with self._gathered_lock:
-                items, self._gathered = self._gathered, []
+                lines, self._gathered = self._gathered, []
             chunk = b""
-            for item in items:
-                try:
-                    line = item if isinstance(item, bytes) else self._encode(item)
-                except Exception:
-                    self.handleError(item)
-                    continue
+            for line in lines:
                 if len(chunk) + len(line) > select.PIPE_BUF:
                     self._write_chunk(chunk)
                     chunk = b""

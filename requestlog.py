@@ -5,14 +5,22 @@ error handlers', the rate limiter's refusals and the static pages'. It adds its 
 list the app hands to start_response. Flask's before/after_request hooks did the same through
 werkzeug's Headers and Flask's hook machinery: moving it here raised status-poll throughput by
 about a tenth (README, Benchmarks).
+
+The request's metrics and log line are made from a few facts the request leaves behind. Under
+gunicorn (defer(), from gunicorn.conf.py) a thread of the worker's own makes them, in batches:
+the same work costs a gunicorn request thread several times what it costs a thread doing
+nothing else (README, Benchmarks).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
 import re
+import threading
 import time
+from collections import deque
 
 import metrics
 from mpesa import mask_checkout_id
@@ -90,15 +98,65 @@ class RequestLog:
         body = self.app(environ, start)
         elapsed = time.perf_counter() - started
         status, served = answered[-1]
-        status = int(status[:3])
-        method = environ.get("REQUEST_METHOD", "")
         rule = getattr(served, "url_rule", None)
-        metrics.request_served(method, rule.rule if rule else None, status, elapsed)
-        path = loggable_path(served.path if served is not None else environ.get("PATH_INFO", ""))
-        if log.isEnabledFor(logging.INFO):
-            log.handle(RequestRecord(method, path, status, round(elapsed * 1000, 1),
-                                     environ.get("REMOTE_ADDR"), request_id))
+        facts = (time.time(), environ.get("REQUEST_METHOD", ""),
+                 served.path if served is not None else environ.get("PATH_INFO", ""),
+                 rule.rule if rule else None, int(status[:3]), elapsed, environ.get("REMOTE_ADDR"),
+                 request_id)
+        if _served is None:
+            record_request(*facts)
+        else:
+            _served.append(facts)
+            if not _waiting.is_set():
+                _waiting.set()
         return body
+
+
+def record_request(created: float, method: str, path: str, route: str | None, status: int,
+                   seconds: float, remote_addr: str | None, request_id: str) -> None:
+    """The request's metrics and its log line (route: the matched URL rule, None if none)."""
+    metrics.request_served(method, route, status, seconds)
+    if log.isEnabledFor(logging.INFO):
+        log.handle(RequestRecord(method, loggable_path(path), status, round(seconds * 1000, 1),
+                                 remote_addr, request_id, created))
+
+
+_served: deque | None = None   # facts of requests waiting for the request-log thread, once deferred
+_waiting = threading.Event()   # set when the first request of a batch is served
+
+
+def defer(seconds: float) -> None:
+    """From now on, record each request at most `seconds` after it is served, on a thread started here.
+
+    Requests served by then are recorded at exit (atexit runs before logging's shutdown, which
+    was registered first), so only SIGKILL or the OOM killer loses up to `seconds` of them.
+    """
+    global _served
+    if _served is not None:
+        return
+    _served = deque()
+    threading.Thread(target=_record_every, args=(seconds,), name="request-log", daemon=True).start()
+    atexit.register(_record_waiting)
+
+
+def _record_every(seconds: float) -> None:
+    # Sleeps while no request is served, instead of waking every `seconds`.
+    while _waiting.wait():
+        time.sleep(seconds)
+        _waiting.clear()   # before taking the facts: a request served later sets it again
+        _record_waiting()
+
+
+def _record_waiting() -> None:
+    while _served:
+        try:
+            facts = _served.popleft()
+        except IndexError:   # taken meanwhile by the other caller (the exit's)
+            return
+        try:
+            record_request(*facts)
+        except Exception:   # the thread must go on: what waits would pile up
+            log.exception("Could not record a request's metrics and log line")
 
 
 def loggable_path(path: str) -> str:
@@ -113,16 +171,13 @@ class RequestRecord(logging.LogRecord):
 
     What is the same on every line (where it was logged; thread and process names, which the
     server does not collect) is copied in at once; LogRecord.__init__ works it out for every
-    line, a large part of the line's cost. Its fields never change once made, so a handler may
-    format it later (`immutable`: metrics.LineHandler does so on its writer thread).
+    line, a large part of the line's cost.
     """
 
-    immutable = True
-
     def __init__(self, method: str, path: str, status: int, duration_ms: float,
-                 remote_addr: str | None, request_id: str):
+                 remote_addr: str | None, request_id: str, created: float | None = None):
         self.__dict__.update(_REQUEST_RECORD)   # %-style formats read the record's own fields only
-        self.created = created = time.time()
+        self.created = created = time.time() if created is None else created
         self.msecs = (created - int(created)) * 1000
         self.relativeCreated = (created - _LOGGING_STARTED) * 1000
         self.process = _pid

@@ -236,10 +236,12 @@ def _micro(ctx: Context) -> str:
         tx = memory.extensions["store"].get(completed.checkout_request_id)
         pieces = [
             ("the request's JSON log line (`requestlog.RequestRecord`, formatted and written at once, "
-             "to /dev/null; under gunicorn the worker's writer thread does those two)",
+             "to /dev/null; under gunicorn the worker's request-log and writer threads do this, "
+             "not the thread answering the request)",
              best(lambda: request_log.handle(requestlog.RequestRecord(
                  "POST", "/stkpush/status", 200, 1.2, "127.0.0.1", "0123456789abcdef0123456789abcdef")))),
-            ("its request metrics (`metrics.request_served`)",
+            ("its request metrics (`metrics.request_served`; under gunicorn made by the "
+             "request-log thread too)",
              best(lambda: metrics.request_served("POST", "/stkpush/status", 200, 0.001))),
             ("reading the body (`read_json`)", best(server.read_json)),
             ("building and encoding the answer (`status_answer` + `jsonify`; first poll after settling only)",
@@ -271,9 +273,9 @@ def _micro(ctx: Context) -> str:
 # What to change when a concern takes a material share of a path (shown from 3%).
 PROPOSALS = {
     "logging (the per-request line and others)":
-        "the per-request INFO line (`requestlog.RequestRecord`, formatted and written with others "
-        "by `metrics.LineHandler`'s writer thread) is what the issue asks for, one per request; to go "
-        "further, log successful status "
+        "the per-request INFO line (`requestlog.RequestRecord`, made with the request's metrics "
+        "by the worker's request-log thread, written with others by `metrics.LineHandler`'s writer "
+        "thread) is what the issue asks for, one per request; to go further, log successful status "
         "polls at DEBUG or sample them, keeping INFO for pushes, callbacks, errors and slow requests "
         "(a product decision)",
     "gunicorn access-log atoms, built then dropped":

@@ -216,6 +216,83 @@ def test_errors_and_refused_callbacks_carry_a_request_id_too(live_server_factory
     assert refused.status_code == 403 and refused.headers["X-Request-ID"] == "cb-1"
 
 
+class Kept(logging.Handler):
+    """Keeps each record it is given, with the name of the thread that logged it."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[tuple[logging.LogRecord, str]] = []
+
+    def emit(self, record):
+        self.records.append((record, threading.current_thread().name))
+
+
+def test_deferred_requests_are_recorded_by_the_request_log_thread(live_server_factory, monkeypatch):
+    # As in a gunicorn worker (gunicorn.conf.py's post_worker_init).
+    monkeypatch.setattr(requestlog, "_served", None)
+    monkeypatch.setattr(requestlog, "_waiting", threading.Event())
+    kept, server_log = Kept(), logging.getLogger("server")
+    server_log.addHandler(kept)
+    level = server_log.level
+    server_log.setLevel(logging.INFO)
+    try:
+        live = live_server_factory(ADMIN_TOKEN=ADMIN)
+        before = total(scrape(live.url), "mpesa_http_request_duration_seconds_count", route="/health")
+        requestlog.defer(0.05)
+        with ThreadPoolExecutor(8) as pool:
+            ids = {answer.headers["X-Request-ID"] for answer in
+                   pool.map(lambda n: live.get("/health", headers={"X-Request-ID": f"deferred-{n}"}), range(40))}
+        assert ids == {f"deferred-{n}" for n in range(40)}
+
+        def recorded():
+            return [(record, thread) for record, thread in kept.records
+                    if getattr(record, "request_id", "").startswith("deferred-")]
+        wait_until(lambda: len(recorded()) == 40, timeout=5, every=0.05)
+        assert {record.request_id for record, _ in recorded()} == ids
+        assert {thread for _, thread in recorded()} == {"request-log"}
+        assert all(record.path == "/health" and record.status == 200 for record, _ in recorded())
+        # The line's time is when the request was served, not when it was recorded.
+        assert all(record.created <= time.time() for record, _ in recorded())
+        wait_until(lambda: total(scrape(live.url), "mpesa_http_request_duration_seconds_count",
+                                 route="/health") >= before + 40, timeout=5, every=0.05)
+    finally:
+        server_log.removeHandler(kept)
+        server_log.setLevel(level)
+
+
+DEFERRED_AT_EXIT = """
+import logging, sys
+import metrics, requestlog
+handler = metrics.LineHandler(sys.stdout)
+handler.setFormatter(metrics.JsonFormatter())
+logging.basicConfig(level=logging.INFO, handlers=[handler])
+requestlog.defer(3600)   # the thread sleeps past the exit: the exit records what waits
+
+def app(environ, start_response):
+    start_response("201 Created", [("Content-Type", "text/plain")])
+    return [b"made"]
+
+served = requestlog.RequestLog(app)
+for n in range(3):
+    served({"REQUEST_METHOD": "POST", "PATH_INFO": f"/made/{n}", "REMOTE_ADDR": "127.0.0.1",
+            "HTTP_X_REQUEST_ID": f"exit-{n}"}, lambda status, headers, exc_info=None: None)
+print("served", flush=True)
+"""
+
+
+def test_requests_still_waiting_are_recorded_at_exit():
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", DEFERRED_AT_EXIT], cwd=root, capture_output=True,
+                         text=True, timeout=30, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": ""})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "served"   # nothing was recorded while the program ran
+    entries = [json.loads(line) for line in lines[1:]]
+    assert [(e["request_id"], e["path"], e["status"]) for e in entries] == [
+        (f"exit-{n}", f"/made/{n}", 201) for n in range(3)]
+
+
 # ------------------------------------------------------------------- request logs
 
 @pytest.fixture
@@ -324,6 +401,9 @@ def test_gunicorn_workers_numbers_add_up(process_env, tmp_path, simulator):
             answers = list(pool.map(lambda checkout_id: settled(server.url, checkout_id), ids))
         assert all(answer["status"] == "completed" for answer in answers)
 
+        # Each worker records its requests at most 0.1 s after serving them (requestlog.defer).
+        wait_until(lambda: total(scrape(server.url), "mpesa_http_request_duration_seconds_count",
+                                 route="/stkpush") == 12, timeout=5, every=0.05)
         for _ in range(3):  # whichever worker answers, it adds up every worker's numbers
             samples = scrape(server.url)
             assert total(samples, "mpesa_payments_total", status="completed") == 12
@@ -357,9 +437,9 @@ def test_gunicorn_with_one_worker_counts_and_logs_each_request(process_env, tmp_
     try:
         checkout_id = push(server.url, "0700 000 000").json()["checkoutRequestId"]
         assert settled(server.url, checkout_id)["status"] == "completed"
-        samples = scrape(server.url)
-        assert total(samples, "mpesa_payments_total", status="completed") == 1
-        assert total(samples, "mpesa_http_request_duration_seconds_count", route="/stkpush") == 1
+        assert total(scrape(server.url), "mpesa_payments_total", status="completed") == 1
+        wait_until(lambda: total(scrape(server.url), "mpesa_http_request_duration_seconds_count",
+                                 route="/stkpush") == 1, timeout=5, every=0.05)
     finally:
         server.kill(signal.SIGTERM)
 
@@ -487,7 +567,7 @@ def test_the_writer_thread_writes_gathered_lines_whole_from_many_threads():
             for n in range(200):
                 if n % 2:
                     logger.info("thread %s line %s", thread, n, extra={"padding": "x" * (n % 300)})
-                else:   # formatted by the writer thread
+                else:
                     logger.handle(RequestRecord("POST", f"/t{thread}/{n}", 200, 1.5, "127.0.0.1", f"id-{n}"))
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(log_lines, range(8)))
