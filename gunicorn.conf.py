@@ -9,11 +9,12 @@ simulated prompts between them).
 
 Logs are JSON lines (LOG_FORMAT=json, the default here; LOG_FORMAT=text for plain lines),
 gunicorn's own included (no access log: the app logs each request; --access-logfile adds
-gunicorn's). Each worker records its requests (metrics and log line) on a thread of its own and
-writes its INFO lines together, each at most LOG_GATHER_SECONDS later; warnings and errors at once. With several workers /metrics adds up every
-worker's numbers: prometheus-client's multiprocess mode, in PROMETHEUS_MULTIPROC_DIR (a fresh
-temporary directory unless set; one directory per server), emptied when gunicorn starts. One
-worker counts in memory.
+gunicorn's). Each worker records its requests (metrics and log line) on a thread of its own
+and writes its INFO lines together, each at most LOG_GATHER_SECONDS later; warnings and
+errors at once. With several workers /metrics adds up every worker's numbers:
+prometheus-client's multiprocess mode, in PROMETHEUS_MULTIPROC_DIR (a fresh temporary
+directory unless set; one directory per server), emptied when gunicorn starts. One worker
+counts in memory.
 """
 import glob
 import multiprocessing
@@ -96,7 +97,7 @@ class AppLogger(glogging.Logger):
 
 
 logger_class = AppLogger
-LOG_GATHER_SECONDS = 0.1   # how long a worker's request may wait to be recorded, and an INFO line to be written
+LOG_GATHER_SECONDS = 0.1   # how long a request may wait to be recorded, and an INFO line to be written
 
 _simulator_process = None
 

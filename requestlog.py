@@ -69,8 +69,8 @@ class RequestLog:
     The id is in the WSGI environ under ENVIRON_KEY while the app runs, for the log lines made
     on the way (server.RequestIdFilter). Put it inside ProxyFix, which corrects REMOTE_ADDR and
     the scheme first. Flask calls start_response before it returns the body, inside the request
-    context: the status and matched URL rule are known when the line is written, and the
-    duration does not include sending the body.
+    context: the status and matched URL rule are known when the request's facts are taken, and
+    the duration does not include sending the body.
     """
 
     def __init__(self, app):
@@ -128,8 +128,8 @@ _waiting = threading.Event()   # set when the first request of a batch is served
 def defer(seconds: float) -> None:
     """From now on, record each request at most `seconds` after it is served, on a thread started here.
 
-    Requests served by then are recorded at exit (atexit runs before logging's shutdown, which
-    was registered first), so only SIGKILL or the OOM killer loses up to `seconds` of them.
+    Requests still waiting at exit are recorded then (atexit runs this before logging's
+    shutdown, registered first), so only SIGKILL or the OOM killer loses up to `seconds` of them.
     """
     global _served
     if _served is not None:

@@ -25,7 +25,8 @@ from config import load_settings
 
 FRAME = re.compile(r"^(?P<function>.+) \((?P<file>[^:()]+)(?::\d+)?\)$")
 CONCERNS = [  # label, test on a frame's (file, function); none of them wraps the view
-    ("logging (the per-request line and others)", lambda f, fn: f.startswith("logging/")),
+    ("logging while answering (the request's own line is made by the request-log thread)",
+     lambda f, fn: f.startswith("logging/")),
     ("gunicorn access-log atoms, built then dropped", lambda f, fn: f == "gunicorn/glogging.py"
      and fn.startswith(("Logger.access", "Logger.atoms"))),
     ("JSON encode/decode", lambda f, fn: f.startswith(("json/", "flask/json"))),
@@ -272,12 +273,11 @@ def _micro(ctx: Context) -> str:
 
 # What to change when a concern takes a material share of a path (shown from 3%).
 PROPOSALS = {
-    "logging (the per-request line and others)":
-        "the per-request INFO line (`requestlog.RequestRecord`, made with the request's metrics "
-        "by the worker's request-log thread, written with others by `metrics.LineHandler`'s writer "
-        "thread) is what the issue asks for, one per request; to go further, log successful status "
-        "polls at DEBUG or sample them, keeping INFO for pushes, callbacks, errors and slow requests "
-        "(a product decision)",
+    "logging while answering (the request's own line is made by the request-log thread)":
+        "lines logged while a request is answered (a push's `payment … started`, Daraja calls) "
+        "are made and formatted on the answering thread, where the request's own line no longer "
+        "is (`requestlog.defer`); the same hand-over would move them to a thread where that "
+        "work is cheaper",
     "gunicorn access-log atoms, built then dropped":
         "gunicorn builds access-log fields nobody writes: check `AppLogger` in gunicorn.conf.py",
     "request metrics (metrics.py, prometheus_client)":
