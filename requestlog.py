@@ -14,6 +14,7 @@ nothing else (README, Benchmarks).
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import random
@@ -117,8 +118,9 @@ def record_request(created: float, method: str, path: str, route: str | None, st
     """The request's metrics and its log line (route: the matched URL rule, None if none)."""
     metrics.request_served(method, route, status, seconds)
     if log.isEnabledFor(logging.INFO):
-        log.handle(RequestRecord(method, loggable_path(path), status, round(seconds * 1000, 1),
-                                 remote_addr, request_id, created))
+        # A path that is its route's rule (no <parameter>) holds nothing to mask.
+        log.handle(RequestRecord(method, path if path == route else loggable_path(path), status,
+                                 round(seconds * 1000, 1), remote_addr, request_id, created))
 
 
 _served: deque | None = None   # facts of requests waiting for the request-log thread, once deferred
@@ -185,6 +187,21 @@ class RequestRecord(logging.LogRecord):
         self.method, self.path, self.status, self.duration_ms = method, path, status, duration_ms
         self.remote_addr, self.request_id = remote_addr, request_id
 
+    def json_line(self) -> str | None:
+        """The line metrics.JsonFormatter makes of this record, made directly at a third of the cost.
+
+        None once a filter has added a field: the formatter then writes the record out in full.
+        """
+        if len(self.__dict__) != _REQUEST_RECORD_FIELDS:
+            return None
+        address = self.remote_addr
+        return (f'{{"time":"{metrics.log_time(self.created)}","level":{_json_text(self.levelname)},'
+                f'"logger":{_json_text(self.name)},"pid":{self.process},'
+                f'"request_id":{_json_text(self.request_id)},"message":{_json_text(self.getMessage())},'
+                f'"method":{_json_text(self.method)},"path":{_json_text(self.path)},'
+                f'"status":{self.status},"duration_ms":{self.duration_ms!r},'
+                f'"remote_addr":{"null" if address is None else _json_text(address)}}}')
+
 
 _REQUEST_RECORD = {
     "name": log.name, "msg": "%s %s %s %.1fms", "levelno": logging.INFO,
@@ -193,3 +210,5 @@ _REQUEST_RECORD = {
     "exc_info": None, "exc_text": None, "stack_info": None,
     "thread": None, "threadName": None, "processName": None, "taskName": None,
 }
+_REQUEST_RECORD_FIELDS = len(vars(RequestRecord("GET", "/", 200, 0.0, None, "-", 0.0)))
+_json_text = json.encoder.encode_basestring_ascii   # a str as JSON, as the formatter's encoder writes it

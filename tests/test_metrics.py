@@ -595,15 +595,33 @@ def test_the_writer_thread_writes_gathered_lines_whole_from_many_threads():
     logging.Formatter(TEXT_LOG_FORMAT + " %(filename)s %(module)s %(funcName)s %(lineno)d "
                       "%(msecs)03d %(relativeCreated)d %(levelno)s %(exc_text)s %(remote_addr)s"),
 ], ids=["json", "text"])
-def test_the_request_record_formats_as_a_standard_record_would(formatter):
-    made = RequestRecord("POST", "/stkpush", 200, 34.9, "127.0.0.1", "trace-0001")
+@pytest.mark.parametrize("fields", [
+    ("POST", "/stkpush", 200, 34.9, "127.0.0.1", "trace-0001"),
+    # What a client can put in a path, and a request with no known address.
+    ("GET", '/pay/"quoted"\\tab\t\u00e9\u4e2d\U0001f600', 404, 0.0, None, "x"),
+    ("BREW", "/", 418, 12345.6, "::1", "a" * 64),
+], ids=["plain", "odd-path-no-address", "odd-method"])
+def test_the_request_record_formats_as_a_standard_record_would(formatter, fields):
+    method, path, status, duration_ms, remote_addr, request_id = fields
+    made = RequestRecord(*fields)
     standard = logging.getLogger("server").makeRecord(
-        "server", logging.INFO, requestlog.__file__, 0, "%s %s %s %.1fms", ("POST", "/stkpush", 200, 34.9),
-        None, "RequestLog", {"method": "POST", "path": "/stkpush", "status": 200, "duration_ms": 34.9,
-                             "remote_addr": "127.0.0.1", "request_id": "trace-0001"})
+        "server", logging.INFO, requestlog.__file__, 0, "%s %s %s %.1fms", (method, path, status, duration_ms),
+        None, "RequestLog", {"method": method, "path": path, "status": status, "duration_ms": duration_ms,
+                             "remote_addr": remote_addr, "request_id": request_id})
     standard.created, standard.msecs = made.created, made.msecs
     assert abs(standard.relativeCreated - made.relativeCreated) < 1000 * (time.time() - made.created) + 1
     standard.relativeCreated = made.relativeCreated
     assert formatter.format(made) == formatter.format(standard)
     assert made.process == os.getpid()
+    if isinstance(formatter, JsonFormatter):
+        assert made.json_line() is not None   # the line came from the record's own json_line()
+        assert json.loads(formatter.format(made))["path"] == path
+
+
+def test_a_request_record_a_filter_has_added_to_is_written_out_in_full():
+    made = RequestRecord("POST", "/stkpush", 200, 1.5, "127.0.0.1", "trace-0002")
+    made.tenant = "shop-7"   # as a logging.Filter on the handler may do
+    entry = json.loads(JsonFormatter().format(made))
+    assert made.json_line() is None
+    assert entry["tenant"] == "shop-7" and entry["path"] == "/stkpush" and entry["request_id"] == "trace-0002"
 
