@@ -33,11 +33,21 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")  # an incoming X-Request-ID we
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; "
                            "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
                            "base-uri 'self'; form-action 'self'")
+# Pages, scripts, styles and images: a strict policy for the documents, no framing, no referrer abroad.
 SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
                     ("Referrer-Policy", "same-origin"),
                     ("Content-Security-Policy", CONTENT_SECURITY_POLICY))
+# JSON answers, as OWASP's REST Security Cheat Sheet has them: nothing to load or frame, and no
+# cache keeps them. The policy's frame-ancestors does X-Frame-Options' work (the CSP specification
+# tells browsers to ignore X-Frame-Options when it is there), and a Referrer-Policy has nothing to
+# act on in a JSON answer: one header less on every status poll (README, Security).
+API_CONTENT_SECURITY_POLICY = "default-src 'none'; frame-ancestors 'none'"
+API_SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"),
+                        ("Content-Security-Policy", API_CONTENT_SECURITY_POLICY),
+                        ("Cache-Control", "no-store"))
 HSTS = ("Strict-Transport-Security", "max-age=31536000")
 _SECURITY_HEADERS = tuple((name.lower(), (name, value)) for name, value in SECURITY_HEADERS)
+_API_SECURITY_HEADERS = tuple((name.lower(), (name, value)) for name, value in API_SECURITY_HEADERS)
 _WAIT_STATUSES = ("429", "503")  # the answers where Retry-After means something
 
 # Request ids need to be unique, not secret: a generator of our own (reseeded in each forked
@@ -64,8 +74,9 @@ _LOGGING_STARTED = _logging_started()   # what LogRecord.relativeCreated counts 
 
 
 class RequestLog:
-    """WSGI middleware: X-Request-ID (the caller's if sane, else a new one), security headers,
-    Retry-After only on 429 and 503, the request's metrics and its JSON log line.
+    """WSGI middleware: X-Request-ID (the caller's if sane, else a new one), security headers
+    (API_SECURITY_HEADERS on JSON, SECURITY_HEADERS on the rest), Retry-After only on 429 and
+    503, the request's metrics and its JSON log line.
 
     The id is in the WSGI environ under ENVIRON_KEY while the app runs, for the log lines made
     on the way (server.RequestIdFilter). Put it inside ProxyFix, which corrects REMOTE_ADDR and
@@ -85,11 +96,13 @@ class RequestLog:
         answered = []   # (status, Flask's request): Flask drops environ's request once done
 
         def start(status, headers, exc_info=None):
-            present = {name.lower() for name, _ in headers}
+            present = {name.lower(): value for name, value in headers}
             if "retry-after" in present and status[:3] not in _WAIT_STATUSES:
                 # Flask-Limiter's headers put Retry-After on every answer; only a refusal means wait.
                 headers = [header for header in headers if header[0].lower() != "retry-after"]
-            headers.extend(header for name, header in _SECURITY_HEADERS if name not in present)
+            ours = (_API_SECURITY_HEADERS if present.get("content-type", "").startswith("application/json")
+                    else _SECURITY_HEADERS)
+            headers.extend(header for name, header in ours if name not in present)
             if environ.get("wsgi.url_scheme") == "https" and "strict-transport-security" not in present:
                 headers.append(HSTS)
             headers.append(("X-Request-ID", request_id))

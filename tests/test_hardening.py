@@ -82,9 +82,13 @@ def test_https_through_the_proxy_gets_hsts_and_the_log_names_the_client(live_ser
     assert "Strict-Transport-Security" not in live.get("/health").headers   # plain HTTP
     secure = live.get("/health", headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "10.0.0.7"})
     assert secure.headers["Strict-Transport-Security"] == "max-age=31536000"
+    for name in ("Content-Security-Policy", "X-Content-Type-Options", "Cache-Control", "X-Request-ID"):
+        assert len(secure.raw.headers.getlist(name)) == 1, name
+    page = live.get("/pay.html", headers={"X-Forwarded-Proto": "https"})
+    assert page.headers["Strict-Transport-Security"] == "max-age=31536000"
     for name in ("Content-Security-Policy", "X-Content-Type-Options", "X-Frame-Options",
                  "Referrer-Policy", "X-Request-ID"):
-        assert len(secure.raw.headers.getlist(name)) == 1, name
+        assert len(page.raw.headers.getlist(name)) == 1, name
     line = next(record for record in reversed(caplog.records)
                 if record.name == "server" and getattr(record, "request_id", None)
                 == secure.headers["X-Request-ID"])

@@ -507,7 +507,19 @@ def test_logs_never_show_full_phones_or_the_callback_token(live, caplog):
 
 
 def test_pages_get_security_headers(live):
-    response = live.get("/health")
-    assert "default-src 'self'" in response.headers["Content-Security-Policy"]
-    assert response.headers["X-Content-Type-Options"] == "nosniff"
-    assert response.headers["X-Frame-Options"] == "DENY"
+    page = live.get("/pay.html")
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert page.headers["Referrer-Policy"] == "same-origin"
+
+
+def test_json_answers_get_the_api_security_headers_and_are_never_cached(live):
+    for answer in (live.get("/health"), live.post("/stkpush/status", json={"checkoutRequestId": "x"})):
+        assert answer.headers["Content-Type"] == "application/json"
+        assert answer.headers["Content-Security-Policy"] == "default-src 'none'; frame-ancestors 'none'"
+        assert answer.headers["X-Content-Type-Options"] == "nosniff"
+        assert answer.headers["Cache-Control"] == "no-store"
+        # frame-ancestors does X-Frame-Options' work; a JSON answer has no links for a Referrer-Policy.
+        assert "X-Frame-Options" not in answer.headers and "Referrer-Policy" not in answer.headers
