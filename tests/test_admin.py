@@ -17,6 +17,7 @@ from html.parser import HTMLParser
 
 import pytest
 import requests
+from flask import request
 from werkzeug.serving import make_server
 
 import mpesa
@@ -214,6 +215,23 @@ def test_sign_in_sets_a_strict_http_only_cookie_for_admin_only(live):
     assert overview.headers["Cache-Control"] == "no-store"
     assert "default-src 'self'" in overview.headers["Content-Security-Policy"]
     assert "Sign out" in overview.text
+
+
+def test_only_the_dashboard_opens_the_session(live):
+    admin = Admin(live)
+    cookie = admin.cookie.split(";", 1)[0]
+    app = live.app
+    for path in ("/stkpush/status", "/health", "/pay.html", "/administrator"):
+        with app.test_request_context(path, headers={"Cookie": cookie}):
+            assert app.session_interface.is_null_session(app.session_interface.open_session(app, request))
+    with app.test_request_context("/admin/", headers={"Cookie": cookie}):
+        opened = app.session_interface.open_session(app, request)
+        assert not app.session_interface.is_null_session(opened) and opened.get("sid")
+    # The cookie sent where it does not belong (a client ignoring its path) changes nothing.
+    poll = live.post("/stkpush/status", json={"checkoutRequestId": "x"}, headers={"Cookie": cookie})
+    assert poll.status_code == 404 and "Set-Cookie" not in poll.headers
+    assert "Cookie" not in poll.headers.get("Vary", "")
+    assert admin.get("/admin/").status_code == 200   # still signed in
 
 
 def test_the_cookie_is_secure_behind_https(live_server_factory):
