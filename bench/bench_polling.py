@@ -1,8 +1,9 @@
 """Status polling throughput: POST /stkpush/status for a completed payment, per store.
 
 Each store's server runs under the Procfile's gunicorn configuration (gunicorn.conf.py:
-memory one worker, SQLite and Redis 2 x cores + 1 workers; 8 threads each) with rate limits
-off, beside bench/bare_app.py under the same configuration: the ceiling for this stack.
+memory one worker, SQLite and Redis 2 x cores + 1 workers; 8 threads each) with the dashboard
+on and rate limits off, beside bench/bare_app.py under the same configuration: the ceiling for
+this stack.
 Rounds are interleaved (bare, memory, bare, SQLite, Redis, then again) so drift on the
 machine hits every target alike; the table shows medians.
 """
@@ -24,6 +25,9 @@ UNLOGGED = "memory, no request log line"
 # (sitecustomize), to show what the one INFO line per request costs under gunicorn.
 QUIET_LOGGER = 'import logging\nlogging.getLogger("server").setLevel(logging.WARNING)\n'
 DIAGNOSTICS = (LIMITED, UNLOGGED)
+# The operator's dashboard on, as most servers run: a secret key then exists, and Flask would
+# open a cookie session for every request if admin.SessionInterface let it.
+DASHBOARD_ON = {"ADMIN_TOKEN": "bench-admin-token-0123456789abcdef"}
 
 
 def run(ctx: Context) -> str:
@@ -51,7 +55,7 @@ def run(ctx: Context) -> str:
     servers = {}      # name -> its gunicorn (master) process
     for name, url in stores:
         ctx.log(f"polling: starting the server with the {name} store")
-        settings = extra_settings.get(name, {})
+        settings = {**DASHBOARD_ON, **extra_settings.get(name, {})}
         server = start_gunicorn(ctx, server_env(sim.url, url, free_port(), **settings),
                                 name=f"server-{name.split(',')[0]}-{len(targets)}")
         checkout_id = completed_payment(server.url)
@@ -139,7 +143,8 @@ def run(ctx: Context) -> str:
         + (f"`wrk` (1 thread, a Lua script for the POST body)" if tool == "wrk"
            else "the Python generator (threads with pooled sessions; **wrk is not installed**, "
                 "so the client, not the server, may be the limit)") + ". "
-        "Servers: `gunicorn -c gunicorn.conf.py server:app` with `RATELIMIT_ENABLED=false` (the row "
+        "Servers: `gunicorn -c gunicorn.conf.py server:app` with the dashboard on (`ADMIN_TOKEN` set) "
+        "and `RATELIMIT_ENABLED=false` (the row "
         f"*{LIMITED}*: `RATELIMIT_ENABLED=true` with `RATE_LIMIT_STATUS_PER_IP` set out of reach, "
         "so every poll pays Flask-Limiter's check and count as in production; the row "
         f"*{UNLOGGED}*: the `server` logger raised to WARNING by a `sitecustomize.py` on "
