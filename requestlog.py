@@ -40,7 +40,7 @@ SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "
 # JSON answers, as OWASP's REST Security Cheat Sheet has them: nothing to load or frame, and no
 # cache keeps them. The policy's frame-ancestors does X-Frame-Options' work (the CSP specification
 # tells browsers to ignore X-Frame-Options when it is there), and a Referrer-Policy has nothing to
-# act on in a JSON answer: one header less on every status poll (README, Security).
+# act on in a JSON answer: one header less on every status poll (README, Running it in production).
 API_CONTENT_SECURITY_POLICY = "default-src 'none'; frame-ancestors 'none'"
 API_SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"),
                         ("Content-Security-Policy", API_CONTENT_SECURITY_POLICY),
