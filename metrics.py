@@ -32,6 +32,7 @@ import re
 import select
 import threading
 import time
+from bisect import bisect_left
 from collections import Counter as Tally
 from contextlib import contextmanager
 
@@ -133,16 +134,36 @@ def timed(call: str, function):
     return wrapper
 
 
-def request_served(method: str, route: str | None, status: int, seconds: float) -> None:
-    """Observe one HTTP request; route is the URL rule (/stkpush/status/<checkout_id>), never the path."""
-    labels = (method if method in _METHODS else "other", route or "unmatched", status)
-    child = _HTTP_CHILDREN.get(labels)
-    if child is None:   # labels() validates and locks each time: a third of an observation's cost
-        child = _HTTP_CHILDREN[labels] = HTTP_SECONDS.labels(*labels[:2], str(status))
-    child.observe(seconds)
+def requests_served(served) -> None:
+    """Observe requests served, each (method, route, status, seconds); route is the URL rule
+    (/stkpush/status/<checkout_id>), never the path.
+
+    The same numbers as observing each request on HTTP_SECONDS, written once per label set and
+    bucket instead of twice per request: with several workers every write goes to
+    prometheus-client's multiprocess file under its lock, most of an observation's cost.
+    """
+    batch: dict = {}   # labels -> [sum of seconds, count per bucket]
+    for method, route, status, seconds in served:
+        labels = (method if method in _METHODS else "other", route or "unmatched", status)
+        totals = batch.get(labels)
+        if totals is None:
+            totals = batch[labels] = [0.0, [0] * len(_HTTP_UPPER_BOUNDS)]
+        totals[0] += seconds
+        totals[1][bisect_left(_HTTP_UPPER_BOUNDS, seconds)] += 1   # the first bound >= seconds, as observe()
+    for labels, (seconds, counts) in batch.items():
+        child = _HTTP_CHILDREN.get(labels)
+        if child is None:   # labels() validates and locks each time
+            child = _HTTP_CHILDREN[labels] = HTTP_SECONDS.labels(*labels[:2], str(labels[2]))
+        # Histogram.observe() as it is in prometheus-client 0.26, for many observations at once;
+        # tests/test_metrics.py checks the two give the same exposition.
+        child._sum.inc(seconds)
+        for bucket, count in zip(child._buckets, counts):
+            if count:
+                bucket.inc(count)
 
 
 _HTTP_CHILDREN: dict = {}   # (method, route, status) -> HTTP_SECONDS's child: few, routes are the app's
+_HTTP_UPPER_BOUNDS = (*HTTP_BUCKETS, math.inf)   # as Histogram keeps them
 
 
 def _error_code(code) -> str:
@@ -256,6 +277,28 @@ class LineHandler(logging.StreamHandler):
         self._gathering = True
         threading.Thread(target=self._write_gathered_every, args=(seconds,), name="log-writer",
                          daemon=True).start()
+
+    @property
+    def gathering(self) -> bool:
+        """Whether lines at INFO and below wait for the writer thread (gather())."""
+        return self._gathering
+
+    def gather_lines(self, lines: list[str]) -> None:
+        """INFO lines made without records (requestlog's request lines), taken as emit() takes theirs."""
+        encoding = getattr(self.stream, "encoding", None) or "utf-8"
+        encoded = [(line + self.terminator).encode(encoding, "backslashreplace") for line in lines]
+        if not encoded:
+            return
+        with self._gathered_lock:
+            if self._gathering:   # else closed meanwhile: written at once below
+                waiting = bool(self._gathered)
+                self._gathered.extend(encoded)
+                if not waiting:
+                    self._waiting.set()
+                return
+        with self.lock:
+            for data in encoded:
+                self._write_chunk(data)
 
     def handle(self, record: logging.LogRecord):
         kept = self.filter(record)

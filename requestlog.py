@@ -23,6 +23,8 @@ import threading
 import time
 from collections import deque
 
+from flask import has_request_context, request
+
 import metrics
 from mpesa import mask_checkout_id
 
@@ -48,6 +50,7 @@ API_SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"),
 HSTS = ("Strict-Transport-Security", "max-age=31536000")
 _SECURITY_HEADERS = tuple((name.lower(), (name, value)) for name, value in SECURITY_HEADERS)
 _API_SECURITY_HEADERS = tuple((name.lower(), (name, value)) for name, value in API_SECURITY_HEADERS)
+_FLASK_JSON = ("Content-Type", "application/json")   # with Content-Length, all a JSON answer has
 _WAIT_STATUSES = ("429", "503")  # the answers where Retry-After means something
 
 # Request ids need to be unique, not secret: a generator of our own (reseeded in each forked
@@ -79,7 +82,7 @@ class RequestLog:
     503, the request's metrics and its JSON log line.
 
     The id is in the WSGI environ under ENVIRON_KEY while the app runs, for the log lines made
-    on the way (server.RequestIdFilter). Put it inside ProxyFix, which corrects REMOTE_ADDR and
+    on the way (RequestIdFilter). Put it inside ProxyFix, which corrects REMOTE_ADDR and
     the scheme first. Flask calls start_response before it returns the body, inside the request
     context: the status and matched URL rule are known when the request's facts are taken, and
     the duration does not include sending the body.
@@ -90,20 +93,25 @@ class RequestLog:
 
     def __call__(self, environ, start_response):
         started = time.perf_counter()
-        given = environ.get("HTTP_X_REQUEST_ID", "")
-        request_id = given if REQUEST_ID.fullmatch(given) else f"{_REQUEST_IDS.getrandbits(128):032x}"
+        given = environ.get("HTTP_X_REQUEST_ID")
+        request_id = given if given and REQUEST_ID.fullmatch(given) else f"{_REQUEST_IDS.getrandbits(128):032x}"
         environ[ENVIRON_KEY] = request_id
         answered = []   # (status, Flask's request): Flask drops environ's request once done
 
         def start(status, headers, exc_info=None):
-            present = {name.lower(): value for name, value in headers}
-            if "retry-after" in present and status[:3] not in _WAIT_STATUSES:
-                # Flask-Limiter's headers put Retry-After on every answer; only a refusal means wait.
-                headers = [header for header in headers if header[0].lower() != "retry-after"]
-            ours = (_API_SECURITY_HEADERS if present.get("content-type", "").startswith("application/json")
-                    else _SECURITY_HEADERS)
-            headers.extend(header for name, header in ours if name not in present)
-            if environ.get("wsgi.url_scheme") == "https" and "strict-transport-security" not in present:
+            if len(headers) == 2 and headers[0] == _FLASK_JSON and headers[1][0] == "Content-Length":
+                headers += API_SECURITY_HEADERS   # Flask's JSON answer, most answers: none of ours there
+                hsts = True
+            else:
+                present = {name.lower(): value for name, value in headers}
+                if "retry-after" in present and status[:3] not in _WAIT_STATUSES:
+                    # Flask-Limiter's headers put Retry-After on every answer; only a refusal means wait.
+                    headers = [header for header in headers if header[0].lower() != "retry-after"]
+                ours = (_API_SECURITY_HEADERS if present.get("content-type", "").startswith("application/json")
+                        else _SECURITY_HEADERS)
+                headers.extend(header for name, header in ours if name not in present)
+                hsts = "strict-transport-security" not in present
+            if hsts and environ.get("wsgi.url_scheme") == "https":
                 headers.append(HSTS)
             headers.append(("X-Request-ID", request_id))
             answered.append((status, environ.get("werkzeug.request")))
@@ -118,7 +126,7 @@ class RequestLog:
                  rule.rule if rule else None, int(status[:3]), elapsed, environ.get("REMOTE_ADDR"),
                  request_id)
         if _served is None:
-            record_request(*facts)
+            record_requests([facts])
         else:
             _served.append(facts)
             if not _waiting.is_set():
@@ -126,14 +134,64 @@ class RequestLog:
         return body
 
 
-def record_request(created: float, method: str, path: str, route: str | None, status: int,
-                   seconds: float, remote_addr: str | None, request_id: str) -> None:
-    """The request's metrics and its log line (route: the matched URL rule, None if none)."""
-    metrics.request_served(method, route, status, seconds)
-    if log.isEnabledFor(logging.INFO):
-        # A path that is its route's rule (no <parameter>) holds nothing to mask.
-        log.handle(RequestRecord(method, path if path == route else loggable_path(path), status,
-                                 round(seconds * 1000, 1), remote_addr, request_id, created))
+def record_requests(batch: list[tuple]) -> None:
+    """The metrics and log lines of requests served, each given by the facts RequestLog takes:
+    (created, method, path, route, status, seconds, remote_addr, request_id), route being the
+    matched URL rule, None if none."""
+    metrics.requests_served([(method, route, status, seconds)
+                             for _, method, _, route, status, seconds, _, _ in batch])
+    if not log.isEnabledFor(logging.INFO):
+        return
+    handler = _sole_json_handler()
+    if handler is None:
+        for created, method, path, route, status, seconds, address, request_id in batch:
+            log.handle(RequestRecord(method, _loggable(path, route), status, round(seconds * 1000, 1),
+                                     address, request_id, created))
+        return
+    # The lines the records would become, made without them: about half the cost (README, Logs).
+    lines = []
+    for created, method, path, route, status, seconds, address, request_id in batch:
+        path, duration_ms = _loggable(path, route), round(seconds * 1000, 1)
+        lines.append(_json_line(created, _LEVEL, _LOGGER, _pid, request_id,
+                                _MESSAGE % (method, path, status, duration_ms), method, path,
+                                status, duration_ms, address))
+    handler.gather_lines(lines)
+
+
+def _loggable(path: str, route: str | None) -> str:
+    # A path that is its route's rule (no <parameter>) holds nothing to mask.
+    return path if path == route else loggable_path(path)
+
+
+def _sole_json_handler() -> metrics.LineHandler | None:
+    """The handler request lines go to, when they go to it alone and nothing on the way can
+    change or drop them: then record_requests makes the lines JsonFormatter would make of
+    their records, without the records. None otherwise (a filter or another handler added,
+    text lines, lines written at once), and each line goes through logging in full."""
+    if log.filters or log.handlers or not log.propagate or log.parent is not logging.root:
+        return None
+    if len(logging.root.handlers) != 1:
+        return None
+    handler = logging.root.handlers[0]
+    if (type(handler) is not metrics.LineHandler or not handler.gathering or handler.level > logging.INFO
+            or type(handler.formatter) is not metrics.JsonFormatter
+            or any(type(kept) is not RequestIdFilter for kept in handler.filters)):
+        return None
+    return handler
+
+
+class RequestIdFilter(logging.Filter):
+    """Tags each record made while serving a request with that request's id.
+
+    Records made elsewhere (the request-log thread's) pass unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if has_request_context():
+            request_id = request.environ.get(ENVIRON_KEY)
+            if request_id:
+                record.request_id = request_id
+        return True
 
 
 _served: deque | None = None   # facts of requests waiting for the request-log thread, once deferred
@@ -163,15 +221,18 @@ def _record_every(seconds: float) -> None:
 
 
 def _record_waiting() -> None:
+    batch = []
     while _served:
         try:
-            facts = _served.popleft()
+            batch.append(_served.popleft())
         except IndexError:   # taken meanwhile by the other caller (the exit's)
-            return
-        try:
-            record_request(*facts)
-        except Exception:   # the thread must go on: what waits would pile up
-            log.exception("Could not record a request's metrics and log line")
+            break
+    if not batch:
+        return
+    try:
+        record_requests(batch)
+    except Exception:   # the thread must go on: what waits would pile up
+        log.exception("Could not record the metrics and log lines of %d request(s)", len(batch))
 
 
 def loggable_path(path: str) -> str:
@@ -207,18 +268,27 @@ class RequestRecord(logging.LogRecord):
         """
         if len(self.__dict__) != _REQUEST_RECORD_FIELDS:
             return None
-        address = self.remote_addr
-        return (f'{{"time":"{metrics.log_time(self.created)}","level":{_json_text(self.levelname)},'
-                f'"logger":{_json_text(self.name)},"pid":{self.process},'
-                f'"request_id":{_json_text(self.request_id)},"message":{_json_text(self.getMessage())},'
-                f'"method":{_json_text(self.method)},"path":{_json_text(self.path)},'
-                f'"status":{self.status},"duration_ms":{self.duration_ms!r},'
-                f'"remote_addr":{"null" if address is None else _json_text(address)}}}')
+        return _json_line(self.created, self.levelname, self.name, self.process, self.request_id,
+                          self.getMessage(), self.method, self.path, self.status, self.duration_ms,
+                          self.remote_addr)
 
 
+def _json_line(created: float, level: str, logger: str, pid: int, request_id: str, message: str,
+               method: str, path: str, status: int, duration_ms: float, remote_addr: str | None) -> str:
+    """A request's line as metrics.JsonFormatter writes a RequestRecord: the same fields, in order."""
+    return (f'{{"time":"{metrics.log_time(created)}","level":{_json_text(level)},'
+            f'"logger":{_json_text(logger)},"pid":{pid},'
+            f'"request_id":{_json_text(request_id)},"message":{_json_text(message)},'
+            f'"method":{_json_text(method)},"path":{_json_text(path)},'
+            f'"status":{status},"duration_ms":{duration_ms!r},'
+            f'"remote_addr":{"null" if remote_addr is None else _json_text(remote_addr)}}}')
+
+
+_MESSAGE = "%s %s %s %.1fms"
+_LEVEL = logging.getLevelName(logging.INFO)
+_LOGGER = log.name
 _REQUEST_RECORD = {
-    "name": log.name, "msg": "%s %s %s %.1fms", "levelno": logging.INFO,
-    "levelname": logging.getLevelName(logging.INFO), "pathname": __file__,
+    "name": _LOGGER, "msg": _MESSAGE, "levelno": logging.INFO, "levelname": _LEVEL, "pathname": __file__,
     "filename": os.path.basename(__file__), "module": __name__, "funcName": "RequestLog", "lineno": 0,
     "exc_info": None, "exc_text": None, "stack_info": None,
     "thread": None, "threadName": None, "processName": None, "taskName": None,

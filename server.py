@@ -23,7 +23,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 import segno
-from flask import Flask, current_app, has_request_context, jsonify, request
+from flask import Flask, current_app, jsonify, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -663,17 +663,6 @@ def banner(app: Flask) -> str:
     return "\n".join(lines)
 
 
-class RequestIdFilter(logging.Filter):
-    """Tags each record made while serving a request with that request's id."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if has_request_context():
-            request_id = request.environ.get(requestlog.ENVIRON_KEY)
-            if request_id:
-                record.request_id = request_id
-        return True
-
-
 def log_format() -> str:
     """LOG_FORMAT: text (python server.py's default) or json (gunicorn.conf.py's default)."""
     value = (os.environ.get("LOG_FORMAT") or "text").strip().lower()
@@ -692,8 +681,8 @@ def configure_logging() -> None:
     for handler in root.handlers:
         if json_lines:
             handler.setFormatter(metrics.JsonFormatter())
-        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
-            handler.addFilter(RequestIdFilter())
+        if not any(isinstance(f, requestlog.RequestIdFilter) for f in handler.filters):
+            handler.addFilter(requestlog.RequestIdFilter())
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     # No format here shows the caller's file and line or the thread and process names: skip
     # collecting them for every line (the logging HOWTO's "Optimization" section).

@@ -37,7 +37,7 @@ CONCERNS = [  # label, test on a frame's (file, function); none of them wraps th
      and ("check_request_limit" in fn or "evaluate_limits" in fn)),
     ("Flask-CORS after_request", lambda f, fn: f.startswith("flask_cors/") and "after_request" in fn),
     ("request metrics (metrics.py, prometheus_client)", lambda f, fn: f.startswith("prometheus_client/")
-     or (f == "metrics.py" and fn == "request_served")),
+     or (f == "metrics.py" and fn == "requests_served")),
     ("outgoing HTTP to Daraja (requests, urllib3)", lambda f, fn: f.startswith(("requests/", "urllib3/"))),
     ("requests reading proxy settings from the environment", lambda f, fn: f.startswith("requests/")
      and ("merge_environment_settings" in fn or "get_environ_proxies" in fn)),
@@ -236,14 +236,15 @@ def _micro(ctx: Context) -> str:
                                      content_type="application/json"):
         tx = memory.extensions["store"].get(completed.checkout_request_id)
         pieces = [
-            ("the request's JSON log line (`requestlog.RequestRecord`, formatted and written at once, "
-             "to /dev/null; under gunicorn the worker's request-log and writer threads do this, "
-             "not the thread answering the request)",
+            ("the request's JSON log line through logging (`requestlog.RequestRecord`, formatted and "
+             "written at once, to /dev/null; under gunicorn the worker's request-log thread makes the "
+             "line without the record and its writer thread writes it, not the thread answering the "
+             "request)",
              best(lambda: request_log.handle(requestlog.RequestRecord(
                  "POST", "/stkpush/status", 200, 1.2, "127.0.0.1", "0123456789abcdef0123456789abcdef")))),
-            ("its request metrics (`metrics.request_served`; under gunicorn made by the "
-             "request-log thread too)",
-             best(lambda: metrics.request_served("POST", "/stkpush/status", 200, 0.001))),
+            ("its request metrics, one request at a time (`metrics.requests_served`; under "
+             "gunicorn the request-log thread observes its batch at once)",
+             best(lambda: metrics.requests_served([("POST", "/stkpush/status", 200, 0.001)]))),
             ("reading the body (`read_json`)", best(server.read_json)),
             ("building and encoding the answer (`status_answer` + `jsonify`; first poll after settling only)",
              best(lambda: server.jsonify(server.status_answer(tx)))),

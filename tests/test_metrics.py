@@ -19,6 +19,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import requests
@@ -625,3 +626,166 @@ def test_a_request_record_a_filter_has_added_to_is_written_out_in_full():
     assert made.json_line() is None
     assert entry["tenant"] == "shop-7" and entry["path"] == "/stkpush" and entry["request_id"] == "trace-0002"
 
+
+
+# ------------------------------------------------------------------- a batch of requests recorded
+
+BATCH = [   # RequestLog's facts: (created, method, path, route, status, seconds, remote_addr, request_id)
+    (1764926142.5964, "POST", "/stkpush/status", "/stkpush/status", 200, 0.0012, "127.0.0.1", "f" * 32),
+    (1764926142.9999996, "GET", "/stkpush/status/ws_CO_051220261234567890",
+     "/stkpush/status/<checkout_id>", 404, 0.25, None, "trace-1"),
+    (1764926143.0, "BREW", '/pay/"q"\\\t\u00e9\U0001f600', None, 418, 31.0, "::1", "x"),
+    (1764926143.25, "GET", "/hooks/stk/secret-token", "/hooks/stk/<token>", 403, 0.005, "10.0.0.1", "y"),
+]
+
+
+@pytest.fixture
+def sole_json_handler(monkeypatch):
+    """A handler as gunicorn.conf.py and configure_logging leave the root logger's in a worker:
+    gathering, JSON lines, the request-id filter. Its lines go to the pipe returned."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    stream = os.fdopen(write_end, "w")
+    handler = LineHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(requestlog.RequestIdFilter())
+    handler.gather(3600)   # written when flushed
+    server_log = logging.getLogger("server")
+    monkeypatch.setattr(server_log, "handlers", [])
+    monkeypatch.setattr(server_log, "filters", [])
+    monkeypatch.setattr(server_log, "propagate", True)
+    monkeypatch.setattr(server_log, "disabled", False)
+    level = server_log.level
+    server_log.setLevel(logging.INFO)
+    yield handler, read_end
+    server_log.setLevel(level)
+    handler.close()
+    stream.close()
+    os.close(read_end)
+
+
+@contextmanager
+def root_handlers(*handlers):
+    """The root logger with these handlers alone (pytest adds its own for each test)."""
+    kept = logging.root.handlers[:]
+    logging.root.handlers[:] = handlers
+    try:
+        yield
+    finally:
+        logging.root.handlers[:] = kept
+
+
+def recorded_lines(handler: LineHandler, read_end: int) -> list[str]:
+    handler.flush()
+    return waiting_in(read_end)
+
+
+def test_request_lines_made_without_records_are_the_lines_logging_makes(sole_json_handler):
+    handler, read_end = sole_json_handler
+    with root_handlers(handler):
+        assert requestlog._sole_json_handler() is handler
+        requestlog.record_requests(BATCH)
+        made_directly = recorded_lines(handler, read_end)
+
+        server_log = logging.getLogger("server")
+        server_log.addFilter(lambda record: True)   # a filter could change a record: each goes through logging
+        assert requestlog._sole_json_handler() is None
+        requestlog.record_requests(BATCH)
+        through_logging = recorded_lines(handler, read_end)
+
+    assert made_directly == through_logging and len(made_directly) == len(BATCH)
+    entries = [json.loads(line) for line in made_directly]
+    assert [(e["method"], e["status"], e["request_id"], e["remote_addr"]) for e in entries] == [
+        (method, status, request_id, address) for _, method, _, _, status, _, address, request_id in BATCH]
+    assert entries[0]["message"] == "POST /stkpush/status 200 1.2ms" and entries[0]["duration_ms"] == 1.2
+    assert entries[1]["path"] == "/stkpush/status/" + mask_checkout_id("ws_CO_051220261234567890")
+    assert entries[2]["path"] == BATCH[2][2]
+    assert entries[3]["path"] == "/hooks/stk/***"   # the callback secret never reaches a log
+    assert entries[0]["time"] == "2025-12-05T09:15:42.596Z" and entries[1]["time"] == "2025-12-05T09:15:43.000Z"
+    assert all(e["pid"] == os.getpid() and e["level"] == "INFO" and e["logger"] == "server" for e in entries)
+
+
+def add_handler_filter(handler):
+    handler.addFilter(lambda record: True)
+
+
+def add_logger_handler(handler):
+    logging.getLogger("server").addHandler(logging.NullHandler())
+
+
+def add_root_handler(handler):
+    logging.root.handlers.append(logging.NullHandler())
+
+
+def text_lines(handler):
+    handler.setFormatter(logging.Formatter(TEXT_LOG_FORMAT))
+
+
+def warnings_only(handler):
+    handler.setLevel(logging.WARNING)
+
+
+def not_propagated(handler):
+    logging.getLogger("server").propagate = False
+
+
+@pytest.mark.parametrize("change", [add_handler_filter, add_logger_handler, add_root_handler, text_lines,
+                                    warnings_only, not_propagated])
+def test_request_lines_go_through_logging_whenever_logging_is_set_up_otherwise(sole_json_handler, change):
+    handler, read_end = sole_json_handler
+    with root_handlers(handler):
+        change(handler)
+        assert requestlog._sole_json_handler() is None
+        requestlog.record_requests(BATCH[:1])
+        lines = recorded_lines(handler, read_end)
+    if change in (warnings_only, not_propagated):
+        assert lines == []   # as logging would have it
+    elif change is text_lines:
+        assert lines == [logging.Formatter(TEXT_LOG_FORMAT).format(RequestRecord(
+            "POST", "/stkpush/status", 200, 1.2, "127.0.0.1", "f" * 32, BATCH[0][0]))]
+    else:
+        assert [json.loads(line)["request_id"] for line in lines] == ["f" * 32]
+
+
+def test_a_handler_that_is_not_gathering_gets_each_line_through_logging(monkeypatch):
+    stream = io.StringIO()
+    handler = LineHandler(stream)   # gather() not called: lines are written at once
+    handler.setFormatter(JsonFormatter())
+    server_log = logging.getLogger("server")
+    monkeypatch.setattr(server_log, "handlers", [])
+    monkeypatch.setattr(server_log, "filters", [])
+    level = server_log.level
+    server_log.setLevel(logging.INFO)
+    try:
+        with root_handlers(handler):
+            assert requestlog._sole_json_handler() is None
+            requestlog.record_requests(BATCH[:2])
+    finally:
+        server_log.setLevel(level)
+    assert [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()] == ["f" * 32, "trace-1"]
+
+
+def test_a_batch_of_requests_is_observed_as_each_request_would_be():
+    from prometheus_client import CollectorRegistry, Histogram
+    import metrics
+    route = f"/batch-{os.getpid()}-{time.monotonic_ns()}"
+    # On the bounds, between them, past the last, and nothing at all.
+    durations = [0.0, 0.005, 0.0051, 0.01, 0.3, 0.3, 10.0, 30.0, 31.0, 120.0]
+    one_by_one = Histogram("one_by_one_seconds", "each observed", ["method", "route", "status"],
+                           buckets=metrics.HTTP_BUCKETS, registry=CollectorRegistry())
+    for seconds in durations:
+        one_by_one.labels("POST", route, "200").observe(seconds)
+    metrics.requests_served([("POST", route, 200, seconds) for seconds in durations]
+                            + [("BREW", None, 418, 0.02)])
+
+    def samples(collector, name):
+        return {(sample.name.replace(name, ""), sample.labels.get("le")): sample.value
+                for family in collector.collect() for sample in family.samples
+                if sample.labels.get("route") == route and not sample.name.endswith("_created")}
+    batched = samples(metrics.HTTP_SECONDS, "mpesa_http_request_duration_seconds")
+    assert batched == pytest.approx(samples(one_by_one, "one_by_one_seconds"))
+    assert batched[("_count", None)] == len(durations) and batched[("_bucket", "0.005")] == 2
+    unmatched = [sample for family in metrics.HTTP_SECONDS.collect() for sample in family.samples
+                 if sample.labels.get("route") == "unmatched" and sample.labels.get("method") == "other"
+                 and sample.labels.get("status") == "418" and sample.name.endswith("_count")]
+    assert unmatched and unmatched[0].value >= 1
