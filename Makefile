@@ -23,7 +23,7 @@ test: $(READY) services
 	$(BIN)/python -m pytest
 
 bench: $(READY)
-	@./scripts/ensure-packages.sh wrk redis-server
+	@./scripts/ensure-packages.sh wrk redis-server valgrind
 	$(BIN)/python -m bench.run
 
 clean:
