@@ -789,3 +789,17 @@ def test_a_batch_of_requests_is_observed_as_each_request_would_be():
                  if sample.labels.get("route") == "unmatched" and sample.labels.get("method") == "other"
                  and sample.labels.get("status") == "418" and sample.name.endswith("_count")]
     assert unmatched and unmatched[0].value >= 1
+
+
+def test_lines_handed_over_after_the_handler_closed_are_written_at_once():
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    with os.fdopen(write_end, "w") as stream:
+        handler = LineHandler(stream)
+        handler.gather(3600)
+        handler.gather_lines(['{"message":"waiting"}'])
+        assert waiting_in(read_end) == []
+        handler.close()   # what waits goes out; later lines are written at once
+        handler.gather_lines(['{"message":"late 1"}', '{"message":"late 2"}'])
+        assert [json.loads(line)["message"] for line in waiting_in(read_end)] == ["waiting", "late 1", "late 2"]
+    os.close(read_end)
