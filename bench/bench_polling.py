@@ -26,6 +26,7 @@ UNLOGGED = "memory, no request log line"
 QUIET_LOGGER = 'import logging\nlogging.getLogger("server").setLevel(logging.WARNING)\n'
 DIAGNOSTICS = (LIMITED, UNLOGGED)
 LOPSIDED = 0.8   # a run where one worker used this share of the workers' CPU time is marked
+SERVING = 0.1    # a worker that used this share of the workers' CPU time in a run counts as serving in it
 # The operator's dashboard on, as most servers run: a secret key then exists, and Flask would
 # open a cookie session for every request if admin.SessionInterface let it.
 DASHBOARD_ON = {"ADMIN_TOKEN": "bench-admin-token-0123456789abcdef"}
@@ -88,6 +89,7 @@ def run(ctx: Context) -> str:
     results: dict[str, list] = {name: [] for name, _ in order}
     cpu: dict[str, list] = {name: [] for name, _ in order}   # worker CPU µs per answered poll
     lopsided: dict[str, list] = {name: [] for name, _ in order}   # per run: one worker did most
+    serving: dict[str, list] = {name: [] for name, _ in order}    # per run: workers that served, if several
     if not ctx.quick:
         for name, (url, body) in order:   # warm up every worker and connection pool
             load(url, body, 1, CONNECTIONS, scratch)
@@ -103,8 +105,10 @@ def run(ctx: Context) -> str:
             if used and len(used) == len(workers_now) and result.ok:
                 cpu[name].append(sum(used) / result.ok * 1e6)
                 lopsided[name].append(len(used) > 1 and max(used) >= LOPSIDED * sum(used))
+                serving[name].append(sum(share >= SERVING * sum(used) for share in used) if len(used) > 1 else None)
             else:
                 lopsided[name].append(False)
+                serving[name].append(None)
 
     def rps(name):
         return median(r.rps for r in results[name])
@@ -122,14 +126,14 @@ def run(ctx: Context) -> str:
         if name in DIAGNOSTICS:
             verdict = "(not a goal)"
         else:
-            verdicts.append(f"{name} {fmt(ratio, 2)} ({verdict})")
+            verdicts.append(f"{name} {_ratio_text(ratio)} ({verdict})")
             ctx.summary.append([f"status polling, {name} store", f"≥ {GOAL} of the bare app",
-                                f"{fmt(ratio, 2)} ({fmt(ours)} vs {fmt(ceiling)} req/s)", verdict])
+                                f"{_ratio_text(ratio)} ({fmt(ours)} vs {fmt(ceiling)} req/s)", verdict])
         errors = sum(r.errors for r in results[name])
         cpu_ours, cpu_ceiling = median(cpu[name]), median(cpu[ceiling_name])
         cpu_text = (f"{fmt(cpu_ours)} / {fmt(cpu_ceiling)} ({fmt(cpu_ceiling / cpu_ours, 2)})"
                     if cpu_ours and cpu_ceiling else "—")
-        rows.append([name, _workers_text(workers[name]), fmt(ours), fmt(ceiling), f"**{fmt(ratio, 2)}**",
+        rows.append([name, _workers_text(workers[name]), fmt(ours), fmt(ceiling), f"**{_ratio_text(ratio)}**",
                      verdict, cpu_text,
                      f"{fmt(median(r.p50_ms for r in results[name]), 1)} / "
                      f"{fmt(median(r.p99_ms for r in results[name]), 1)}",
@@ -140,8 +144,8 @@ def run(ctx: Context) -> str:
         rows.append(["Redis", "—", "**skipped**", "", "", "", "", "", "", redis_how])
 
     tool = results["memory"][0].tool
-    runs_text = "; ".join(f"{name}: " + ", ".join(fmt(r.rps) + (" (lopsided)" if skewed else "")
-                                                  for r, skewed in zip(results[name], lopsided[name]))
+    runs_text = "; ".join(f"{name}: " + ", ".join(_run_text(r.rps, skewed, served) for r, skewed, served
+                                                  in zip(results[name], lopsided[name], serving[name]))
                           for name, _ in order)
     skewed_runs = sum(sum(flags) for flags in lopsided.values())
     lines = [
@@ -173,12 +177,17 @@ def run(ctx: Context) -> str:
         "load generator and the server at that moment. Most of it is gunicorn's own work, which both "
         "apps pay.",
         "",
-        f"Every run (req/s): {runs_text}.",
+        "Every run (req/s; with several workers, how many of them served the polls, each using at least "
+        f"{SERVING:.0%} of the workers' CPU time): {runs_text}.",
         "",
-        f"Lopsided runs ({skewed_runs} in all): one of the workers used at least "
-        f"{LOPSIDED:.0%} of the workers' CPU time. gunicorn's workers share one listening socket and "
-        "race to accept the connections `wrk` opens at once; now and then one takes most of them "
-        "and serves them alone. Such runs count in the medians like any other (README, Benchmarks).",
+        "gunicorn's workers share one listening socket and race to accept the connections `wrk` opens "
+        f"at once, so each run of a several-worker server deals its {CONNECTIONS} connections out anew, "
+        f"to one worker or to all {_several_workers()}. How many serve moves the rate more than anything else in a run (on 2 "
+        "cores: one worker alone is held to one core by its GIL, two use both cores, more switch "
+        "between processes more), and both apps draw from the same lottery; this is most of the "
+        f"spread between runs. Lopsided runs ({skewed_runs} in all): one of the workers used "
+        f"at least {LOPSIDED:.0%} of the workers' CPU time and served the polls alone, at less than half "
+        "the usual rate. Such runs count in the medians like any other (README, Benchmarks).",
     ]
     if redis_url:
         from redis.utils import HIREDIS_AVAILABLE
@@ -240,8 +249,25 @@ def _instructions(ctx: Context, simulator_url: str, redis_url: str | None, size:
     ])
 
 
-def _workers_text(kind: str) -> str:
+def _run_text(rps: float, lopsided: bool, serving: int | None) -> str:
+    notes = ([f"{serving} worker{'s' if serving != 1 else ''}"] if serving is not None else []) + (
+        ["lopsided"] if lopsided else [])
+    return fmt(rps) + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _ratio_text(ratio: float | None) -> str:
+    """Two decimals, or three where two would round across the goal (0.899 is not 0.90)."""
+    if ratio is not None and (round(ratio, 2) >= GOAL) != (ratio >= GOAL):
+        return fmt(ratio, 3)
+    return fmt(ratio, 2)
+
+
+def _several_workers() -> int:
     import multiprocessing
+    return multiprocessing.cpu_count() * 2 + 1   # gunicorn.conf.py's default for SQLite and Redis
+
+
+def _workers_text(kind: str) -> str:
     if kind == "1 worker":
         return "1 worker × 8 threads"
-    return f"{multiprocessing.cpu_count() * 2 + 1} workers × 8 threads"
+    return f"{_several_workers()} workers × 8 threads"
