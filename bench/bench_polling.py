@@ -105,7 +105,8 @@ def run(ctx: Context) -> str:
             if used and len(used) == len(workers_now) and result.ok:
                 cpu[name].append(sum(used) / result.ok * 1e6)
                 lopsided[name].append(len(used) > 1 and max(used) >= LOPSIDED * sum(used))
-                serving[name].append(sum(share >= SERVING * sum(used) for share in used) if len(used) > 1 else None)
+                several = len(used) > 1
+                serving[name].append(sum(share >= SERVING * sum(used) for share in used) if several else None)
             else:
                 lopsided[name].append(False)
                 serving[name].append(None)
@@ -182,10 +183,11 @@ def run(ctx: Context) -> str:
         "",
         "gunicorn's workers share one listening socket and race to accept the connections `wrk` opens "
         f"at once, so each run of a several-worker server deals its {CONNECTIONS} connections out anew, "
-        f"to one worker or to all {_several_workers()}. How many serve moves the rate more than anything else in a run (on 2 "
-        "cores: one worker alone is held to one core by its GIL, two use both cores, more switch "
-        "between processes more), and both apps draw from the same lottery; this is most of the "
-        f"spread between runs. Lopsided runs ({skewed_runs} in all): one of the workers used "
+        f"to one worker or to all {_several_workers()}. How many serve moves the rate more than "
+        "anything else in a run (on 2 cores: one worker alone is held to one core by its GIL, two "
+        "use both cores, more switch between processes more), and both apps draw from the same "
+        f"lottery; this is most of the spread between runs. Lopsided runs ({skewed_runs} in all): "
+        "one of the workers used "
         f"at least {LOPSIDED:.0%} of the workers' CPU time and served the polls alone, at less than half "
         "the usual rate. Such runs count in the medians like any other (README, Benchmarks).",
     ]
