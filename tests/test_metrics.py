@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import select
 import signal
@@ -703,6 +704,24 @@ def test_request_lines_made_without_records_are_the_lines_logging_makes(sole_jso
     assert entries[3]["path"] == "/hooks/stk/***"   # the callback secret never reaches a log
     assert entries[0]["time"] == "2025-12-05T09:15:42.596Z" and entries[1]["time"] == "2025-12-05T09:15:43.000Z"
     assert all(e["pid"] == os.getpid() and e["level"] == "INFO" and e["logger"] == "server" for e in entries)
+
+
+def test_request_lines_made_without_records_round_each_duration_as_the_record_does(sole_json_handler):
+    # The direct lines print the duration once with one decimal; a record holds it rounded.
+    handler, read_end = sole_json_handler
+    edges = [0.0, 1e-9, 0.00005, 0.00015, 0.00025, 0.00035, 0.0000499999, 0.00095, 0.0999999, 29.99995]
+    rng = random.Random(6)
+    seconds = edges + [rng.uniform(0, 0.05) for _ in range(60)] + [rng.uniform(0, 60) for _ in range(20)]
+    batch = [(1764926142.5 + n, "POST", "/stkpush/status", "/stkpush/status", 200, value, "127.0.0.1", f"id-{n}")
+             for n, value in enumerate(seconds)]
+    with root_handlers(handler):
+        requestlog.record_requests(batch)
+        made_directly = recorded_lines(handler, read_end)
+        logging.getLogger("server").addFilter(lambda record: True)
+        requestlog.record_requests(batch)
+        through_logging = recorded_lines(handler, read_end)
+    assert len(made_directly) == len(batch) and made_directly == through_logging
+    assert [json.loads(line)["duration_ms"] for line in made_directly] == [round(s * 1000, 1) for s in seconds]
 
 
 def add_handler_filter(handler):
