@@ -4,19 +4,22 @@ Each store's server runs under the Procfile's gunicorn configuration (gunicorn.c
 memory one worker, SQLite and Redis 2 x cores + 1 workers; 8 threads each) with the dashboard
 on and rate limits off, beside bench/bare_app.py under the same configuration: the ceiling for
 this stack.
-Rounds are interleaved (bare, memory, bare, SQLite, Redis, then again) so drift on the
-machine hits every target alike; the table shows medians.
+Rounds are interleaved (bare, memory, bare, SQLite, Redis, then again, one second each, three
+times a round) so drift on the machine hits every target alike; the table shows medians.
 """
 from __future__ import annotations
 
 import requests
 
-from bench.harness import (BenchError, Context, callgrind_tools, completed_payment, cpu_seconds, fmt,
-                           gunicorn_workers, instructions_per_request, load, median, server_env, start_gunicorn,
-                           start_redis, start_simulator, table, wrk_path, free_port)
+from bench.harness import (BenchError, Context, LoadResult, callgrind_tools, completed_payment, cpu_seconds,
+                           fmt, gunicorn_workers, instructions_per_request, load, median, server_env,
+                           start_gunicorn, start_redis, start_simulator, table, wrk_path, free_port)
 
 GOAL = 0.9
 CONNECTIONS = 32
+# A round runs each target this many times for a second (wrk's shortest run), interleaved: every
+# wrk run opens its connections anew, and a several-worker server deals them out anew to its workers.
+DEALS = 3
 LIMITED = "memory, rate limits on"
 # On as in production, with limits no benchmark client reaches (one IP polls here).
 LIMITS_ON = {"RATELIMIT_ENABLED": "true", "RATE_LIMIT_STATUS_PER_IP": "100000000/minute"}
@@ -33,7 +36,6 @@ DASHBOARD_ON = {"ADMIN_TOKEN": "bench-admin-token-0123456789abcdef"}
 
 
 def run(ctx: Context) -> str:
-    seconds = 2.0 if ctx.quick else 3.0
     rounds = ctx.runs(6, 1)
     scratch = ctx.scratch("polling")
     sim = start_simulator(ctx, auto_delay=0.1)
@@ -86,29 +88,31 @@ def run(ctx: Context) -> str:
              (LIMITED, targets[LIMITED]), (UNLOGGED, targets[UNLOGGED]),
              ("bare several workers", bare["several workers"])]
     order += [(name, targets[name]) for name in ("SQLite", "Redis") if name in targets]
-    results: dict[str, list] = {name: [] for name, _ in order}
-    cpu: dict[str, list] = {name: [] for name, _ in order}   # worker CPU µs per answered poll
-    lopsided: dict[str, list] = {name: [] for name, _ in order}   # per run: one worker did most
-    serving: dict[str, list] = {name: [] for name, _ in order}    # per run: workers that served, if several
+    results: dict[str, list] = {name: [] for name, _ in order}   # per round: its deals together
+    cpu: dict[str, list] = {name: [] for name, _ in order}   # per round: worker CPU µs per answered poll
+    lopsided: dict[str, list] = {name: [] for name, _ in order}   # per round: its deals where one worker did most
+    serving: dict[str, list] = {name: [] for name, _ in order}    # per round: workers that served each deal
     if not ctx.quick:
         for name, (url, body) in order:   # warm up every worker and connection pool
             load(url, body, 1, CONNECTIONS, scratch)
     for round_number in range(rounds):
-        for name, (url, body) in order:
-            ctx.log(f"polling: round {round_number + 1}/{rounds}: {name}")
-            workers_now = gunicorn_workers(servers[name])   # asked each run: all of them are up by now
-            before = [cpu_seconds([pid]) for pid in workers_now]
-            result = load(url, body, seconds, CONNECTIONS, scratch)
-            after = [cpu_seconds([pid]) for pid in workers_now]
-            results[name].append(result)
-            used = [end - start for start, end in zip(before, after) if start is not None and end is not None]
-            if used and len(used) == len(workers_now) and result.ok:
-                cpu[name].append(sum(used) / result.ok * 1e6)
-                lopsided[name].append(len(used) > 1 and max(used) >= LOPSIDED * sum(used))
-                several = len(used) > 1
-                serving[name].append(sum(share >= SERVING * sum(used) for share in used) if several else None)
+        deals: dict[str, list] = {name: [] for name, _ in order}
+        for deal in range(DEALS):
+            for name, (url, body) in order:
+                ctx.log(f"polling: round {round_number + 1}/{rounds}, deal {deal + 1}/{DEALS}: {name}")
+                deals[name].append(_deal(servers[name], url, body, scratch))
+        for name, _ in order:
+            runs = [result for result, _ in deals[name]]
+            results[name].append(_together(runs))
+            used = [shares for _, shares in deals[name]]
+            if all(used):
+                cpu[name].append(sum(map(sum, used)) / results[name][-1].ok * 1e6)
+                several = len(used[0]) > 1
+                lopsided[name].append(sum(several and max(shares) >= LOPSIDED * sum(shares) for shares in used))
+                serving[name].append([sum(share >= SERVING * sum(shares) for share in shares) for shares in used]
+                                     if several else None)
             else:
-                lopsided[name].append(False)
+                lopsided[name].append(0)
                 serving[name].append(None)
 
     def rps(name):
@@ -148,12 +152,14 @@ def run(ctx: Context) -> str:
     runs_text = "; ".join(f"{name}: " + ", ".join(_run_text(r.rps, skewed, served) for r, skewed, served
                                                   in zip(results[name], lopsided[name], serving[name]))
                           for name, _ in order)
-    skewed_runs = sum(sum(flags) for flags in lopsided.values())
+    skewed = sum(sum(counts) for counts in lopsided.values())
+    several_deals = sum(len(deals) for rounds_served in serving.values() for deals in rounds_served if deals)
     lines = [
         "## 1. Status polling throughput",
         "",
         f"`POST /stkpush/status` for a completed payment, {CONNECTIONS} keep-alive connections, "
-        f"{seconds:.0f} s per run, median of {rounds} interleaved run(s), load from "
+        f"median of {rounds} round(s); a round runs every target {DEALS} times for 1 s, interleaved "
+        "(new connections each time), and counts the polls over its seconds; load from "
         + (f"`wrk` (1 thread, a Lua script for the POST body)" if tool == "wrk"
            else "the Python generator (threads with pooled sessions; **wrk is not installed**, "
                 "so the client, not the server, may be the limit)") + ". "
@@ -172,24 +178,25 @@ def run(ctx: Context) -> str:
         "",
         f"Goal: ratio ≥ {GOAL}. Result: " + ", ".join(verdicts) + ".",
         "",
-        "CPU per poll: the gunicorn workers' CPU time (user + system, from `/proc`) over each run, "
-        "divided by the polls answered, median over the runs. It varies less from run to run than "
+        "CPU per poll: the gunicorn workers' CPU time (user + system, from `/proc`) over each round, "
+        "divided by the polls answered, median over the rounds. Latencies: the median of every "
+        "second's figures. CPU per poll varies less from run to run than "
         "requests per second, which also depend on how the machine shares its cores between the "
         "load generator and the server at that moment. Most of it is gunicorn's own work, which both "
         "apps pay.",
         "",
-        "Every run (req/s; with several workers, how many of them served the polls, each using at least "
-        f"{SERVING:.0%} of the workers' CPU time): {runs_text}.",
+        "Every round (req/s; with several workers, how many of them served the polls in each of its "
+        f"seconds, each using at least {SERVING:.0%} of the workers' CPU time): {runs_text}.",
         "",
         "gunicorn's workers share one listening socket and race to accept the connections `wrk` opens "
-        f"at once, so each run of a several-worker server deals its {CONNECTIONS} connections out anew, "
+        f"at once, so each `wrk` run deals a several-worker server's {CONNECTIONS} connections out anew, "
         f"to one worker or to all {_several_workers()}. How many serve moves the rate more than "
-        "anything else in a run (on 2 cores: one worker alone is held to one core by its GIL, two "
+        "anything else in a second (on 2 cores: one worker alone is held to one core by its GIL, two "
         "use both cores, more switch between processes more), and both apps draw from the same "
-        f"lottery; this is most of the spread between runs. Lopsided runs ({skewed_runs} in all): "
-        "one of the workers used "
-        f"at least {LOPSIDED:.0%} of the workers' CPU time and served the polls alone, at less than half "
-        "the usual rate. Such runs count in the medians like any other (README, Benchmarks).",
+        f"lottery: each round takes {DEALS} draws, so that one draw moves a round less. Lopsided "
+        f"seconds ({skewed} of {several_deals}): one of the workers used at least {LOPSIDED:.0%} of the "
+        "workers' CPU time and served the polls alone, at less than half the usual rate. They count "
+        "like any other (README, Benchmarks).",
     ]
     if redis_url:
         from redis.utils import HIREDIS_AVAILABLE
@@ -251,10 +258,29 @@ def _instructions(ctx: Context, simulator_url: str, redis_url: str | None, size:
     ])
 
 
-def _run_text(rps: float, lopsided: bool, serving: int | None) -> str:
-    notes = ([f"{serving} worker{'s' if serving != 1 else ''}"] if serving is not None else []) + (
-        ["lopsided"] if lopsided else [])
-    return fmt(rps) + (f" ({', '.join(notes)})" if notes else "")
+def _deal(server, url: str, body: dict, scratch) -> tuple[LoadResult, list[float] | None]:
+    """One second of wrk: its result, and the CPU seconds each worker used (None if /proc did not tell)."""
+    workers = gunicorn_workers(server)   # asked each time: all of them are up by now
+    before = [cpu_seconds([pid]) for pid in workers]
+    result = load(url, body, 1, CONNECTIONS, scratch)
+    after = [cpu_seconds([pid]) for pid in workers]
+    used = [end - start for start, end in zip(before, after) if start is not None and end is not None]
+    return result, (used if used and len(used) == len(workers) and result.ok else None)
+
+
+def _together(runs: list[LoadResult]) -> LoadResult:
+    """A round's deals as one run: polls over their seconds; latencies, the deals' median."""
+    seconds, ok = sum(r.seconds for r in runs), sum(r.ok for r in runs)
+    return LoadResult(runs[0].tool, seconds, sum(r.requests for r in runs), ok, sum(r.errors for r in runs),
+                      ok / seconds if seconds else 0.0, median(r.p50_ms for r in runs),
+                      median(r.p99_ms for r in runs))
+
+
+def _run_text(rps: float, lopsided: int, serving: list[int] | None) -> str:
+    """A round: '2,725 (4, 3, 5 workers)', the workers serving each of its seconds; lopsided ones counted."""
+    notes = ([", ".join(map(str, serving)) + (" worker" if serving == [1] else " workers")]
+             if serving is not None else []) + ([f"{lopsided} lopsided"] if lopsided else [])
+    return fmt(rps) + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _ratio_text(ratio: float | None) -> str:
