@@ -157,7 +157,7 @@ def record_requests(batch: list[tuple]) -> None:
         method, path, duration = _json_text(method), _json_text(_loggable(path, route)), f"{seconds * 1000:.1f}"
         message = f'{method[:-1]} {path[1:-1]} {status} {duration}ms"'   # one JSON string, as _MESSAGE makes it
         lines.append(_json_line(created, head, _json_text(request_id), message, method, path, status,
-                                duration, _json_text(address) if address is not None else "null"))
+                                duration, address))
     handler.gather_lines(lines)
 
 
@@ -273,8 +273,7 @@ class RequestRecord(logging.LogRecord):
             return None
         return _json_line(self.created, _line_head(self.levelname, self.name, self.process),
                           _json_text(self.request_id), _json_text(self.getMessage()), _json_text(self.method),
-                          _json_text(self.path), self.status, repr(self.duration_ms),
-                          "null" if self.remote_addr is None else _json_text(self.remote_addr))
+                          _json_text(self.path), self.status, repr(self.duration_ms), self.remote_addr)
 
 
 def _line_head(level: str, logger: str, pid: int) -> str:
@@ -282,13 +281,13 @@ def _line_head(level: str, logger: str, pid: int) -> str:
 
 
 def _json_line(created: float, head: str, request_id: str, message: str, method: str, path: str,
-               status: int, duration_ms: str, remote_addr: str) -> str:
+               status: int, duration_ms: str, remote_addr: str | None) -> str:
     """A request's line as metrics.JsonFormatter writes a RequestRecord: the same fields, in order.
-    head is _line_head()'s; the strings (remote_addr too, or null) come JSON-encoded, and
+    head is _line_head()'s; request_id, message, method and path come JSON-encoded, and
     duration_ms as the number's text."""
     return (f'{{"time":"{metrics.log_time(created)}{head}{request_id},"message":{message},'
             f'"method":{method},"path":{path},"status":{status},"duration_ms":{duration_ms},'
-            f'"remote_addr":{remote_addr}}}')
+            f'"remote_addr":{"null" if remote_addr is None else _json_text(remote_addr)}}}')
 
 
 _MESSAGE = "%s %s %s %.1fms"
