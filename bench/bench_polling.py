@@ -97,7 +97,7 @@ def run(ctx: Context) -> str:
     cpu: dict[str, list] = {name: [] for name, _ in order}   # per round: worker CPU µs per answered poll
     redealt: dict[str, list] = {name: [] for name, _ in order}    # per round: its lopsided seconds run again
     first_draws: dict[str, list] = {name: [] for name, _ in order}   # per round: its deals as first drawn
-    stayed: dict[str, int] = {name: 0 for name, _ in order}       # lopsided seconds kept after REDEALS
+    stayed = 0   # lopsided seconds kept after REDEALS more tries
     errors: dict[str, int] = {name: 0 for name, _ in order}       # over every second run
     serving: dict[str, list] = {name: [] for name, _ in order}    # per round: workers that served each deal
     if not ctx.quick:
@@ -115,7 +115,7 @@ def run(ctx: Context) -> str:
                                                 for result, _, redrawn in deals[name]]))
             used = [shares for _, shares, _ in deals[name]]
             redealt[name].append(sum(len(redrawn) for _, _, redrawn in deals[name]))
-            stayed[name] += sum(_lopsided(shares) for _, shares, _ in deals[name])
+            stayed += sum(_lopsided(shares) for _, shares, _ in deals[name])
             errors[name] += sum(r.errors for result, _, redrawn in deals[name] for r in [result, *redrawn])
             if all(used):
                 cpu[name].append(sum(map(sum, used)) / results[name][-1].ok * 1e6)
@@ -216,7 +216,7 @@ def run(ctx: Context) -> str:
         "the polls alone, at about half the usual rate: that measures the race to accept, not what a "
         f"poll costs, so it is run again, up to {REDEALS} times, for the bare app and the server alike. "
         f"Seconds run again: {run_again} (" + ", ".join(f"{name} {sum(redealt[name])}" for name in several)
-        + f"), for {seconds_kept} kept; lopsided still after {REDEALS} more tries, and counted: {sum(stayed.values())}. "
+        + f"), for {seconds_kept} kept; lopsided still after {REDEALS} more tries, and counted: {stayed}. "
         "The ratios with the lopsided seconds counted, each second as first drawn: "
         + (", ".join(as_drawn) or "—") + " (README, Benchmarks).",
     ]
