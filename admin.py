@@ -20,6 +20,7 @@ Numbers come from `store.overview` (per-time-bucket counters) and lists from `st
 (indexed), never from reading every record. Charts are SVG drawn here, each with a text
 equivalent. Times are shown in Nairobi time (EAT).
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,8 +37,18 @@ import time
 from datetime import date, datetime, timedelta
 from urllib.parse import urlsplit
 
-from flask import (Blueprint, Response, abort, current_app, redirect, render_template, request,
-                   session, stream_with_context, url_for)
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    redirect,
+    render_template,
+    request,
+    session,
+    stream_with_context,
+    url_for,
+)
 from flask.sessions import SecureCookieSessionInterface
 
 import mpesa
@@ -51,7 +62,7 @@ PAGE_SIZE = 25
 EXPORT_CHUNK = 1000
 MAX_EXPORT_ROWS = 100_000
 SESSION_SECONDS = 12 * 3600
-LOGIN_MEMORY = 15 * 60        # failed sign-ins are forgotten after this long without another
+LOGIN_MEMORY = 15 * 60  # failed sign-ins are forgotten after this long without another
 REASONS = {
     "cancelled": "Cancelled by the customer",
     "timeout": "Timed out",
@@ -60,9 +71,8 @@ REASONS = {
     "rejected": "Refused by M-Pesa (limits or set-up)",
     "error": "Other error",
 }
-SETTLED_BY = {"callback": "Callback from Daraja", "query": "Status query",
-              "timeout": "Timed out (our verdict)"}
-WINDOWS = {   # name: (label, length, step)
+SETTLED_BY = {"callback": "Callback from Daraja", "query": "Status query", "timeout": "Timed out (our verdict)"}
+WINDOWS = {  # name: (label, length, step)
     "hour": ("Last hour", 3600, 300),
     "day": ("Last 24 hours", 86400, 3600),
     "week": ("Last 7 days", 7 * 86400, 86400),
@@ -85,14 +95,32 @@ EVENT_LABELS = {
     "webhook_delivered": "Webhook delivered",
     "webhook_given_up": "Webhook given up",
 }
-EVENT_TONES = {"completed": "good", "webhook_delivered": "good", "failed": "bad",
-               "timed_out": "bad", "amount_mismatch": "bad", "webhook_given_up": "bad",
-               "contradiction_ignored": "warn", "duplicate_ignored": "warn"}
-CSV_COLUMNS = ("Receipt", "Completed (EAT)", "Phone", "Amount (KES)", "Reference", "Status",
-               "Reason", "Checkout request ID", "Started (EAT)", "Description")
+EVENT_TONES = {
+    "completed": "good",
+    "webhook_delivered": "good",
+    "failed": "bad",
+    "timed_out": "bad",
+    "amount_mismatch": "bad",
+    "webhook_given_up": "bad",
+    "contradiction_ignored": "warn",
+    "duplicate_ignored": "warn",
+}
+CSV_COLUMNS = (
+    "Receipt",
+    "Completed (EAT)",
+    "Phone",
+    "Amount (KES)",
+    "Reference",
+    "Status",
+    "Reason",
+    "Checkout request ID",
+    "Started (EAT)",
+    "Description",
+)
 
 
 # ------------------------------------------------------------------ set-up
+
 
 def init_app(app, settings) -> None:
     """Register the dashboard and the session settings it needs."""
@@ -100,14 +128,16 @@ def init_app(app, settings) -> None:
     if secret:
         app.secret_key = secret
     elif settings.admin_token:
-        app.secret_key = hmac.new(settings.admin_token.encode(), b"mpesa-admin-session-key",
-                                  hashlib.sha256).hexdigest()
+        app.secret_key = hmac.new(settings.admin_token.encode(), b"mpesa-admin-session-key", hashlib.sha256).hexdigest()
     # Only the dashboard uses Flask's session: its cookie is scoped to /admin.
-    app.config.update(SESSION_COOKIE_NAME="mpesa_admin", SESSION_COOKIE_PATH="/admin",
-                      SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
-                      PERMANENT_SESSION_LIFETIME=timedelta(seconds=SESSION_SECONDS))
-    for name, value in (("ADMIN_LOGIN_FREE_TRIES", 3), ("ADMIN_LOGIN_DELAY", 1.0),
-                        ("ADMIN_LOGIN_MAX_DELAY", 300.0)):
+    app.config.update(
+        SESSION_COOKIE_NAME="mpesa_admin",
+        SESSION_COOKIE_PATH="/admin",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        PERMANENT_SESSION_LIFETIME=timedelta(seconds=SESSION_SECONDS),
+    )
+    for name, value in (("ADMIN_LOGIN_FREE_TRIES", 3), ("ADMIN_LOGIN_DELAY", 1.0), ("ADMIN_LOGIN_MAX_DELAY", 300.0)):
         app.config.setdefault(name, value)
     app.session_interface = SessionInterface()
     app.register_blueprint(bp)
@@ -155,6 +185,7 @@ def _private(response):
 
 # ------------------------------------------------------------- signing in
 
+
 def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
@@ -170,8 +201,7 @@ def _session_slot(sid: str) -> str:
 
 def signed_in() -> bool:
     sid = session.get("sid")
-    if not sid or not hmac.compare_digest(str(session.get("bound", "")).encode(),
-                                          _binding().encode()):
+    if not sid or not hmac.compare_digest(str(session.get("bound", "")).encode(), _binding().encode()):
         return False
     return _store().get_value(_session_slot(sid)) is not None
 
@@ -197,10 +227,14 @@ def _csrf_ok() -> bool:
 
 def _refuse_csrf():
     log.warning("admin: %s %s refused: missing or wrong CSRF token", request.method, request.path)
-    return render_template("admin_message.html", **_context(
-        title="Form expired", heading="This form has expired",
-        message="The page was open too long or came from elsewhere. Go back, reload the "
-                "page and try again.")), 403
+    return render_template(
+        "admin_message.html",
+        **_context(
+            title="Form expired",
+            heading="This form has expired",
+            message="The page was open too long or came from elsewhere. Go back, reload the page and try again.",
+        ),
+    ), 403
 
 
 def login_required(view):
@@ -213,6 +247,7 @@ def login_required(view):
         if request.method == "POST" and not _csrf_ok():
             return _refuse_csrf()
         return view(*args, **kwargs)
+
     return wrapped
 
 
@@ -231,8 +266,7 @@ def _record_failure(state: dict | None, now: float) -> dict:
     over = failures - int(config["ADMIN_LOGIN_FREE_TRIES"])
     until = 0.0
     if over >= 0:
-        until = now + min(float(config["ADMIN_LOGIN_DELAY"]) * 2 ** over,
-                          float(config["ADMIN_LOGIN_MAX_DELAY"]))
+        until = now + min(float(config["ADMIN_LOGIN_DELAY"]) * 2**over, float(config["ADMIN_LOGIN_MAX_DELAY"]))
     state = {"failures": failures, "until": until}
     _store().set_value(_throttle_slot(), state, LOGIN_MEMORY + max(0.0, until - now))
     return state
@@ -258,16 +292,19 @@ def login():
     state = store.get_value(_throttle_slot())
     wait = _wait_left(state, now)
     if wait > 0:
-        log.warning("admin: sign-in from %s refused: %d failed tries, wait %.0f s",
-                    request.remote_addr, state["failures"], wait)
-        return _login_page(target, f"Too many wrong tokens. Wait {math.ceil(wait)} seconds "
-                                   "before trying again.", 429,
-                           {"Retry-After": str(math.ceil(wait))})
+        log.warning(
+            "admin: sign-in from %s refused: %d failed tries, wait %.0f s", request.remote_addr, state["failures"], wait
+        )
+        return _login_page(
+            target,
+            f"Too many wrong tokens. Wait {math.ceil(wait)} seconds before trying again.",
+            429,
+            {"Retry-After": str(math.ceil(wait))},
+        )
     given = request.form.get("token", "")
     if not hmac.compare_digest(_digest(given), _digest(_token())):
         state = _record_failure(state, now)
-        log.warning("admin: wrong token from %s (%d in a row)", request.remote_addr,
-                    state["failures"])
+        log.warning("admin: wrong token from %s (%d in a row)", request.remote_addr, state["failures"])
         wait = _wait_left(state, now)
         message = "That token is not right."
         if wait > 0:
@@ -276,7 +313,7 @@ def login():
     store.delete(_throttle_slot())
     sid = secrets.token_urlsafe(32)
     store.set_value(_session_slot(sid), {"at": now}, SESSION_SECONDS)
-    session.clear()   # a new session and CSRF token: nothing carried over from before
+    session.clear()  # a new session and CSRF token: nothing carried over from before
     session.permanent = True
     session.update(sid=sid, bound=_binding(), csrf=secrets.token_urlsafe(32))
     log.info("admin: signed in from %s", request.remote_addr)
@@ -284,8 +321,7 @@ def login():
 
 
 def _login_page(target: str, error: str | None = None, status: int = 200, headers=None):
-    html = render_template("admin_login.html", **_context(next=target, error=error,
-                                                         title="Sign in"))
+    html = render_template("admin_login.html", **_context(next=target, error=error, title="Sign in"))
     return html, status, headers or {}
 
 
@@ -302,6 +338,7 @@ def logout():
 
 # ------------------------------------------------------------------ views
 
+
 @bp.get("/")
 @login_required
 def overview():
@@ -311,10 +348,18 @@ def overview():
     label, length, step = WINDOWS[name]
     since, until = window_bounds(time.time(), length, step)
     found = _store().overview(since, until, step)
-    return render_template("admin_overview.html", **_context(
-        title="Overview", window=name, windows=WINDOWS, window_label=label,
-        view=overview_view(found), charts=charts(found),
-        retention_note=_retention_note(length)))
+    return render_template(
+        "admin_overview.html",
+        **_context(
+            title="Overview",
+            window=name,
+            windows=WINDOWS,
+            window_label=label,
+            view=overview_view(found),
+            charts=charts(found),
+            retention_note=_retention_note(length),
+        ),
+    )
 
 
 @bp.get("/transactions")
@@ -324,7 +369,7 @@ def transactions():
     page = _page_number(request.args.get("page"))
     found, total = _store().search(**search, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
     pages = max(1, math.ceil(total / PAGE_SIZE))
-    if page > pages:   # past the end (the list shrank, or a hand-made link): the last page
+    if page > pages:  # past the end (the list shrank, or a hand-made link): the last page
         page = pages
         found, total = _store().search(**search, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
     links = {}
@@ -333,10 +378,23 @@ def transactions():
         links["newer"] = url_for("admin.transactions", **filters, page=page - 1)
     if page < pages:
         links["older"] = url_for("admin.transactions", **filters, page=page + 1)
-    return render_template("admin_transactions.html", **_context(
-        title="Transactions", form=form, problems=problems, rows=[row_view(tx) for tx in found],
-        total=total, page=page, pages=pages, links=links, reasons=REASONS, statuses=STATUSES,
-        export_limit=MAX_EXPORT_ROWS, filtered=bool(filters)))
+    return render_template(
+        "admin_transactions.html",
+        **_context(
+            title="Transactions",
+            form=form,
+            problems=problems,
+            rows=[row_view(tx) for tx in found],
+            total=total,
+            page=page,
+            pages=pages,
+            links=links,
+            reasons=REASONS,
+            statuses=STATUSES,
+            export_limit=MAX_EXPORT_ROWS,
+            filtered=bool(filters),
+        ),
+    )
 
 
 @bp.get("/transactions.csv")
@@ -347,15 +405,13 @@ def export():
     # Payments started from now on are left out, so paging cannot shift under the export.
     search["until"] = min(search["until"] or math.inf, time.time())
     store = _store()
-    log.info("admin: CSV export from %s (%s phones)", request.remote_addr,
-             "full" if full_phones else "masked")
+    log.info("admin: CSV export from %s (%s phones)", request.remote_addr, "full" if full_phones else "masked")
 
     def rows():
-        yield "\ufeff" + _csv_line(CSV_COLUMNS)   # the BOM tells spreadsheets it is UTF-8
+        yield "\ufeff" + _csv_line(CSV_COLUMNS)  # the BOM tells spreadsheets it is UTF-8
         offset = 0
         while offset < MAX_EXPORT_ROWS:
-            found, _ = store.search(**search, limit=min(EXPORT_CHUNK, MAX_EXPORT_ROWS - offset),
-                                    offset=offset)
+            found, _ = store.search(**search, limit=min(EXPORT_CHUNK, MAX_EXPORT_ROWS - offset), offset=offset)
             for tx in found:
                 yield _csv_line(csv_row(tx, full_phones))
             if len(found) < EXPORT_CHUNK:
@@ -363,9 +419,11 @@ def export():
             offset += len(found)
 
     stamp = datetime.now(mpesa.NAIROBI).strftime("%Y%m%d-%H%M")
-    return Response(stream_with_context(rows()), mimetype="text/csv",
-                    headers={"Content-Disposition":
-                             f'attachment; filename="mpesa-payments-{stamp}.csv"'})
+    return Response(
+        stream_with_context(rows()),
+        mimetype="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="mpesa-payments-{stamp}.csv"'},
+    )
 
 
 @bp.get("/transactions/<checkout_id>")
@@ -373,15 +431,25 @@ def export():
 def transaction(checkout_id):
     tx = _store().get(checkout_id)
     if tx is None:
-        return render_template("admin_message.html", **_context(
-            title="Not found", heading="No such payment",
-            message=f"No payment has the checkout request ID {checkout_id!r}; it may have "
-                    "expired from the store.")), 404
-    return render_template("admin_transaction.html", **_context(
-        title=f"Payment {tx.mpesa_receipt_number or tx.checkout_request_id}",
-        tx=tx, row=row_view(tx), timeline=timeline(tx),
-        callback=_pretty(tx.callback) if tx.callback else None,
-        extra=_pretty(tx.extra) if tx.extra else None))
+        return render_template(
+            "admin_message.html",
+            **_context(
+                title="Not found",
+                heading="No such payment",
+                message=f"No payment has the checkout request ID {checkout_id!r}; it may have expired from the store.",
+            ),
+        ), 404
+    return render_template(
+        "admin_transaction.html",
+        **_context(
+            title=f"Payment {tx.mpesa_receipt_number or tx.checkout_request_id}",
+            tx=tx,
+            row=row_view(tx),
+            timeline=timeline(tx),
+            callback=_pretty(tx.callback) if tx.callback else None,
+            extra=_pretty(tx.extra) if tx.extra else None,
+        ),
+    )
 
 
 @bp.post("/reconcile")
@@ -390,12 +458,16 @@ def reconcile():
     payments = current_app.extensions["payments"]
     settled = payments.reconcile()
     log.info("admin: reconcile from %s settled %d payment(s)", request.remote_addr, len(settled))
-    return render_template("admin_reconcile.html", **_context(
-        title="Stale payments settled", rows=[row_view(tx) for tx in settled],
-        ttl=payments.settings.transaction_ttl))
+    return render_template(
+        "admin_reconcile.html",
+        **_context(
+            title="Stale payments settled", rows=[row_view(tx) for tx in settled], ttl=payments.settings.transaction_ttl
+        ),
+    )
 
 
 # ----------------------------------------------------------- the overview
+
 
 def window_bounds(now: float, length: int, step: int) -> tuple[float, float]:
     """[since, until) of `length` s ending with the step now falls in (Nairobi-aligned)."""
@@ -411,24 +483,35 @@ def overview_view(found: Overview) -> dict:
     queries = total["event:queried"] + total["event:query_received"]
     query_errors = total["event:queried:error"]
     calls = total["event:push_accepted"] + queries
-    reasons = [{"reason": reason, "label": REASONS.get(reason, _humane(reason)), "count": count,
-                "share": _percent(count, total.failed)}
-               for reason, count in sorted(total.group("reason").items(),
-                                           key=lambda item: (-item[1], item[0]))]
+    reasons = [
+        {
+            "reason": reason,
+            "label": REASONS.get(reason, _humane(reason)),
+            "count": count,
+            "share": _percent(count, total.failed),
+        }
+        for reason, count in sorted(total.group("reason").items(), key=lambda item: (-item[1], item[0]))
+    ]
     return {
-        "started": total.started, "completed": total.completed, "failed": total.failed,
-        "pending": total.pending, "received": kes(total.received),
+        "started": total.started,
+        "completed": total.completed,
+        "failed": total.failed,
+        "pending": total.pending,
+        "received": kes(total.received),
         "conversion": _percent(total.completed, total.started),
         "median": _duration(total.time_to_final(0.5)),
         "p95": _duration(total.time_to_final(0.95)),
         "final": final,
-        "settled": [{"by": by, "label": label, "count": settled.get(by, 0),
-                     "share": _percent(settled.get(by, 0), final)}
-                    for by, label in SETTLED_BY.items()],
+        "settled": [
+            {"by": by, "label": label, "count": settled.get(by, 0), "share": _percent(settled.get(by, 0), final)}
+            for by, label in SETTLED_BY.items()
+        ],
         "reasons": reasons,
-        "queries": queries, "query_errors": query_errors,
+        "queries": queries,
+        "query_errors": query_errors,
         "query_error_rate": _percent(query_errors, queries),
-        "daraja_calls": calls, "daraja_error_rate": _percent(query_errors, calls),
+        "daraja_calls": calls,
+        "daraja_error_rate": _percent(query_errors, calls),
         "system_failures": total["reason:error"] + total["reason:rejected"],
         "mismatches": total["flag:amount_mismatch"],
         "late_results": total["flag:late_result"],
@@ -444,9 +527,11 @@ def _retention_note(length: int) -> str | None:
     retention = current_app.extensions["settings"].retention_seconds
     if store.kind == "sqlite" or length <= retention:
         return None
-    return (f"The {store.kind} store keeps payments for {_duration(retention, rough=True)} "
-            "(RETENTION_SECONDS): older ones are not counted here. Use the SQLite store, or "
-            "a longer retention, to see further back.")
+    return (
+        f"The {store.kind} store keeps payments for {_duration(retention, rough=True)} "
+        "(RETENTION_SECONDS): older ones are not counted here. Use the SQLite store, or "
+        "a longer retention, to see further back."
+    )
 
 
 def _bucket_label(start: float, step: float, count: int) -> str:
@@ -459,14 +544,24 @@ def charts(found: Overview) -> dict:
     """Geometry and text equivalents of the three SVG charts."""
     rows = []
     for start, counts in found.buckets:
-        rows.append({"label": _bucket_label(start, found.step, len(found.buckets)),
-                     "long": nairobi(start, "%d %b %Y %H:%M"),
-                     "started": counts.started, "completed": counts.completed,
-                     "failed": counts.failed, "received": counts.received,
-                     "rate": counts.conversion})
-    return {"rows": rows, "per": _per(found.step), "volume": volume_chart(rows, found.step),
-            "success": success_chart(rows, found.step),
-            "reasons": reasons_chart(found.total)}
+        rows.append(
+            {
+                "label": _bucket_label(start, found.step, len(found.buckets)),
+                "long": nairobi(start, "%d %b %Y %H:%M"),
+                "started": counts.started,
+                "completed": counts.completed,
+                "failed": counts.failed,
+                "received": counts.received,
+                "rate": counts.conversion,
+            }
+        )
+    return {
+        "rows": rows,
+        "per": _per(found.step),
+        "volume": volume_chart(rows, found.step),
+        "success": success_chart(rows, found.step),
+        "reasons": reasons_chart(found.total),
+    }
 
 
 WIDTH, HEIGHT = 480, 220
@@ -484,8 +579,7 @@ def _x_labels(rows: list[dict], x_of) -> list[dict]:
     """About six labels; every other one is "minor", left out on narrow screens."""
     every = max(1, math.ceil(len(rows) / 6))
     shown = [n for n in range(len(rows)) if n % every == 0]
-    return [{"x": round(x_of(n), 1), "text": rows[n]["label"], "minor": k % 2 == 1}
-            for k, n in enumerate(shown)]
+    return [{"x": round(x_of(n), 1), "text": rows[n]["label"], "minor": k % 2 == 1} for k, n in enumerate(shown)]
 
 
 def volume_chart(rows: list[dict], step: float) -> dict:
@@ -506,23 +600,35 @@ def volume_chart(rows: list[dict], step: float) -> dict:
     bars = []
     for n, row in enumerate(rows):
         x = round(x_of(n) - bar_w / 2, 1)
-        bars.append({"x": x, "w": round(bar_w, 1),
-                     "started_y": round(base - height(row["started"]), 1),
-                     "started_h": round(height(row["started"]), 1),
-                     "completed_y": round(base - height(row["completed"]), 1),
-                     "completed_h": round(height(row["completed"]), 1),
-                     "tip": f"{row['long']}: {row['started']} started, "
-                            f"{row['completed']} completed"})
+        bars.append(
+            {
+                "x": x,
+                "w": round(bar_w, 1),
+                "started_y": round(base - height(row["started"]), 1),
+                "started_h": round(height(row["started"]), 1),
+                "completed_y": round(base - height(row["completed"]), 1),
+                "completed_h": round(height(row["completed"]), 1),
+                "tip": f"{row['long']}: {row['started']} started, {row['completed']} completed",
+            }
+        )
     busiest = max(rows, key=lambda row: row["started"]) if rows else None
     started = sum(row["started"] for row in rows)
     completed = sum(row["completed"] for row in rows)
     summary = f"{started} payments started and {completed} completed, {_per(step)}."
     if busiest and busiest["started"]:
         summary += f" Busiest: {busiest['long']} with {busiest['started']} started."
-    return {"width": WIDTH, "height": HEIGHT, "bars": bars, "base": base,
-            "left": PLOT["left"], "right": WIDTH - PLOT["right"],
-            "grid": _grid(top, plot_h, base, str), "labels": _x_labels(rows, x_of),
-            "label_y": base + 18, "summary": summary}
+    return {
+        "width": WIDTH,
+        "height": HEIGHT,
+        "bars": bars,
+        "base": base,
+        "left": PLOT["left"],
+        "right": WIDTH - PLOT["right"],
+        "grid": _grid(top, plot_h, base, str),
+        "labels": _x_labels(rows, x_of),
+        "label_y": base + 18,
+        "summary": summary,
+    }
 
 
 def success_chart(rows: list[dict], step: float) -> dict:
@@ -544,23 +650,34 @@ def success_chart(rows: list[dict], step: float) -> dict:
             continue
         point = (round(x_of(n), 1), round(base - plot_h * row["rate"], 1))
         current.append(point)
-        points.append({"x": point[0], "y": point[1],
-                       "tip": f"{row['long']}: {_percent(row['completed'], row['started'])}"})
+        points.append(
+            {"x": point[0], "y": point[1], "tip": f"{row['long']}: {_percent(row['completed'], row['started'])}"}
+        )
     if current:
         lines.append(current)
     rates = [row for row in rows if row["rate"] is not None]
     if rates:
         low = min(rates, key=lambda row: row["rate"])
-        summary = (f"Share of payments completed, {_per(step)}, from "
-                   f"{_percent(low['completed'], low['started'])} at {low['long']} to "
-                   f"{max(_percent_value(row) for row in rates):.0f}%.")
+        summary = (
+            f"Share of payments completed, {_per(step)}, from "
+            f"{_percent(low['completed'], low['started'])} at {low['long']} to "
+            f"{max(_percent_value(row) for row in rates):.0f}%."
+        )
     else:
         summary = "No payments in this window, so no success rate."
-    return {"width": WIDTH, "height": HEIGHT, "lines": [" ".join(f"{x},{y}" for x, y in line)
-                                                       for line in lines],
-            "points": points, "base": base, "left": PLOT["left"], "right": WIDTH - PLOT["right"],
-            "grid": _grid(100, plot_h, base, lambda value: f"{value}%"),
-            "labels": _x_labels(rows, x_of), "label_y": base + 18, "summary": summary}
+    return {
+        "width": WIDTH,
+        "height": HEIGHT,
+        "lines": [" ".join(f"{x},{y}" for x, y in line) for line in lines],
+        "points": points,
+        "base": base,
+        "left": PLOT["left"],
+        "right": WIDTH - PLOT["right"],
+        "grid": _grid(100, plot_h, base, lambda value: f"{value}%"),
+        "labels": _x_labels(rows, x_of),
+        "label_y": base + 18,
+        "summary": summary,
+    }
 
 
 def _percent_value(row: dict) -> float:
@@ -579,20 +696,26 @@ def reasons_chart(total: Tally) -> dict:
     for n, (reason, count) in enumerate(reasons):
         y = gap + n * row_h
         w = max(round(span * count / top, 1), 1.0)
-        bars.append({"bar_y": y + label_h, "w": w, "label": REASONS.get(reason, _humane(reason)),
-                     "count": count, "label_y": y + label_h - 7,
-                     "count_y": y + label_h + bar_h - 3, "count_x": w + 8})
+        bars.append(
+            {
+                "bar_y": y + label_h,
+                "w": w,
+                "label": REASONS.get(reason, _humane(reason)),
+                "count": count,
+                "label_y": y + label_h - 7,
+                "count_y": y + label_h + bar_h - 3,
+                "count_x": w + 8,
+            }
+        )
     parts = [f"{REASONS.get(reason, _humane(reason)).lower()} {count}" for reason, count in reasons]
-    summary = ("Failed payments by reason: " + ", ".join(parts) + "."
-               if parts else "No failed payments in this window.")
+    summary = "Failed payments by reason: " + ", ".join(parts) + "." if parts else "No failed payments in this window."
     return {"width": WIDTH, "height": height, "bars": bars, "bar_h": bar_h, "summary": summary}
 
 
 def _grid(top: int, plot_h: float, base: float, label) -> list[dict]:
     """Lines at 0, half and the top of the scale; half only when it is a whole number."""
     shares = (0, 0.5, 1) if top % 2 == 0 else (0, 1)
-    return [{"y": round(base - plot_h * share, 1), "text": label(round(top * share))}
-            for share in shares]
+    return [{"y": round(base - plot_h * share, 1), "text": label(round(top * share))} for share in shares]
 
 
 def _per(step: float) -> str:
@@ -601,15 +724,15 @@ def _per(step: float) -> str:
 
 # ------------------------------------------------------------- the lists
 
+
 def read_filters(args) -> tuple[dict, dict, list[str]]:
     """store.search() arguments, the form's values, and what was wrong with them."""
     problems = []
-    form = {name: (args.get(name) or "").strip()[:100] for name in ("q", "status", "reason",
-                                                                     "from", "to")}
+    form = {name: (args.get(name) or "").strip()[:100] for name in ("q", "status", "reason", "from", "to")}
     text = form["q"] or None
     if text:
         try:
-            text = mpesa.normalize_phone(text)   # 0712 345 678 finds 254712345678
+            text = mpesa.normalize_phone(text)  # 0712 345 678 finds 254712345678
         except mpesa.InvalidInput:
             pass
     status = form["status"] or None
@@ -623,12 +746,15 @@ def read_filters(args) -> tuple[dict, dict, list[str]]:
     since = _day_start(form, "from", problems)
     until = _day_start(form, "to", problems)
     if until is not None:
-        until += 86400   # the whole "to" day
+        until += 86400  # the whole "to" day
     if since is not None and until is not None and since >= until:
         problems.append("The first date is after the last: no dates applied.")
         since = until = None
-    return ({"text": text, "status": status, "reason": reason, "since": since, "until": until},
-            {k: v or "" for k, v in form.items()}, problems)
+    return (
+        {"text": text, "status": status, "reason": reason, "since": since, "until": until},
+        {k: v or "" for k, v in form.items()},
+        problems,
+    )
 
 
 def _day_start(form: dict, name: str, problems: list[str]) -> float | None:
@@ -645,7 +771,7 @@ def _day_start(form: dict, name: str, problems: list[str]) -> float | None:
 
 
 def _page_number(raw: str | None) -> int:
-    ok = raw is not None and raw.isascii() and raw.isdigit()   # not "²": int() refuses it
+    ok = raw is not None and raw.isascii() and raw.isdigit()  # not "²": int() refuses it
     return int(raw) if ok and 0 < int(raw) <= 100_000 else 1
 
 
@@ -674,16 +800,22 @@ def row_view(tx: Transaction) -> dict:
 def csv_row(tx: Transaction, full_phone: bool) -> list:
     finished = tx.completed_at
     if tx.status == "completed" and tx.transaction_date:
-        try:   # M-Pesa's own completion time: what its statement shows
+        try:  # M-Pesa's own completion time: what its statement shows
             finished = datetime.fromisoformat(tx.transaction_date).timestamp()
         except ValueError:
             pass
-    return [tx.mpesa_receipt_number or "",
-            nairobi(finished, "%Y-%m-%d %H:%M:%S") if finished else "",
-            tx.phone if full_phone else mpesa.mask_phone(tx.phone),
-            tx.amount, tx.account_reference, tx.status, tx.reason or "",
-            tx.checkout_request_id, nairobi(tx.initiated_at, "%Y-%m-%d %H:%M:%S"),
-            tx.description]
+    return [
+        tx.mpesa_receipt_number or "",
+        nairobi(finished, "%Y-%m-%d %H:%M:%S") if finished else "",
+        tx.phone if full_phone else mpesa.mask_phone(tx.phone),
+        tx.amount,
+        tx.account_reference,
+        tx.status,
+        tx.reason or "",
+        tx.checkout_request_id,
+        nairobi(tx.initiated_at, "%Y-%m-%d %H:%M:%S"),
+        tx.description,
+    ]
 
 
 def _csv_line(values) -> str:
@@ -702,33 +834,42 @@ def guard_cell(value):
 
 # ------------------------------------------------------------ the timeline
 
+
 def timeline(tx: Transaction) -> list[dict]:
     """Every history entry, oldest first, with a label; unknown events shown as they are."""
     entries = []
     for entry in sorted(tx.history, key=lambda item: item.get("at") or 0):
         name = str(entry.get("event") or "event")
         at = entry.get("at")
-        details = [{"name": _humane(key), "value": _plain(value)}
-                   for key, value in entry.items() if key not in ("at", "event", "raw")]
-        entries.append({
-            "event": name,
-            "label": _event_label(name, entry),
-            "tone": ("bad" if name == "queried" and entry.get("result") == "error"
-                     else EVENT_TONES.get(name, "info")),
-            "at": nairobi(at, "%d %b %Y %H:%M:%S") if isinstance(at, (int, float)) else "",
-            "iso": _iso(at) if isinstance(at, (int, float)) else "",
-            "offset": (f"+{at - tx.initiated_at:.1f} s"
-                       if isinstance(at, (int, float)) and tx.initiated_at else ""),
-            "details": details,
-            "raw": _pretty(entry["raw"]) if entry.get("raw") is not None else None,
-        })
+        details = [
+            {"name": _humane(key), "value": _plain(value)}
+            for key, value in entry.items()
+            if key not in ("at", "event", "raw")
+        ]
+        entries.append(
+            {
+                "event": name,
+                "label": _event_label(name, entry),
+                "tone": (
+                    "bad" if name == "queried" and entry.get("result") == "error" else EVENT_TONES.get(name, "info")
+                ),
+                "at": nairobi(at, "%d %b %Y %H:%M:%S") if isinstance(at, (int, float)) else "",
+                "iso": _iso(at) if isinstance(at, (int, float)) else "",
+                "offset": (
+                    f"+{at - tx.initiated_at:.1f} s" if isinstance(at, (int, float)) and tx.initiated_at else ""
+                ),
+                "details": details,
+                "raw": _pretty(entry["raw"]) if entry.get("raw") is not None else None,
+            }
+        )
     return entries
 
 
 def _event_label(name: str, entry: dict) -> str:
     if name == "queried":
-        return {"pending": "Status query: still being processed",
-                "error": "Status query failed"}.get(entry.get("result"), "Status query sent")
+        return {"pending": "Status query: still being processed", "error": "Status query failed"}.get(
+            entry.get("result"), "Status query sent"
+        )
     return EVENT_LABELS.get(name, _humane(name))
 
 
@@ -749,6 +890,7 @@ def _pretty(value) -> str:
 
 
 # ------------------------------------------------------------ formatting
+
 
 def nairobi(epoch: float | None, pattern: str = "%d %b %Y %H:%M:%S") -> str:
     if epoch is None:
@@ -788,9 +930,15 @@ def _duration(seconds: float | None, rough: bool = False) -> str:
 def _context(**values) -> dict:
     settings = current_app.extensions["settings"]
     mode = current_app.config.get("MPESA_MODE") or "simulator"
-    return {"mode": mode, "simulator_mode": mode == "simulator",
-            "signed_in": signed_in(), "csrf_token": csrf_token,
-            "page_config": {"shortcode": settings.shortcode, "mode": mode,
-                            "urls": {"overview": url_for("admin.overview"),
-                                     "transactions": url_for("admin.transactions")}},
-            **values}
+    return {
+        "mode": mode,
+        "simulator_mode": mode == "simulator",
+        "signed_in": signed_in(),
+        "csrf_token": csrf_token,
+        "page_config": {
+            "shortcode": settings.shortcode,
+            "mode": mode,
+            "urls": {"overview": url_for("admin.overview"), "transactions": url_for("admin.transactions")},
+        },
+        **values,
+    }

@@ -4,6 +4,7 @@ A shop either lets the server price an order from its catalogue (`items`), or pr
 in its own back end and signs the link it sends the customer to (`CHECKOUT_SECRET`), so
 that nobody pays 1 KES for a 15,000 KES cart and gets a "completed". No Flask here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,8 @@ class Item:
     name: str
     price: int
     description: str = ""
-    kind: str = "item"              # "item" | "ticket"
-    capacity: int | None = None     # units that may ever be sold; None: unlimited
+    kind: str = "item"  # "item" | "ticket"
+    capacity: int | None = None  # units that may ever be sold; None: unlimited
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Catalog:
             raise ValueError(f"CATALOG_FILE: {path!r} is not valid JSON ({error})") from None
         raw_items = document.get("items") if isinstance(document, dict) else document
         if not isinstance(raw_items, list) or not raw_items:
-            raise ValueError("CATALOG_FILE: expected a list of items (or {\"items\": [...]})")
+            raise ValueError('CATALOG_FILE: expected a list of items (or {"items": [...]})')
         items = [_item(raw, n) for n, raw in enumerate(raw_items)]
         if len({item.id for item in items}) != len(items):
             raise ValueError("CATALOG_FILE: item ids must be unique")
@@ -112,12 +113,12 @@ class Catalog:
             item = self.items[item_id]
             if quantity > MAX_QUANTITY:
                 raise InvalidInput("items", f"Quantity of {item_id} must be at most {MAX_QUANTITY}")
-            lines.append(OrderLine(item.id, item.name, quantity, item.price,
-                                   item.price * quantity, item.kind))
+            lines.append(OrderLine(item.id, item.name, quantity, item.price, item.price * quantity, item.kind))
         order = Order(order_number(), tuple(lines))
         if order.total > max_amount:
-            raise InvalidInput("items", f"The order total of {order.total:,} KES exceeds the "
-                                        f"maximum of {max_amount:,} KES per payment")
+            raise InvalidInput(
+                "items", f"The order total of {order.total:,} KES exceeds the maximum of {max_amount:,} KES per payment"
+            )
         return order
 
 

@@ -4,6 +4,7 @@ Names follow API.md; seed 000's spellings are accepted as aliases. A missing or
 malformed setting raises ConfigError with one line naming it, so start-up stops
 with that line instead of a stack trace at the first payment.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -20,10 +21,20 @@ EXAMPLE_CATALOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cata
 # Addresses Daraja's callbacks are reported to come from (daraja-reference §4.5: the
 # union of the two lists in circulation). Used only when CALLBACK_ALLOWED_IPS asks.
 SAFARICOM_CALLBACK_IPS = (
-    "196.201.214.200", "196.201.214.206", "196.201.213.114", "196.201.214.207",
-    "196.201.214.208", "196.201.213.44", "196.201.212.127", "196.201.212.138",
-    "196.201.212.129", "196.201.212.136", "196.201.212.74", "196.201.212.69",
-    "196.201.212.128", "196.201.212.132",
+    "196.201.214.200",
+    "196.201.214.206",
+    "196.201.213.114",
+    "196.201.214.207",
+    "196.201.214.208",
+    "196.201.213.44",
+    "196.201.212.127",
+    "196.201.212.138",
+    "196.201.212.129",
+    "196.201.212.136",
+    "196.201.212.74",
+    "196.201.212.69",
+    "196.201.212.128",
+    "196.201.212.132",
 )
 # Daraja is reported to refuse callback URLs containing these (daraja-reference §7.5).
 REFUSED_CALLBACK_WORDS = ("m-pesa", "mpesa", "safaricom", "exec", "exe", "cmd", "sql", "query")
@@ -68,7 +79,7 @@ class Settings:
     daraja_timeout: float = 15.0
     trusted_proxies: int = 0
     catalog_file: str | None = None
-    pricing: str = "open"            # "open": amounts or items; "catalog": items only
+    pricing: str = "open"  # "open": amounts or items; "catalog": items only
     checkout_secret: str | None = field(default=None, repr=False)
     callback_allowed_ips: tuple = ()  # ip_network objects; empty: any source address
 
@@ -202,7 +213,9 @@ def load_settings(environ=None, **overrides) -> Settings:
 
     callback_token = _get(env, "CALLBACK_TOKEN")
     if callback_token is None and mode != "simulator":
-        raise ConfigError(f"CALLBACK_TOKEN is required when MPESA_ENV={mode} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        raise ConfigError(
+            f"CALLBACK_TOKEN is required when MPESA_ENV={mode} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
     if callback_token is not None and not re.fullmatch(r"[A-Za-z0-9_\-]{16,}", callback_token):
         raise ConfigError("CALLBACK_TOKEN must be at least 16 characters of letters, digits, '-' or '_'")
 

@@ -16,6 +16,7 @@ prometheus-client's multiprocess mode, in PROMETHEUS_MULTIPROC_DIR (a fresh temp
 directory unless set; one directory per server), emptied when gunicorn starts. One worker
 counts in memory.
 """
+
 import glob
 import multiprocessing
 import os
@@ -56,8 +57,7 @@ if _log_format == "json":
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": "metrics.JsonFormatter"}},
-        "handlers": {"stdout": {"class": "metrics.LineHandler", "formatter": "json",
-                                "stream": "ext://sys.stdout"}},
+        "handlers": {"stdout": {"class": "metrics.LineHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
         "root": {"level": "INFO", "handlers": ["stdout"]},
         # gunicorn.access is left to gunicorn: silent unless --access-logfile is given.
         "loggers": {"gunicorn.error": {"handlers": [], "propagate": True}},
@@ -65,8 +65,10 @@ if _log_format == "json":
 
 if _settings.store_kind == "memory":
     if int(os.environ.get("WEB_CONCURRENCY") or "1") > 1:
-        sys.exit("Configuration error: STORE_URL=memory:// cannot be shared by several workers; "
-                 "use sqlite:/// or redis:// for WEB_CONCURRENCY > 1")
+        sys.exit(
+            "Configuration error: STORE_URL=memory:// cannot be shared by several workers; "
+            "use sqlite:/// or redis:// for WEB_CONCURRENCY > 1"
+        )
     workers = 1
 else:
     workers = int(os.environ.get("WEB_CONCURRENCY") or multiprocessing.cpu_count() * 2 + 1)
@@ -97,7 +99,7 @@ class AppLogger(glogging.Logger):
 
 
 logger_class = AppLogger
-LOG_GATHER_SECONDS = 0.1   # how long a request may wait to be recorded, and an INFO line to be written
+LOG_GATHER_SECONDS = 0.1  # how long a request may wait to be recorded, and an INFO line to be written
 
 _simulator_process = None
 
@@ -110,11 +112,13 @@ def on_starting(server):
     if not _settings.simulator or _settings.base_url:
         return
     import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     _simulator_process = subprocess.Popen(
-        [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", str(port)])
+        [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", str(port)]
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -127,8 +131,13 @@ def on_starting(server):
 
 
 def when_ready(server):
-    server.log.info("Pay page: http://127.0.0.1:%s/pay.html (mode %s, store %s, %s worker(s))",
-                    _settings.port, _settings.mpesa_env, _settings.store_kind, workers)
+    server.log.info(
+        "Pay page: http://127.0.0.1:%s/pay.html (mode %s, store %s, %s worker(s))",
+        _settings.port,
+        _settings.mpesa_env,
+        _settings.store_kind,
+        workers,
+    )
 
 
 def post_worker_init(worker):
@@ -139,6 +148,7 @@ def post_worker_init(worker):
 
     import metrics
     import requestlog
+
     requestlog.defer(LOG_GATHER_SECONDS)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, metrics.LineHandler):
@@ -149,12 +159,16 @@ def child_exit(server, worker):
     """A dead worker's live gauges leave /metrics; its counters stay in the totals."""
     if _metrics_dir:
         from prometheus_client import multiprocess
+
         multiprocess.mark_process_dead(worker.pid)
 
 
 def on_exit(server):
     if _simulator_process is not None:
         _simulator_process.terminate()
-    if (_metrics_dir and os.path.dirname(_metrics_dir) == tempfile.gettempdir()
-            and os.path.basename(_metrics_dir).startswith(_METRICS_PREFIX)):
+    if (
+        _metrics_dir
+        and os.path.dirname(_metrics_dir) == tempfile.gettempdir()
+        and os.path.basename(_metrics_dir).startswith(_METRICS_PREFIX)
+    ):
         shutil.rmtree(_metrics_dir, ignore_errors=True)  # the one made above

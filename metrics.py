@@ -22,6 +22,7 @@ A callback that arrives before its push is recorded counts as unknown_id, and on
 Knows nothing of Flask: the server calls these hooks, serves render() and stats(), and uses
 JsonFormatter for its logs (gunicorn.conf.py too, for gunicorn's own lines).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,26 +53,37 @@ STARTED_AT = float(os.environ.get("METRICS_STARTED_AT") or time.time())
 DARAJA_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 12, 20, 30)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-PAYMENTS = Counter("mpesa_payments", "Payments by their first final verdict",
-                   ["status", "reason", "settled_by"])
-LATE_RESULTS = Counter("mpesa_payments_late_results",
-                       "Real results from Daraja that replaced our own timeout verdict",
-                       ["status", "reason"])
-STK_PUSH_SECONDS = Histogram("mpesa_stk_push_duration_seconds", "Daraja STK push calls",
-                             ["result"], buckets=DARAJA_BUCKETS)
-STK_QUERY_SECONDS = Histogram("mpesa_stk_query_duration_seconds", "Daraja STK query calls",
-                              ["result"], buckets=DARAJA_BUCKETS)
-DARAJA_ERRORS = Counter("mpesa_daraja_errors", "Failed Daraja calls by exception class and errorCode",
-                        ["call", "error", "code"])
-CALLBACKS = Counter("mpesa_callbacks", "Daraja result callbacks by what became of them",
-                    ["outcome"])
-WEBHOOK_DELIVERIES = Counter("mpesa_webhook_deliveries", "Merchant webhook delivery attempts",
-                             ["result"])
-HTTP_SECONDS = Histogram("mpesa_http_request_duration_seconds", "Requests served",
-                         ["method", "route", "status"], buckets=HTTP_BUCKETS)
+PAYMENTS = Counter("mpesa_payments", "Payments by their first final verdict", ["status", "reason", "settled_by"])
+LATE_RESULTS = Counter(
+    "mpesa_payments_late_results",
+    "Real results from Daraja that replaced our own timeout verdict",
+    ["status", "reason"],
+)
+STK_PUSH_SECONDS = Histogram(
+    "mpesa_stk_push_duration_seconds", "Daraja STK push calls", ["result"], buckets=DARAJA_BUCKETS
+)
+STK_QUERY_SECONDS = Histogram(
+    "mpesa_stk_query_duration_seconds", "Daraja STK query calls", ["result"], buckets=DARAJA_BUCKETS
+)
+DARAJA_ERRORS = Counter(
+    "mpesa_daraja_errors", "Failed Daraja calls by exception class and errorCode", ["call", "error", "code"]
+)
+CALLBACKS = Counter("mpesa_callbacks", "Daraja result callbacks by what became of them", ["outcome"])
+WEBHOOK_DELIVERIES = Counter("mpesa_webhook_deliveries", "Merchant webhook delivery attempts", ["result"])
+HTTP_SECONDS = Histogram(
+    "mpesa_http_request_duration_seconds", "Requests served", ["method", "route", "status"], buckets=HTTP_BUCKETS
+)
 
-CALLBACK_OUTCOMES = ("settled", "duplicate", "contradiction", "receipt_added", "unknown_id",
-                     "bad_token", "not_allowed", "malformed")
+CALLBACK_OUTCOMES = (
+    "settled",
+    "duplicate",
+    "contradiction",
+    "receipt_added",
+    "unknown_id",
+    "bad_token",
+    "not_allowed",
+    "malformed",
+)
 WEBHOOK_RESULTS = ("delivered", "retry", "given_up")
 _SETTLED = {"completed": "settled", "failed": "settled", "amount_mismatch": "settled"}
 _DURATIONS = {"stk_push": STK_PUSH_SECONDS, "stk_query": STK_QUERY_SECONDS}
@@ -80,6 +92,7 @@ _ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 
 
 # --------------------------------------------------------------------- hooks
+
 
 def preset_labels() -> None:
     """Show the callback and webhook series at 0 before anything happens (for rate())."""
@@ -128,9 +141,11 @@ def daraja_call(call: str):
 
 def timed(call: str, function):
     """function wrapped in daraja_call(call): metrics.timed("stk_push", daraja.stk_push)(...)."""
+
     def wrapper(*args, **kwargs):
         with daraja_call(call):
             return function(*args, **kwargs)
+
     return wrapper
 
 
@@ -142,17 +157,17 @@ def requests_served(served) -> None:
     bucket instead of twice per request: with several workers every write goes to
     prometheus-client's multiprocess file under its lock, most of an observation's cost.
     """
-    batch: dict = {}   # labels -> [sum of seconds, count per bucket]
+    batch: dict = {}  # labels -> [sum of seconds, count per bucket]
     for method, route, status, seconds in served:
         labels = (method if method in _METHODS else "other", route or "unmatched", status)
         totals = batch.get(labels)
         if totals is None:
             totals = batch[labels] = [0.0, [0] * len(_HTTP_UPPER_BOUNDS)]
         totals[0] += seconds
-        totals[1][bisect_left(_HTTP_UPPER_BOUNDS, seconds)] += 1   # the first bound >= seconds, as observe()
+        totals[1][bisect_left(_HTTP_UPPER_BOUNDS, seconds)] += 1  # the first bound >= seconds, as observe()
     for labels, (seconds, counts) in batch.items():
         child = _HTTP_CHILDREN.get(labels)
-        if child is None:   # labels() validates and locks each time
+        if child is None:  # labels() validates and locks each time
             child = _HTTP_CHILDREN[labels] = HTTP_SECONDS.labels(*labels[:2], str(labels[2]))
         # Histogram.observe() as it is in prometheus-client 0.26, for many observations at once;
         # tests/test_metrics.py checks the two give the same exposition.
@@ -162,8 +177,8 @@ def requests_served(served) -> None:
                 bucket.inc(count)
 
 
-_HTTP_CHILDREN: dict = {}   # (method, route, status) -> HTTP_SECONDS's child: few, routes are the app's
-_HTTP_UPPER_BOUNDS = (*HTTP_BUCKETS, math.inf)   # as Histogram keeps them
+_HTTP_CHILDREN: dict = {}  # (method, route, status) -> HTTP_SECONDS's child: few, routes are the app's
+_HTTP_UPPER_BOUNDS = (*HTTP_BUCKETS, math.inf)  # as Histogram keeps them
 
 
 def _error_code(code) -> str:
@@ -174,6 +189,7 @@ def _error_code(code) -> str:
 
 
 # ------------------------------------------------------------------- reading
+
 
 def render(accept: str | None = None) -> tuple[bytes, str]:
     """The exposition for a scrape, in the format its Accept header asks for; (body, content type)."""
@@ -189,8 +205,11 @@ def stats() -> dict:
     """Payments by final status and by failure reason since the server started, and the success rate."""
     by_status, by_reason, settled_by, callbacks, pushes = Tally(), Tally(), Tally(), Tally(), Tally()
     late = 0
-    collectors = ([multiprocess.MultiProcessCollector(None)] if MULTIPROCESS
-                  else [PAYMENTS, LATE_RESULTS, CALLBACKS, STK_PUSH_SECONDS])
+    collectors = (
+        [multiprocess.MultiProcessCollector(None)]
+        if MULTIPROCESS
+        else [PAYMENTS, LATE_RESULTS, CALLBACKS, STK_PUSH_SECONDS]
+    )
     for collector in collectors:
         for family in collector.collect():
             for sample in family.samples:
@@ -224,10 +243,14 @@ def stats() -> dict:
 
 _LOG_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))  # one, not one per line
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
-    "message", "asctime", "taskName", "request_id"}
+    "message",
+    "asctime",
+    "taskName",
+    "request_id",
+}
 
 
-_second = (None, "")   # (a whole epoch second, its UTC text): log lines come many a second
+_second = (None, "")  # (a whole epoch second, its UTC text): log lines come many a second
 
 
 def log_time(epoch: float) -> str:
@@ -235,7 +258,7 @@ def log_time(epoch: float) -> str:
     part made once a second."""
     global _second
     fraction, whole = math.modf(epoch)
-    micro = round(fraction * 1_000_000)   # as datetime.fromtimestamp rounds
+    micro = round(fraction * 1_000_000)  # as datetime.fromtimestamp rounds
     if micro == 1_000_000:
         whole, micro = whole + 1, 0
     cached, text = _second
@@ -265,18 +288,17 @@ class LineHandler(logging.StreamHandler):
     """
 
     _gathering = False
-    _gathered: list | tuple = ()   # encoded lines waiting for the writer thread
+    _gathered: list | tuple = ()  # encoded lines waiting for the writer thread
 
     def gather(self, seconds: float) -> None:
         """Write lines at INFO and below at most `seconds` after they come, from a thread started here."""
         if self._gathering or self._fd() is None:
             return
         self._gathered, self._gathered_lock = [], threading.Lock()
-        self._waiting = threading.Event()   # set when the first line of a batch is gathered
+        self._waiting = threading.Event()  # set when the first line of a batch is gathered
         self._stopped = threading.Event()
         self._gathering = True
-        threading.Thread(target=self._write_gathered_every, args=(seconds,), name="log-writer",
-                         daemon=True).start()
+        threading.Thread(target=self._write_gathered_every, args=(seconds,), name="log-writer", daemon=True).start()
 
     @property
     def gathering(self) -> bool:
@@ -290,7 +312,7 @@ class LineHandler(logging.StreamHandler):
         if not encoded:
             return
         with self._gathered_lock:
-            if self._gathering:   # else closed meanwhile: written at once below
+            if self._gathering:  # else closed meanwhile: written at once below
                 waiting = bool(self._gathered)
                 self._gathered.extend(encoded)
                 if not waiting:
@@ -302,7 +324,7 @@ class LineHandler(logging.StreamHandler):
 
     def handle(self, record: logging.LogRecord):
         kept = self.filter(record)
-        if isinstance(kept, logging.LogRecord):   # Python 3.12+: a filter may swap the record
+        if isinstance(kept, logging.LogRecord):  # Python 3.12+: a filter may swap the record
             record = kept
         if kept:
             self.emit(record)
@@ -313,7 +335,7 @@ class LineHandler(logging.StreamHandler):
             if self._gathering and record.levelno <= logging.INFO:
                 line = self._encode(record)
                 with self._gathered_lock:
-                    if self._gathering:   # else closed meanwhile: written at once below
+                    if self._gathering:  # else closed meanwhile: written at once below
                         self._gathered.append(line)
                         if len(self._gathered) == 1:
                             self._waiting.set()
@@ -327,7 +349,7 @@ class LineHandler(logging.StreamHandler):
             data = self._encode(record)
             if self._gathering or len(data) > select.PIPE_BUF:
                 with self.lock:
-                    self._write_gathered()   # what was logged before this line goes first
+                    self._write_gathered()  # what was logged before this line goes first
                     _write_all(fd, data)
             else:
                 _write_all(fd, data)
@@ -363,7 +385,7 @@ class LineHandler(logging.StreamHandler):
     def _write_gathered_every(self, seconds: float) -> None:
         # An idle worker's writer sleeps until a line comes, instead of waking every `seconds`.
         while self._waiting.wait() and not self._stopped.wait(seconds):
-            self._waiting.clear()   # before taking the lines: one gathered later sets it again
+            self._waiting.clear()  # before taking the lines: one gathered later sets it again
             self._write_gathered()
 
     def _write_gathered(self) -> None:
@@ -383,13 +405,13 @@ class LineHandler(logging.StreamHandler):
     def _write_chunk(self, chunk: bytes) -> None:
         try:
             _write_all(self.stream.fileno(), chunk)
-        except (OSError, ValueError):   # the stream is gone: report it with the lines that were lost
+        except (OSError, ValueError):  # the stream is gone: report it with the lines that were lost
             self.handleError(logging.makeLogRecord({"msg": chunk.decode(errors="replace")}))
 
 
 def _write_all(fd: int, data: bytes) -> None:
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 class JsonFormatter(logging.Formatter):
@@ -401,12 +423,16 @@ class JsonFormatter(logging.Formatter):
     """
 
     def format(self, record: logging.LogRecord) -> str:
-        own_line = getattr(record, "json_line", None)   # requestlog.RequestRecord: one per request
+        own_line = getattr(record, "json_line", None)  # requestlog.RequestRecord: one per request
         line = own_line() if own_line is not None else None
         if line is not None:
             return line
-        entry = {"time": log_time(record.created), "level": record.levelname, "logger": record.name,
-                 "pid": record.process}
+        entry = {
+            "time": log_time(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+        }
         request_id = getattr(record, "request_id", None)
         if request_id:
             entry["request_id"] = request_id

@@ -15,6 +15,7 @@ Exceptions (failed calls; a failed *payment* is a result, never an exception)::
     └── DarajaTimeout            no answer in time; a push may or may not have reached the phone
     MalformedCallback            a callback document that is not Daraja's shape
 """
+
 from __future__ import annotations
 
 import base64
@@ -180,8 +181,9 @@ def normalize_result_code(value) -> int | str:
 class DarajaError(Exception):
     """A call to Daraja did not succeed; carries what an operator needs to look it up."""
 
-    def __init__(self, message: str, *, status: int | None = None,
-                 error_code: str | None = None, request_id: str | None = None):
+    def __init__(
+        self, message: str, *, status: int | None = None, error_code: str | None = None, request_id: str | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.status = status
@@ -235,8 +237,19 @@ class MalformedCallback(ValueError):
 
 
 _TOKEN_ERRORS = {"404.001.03", "400.003.01", "401.002.01", "401.003.01"}
-_AUTH_ERRORS = {"400.008.01", "400.008.02", "403.001.01", "404.001.01", "404.001.04",
-                "404.003.01", "405.001", "999991", "999996", "999997", "999998"}
+_AUTH_ERRORS = {
+    "400.008.01",
+    "400.008.02",
+    "403.001.01",
+    "404.001.01",
+    "404.001.04",
+    "404.003.01",
+    "405.001",
+    "999991",
+    "999996",
+    "999997",
+    "999998",
+}
 _RATE_LIMIT_ERRORS = {"500.003.02", "500.003.03"}
 _PENDING_MESSAGES = ("being processed", "under processing")
 
@@ -254,17 +267,17 @@ def error_from_response(response: requests.Response) -> DarajaError:
     body = _error_body(response)
     fault = body.get("fault") if isinstance(body.get("fault"), dict) else None
     code = str(body.get("errorCode") or body.get("resultCode") or "") or None
-    message = str(body.get("errorMessage") or body.get("resultDesc")
-                  or (fault or {}).get("faultstring") or "").strip()
-    facts = {"status": response.status_code, "error_code": code,
-             "request_id": body.get("requestId")}
+    message = str(body.get("errorMessage") or body.get("resultDesc") or (fault or {}).get("faultstring") or "").strip()
+    facts = {"status": response.status_code, "error_code": code, "request_id": body.get("requestId")}
     lowered = message.lower()
 
     if response.status_code == 429 or code in _RATE_LIMIT_ERRORS or "spike arrest" in lowered:
         retry_after = response.headers.get("Retry-After", "")
-        return DarajaRateLimited(message or "Daraja rate limit reached",
-                                 retry_after=float(retry_after) if retry_after.isdigit() else None,
-                                 **facts)
+        return DarajaRateLimited(
+            message or "Daraja rate limit reached",
+            retry_after=float(retry_after) if retry_after.isdigit() else None,
+            **facts,
+        )
     if code in _TOKEN_ERRORS or "invalid access token" in lowered:
         return InvalidAccessToken(message or "Invalid Access Token", **facts)
     if code in _AUTH_ERRORS or response.status_code in (401, 403):
@@ -277,8 +290,9 @@ def error_from_response(response: requests.Response) -> DarajaError:
         return DarajaRequestError(message or "Bad Request", **facts)
     if not body:
         kind = DarajaUnavailable if response.status_code >= 500 else DarajaBadResponse
-        return kind(f"Daraja answered HTTP {response.status_code} without a Daraja error body",
-                    status=response.status_code)
+        return kind(
+            f"Daraja answered HTTP {response.status_code} without a Daraja error body", status=response.status_code
+        )
     if response.status_code >= 500:
         return DarajaUnavailable(message or "Daraja server error", **facts)
     return DarajaRequestError(message or f"Daraja answered HTTP {response.status_code}", **facts)
@@ -287,6 +301,7 @@ def error_from_response(response: requests.Response) -> DarajaError:
 @dataclass(frozen=True)
 class PushAccepted:
     """Daraja accepted the push: a prompt is on its way (this is not a payment yet)."""
+
     merchant_request_id: str
     checkout_request_id: str
     response_code: str
@@ -297,6 +312,7 @@ class PushAccepted:
 @dataclass(frozen=True)
 class QueryResult:
     """What STK Query says: still pending, or final with a ResultCode."""
+
     checkout_request_id: str
     pending: bool
     result_code: int | str | None = None
@@ -311,6 +327,7 @@ class QueryResult:
 @dataclass(frozen=True)
 class CallbackResult:
     """A parsed Body.stkCallback."""
+
     merchant_request_id: str
     checkout_request_id: str
     result_code: int | str
@@ -430,8 +447,16 @@ class SharedTokenCache:
     the store is read only when the token is about to expire or was refused.
     """
 
-    def __init__(self, kv, key: str = "daraja-token", clock=time.time, margin: float = 60.0,
-                 lock_ttl: float = 20.0, poll: float = 0.05, sleep=time.sleep):
+    def __init__(
+        self,
+        kv,
+        key: str = "daraja-token",
+        clock=time.time,
+        margin: float = 60.0,
+        lock_ttl: float = 20.0,
+        poll: float = 0.05,
+        sleep=time.sleep,
+    ):
         self._kv = kv
         self._key = key
         self._clock = clock
@@ -466,8 +491,10 @@ class SharedTokenCache:
                         if self._fresh(entry):
                             return self._adopt(entry)
                         token, expires_in = fetch()
-                        entry = {"token": token,
-                                 "refresh_at": self._clock() + expires_in - min(self._margin, expires_in / 10)}
+                        entry = {
+                            "token": token,
+                            "refresh_at": self._clock() + expires_in - min(self._margin, expires_in / 10),
+                        }
                         self._kv.set_value(self._key, entry, expires_in)
                         return self._adopt(entry)
                     finally:
@@ -515,12 +542,22 @@ class Daraja:
     token; Daraja processed neither, so neither can prompt a customer twice.
     """
 
-    def __init__(self, *, base_url: str, consumer_key: str, consumer_secret: str,
-                 shortcode: str = SANDBOX_SHORTCODE, passkey: str = SANDBOX_PASSKEY,
-                 transaction_type: str = PAYBILL, party_b: str | None = None,
-                 timeout: tuple[float, float] = (3.05, 15.0),
-                 token_cache: TokenCache | None = None,
-                 rate_limit_retries: int = 2, backoff: float = 0.5, sleep=time.sleep):
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        consumer_key: str,
+        consumer_secret: str,
+        shortcode: str = SANDBOX_SHORTCODE,
+        passkey: str = SANDBOX_PASSKEY,
+        transaction_type: str = PAYBILL,
+        party_b: str | None = None,
+        timeout: tuple[float, float] = (3.05, 15.0),
+        token_cache: TokenCache | None = None,
+        rate_limit_retries: int = 2,
+        backoff: float = 0.5,
+        sleep=time.sleep,
+    ):
         if transaction_type not in TRANSACTION_TYPES:
             raise ValueError(f"transaction_type must be one of {', '.join(TRANSACTION_TYPES)}")
         self.base_url = base_url.rstrip("/")
@@ -534,10 +571,12 @@ class Daraja:
         self._rate_limit_retries = rate_limit_retries
         self._backoff = backoff
         self._sleep = sleep
-        retry = Retry(total=2, connect=2, read=0, redirect=0, status=0, other=0,
-                      backoff_factor=0.2, raise_on_status=False)
-        self.session = pooled_session(self.base_url, HTTPAdapter(
-            pool_connections=4, pool_maxsize=64, max_retries=retry))
+        retry = Retry(
+            total=2, connect=2, read=0, redirect=0, status=0, other=0, backoff_factor=0.2, raise_on_status=False
+        )
+        self.session = pooled_session(
+            self.base_url, HTTPAdapter(pool_connections=4, pool_maxsize=64, max_retries=retry)
+        )
 
     def __enter__(self):
         return self
@@ -555,9 +594,9 @@ class Daraja:
 
     def fetch_token(self) -> tuple[str, int]:
         """Ask Daraja for a new token: (access_token, expires_in seconds)."""
-        response = self._send("GET", "/oauth/v1/generate", "oauth",
-                              params={"grant_type": "client_credentials"},
-                              auth=self._credentials)
+        response = self._send(
+            "GET", "/oauth/v1/generate", "oauth", params={"grant_type": "client_credentials"}, auth=self._credentials
+        )
         body = _error_body(response)
         token = body.get("access_token")
         try:
@@ -565,8 +604,7 @@ class Daraja:
         except ValueError:
             expires_in = 0
         if not isinstance(token, str) or not token or expires_in <= 0:
-            raise DarajaBadResponse("Daraja token answer has no access_token/expires_in",
-                                    status=response.status_code)
+            raise DarajaBadResponse("Daraja token answer has no access_token/expires_in", status=response.status_code)
         return token, expires_in
 
     def access_token(self) -> str:
@@ -575,9 +613,16 @@ class Daraja:
 
     # -- STK push and query
 
-    def stk_push(self, phone, amount: int, *, callback_url: str,
-                 account_reference: str = "", description: str = "",
-                 now: datetime | None = None) -> PushAccepted:
+    def stk_push(
+        self,
+        phone,
+        amount: int,
+        *,
+        callback_url: str,
+        account_reference: str = "",
+        description: str = "",
+        now: datetime | None = None,
+    ) -> PushAccepted:
         """Send the PIN prompt to phone; return Daraja's acknowledgement."""
         msisdn = normalize_phone(phone)
         amount = validate_amount(amount, DARAJA_MAX_AMOUNT)
@@ -595,8 +640,7 @@ class Daraja:
             "AccountReference": clean_text(account_reference, ACCOUNT_REFERENCE_LIMIT) or "Payment",
             "TransactionDesc": clean_text(description, TRANSACTION_DESC_LIMIT) or "Payment",
         }
-        body = self._call("/mpesa/stkpush/v1/processrequest", "stk push", payload,
-                          phone=msisdn)
+        body = self._call("/mpesa/stkpush/v1/processrequest", "stk push", payload, phone=msisdn)
         try:
             accepted = PushAccepted(
                 merchant_request_id=str(body["MerchantRequestID"]),
@@ -608,8 +652,9 @@ class Daraja:
         except KeyError as missing:
             raise DarajaBadResponse(f"STK push answer lacks {missing}") from None
         if accepted.response_code != "0":
-            raise DarajaRequestError(accepted.response_description or "Push not accepted",
-                                     error_code=accepted.response_code)
+            raise DarajaRequestError(
+                accepted.response_description or "Push not accepted", error_code=accepted.response_code
+            )
         return accepted
 
     def stk_query(self, checkout_request_id: str, now: datetime | None = None) -> QueryResult:
@@ -625,7 +670,8 @@ class Daraja:
             body = self._call("/mpesa/stkpushquery/v1/query", "stk query", payload)
         except DarajaRequestError as error:
             if error.error_code == "500.001.1001" and any(
-                    text in error.message.lower() for text in _PENDING_MESSAGES + ("lock subscriber",)):
+                text in error.message.lower() for text in _PENDING_MESSAGES + ("lock subscriber",)
+            ):
                 return QueryResult(checkout_request_id, pending=True)
             raise
         if "ResultCode" not in body:
@@ -634,9 +680,13 @@ class Daraja:
         desc = str(body.get("ResultDesc") or "")
         if code == 4999 or "under processing" in desc.lower():
             return QueryResult(checkout_request_id, pending=True)
-        return QueryResult(checkout_request_id, pending=False, result_code=code,
-                           result_desc=desc,
-                           merchant_request_id=body.get("MerchantRequestID"))
+        return QueryResult(
+            checkout_request_id,
+            pending=False,
+            result_code=code,
+            result_desc=desc,
+            merchant_request_id=body.get("MerchantRequestID"),
+        )
 
     # -- transport
 
@@ -647,8 +697,9 @@ class Daraja:
         while True:
             token = self.access_token()
             try:
-                response = self._send("POST", path, what, json=payload,
-                                      headers={"Authorization": f"Bearer {token}"}, phone=phone)
+                response = self._send(
+                    "POST", path, what, json=payload, headers={"Authorization": f"Bearer {token}"}, phone=phone
+                )
             except InvalidAccessToken:
                 self.token_cache.invalidate(token)
                 if refreshed:
@@ -658,24 +709,21 @@ class Daraja:
             except DarajaRateLimited as error:
                 if attempt >= self._rate_limit_retries:
                     raise
-                delay = min(error.retry_after or self._backoff * 2 ** attempt, 5.0)
+                delay = min(error.retry_after or self._backoff * 2**attempt, 5.0)
                 attempt += 1
                 log.warning("daraja %s rate limited; retrying in %.1fs", what, delay)
                 self._sleep(delay)
                 continue
             body = _error_body(response)
             if not body:
-                raise DarajaBadResponse(f"Daraja {what} answer is not JSON",
-                                        status=response.status_code)
+                raise DarajaBadResponse(f"Daraja {what} answer is not JSON", status=response.status_code)
             return body
 
-    def _send(self, method: str, path: str, what: str, phone: str | None = None,
-              **kwargs) -> requests.Response:
+    def _send(self, method: str, path: str, what: str, phone: str | None = None, **kwargs) -> requests.Response:
         """One HTTP exchange; raises the typed error for anything but a 2xx."""
         started = time.monotonic()
         try:
-            response = self.session.request(method, self.base_url + path,
-                                            timeout=self.timeout, **kwargs)
+            response = self.session.request(method, self.base_url + path, timeout=self.timeout, **kwargs)
         except requests.ConnectionError as error:
             # ConnectTimeout is a ConnectionError: nothing was sent.
             if isinstance(error, requests.ConnectTimeout) or not _sent(error):
@@ -690,13 +738,19 @@ class Daraja:
             log.error("daraja %s failed: %s", what, type(error).__name__)
             raise DarajaUnavailable(f"Daraja {what} failed") from None
         elapsed = (time.monotonic() - started) * 1000
-        log.info("daraja %s -> HTTP %s in %.0f ms%s", what, response.status_code, elapsed,
-                 f" phone={mask_phone(phone)}" if phone else "")
+        log.info(
+            "daraja %s -> HTTP %s in %.0f ms%s",
+            what,
+            response.status_code,
+            elapsed,
+            f" phone={mask_phone(phone)}" if phone else "",
+        )
         if 200 <= response.status_code < 300:
             return response
         error = error_from_response(response)
-        log.warning("daraja %s refused: HTTP %s %s %s", what, response.status_code,
-                    error.error_code or "-", error.message)
+        log.warning(
+            "daraja %s refused: HTTP %s %s %s", what, response.status_code, error.error_code or "-", error.message
+        )
         raise error
 
 

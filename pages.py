@@ -14,6 +14,7 @@ reached answers 503 ``{"success": false, "message": "Simulator unavailable"}``.
 Reads only these settings from ``current_app.config``: ``MPESA_MODE``, ``SIMULATOR_URL``,
 ``MAX_AMOUNT``, ``USD_TO_KES_RATE`` and ``BUSINESS_SHORTCODE``.
 """
+
 from __future__ import annotations
 
 import logging

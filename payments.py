@@ -10,6 +10,7 @@ leaving money taken from a customer unrecorded.
 
 Knows nothing of Flask: the server turns these results into HTTP answers.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,8 +72,16 @@ def settled_for_good(tx: Transaction) -> bool:
 class Payments:
     """Starts payments and settles them in the store, idempotently."""
 
-    def __init__(self, store: Store, daraja: mpesa.Daraja, settings: Settings, clock=time.time,
-                 on_final=None, catalog: checkout.Catalog | None = None, on_settling=None):
+    def __init__(
+        self,
+        store: Store,
+        daraja: mpesa.Daraja,
+        settings: Settings,
+        clock=time.time,
+        on_final=None,
+        catalog: checkout.Catalog | None = None,
+        on_settling=None,
+    ):
         self.store = store
         self.daraja = daraja
         self.settings = settings
@@ -131,9 +140,12 @@ class Payments:
         reference = request.account_reference or (request.order.number if request.order else "")
         try:
             accepted = metrics.timed("stk_push", self.daraja.stk_push)(
-                request.phone, request.amount, callback_url=self.callback_url,
+                request.phone,
+                request.amount,
+                callback_url=self.callback_url,
                 account_reference=reference or request.description,
-                description=request.description)
+                description=request.description,
+            )
         except BaseException:
             self._release_stock(held)
             raise
@@ -146,22 +158,36 @@ class Payments:
         tx = Transaction(
             checkout_request_id=accepted.checkout_request_id,
             merchant_request_id=accepted.merchant_request_id,
-            phone=request.phone, amount=request.amount,
-            account_reference=reference, description=request.description,
-            initiated_at=now, extra=extra,
-            history=[event("initiated", now, amount=request.amount,
-                           accountReference=request.account_reference),
-                     event("push_accepted", now, merchantRequestId=accepted.merchant_request_id,
-                           customerMessage=accepted.customer_message)],
+            phone=request.phone,
+            amount=request.amount,
+            account_reference=reference,
+            description=request.description,
+            initiated_at=now,
+            extra=extra,
+            history=[
+                event("initiated", now, amount=request.amount, accountReference=request.account_reference),
+                event(
+                    "push_accepted",
+                    now,
+                    merchantRequestId=accepted.merchant_request_id,
+                    customerMessage=accepted.customer_message,
+                ),
+            ],
         )
         try:
             self.store.create(tx)
         except DuplicateTransaction:
-            log.error("daraja returned a CheckoutRequestID already stored: %s",
-                      mpesa.mask_checkout_id(accepted.checkout_request_id))
+            log.error(
+                "daraja returned a CheckoutRequestID already stored: %s",
+                mpesa.mask_checkout_id(accepted.checkout_request_id),
+            )
             raise
-        log.info("payment %s started: %s KES phone=%s", mpesa.mask_checkout_id(tx.checkout_request_id), tx.amount,
-                 mpesa.mask_phone(tx.phone))
+        log.info(
+            "payment %s started: %s KES phone=%s",
+            mpesa.mask_checkout_id(tx.checkout_request_id),
+            tx.amount,
+            mpesa.mask_phone(tx.phone),
+        )
         orphan = self.store.get_value(f"orphan:{tx.checkout_request_id}")
         if orphan:
             self.store.delete(f"orphan:{tx.checkout_request_id}")
@@ -176,16 +202,28 @@ class Payments:
         now = self.clock()
         tx, outcome = self.store.update(
             result.checkout_request_id,
-            lambda tx: self._settle(tx, source="callback", code=result.result_code,
-                                    desc=result.result_desc, amount=result.amount,
-                                    receipt=result.receipt, transaction_date=result.transaction_date,
-                                    raw=body, now=now))
+            lambda tx: self._settle(
+                tx,
+                source="callback",
+                code=result.result_code,
+                desc=result.result_desc,
+                amount=result.amount,
+                receipt=result.receipt,
+                transaction_date=result.transaction_date,
+                raw=body,
+                now=now,
+            ),
+        )
         metrics.callback(outcome if tx is not None else "unknown_id")
         if tx is None:
-            log.warning("callback for unknown CheckoutRequestID %s (ResultCode %s) kept for matching",
-                        mpesa.mask_checkout_id(result.checkout_request_id), result.result_code)
-            self.store.set_value(f"orphan:{result.checkout_request_id}", {"body": body},
-                                 self.settings.retention_seconds)
+            log.warning(
+                "callback for unknown CheckoutRequestID %s (ResultCode %s) kept for matching",
+                mpesa.mask_checkout_id(result.checkout_request_id),
+                result.result_code,
+            )
+            self.store.set_value(
+                f"orphan:{result.checkout_request_id}", {"body": body}, self.settings.retention_seconds
+            )
             return None
         self._log_outcome(tx, "callback", outcome)
         return tx
@@ -206,15 +244,15 @@ class Payments:
 
     def settle_expired(self, tx: Transaction) -> Transaction:
         """One last query for a payment past its TTL; otherwise mark it timed out."""
-        if not self.store.add(f"final-query:{tx.checkout_request_id}", {"at": self.clock()},
-                              self.settings.query_interval):
+        if not self.store.add(
+            f"final-query:{tx.checkout_request_id}", {"at": self.clock()}, self.settings.query_interval
+        ):
             return self.store.get(tx.checkout_request_id) or tx
         settled = self._query_and_settle(tx)
         if settled is not None and settled.is_final:
             return settled
         now = self.clock()
-        tx, outcome = self.store.update(tx.checkout_request_id,
-                                        lambda tx: self._time_out(tx, now))
+        tx, outcome = self.store.update(tx.checkout_request_id, lambda tx: self._time_out(tx, now))
         self._log_outcome(tx, "timeout", outcome)
         return tx
 
@@ -225,8 +263,7 @@ class Payments:
 
     def _may_query(self, tx: Transaction) -> bool:
         # One query per transaction per interval across every thread, worker and dyno.
-        return self.store.add(f"query:{tx.checkout_request_id}", {"at": self.clock()},
-                              self.settings.query_interval)
+        return self.store.add(f"query:{tx.checkout_request_id}", {"at": self.clock()}, self.settings.query_interval)
 
     def _query_and_settle(self, tx: Transaction) -> Transaction | None:
         now = self.clock()
@@ -234,27 +271,39 @@ class Payments:
             result = metrics.timed("stk_query", self.daraja.stk_query)(tx.checkout_request_id)
         except mpesa.DarajaError as error:
             log.warning("stk query for %s failed: %s", mpesa.mask_checkout_id(tx.checkout_request_id), error)
-            tx, _ = self.store.update(tx.checkout_request_id, lambda tx: tx.history.append(
-                event("queried", now, result="error", error=str(error))))
+            tx, _ = self.store.update(
+                tx.checkout_request_id,
+                lambda tx: tx.history.append(event("queried", now, result="error", error=str(error))),
+            )
             return tx
         if result.pending:
-            tx, _ = self.store.update(tx.checkout_request_id, lambda tx: tx.history.append(
-                event("queried", now, result="pending")))
+            tx, _ = self.store.update(
+                tx.checkout_request_id, lambda tx: tx.history.append(event("queried", now, result="pending"))
+            )
             return tx
         tx, outcome = self.store.update(
             tx.checkout_request_id,
-            lambda tx: self._settle(tx, source="query", code=result.result_code,
-                                    desc=result.result_desc, now=now))
+            lambda tx: self._settle(tx, source="query", code=result.result_code, desc=result.result_desc, now=now),
+        )
         self._log_outcome(tx, "query", outcome)
         return tx
 
     # -- the state machine (runs inside store.update: touches only tx)
 
-    def _settle(self, tx: Transaction, *, source: str, code, desc: str, now: float,
-                amount: Decimal | None = None, receipt: str | None = None,
-                transaction_date=None, raw=None) -> str:
-        tx.history.append(event(f"{source}_received", now, resultCode=code, resultDesc=desc,
-                                receipt=receipt, raw=raw))
+    def _settle(
+        self,
+        tx: Transaction,
+        *,
+        source: str,
+        code,
+        desc: str,
+        now: float,
+        amount: Decimal | None = None,
+        receipt: str | None = None,
+        transaction_date=None,
+        raw=None,
+    ) -> str:
+        tx.history.append(event(f"{source}_received", now, resultCode=code, resultDesc=desc, receipt=receipt, raw=raw))
         replaces_timeout = tx.settled_by == "timeout"
         if tx.is_final and not replaces_timeout:
             if code == 0 and receipt and awaits_receipt(tx):
@@ -264,8 +313,9 @@ class Payments:
                 tx.history.append(event("receipt_added", now, receipt=receipt))
                 return "receipt_added"
             same = code == tx.result_code
-            tx.history.append(event("duplicate_ignored" if same else "contradiction_ignored", now,
-                                    source=source, resultCode=code))
+            tx.history.append(
+                event("duplicate_ignored" if same else "contradiction_ignored", now, source=source, resultCode=code)
+            )
             return "duplicate" if same else "contradiction"
 
         if replaces_timeout:
@@ -317,9 +367,11 @@ class Payments:
             if "tickets" not in tx.extra and any(line["kind"] == "ticket" for line in lines):
                 tx.extra["tickets"] = [
                     {"number": checkout.ticket_number(), "itemId": line["id"], "name": line["name"]}
-                    for line in lines if line["kind"] == "ticket" for _ in range(line["quantity"])]
-                tx.history.append(event("tickets_issued", now,
-                                        tickets=[t["number"] for t in tx.extra["tickets"]]))
+                    for line in lines
+                    if line["kind"] == "ticket"
+                    for _ in range(line["quantity"])
+                ]
+                tx.history.append(event("tickets_issued", now, tickets=[t["number"] for t in tx.extra["tickets"]]))
         elif stock == "held":
             tx.extra["stock"] = "to_release"
         if self.on_settling is not None:
@@ -347,12 +399,15 @@ class Payments:
 
     def _limited_lines(self, tx: Transaction) -> list[tuple[str, int]]:
         lines = (tx.extra.get("order") or {}).get("items", [])
-        return [(line["id"], line["quantity"]) for line in lines
-                if self.catalog and line["id"] in self.catalog.items
-                and self.catalog.items[line["id"]].capacity is not None]
+        return [
+            (line["id"], line["quantity"])
+            for line in lines
+            if self.catalog and line["id"] in self.catalog.items and self.catalog.items[line["id"]].capacity is not None
+        ]
 
     def _move_stock(self, tx: Transaction) -> None:
         """Carry out the stock move _finish recorded, exactly once (claimed in the store)."""
+
         def claim(tx: Transaction):
             move = {"to_release": ("released", "release"), "to_reclaim": ("sold", "reclaim")}
             state, action = move.get(tx.extra.get("stock"), (None, None))
@@ -367,9 +422,13 @@ class Payments:
             for item_id, quantity in self._limited_lines(tx):
                 sold = self.store.adjust_counter(f"stock:{item_id}", quantity)
                 if sold > self.catalog.items[item_id].capacity:
-                    log.error("item %s oversold (%s of %s): payment %s arrived after its timeout",
-                              item_id, sold, self.catalog.items[item_id].capacity,
-                              mpesa.mask_checkout_id(tx.checkout_request_id))
+                    log.error(
+                        "item %s oversold (%s of %s): payment %s arrived after its timeout",
+                        item_id,
+                        sold,
+                        self.catalog.items[item_id].capacity,
+                        mpesa.mask_checkout_id(tx.checkout_request_id),
+                    )
                     self.store.update(tx.checkout_request_id, lambda tx: tx.flags.append("oversold"))
 
     def available(self, item: checkout.Item) -> int | None:
@@ -396,8 +455,9 @@ class Payments:
         now = self.clock()
         if not self.store.add(f"checkin:{number}", {"at": now}, TICKET_TTL):
             return ticket, self.store.get_value(f"checkin:{number}")
-        self.store.update(tx.checkout_request_id, lambda tx: tx.history.append(
-            event("ticket_checked_in", now, ticket=number)))
+        self.store.update(
+            tx.checkout_request_id, lambda tx: tx.history.append(event("ticket_checked_in", now, ticket=number))
+        )
         return ticket, None
 
     def _log_outcome(self, tx: Transaction | None, source: str, outcome) -> None:
@@ -409,19 +469,34 @@ class Payments:
             self._move_stock(tx)
         if outcome == "completed":
             for ticket in tx.extra.get("tickets", []):
-                self.store.set_value(f"ticket:{ticket['number']}",
-                                     {"checkoutRequestId": tx.checkout_request_id}, TICKET_TTL)
+                self.store.set_value(
+                    f"ticket:{ticket['number']}", {"checkoutRequestId": tx.checkout_request_id}, TICKET_TTL
+                )
         if outcome in FINAL_OUTCOMES and self.on_final is not None:
             try:
                 self.on_final(tx)
             except Exception:  # a notification problem must never undo a settled payment
                 log.exception("on_final hook failed for %s", mpesa.mask_checkout_id(tx.checkout_request_id))
         if outcome in ("duplicate", "contradiction"):
-            log.warning("%s for %s ignored (%s): payment already %s", source,
-                        mpesa.mask_checkout_id(tx.checkout_request_id), outcome, tx.status)
+            log.warning(
+                "%s for %s ignored (%s): payment already %s",
+                source,
+                mpesa.mask_checkout_id(tx.checkout_request_id),
+                outcome,
+                tx.status,
+            )
         elif outcome == "amount_mismatch":
-            log.error("payment %s paid a different amount than the %s KES asked: not completed",
-                      mpesa.mask_checkout_id(tx.checkout_request_id), tx.amount)
+            log.error(
+                "payment %s paid a different amount than the %s KES asked: not completed",
+                mpesa.mask_checkout_id(tx.checkout_request_id),
+                tx.amount,
+            )
         else:
-            log.info("payment %s %s via %s (reason=%s) phone=%s", mpesa.mask_checkout_id(tx.checkout_request_id),
-                     tx.status, source, tx.reason or "-", mpesa.mask_phone(tx.phone))
+            log.info(
+                "payment %s %s via %s (reason=%s) phone=%s",
+                mpesa.mask_checkout_id(tx.checkout_request_id),
+                tx.status,
+                source,
+                tx.reason or "-",
+                mpesa.mask_phone(tx.phone),
+            )

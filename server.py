@@ -6,6 +6,7 @@ GET /health, POST /hooks/stk/<token> (Daraja's callback), GET /transactions[/<id
 pages.py. `python server.py` runs the development server; the Procfile runs gunicorn
 with gunicorn.conf.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import segno
 from flask import Flask, current_app, jsonify, request
@@ -74,10 +75,11 @@ def nairobi_time(epoch: float) -> str:
 def iso_utc(epoch: float | None) -> str | None:
     if epoch is None:
         return None
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ------------------------------------------------------------------ answers
+
 
 def order_fields(tx: Transaction) -> dict:
     """The order number, lines and (once paid) tickets of a payment made for items."""
@@ -86,21 +88,34 @@ def order_fields(tx: Transaction) -> dict:
         return {}
     fields = {"orderNumber": order["number"], "items": order["items"]}
     if tx.status == "completed":
-        fields["tickets"] = [{**ticket, "qr": f"/tickets/{ticket['number']}/qr.svg"}
-                             for ticket in tx.extra.get("tickets", [])]
+        fields["tickets"] = [
+            {**ticket, "qr": f"/tickets/{ticket['number']}/qr.svg"} for ticket in tx.extra.get("tickets", [])
+        ]
     return fields
 
 
 def status_answer(tx: Transaction) -> dict:
     """The poll answer for one payment (phone masked: anyone with the id may poll)."""
-    base = {"checkoutRequestId": tx.checkout_request_id, "status": tx.status,
-            "amount": tx.amount, "currency": tx.currency, "phone": mpesa.mask_phone(tx.phone),
-            "accountReference": tx.account_reference, **order_fields(tx)}
+    base = {
+        "checkoutRequestId": tx.checkout_request_id,
+        "status": tx.status,
+        "amount": tx.amount,
+        "currency": tx.currency,
+        "phone": mpesa.mask_phone(tx.phone),
+        "accountReference": tx.account_reference,
+        **order_fields(tx),
+    }
     if tx.status == "completed":
-        return {"success": True, **base, "transaction_id": tx.mpesa_receipt_number,
-                "MpesaReceiptNumber": tx.mpesa_receipt_number, "description": tx.description,
-                "completedAt": iso_utc(tx.completed_at), "transactionDate": tx.transaction_date,
-                "message": "Payment completed"}
+        return {
+            "success": True,
+            **base,
+            "transaction_id": tx.mpesa_receipt_number,
+            "MpesaReceiptNumber": tx.mpesa_receipt_number,
+            "description": tx.description,
+            "completedAt": iso_utc(tx.completed_at),
+            "transactionDate": tx.transaction_date,
+            "message": "Payment completed",
+        }
     if tx.status == "failed":
         if "amount_mismatch" in tx.flags:
             message = "The amount paid does not match the amount asked; contact the shop"
@@ -108,8 +123,7 @@ def status_answer(tx: Transaction) -> dict:
             message = "The payment timed out: no answer from the phone"
         else:
             message = mpesa.result_reason(tx.result_code)[1]
-        return {"success": False, **base, "reason": tx.reason, "resultCode": tx.result_code,
-                "message": message}
+        return {"success": False, **base, "reason": tx.reason, "resultCode": tx.result_code, "message": message}
     return {"success": True, **base, "message": "Waiting for user to complete payment"}
 
 
@@ -121,8 +135,10 @@ def admin_view(tx: Transaction) -> dict:
 
 
 DARAJA_ANSWERS = {
-    mpesa.DarajaTimeout: (504, "M-Pesa did not answer in time. The prompt may still reach the "
-                               "phone: wait a minute before trying again"),
+    mpesa.DarajaTimeout: (
+        504,
+        "M-Pesa did not answer in time. The prompt may still reach the phone: wait a minute before trying again",
+    ),
     mpesa.DarajaRateLimited: (503, "M-Pesa is busy; try again in a minute"),
     mpesa.DarajaUnavailable: (503, "M-Pesa cannot be reached right now; try again shortly"),
     mpesa.DarajaBadResponse: (502, "M-Pesa sent an unexpected answer; try again shortly"),
@@ -151,6 +167,7 @@ def _printable(text: str) -> str:
 
 # ------------------------------------------------------------------- routes
 
+
 def register_api(app: Flask, limiter: Limiter | NoRateLimits, settings: Settings) -> None:
 
     def phone_key() -> str:
@@ -170,10 +187,10 @@ def register_api(app: Flask, limiter: Limiter | NoRateLimits, settings: Settings
         return bool(first) and first.get("state") == "done"
 
     @app.post("/stkpush")
-    @limiter.limit(settings.rate_limit_push_per_ip, deduct_when=counts_as_prompt,
-                   exempt_when=is_replay)
-    @limiter.limit(settings.rate_limit_push_per_phone, key_func=phone_key,
-                   deduct_when=counts_as_prompt, exempt_when=is_replay)
+    @limiter.limit(settings.rate_limit_push_per_ip, deduct_when=counts_as_prompt, exempt_when=is_replay)
+    @limiter.limit(
+        settings.rate_limit_push_per_phone, key_func=phone_key, deduct_when=counts_as_prompt, exempt_when=is_replay
+    )
     def stkpush():
         body = read_json()
         if body is None:
@@ -190,8 +207,9 @@ def register_api(app: Flask, limiter: Limiter | NoRateLimits, settings: Settings
         body = read_json() or {}
         checkout_id = None
         if isinstance(body, dict):
-            checkout_id = next((body[k] for k in ("checkoutRequestId", "checkoutRequestID",
-                                                  "CheckoutRequestID") if k in body), None)
+            checkout_id = next(
+                (body[k] for k in ("checkoutRequestId", "checkoutRequestID", "CheckoutRequestID") if k in body), None
+            )
         return status_for(checkout_id)
 
     @app.get("/stkpush/status/<checkout_id>")
@@ -206,8 +224,7 @@ def register_api(app: Flask, limiter: Limiter | NoRateLimits, settings: Settings
             log.warning("callback with a wrong token from %s refused", request.remote_addr)
             metrics.callback("bad_token")
             raise ApiError(403, "Forbidden")
-        if settings.callback_allowed_ips and not address_allowed(request.remote_addr,
-                                                                 settings.callback_allowed_ips):
+        if settings.callback_allowed_ips and not address_allowed(request.remote_addr, settings.callback_allowed_ips):
             log.warning("callback from %s refused: not in CALLBACK_ALLOWED_IPS", request.remote_addr)
             metrics.callback("not_allowed")
             raise ApiError(403, "Forbidden")
@@ -239,15 +256,19 @@ def register_api(app: Flask, limiter: Limiter | NoRateLimits, settings: Settings
     @app.get("/health")
     @limiter.exempt
     def health():
-        answer = {"status": "ok", "timestamp": iso_utc(time.time()), "service": SERVICE_NAME,
-                  "mode": settings.mpesa_env, "store": get_store().kind}
+        answer = {
+            "status": "ok",
+            "timestamp": iso_utc(time.time()),
+            "service": SERVICE_NAME,
+            "mode": settings.mpesa_env,
+            "store": get_store().kind,
+        }
         if request.args.get("deep") not in (None, "", "0", "false"):
             try:
                 metrics.timed("token", get_payments().daraja.access_token)()
                 answer["daraja"] = "ok"
             except mpesa.DarajaError as error:
-                answer.update(status="error", daraja="error",
-                              message=daraja_error(error).body["message"])
+                answer.update(status="error", daraja="error", message=daraja_error(error).body["message"])
                 return jsonify(answer), 503
         return jsonify(answer)
 
@@ -257,10 +278,18 @@ def register_api(app: Flask, limiter: Limiter | NoRateLimits, settings: Settings
         payments = get_payments()
         if payments.catalog is None:
             raise ApiError(404, "This shop has no catalogue")
-        items = [{"id": item.id, "name": item.name, "price": item.price,
-                  "description": item.description, "kind": item.kind,
-                  "capacity": item.capacity, "available": payments.available(item)}
-                 for item in payments.catalog.items.values()]
+        items = [
+            {
+                "id": item.id,
+                "name": item.name,
+                "price": item.price,
+                "description": item.description,
+                "kind": item.kind,
+                "capacity": item.capacity,
+                "available": payments.available(item),
+            }
+            for item in payments.catalog.items.values()
+        ]
         return jsonify({"success": True, "currency": "KES", "items": items})
 
     @app.get("/tickets/<number>/qr.svg")
@@ -269,10 +298,10 @@ def register_api(app: Flask, limiter: Limiter | NoRateLimits, settings: Settings
         if get_payments().ticket(number) is None:
             raise ApiError(404, "Ticket not found")
         svg = io.BytesIO()
-        segno.make_qr(number, error="m").save(svg, kind="svg", scale=6, border=2,
-                                              title=f"Ticket {number}")
-        return current_app.response_class(svg.getvalue(), mimetype="image/svg+xml",
-                                          headers={"Cache-Control": "private, max-age=86400"})
+        segno.make_qr(number, error="m").save(svg, kind="svg", scale=6, border=2, title=f"Ticket {number}")
+        return current_app.response_class(
+            svg.getvalue(), mimetype="image/svg+xml", headers={"Cache-Control": "private, max-age=86400"}
+        )
 
     @app.post("/tickets/<number>/check-in")
     def ticket_check_in(number):
@@ -281,8 +310,12 @@ def register_api(app: Flask, limiter: Limiter | NoRateLimits, settings: Settings
         if ticket is None:
             raise ApiError(404, "Ticket not found")
         if first is not None:
-            raise ApiError(409, f"Ticket already used at {nairobi_time(first['at'])}",
-                           ticket=ticket, checkedInAt=iso_utc(first["at"]))
+            raise ApiError(
+                409,
+                f"Ticket already used at {nairobi_time(first['at'])}",
+                ticket=ticket,
+                checkedInAt=iso_utc(first["at"]),
+            )
         return jsonify({"success": True, "message": "Ticket checked in", "ticket": ticket})
 
     @app.get("/openapi.json")
@@ -301,10 +334,16 @@ def register_api(app: Flask, limiter: Limiter | NoRateLimits, settings: Settings
             phone = mpesa.normalize_phone(phone)
         limit = _positive_int("limit", 20, maximum=100)
         page = _positive_int("page", 1, maximum=100_000)
-        items, total = get_store().list(status=status, phone=phone, limit=limit,
-                                        offset=(page - 1) * limit)
-        return jsonify({"success": True, "total": total, "page": page, "limit": limit,
-                        "transactions": [admin_view(tx) for tx in items]})
+        items, total = get_store().list(status=status, phone=phone, limit=limit, offset=(page - 1) * limit)
+        return jsonify(
+            {
+                "success": True,
+                "total": total,
+                "page": page,
+                "limit": limit,
+                "transactions": [admin_view(tx) for tx in items],
+            }
+        )
 
     @app.get("/transactions/<checkout_id>")
     def transaction(checkout_id):
@@ -325,10 +364,15 @@ def start_payment(body) -> tuple[dict, int]:
         raise ApiError(409, str(sold_out), field="items", itemId=sold_out.item.id) from None
     except mpesa.DarajaError as error:
         raise daraja_error(error) from None
-    answer = {"success": True, "checkoutRequestId": tx.checkout_request_id,
-              "merchantRequestId": tx.merchant_request_id, "status": tx.status,
-              "message": "STK push sent successfully",
-              "customerMessage": accepted.customer_message, "amount": tx.amount}
+    answer = {
+        "success": True,
+        "checkoutRequestId": tx.checkout_request_id,
+        "merchantRequestId": tx.merchant_request_id,
+        "status": tx.status,
+        "message": "STK push sent successfully",
+        "customerMessage": accepted.customer_message,
+        "amount": tx.amount,
+    }
     return {**answer, **order_fields(tx)}, 200
 
 
@@ -346,11 +390,11 @@ def idempotent(key: str, body) -> tuple:
     if not store.add(slot, {"fingerprint": fingerprint, "state": "started"}, IDEMPOTENCY_TTL):
         first = store.get_value(slot) or {}
         if first.get("fingerprint") != fingerprint:
-            raise ApiError(409, "This Idempotency-Key was already used with a different request",
-                           field="Idempotency-Key")
+            raise ApiError(
+                409, "This Idempotency-Key was already used with a different request", field="Idempotency-Key"
+            )
         if first.get("state") != "done":
-            raise ApiError(409, "A request with this Idempotency-Key is still in progress",
-                           field="Idempotency-Key")
+            raise ApiError(409, "A request with this Idempotency-Key is still in progress", field="Idempotency-Key")
         response = jsonify(first["answer"])
         response.status_code = first["status"]
         response.headers["Idempotent-Replayed"] = "true"
@@ -360,16 +404,20 @@ def idempotent(key: str, body) -> tuple:
     except ApiError as error:
         if error.status == 504:
             # The prompt may be on its way: a retry must not send a second one.
-            store.set_value(slot, {"fingerprint": fingerprint, "state": "done",
-                                   "status": error.status, "answer": error.body}, IDEMPOTENCY_TTL)
+            store.set_value(
+                slot,
+                {"fingerprint": fingerprint, "state": "done", "status": error.status, "answer": error.body},
+                IDEMPOTENCY_TTL,
+            )
         else:
             store.delete(slot)  # nothing reached the phone; the same key may try again
         raise
     except Exception:
         store.delete(slot)
         raise
-    store.set_value(slot, {"fingerprint": fingerprint, "state": "done", "status": status,
-                           "answer": answer}, IDEMPOTENCY_TTL)
+    store.set_value(
+        slot, {"fingerprint": fingerprint, "state": "done", "status": status, "answer": answer}, IDEMPOTENCY_TTL
+    )
     return jsonify(answer), status
 
 
@@ -484,6 +532,7 @@ def _positive_int(name: str, default: int, maximum: int) -> int:
 
 # ---------------------------------------------------------- errors and logs
 
+
 def register_handlers(app: Flask) -> None:
 
     @app.errorhandler(ApiError)
@@ -496,9 +545,12 @@ def register_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
-        messages = {404: "Not found", 405: "Method not allowed",
-                    413: f"Request body too large (limit {MAX_BODY_BYTES // 1024} KB)",
-                    429: "Too many requests; slow down"}
+        messages = {
+            404: "Not found",
+            405: "Method not allowed",
+            413: f"Request body too large (limit {MAX_BODY_BYTES // 1024} KB)",
+            429: "Too many requests; slow down",
+        }
         body = {"success": False, "message": messages.get(error.code, error.name)}
         headers = dict(error.get_headers()) if error.code == 429 else {}
         headers.pop("Content-Type", None)
@@ -512,8 +564,10 @@ def register_handlers(app: Flask) -> None:
 
 # --------------------------------------------------------------- the factory
 
-def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None = None,
-               store: Store | None = None) -> Flask:
+
+def create_app(
+    settings: Settings | None = None, *, daraja: mpesa.Daraja | None = None, store: Store | None = None
+) -> Flask:
     """Build the application; ready-made parts may be passed in (tests do)."""
     settings = settings or load_settings()
     app = Flask(__name__)
@@ -533,9 +587,8 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
     )
     app.json.sort_keys = False
     app.wsgi_app = requestlog.RequestLog(app.wsgi_app)
-    if settings.trusted_proxies:   # outside RequestLog: it logs the corrected address and scheme
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,
-                                x_proto=settings.trusted_proxies)
+    if settings.trusted_proxies:  # outside RequestLog: it logs the corrected address and scheme
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
 
     if settings.callback_url is None:
         settings = replace(settings, callback_url=f"http://127.0.0.1:{settings.port}")
@@ -554,10 +607,15 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
     notifier = None
     if settings.merchant_webhook_url:
         import webhooks
+
         notifier = webhooks.WebhookSender(
-            settings.merchant_webhook_url, settings.webhook_secret, store,
-            max_attempts=settings.webhook_max_attempts, base_delay=settings.webhook_base_delay,
-            max_delay=settings.webhook_max_delay)
+            settings.merchant_webhook_url,
+            settings.webhook_secret,
+            store,
+            max_attempts=settings.webhook_max_attempts,
+            base_delay=settings.webhook_base_delay,
+            max_delay=settings.webhook_max_delay,
+        )
         app.extensions["webhooks"] = notifier
     catalog = None
     if settings.catalog_file:
@@ -565,17 +623,24 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
             catalog = checkout.Catalog.load(settings.catalog_file)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    app.extensions["payments"] = Payments(store, daraja, settings, catalog=catalog,
-                                          on_final=notifier.notify if notifier else None,
-                                          on_settling=notifier.record if notifier else None)
-    app.extensions["final_answers"] = FinalAnswers(settings.retention_seconds,
-                                                   clock=app.extensions["payments"].clock)
+    app.extensions["payments"] = Payments(
+        store,
+        daraja,
+        settings,
+        catalog=catalog,
+        on_final=notifier.notify if notifier else None,
+        on_settling=notifier.record if notifier else None,
+    )
+    app.extensions["final_answers"] = FinalAnswers(settings.retention_seconds, clock=app.extensions["payments"].clock)
 
-    if settings.frontend_urls:   # otherwise same origin only, and no CORS work per request
-        CORS(app, origins=list(settings.frontend_urls),
-             resources={r"/stkpush*": {}, r"/health": {}, r"/catalog": {}, r"/static/js/*": {}},
-             allow_headers=["Content-Type", "Idempotency-Key", "X-Request-ID"],
-             expose_headers=["Retry-After", "Idempotent-Replayed", "X-Request-ID"])
+    if settings.frontend_urls:  # otherwise same origin only, and no CORS work per request
+        CORS(
+            app,
+            origins=list(settings.frontend_urls),
+            resources={r"/stkpush*": {}, r"/health": {}, r"/catalog": {}, r"/static/js/*": {}},
+            allow_headers=["Content-Type", "Idempotency-Key", "X-Request-ID"],
+            expose_headers=["Retry-After", "Idempotent-Replayed", "X-Request-ID"],
+        )
     if settings.ratelimit_enabled:
         limiter = Limiter(get_remote_address, app=app)
         app.extensions["rate_limiter"] = limiter  # Flask-Limiter holds itself only weakly
@@ -584,7 +649,8 @@ def create_app(settings: Settings | None = None, *, daraja: mpesa.Daraja | None 
     register_api(app, limiter, settings)
     register_handlers(app)
     app.register_blueprint(pages.bp)
-    import admin   # the operator's dashboard at /admin (off while ADMIN_TOKEN is unset)
+    import admin  # the operator's dashboard at /admin (off while ADMIN_TOKEN is unset)
+
     admin.init_app(app, settings)
 
     @app.cli.command("reconcile")
@@ -624,7 +690,7 @@ def limiter_storage(store_url: str) -> str:
     return store_url if store_url.startswith(("redis://", "rediss://")) else "memory://"
 
 
-def build_daraja(settings: Settings, token_cache=None) -> tuple[mpesa.Daraja, "simulator.RunningSimulator | None"]:
+def build_daraja(settings: Settings, token_cache=None) -> tuple[mpesa.Daraja, simulator.RunningSimulator | None]:
     """The Daraja client for the configured mode; starts the simulator when it is needed."""
     sim = None
     base_url = settings.base_url
@@ -633,15 +699,21 @@ def build_daraja(settings: Settings, token_cache=None) -> tuple[mpesa.Daraja, "s
         key = key or simulator.SIM_CONSUMER_KEY
         secret = secret or simulator.SIM_CONSUMER_SECRET
         if base_url is None:
-            sim = simulator.start(config=simulator.SimulatorConfig(
-                shortcodes={settings.shortcode: settings.passkey}))
+            sim = simulator.start(config=simulator.SimulatorConfig(shortcodes={settings.shortcode: settings.passkey}))
             base_url = sim.url
     elif base_url is None:
         base_url = mpesa.BASE_URLS[settings.mpesa_env]
-    client = mpesa.Daraja(base_url=base_url, consumer_key=key, consumer_secret=secret,
-                          shortcode=settings.shortcode, passkey=settings.passkey,
-                          transaction_type=settings.transaction_type, party_b=settings.party_b,
-                          timeout=(3.05, settings.daraja_timeout), token_cache=token_cache)
+    client = mpesa.Daraja(
+        base_url=base_url,
+        consumer_key=key,
+        consumer_secret=secret,
+        shortcode=settings.shortcode,
+        passkey=settings.passkey,
+        transaction_type=settings.transaction_type,
+        party_b=settings.party_b,
+        timeout=(3.05, settings.daraja_timeout),
+        token_cache=token_cache,
+    )
     return client, sim
 
 
@@ -654,8 +726,8 @@ def banner(app: Flask) -> str:
         f"  Pay page:   {base}/pay.html",
         f"  Test page:  {base}/test.html",
         f"  Shortcode:  {settings.shortcode} ({settings.transaction_type})",
-        f"  Mode:       {settings.mpesa_env}" + (f" (Daraja simulator at {app.config['SIMULATOR_URL']})"
-                                                 if settings.simulator else ""),
+        f"  Mode:       {settings.mpesa_env}"
+        + (f" (Daraja simulator at {app.config['SIMULATOR_URL']})" if settings.simulator else ""),
         f"  Store:      {app.extensions['store'].kind}",
     ]
     if settings.simulator:
@@ -675,8 +747,7 @@ def configure_logging() -> None:
     """Log to stdout as text or JSON lines (LOG_FORMAT), with the request id on each JSON line."""
     root = logging.getLogger()
     if not root.handlers:  # under gunicorn, gunicorn.conf.py has set up the handler already
-        logging.basicConfig(level=logging.INFO, format=TEXT_LOG_FORMAT,
-                            handlers=[metrics.LineHandler(sys.stdout)])
+        logging.basicConfig(level=logging.INFO, format=TEXT_LOG_FORMAT, handlers=[metrics.LineHandler(sys.stdout)])
     json_lines = log_format() == "json"
     for handler in root.handlers:
         if json_lines:
@@ -694,6 +765,7 @@ def configure_logging() -> None:
 def app_from_environment() -> Flask:
     """Load .env, read the settings, build the app; a bad setting exits with one line."""
     from dotenv import load_dotenv
+
     load_dotenv()
     configure_logging()
     try:
@@ -723,5 +795,9 @@ if __name__ == "__main__":
         log.info(banner(application))
     else:
         print(banner(application), flush=True)
-    application.run(host="0.0.0.0" if settings.mpesa_env != "simulator" else "127.0.0.1",
-                    port=settings.port, threaded=True, use_reloader=False)
+    application.run(
+        host="0.0.0.0" if settings.mpesa_env != "simulator" else "127.0.0.1",
+        port=settings.port,
+        threaded=True,
+        use_reloader=False,
+    )

@@ -28,6 +28,7 @@ simulator's state. Timed events (automatic answers, prompt expiry, delayed callb
 run on one scheduler thread and callbacks are POSTed by a small worker pool, so no
 request handler ever sleeps, except under the "slow" fault, whose point is to.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,10 @@ import string
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Callable
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import requests
@@ -351,9 +352,15 @@ class Rule:
 
     def to_json(self) -> dict:
         return {
-            "id": self.id, "phone": self.phone, "amount": self.amount, "resultCode": self.result,
-            "delay": self.delay, "callback": self.callback, "callbackDelay": self.callback_delay,
-            "times": self.times, "used": self.used,
+            "id": self.id,
+            "phone": self.phone,
+            "amount": self.amount,
+            "resultCode": self.result,
+            "delay": self.delay,
+            "callback": self.callback,
+            "callbackDelay": self.callback_delay,
+            "times": self.times,
+            "used": self.used,
         }
 
 
@@ -381,12 +388,17 @@ class Fault:
         )
 
     def to_json(self) -> dict:
-        return {"id": self.id, "endpoint": self.endpoint, "mode": self.mode,
-                "count": self.remaining, "delay": self.delay}
+        return {
+            "id": self.id,
+            "endpoint": self.endpoint,
+            "mode": self.mode,
+            "count": self.remaining,
+            "delay": self.delay,
+        }
 
 
 def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -414,11 +426,19 @@ class Prompt:
 
     def to_json(self) -> dict:
         return {
-            "checkoutRequestId": self.checkout_id, "merchantRequestId": self.merchant_id,
-            "phone": self.phone, "amount": self.amount, "accountReference": self.account_reference,
-            "transactionDesc": self.transaction_desc, "businessShortCode": self.shortcode,
-            "status": self.status, "resultCode": self.result_code, "resultDesc": self.result_desc,
-            "receipt": self.receipt, "createdAt": _iso(self.created_at), "expiresAt": _iso(self.expires_at),
+            "checkoutRequestId": self.checkout_id,
+            "merchantRequestId": self.merchant_id,
+            "phone": self.phone,
+            "amount": self.amount,
+            "accountReference": self.account_reference,
+            "transactionDesc": self.transaction_desc,
+            "businessShortCode": self.shortcode,
+            "status": self.status,
+            "resultCode": self.result_code,
+            "resultDesc": self.result_desc,
+            "receipt": self.receipt,
+            "createdAt": _iso(self.created_at),
+            "expiresAt": _iso(self.expires_at),
         }
 
     def callback_body(self, code: int | str, receipt: str | None = None) -> dict:
@@ -430,13 +450,15 @@ class Prompt:
             "ResultDesc": result_desc(code),
         }
         if code == 0:
-            result["CallbackMetadata"] = {"Item": [
-                {"Name": "Amount", "Value": float(self.amount)},
-                {"Name": "MpesaReceiptNumber", "Value": receipt},
-                {"Name": "Balance"},
-                {"Name": "TransactionDate", "Value": int(daraja_timestamp())},
-                {"Name": "PhoneNumber", "Value": int(self.phone)},
-            ]}
+            result["CallbackMetadata"] = {
+                "Item": [
+                    {"Name": "Amount", "Value": float(self.amount)},
+                    {"Name": "MpesaReceiptNumber", "Value": receipt},
+                    {"Name": "Balance"},
+                    {"Name": "TransactionDate", "Value": int(daraja_timestamp())},
+                    {"Name": "PhoneNumber", "Value": int(self.phone)},
+                ]
+            }
         return {"Body": {"stkCallback": result}}
 
 
@@ -528,8 +550,12 @@ class Simulator:
         """Check HTTP Basic credentials and return (token, ttl)."""
         with self.lock:
             cfg = self.config
-            if (auth is None or auth.type != "basic"
-                    or auth.username != cfg.consumer_key or auth.password != cfg.consumer_secret):
+            if (
+                auth is None
+                or auth.type != "basic"
+                or auth.username != cfg.consumer_key
+                or auth.password != cfg.consumer_secret
+            ):
                 raise DarajaRefusal("400.008.01", "Invalid Authentication passed")
             now = self.clock()
             if cfg.invalidate_previous_tokens:
@@ -580,7 +606,7 @@ class Simulator:
                 rule.used += 1
             outcome = rule.result if rule and rule.result is not None else _usual_outcome(phone)
             delay = rule.delay if rule and rule.delay is not None else cfg.auto_delay
-            created = datetime.now(timezone.utc)
+            created = datetime.now(UTC)
             prompt = Prompt(
                 checkout_id=self._checkout_id(phone),
                 merchant_id=_request_id(),
@@ -604,8 +630,13 @@ class Simulator:
             self.stats["pushes_accepted"] += 1
             self._forget_old_prompts()
         decided_by = f"rule {rule.id}" if rule else "handset" if outcome == AWAIT else "test number"
-        log.info("simulator: push %s accepted for %s, KES %d (%s)", mask_checkout_id(prompt.checkout_id),
-                 mask_phone(phone), amount, decided_by)
+        log.info(
+            "simulator: push %s accepted for %s, KES %d (%s)",
+            mask_checkout_id(prompt.checkout_id),
+            mask_phone(phone),
+            amount,
+            decided_by,
+        )
         return {
             "MerchantRequestID": prompt.merchant_id,
             "CheckoutRequestID": prompt.checkout_id,
@@ -651,8 +682,7 @@ class Simulator:
 
     def _receipt(self) -> str:
         while True:
-            receipt = secrets.choice(string.ascii_uppercase) + "".join(
-                secrets.choice(_RECEIPT_CHARS) for _ in range(9))
+            receipt = secrets.choice(string.ascii_uppercase) + "".join(secrets.choice(_RECEIPT_CHARS) for _ in range(9))
             if receipt not in self._receipts:
                 self._receipts.add(receipt)
                 return receipt
@@ -672,8 +702,11 @@ class Simulator:
         if status and status not in STATUSES:
             raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
         with self.lock:
-            return [p.to_json() for p in reversed(self.prompts.values())
-                    if (phone is None or p.phone == phone) and (not status or p.status == status)]
+            return [
+                p.to_json()
+                for p in reversed(self.prompts.values())
+                if (phone is None or p.phone == phone) and (not status or p.status == status)
+            ]
 
     def get_prompt(self, checkout_id: str) -> dict:
         with self.lock:
@@ -713,11 +746,17 @@ class Simulator:
                 "contradict": [body, self._contradiction(prompt, code)],
             }[prompt.callback]
             if bodies:
-                self.scheduler.call_later(prompt.callback_delay, self._submit,
-                                          prompt.callback_url, bodies, self.generation)
+                self.scheduler.call_later(
+                    prompt.callback_delay, self._submit, prompt.callback_url, bodies, self.generation
+                )
             answer = prompt.to_json()
-        log.info("simulator: prompt %s for %s ended with ResultCode %s (callback: %s)",
-                 mask_checkout_id(checkout_id), mask_phone(prompt.phone), code, prompt.callback)
+        log.info(
+            "simulator: prompt %s for %s ended with ResultCode %s (callback: %s)",
+            mask_checkout_id(checkout_id),
+            mask_phone(prompt.phone),
+            code,
+            prompt.callback,
+        )
         return answer
 
     def _contradiction(self, prompt: Prompt, code: int | str) -> dict:
@@ -760,8 +799,9 @@ class Simulator:
             with self.lock:
                 if generation != self.generation:
                     return
-                self.callbacks.append({"url": url, "body": body, "status": status, "error": error,
-                                       "at": _iso(datetime.now(timezone.utc))})
+                self.callbacks.append(
+                    {"url": url, "body": body, "status": status, "error": error, "at": _iso(datetime.now(UTC))}
+                )
                 self.stats["callbacks_sent" if ok else "callbacks_failed"] += 1
 
     # -- scenarios, faults, configuration, counters
@@ -864,8 +904,15 @@ def _usual_outcome(phone: str) -> int | str:
     return 0 if phone == SANDBOX_TEST_PHONE else AWAIT
 
 
-TUNABLE = ("pin", "auto_delay", "prompt_timeout", "query_min_interval", "token_ttl", "timestamp_skew",
-           "invalidate_previous_tokens")
+TUNABLE = (
+    "pin",
+    "auto_delay",
+    "prompt_timeout",
+    "query_min_interval",
+    "token_ttl",
+    "timestamp_skew",
+    "invalidate_previous_tokens",
+)
 
 
 def _setting(data: dict, key: str):
@@ -889,14 +936,18 @@ def _setting(data: dict, key: str):
 daraja = Blueprint("daraja", __name__)
 control = Blueprint("control", __name__, url_prefix="/simulator")
 _FAULTABLE = {"daraja.oauth": "oauth", "daraja.stkpush": "stkpush", "daraja.query": "query"}
-_APIGEE_SPIKE_ARREST = {"fault": {
-    "faultstring": "Spike arrest violation. Allowed rate : MessageRate{messagesPerPeriod=5, "
-                   "periodInMicroseconds=1000000, maxBurstMessageCount=1.0}",
-    "detail": {"errorcode": "policies.ratelimit.SpikeArrestViolation"},
-}}
-_HTML_503 = ("<html><head><title>503 Service Unavailable</title></head><body>"
-             "<h1>Service Unavailable</h1><p>The server is temporarily unable to service your request."
-             "</p></body></html>")
+_APIGEE_SPIKE_ARREST = {
+    "fault": {
+        "faultstring": "Spike arrest violation. Allowed rate : MessageRate{messagesPerPeriod=5, "
+        "periodInMicroseconds=1000000, maxBurstMessageCount=1.0}",
+        "detail": {"errorcode": "policies.ratelimit.SpikeArrestViolation"},
+    }
+}
+_HTML_503 = (
+    "<html><head><title>503 Service Unavailable</title></head><body>"
+    "<h1>Service Unavailable</h1><p>The server is temporarily unable to service your request."
+    "</p></body></html>"
+)
 
 
 def get_simulator() -> Simulator:
@@ -1154,14 +1205,20 @@ class RunningSimulator:
         self.stop()
 
 
-def start(host: str = "127.0.0.1", port: int = 0, config: SimulatorConfig | None = None, *,
-          clock: Callable[[], float] = time.monotonic) -> RunningSimulator:
+def start(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    config: SimulatorConfig | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> RunningSimulator:
     """Serve a new simulator on host:port (0 = a free port) from a daemon thread."""
     app = create_app(config, clock=clock)
     server = make_server(host, port, app, threaded=True, request_handler=_QuietRequestHandler)
     # A short poll interval makes stop() return quickly; idle polling costs next to nothing.
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              name="simulator-http", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="simulator-http", daemon=True
+    )
     thread.start()
     return RunningSimulator(server, thread, app, host)
 
@@ -1169,26 +1226,51 @@ def start(host: str = "127.0.0.1", port: int = 0, config: SimulatorConfig | None
 def main(argv: list[str] | None = None) -> None:
     """python -m simulator: serve a simulator until Ctrl-C."""
     defaults = SimulatorConfig()
-    parser = argparse.ArgumentParser(prog="python -m simulator",
-                                     description="A local Daraja (M-Pesa Express) simulator.")
+    parser = argparse.ArgumentParser(
+        prog="python -m simulator", description="A local Daraja (M-Pesa Express) simulator."
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=8089, help="port, 0 for any free one (default %(default)s)")
     parser.add_argument("--pin", default=defaults.pin, help="the handset PIN that pays (default %(default)s)")
-    parser.add_argument("--auto-delay", type=float, default=defaults.auto_delay,
-                        help="seconds before test numbers answer (default %(default)s)")
-    parser.add_argument("--prompt-timeout", type=float, default=defaults.prompt_timeout,
-                        help="seconds an unanswered prompt waits before 1037 (default %(default)s)")
-    parser.add_argument("--token-ttl", type=int, default=defaults.token_ttl,
-                        help="access token lifetime in seconds (default %(default)s)")
-    parser.add_argument("--query-min-interval", type=float, default=defaults.query_min_interval,
-                        help="seconds between queries of one CheckoutRequestID (default %(default)s)")
+    parser.add_argument(
+        "--auto-delay",
+        type=float,
+        default=defaults.auto_delay,
+        help="seconds before test numbers answer (default %(default)s)",
+    )
+    parser.add_argument(
+        "--prompt-timeout",
+        type=float,
+        default=defaults.prompt_timeout,
+        help="seconds an unanswered prompt waits before 1037 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--token-ttl",
+        type=int,
+        default=defaults.token_ttl,
+        help="access token lifetime in seconds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--query-min-interval",
+        type=float,
+        default=defaults.query_min_interval,
+        help="seconds between queries of one CheckoutRequestID (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = SimulatorConfig(pin=args.pin, auto_delay=args.auto_delay, prompt_timeout=args.prompt_timeout,
-                             token_ttl=args.token_ttl, query_min_interval=args.query_min_interval)
+    config = SimulatorConfig(
+        pin=args.pin,
+        auto_delay=args.auto_delay,
+        prompt_timeout=args.prompt_timeout,
+        token_ttl=args.token_ttl,
+        query_min_interval=args.query_min_interval,
+    )
     running = start(args.host, args.port, config)  # werkzeug explains a failed bind itself and exits 1
-    print(f"Daraja simulator on {running.url} (consumer key {config.consumer_key}, "
-          f"shortcode {SANDBOX_SHORTCODE}, PIN {config.pin}); Ctrl-C stops it", flush=True)
+    print(
+        f"Daraja simulator on {running.url} (consumer key {config.consumer_key}, "
+        f"shortcode {SANDBOX_SHORTCODE}, PIN {config.pin}); Ctrl-C stops it",
+        flush=True,
+    )
     try:
         running.wait()
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ travel as JSON in every backend, so a stored record is never aliased by the call
 object, and a value JSON cannot hold, or a status outside STATUSES, fails the same way
 everywhere: with an exception, before anything is saved.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -42,9 +43,10 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Iterator, NamedTuple, Protocol, TypeVar, runtime_checkable
+from typing import NamedTuple, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -64,24 +66,24 @@ class Transaction:
 
     checkout_request_id: str
     merchant_request_id: str
-    phone: str                              # normalised 2547XXXXXXXX / 2541XXXXXXXX
-    amount: int                             # whole KES
+    phone: str  # normalised 2547XXXXXXXX / 2541XXXXXXXX
+    amount: int  # whole KES
     account_reference: str = ""
     description: str = ""
     currency: str = "KES"
-    status: str = "pending"                 # pending | completed | failed
-    reason: str | None = None               # failed: cancelled|timeout|insufficient_funds|...
+    status: str = "pending"  # pending | completed | failed
+    reason: str | None = None  # failed: cancelled|timeout|insufficient_funds|...
     result_code: int | str | None = None
     result_desc: str | None = None
     mpesa_receipt_number: str | None = None
-    transaction_date: str | None = None     # ISO 8601
-    callback: dict | None = None            # raw body of the first final callback
-    initiated_at: float = 0.0               # epoch seconds
+    transaction_date: str | None = None  # ISO 8601
+    callback: dict | None = None  # raw body of the first final callback
+    initiated_at: float = 0.0  # epoch seconds
     completed_at: float | None = None
-    settled_by: str | None = None           # callback | query | timeout
+    settled_by: str | None = None  # callback | query | timeout
     flags: list[str] = field(default_factory=list)
-    history: list[dict] = field(default_factory=list)   # [{"at": epoch, "event": "...", ...}]
-    extra: dict = field(default_factory=dict)           # room for later features
+    history: list[dict] = field(default_factory=list)  # [{"at": epoch, "event": "...", ...}]
+    extra: dict = field(default_factory=dict)  # room for later features
 
     @property
     def is_final(self) -> bool:
@@ -107,7 +109,7 @@ class DuplicateTransaction(Exception):
 class Store(Protocol):
     """Where transactions and short-lived key/values live; see the module docstring."""
 
-    kind: str   # "memory" | "sqlite" | "redis"
+    kind: str  # "memory" | "sqlite" | "redis"
 
     def create(self, tx: Transaction) -> None:
         """Save a new record; raise DuplicateTransaction if its id is already stored."""
@@ -115,8 +117,9 @@ class Store(Protocol):
     def get(self, checkout_request_id: str) -> Transaction | None:
         """Return a copy of the record, or None."""
 
-    def update(self, checkout_request_id: str,
-               mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
+    def update(
+        self, checkout_request_id: str, mutate: Callable[[Transaction], R]
+    ) -> tuple[Transaction | None, R | None]:
         """Atomically load, mutate(tx) in place, save; return (tx, mutate's result).
 
         Returns (None, None) when the id is unknown. No update is lost between threads or
@@ -124,17 +127,25 @@ class Store(Protocol):
         if it raises, nothing is saved and the exception propagates.
         """
 
-    def list(self, status: str | None = None, phone: str | None = None,
-             limit: int = 20, offset: int = 0) -> tuple[list[Transaction], int]:
+    def list(
+        self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0
+    ) -> tuple[list[Transaction], int]:
         """Return one page of records, newest initiated_at first, and how many match."""
 
     def pending_before(self, cutoff: float) -> list[Transaction]:
         """Return pending records initiated before cutoff, oldest first."""
 
-    def search(self, text: str | None = None, *, status: str | None = None,
-               reason: str | None = None, since: float | None = None,
-               until: float | None = None, limit: int = 20,
-               offset: int = 0) -> tuple[list[Transaction], int]:
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        status: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[list[Transaction], int]:
         """Return one page of the records matching every filter, newest first, and the count.
 
         text matches a CheckoutRequestID exactly, a receipt number or an account reference
@@ -176,8 +187,7 @@ class Store(Protocol):
         """Release connections."""
 
 
-def open_store(url: str = "memory://", *, retention: float = DEFAULT_RETENTION,
-               clock: Clock = time.time) -> Store:
+def open_store(url: str = "memory://", *, retention: float = DEFAULT_RETENTION, clock: Clock = time.time) -> Store:
     """Open the store a STORE_URL names: memory://, sqlite:///path.db or redis://host:port/db."""
     if not retention > 0:
         raise ValueError(f"retention must be a positive number of seconds, not {retention!r}")
@@ -188,16 +198,19 @@ def open_store(url: str = "memory://", *, retention: float = DEFAULT_RETENTION,
         return SQLiteStore(_sqlite_path(url), clock=clock)
     if scheme in ("redis", "rediss"):
         return RedisStore.from_url(url, retention=retention, clock=clock)
-    raise ValueError(f"STORE_URL: unsupported scheme '{scheme}' "
-                     "(use memory://, sqlite:///path.db or redis://host:port/db)")
+    raise ValueError(
+        f"STORE_URL: unsupported scheme '{scheme}' (use memory://, sqlite:///path.db or redis://host:port/db)"
+    )
 
 
 def _sqlite_path(url: str) -> str:
     prefix = "sqlite:///"
-    path = url[len(prefix):] if url.lower().startswith(prefix) else ""
+    path = url[len(prefix) :] if url.lower().startswith(prefix) else ""
     if not path or path == ":memory:" or "?" in path:
-        raise ValueError("STORE_URL: a SQLite store needs a file, as sqlite:///relative.db or "
-                         "sqlite:////absolute.db (use memory:// for a store in memory)")
+        raise ValueError(
+            "STORE_URL: a SQLite store needs a file, as sqlite:///relative.db or "
+            "sqlite:////absolute.db (use memory:// for a store in memory)"
+        )
     return path
 
 
@@ -208,8 +221,7 @@ def _encode(tx: Transaction) -> str:
     """The record as stored: the text json.dumps(tx.to_dict()) gives, without its deep copy."""
     if tx.status not in STATUSES:
         raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {tx.status!r}")
-    return json.dumps({name: getattr(tx, name) for name in _FIELDS},
-                      ensure_ascii=False, separators=(",", ":"))
+    return json.dumps({name: getattr(tx, name) for name in _FIELDS}, ensure_ascii=False, separators=(",", ":"))
 
 
 def _decode(text: str | bytes) -> Transaction:
@@ -238,10 +250,10 @@ def _check_page(limit: int, offset: int) -> None:
 
 # The dashboard's reads: search() and overview().
 
-TALLY_STEPS = (300, 3600, 86400)   # counter buckets: 5 minutes, an hour, a day
-TALLY_UTC_OFFSET = 3 * 3600        # buckets start on Nairobi's hours and midnights (EAT, no DST)
+TALLY_STEPS = (300, 3600, 86400)  # counter buckets: 5 minutes, an hour, a day
+TALLY_UTC_OFFSET = 3 * 3600  # buckets start on Nairobi's hours and midnights (EAT, no DST)
 DURATION_BOUNDS = (1, 2, 3, 5, 7, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1800, 3600)
-PHONE_SUFFIX_MIN = 3               # fewer trailing digits than this do not search phones
+PHONE_SUFFIX_MIN = 3  # fewer trailing digits than this do not search phones
 MAX_OVERVIEW_BUCKETS = 10_000
 # SQLite's upper() and lower() change ASCII letters only: so do these, so backends agree.
 _ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
@@ -320,8 +332,11 @@ class Tally:
     def group(self, kind: str) -> dict[str, int]:
         """The non-zero counters named <kind>:<name>, as {name: count}."""
         prefix = f"{kind}:"
-        return {name[len(prefix):]: value for name, value in sorted(self.counts.items())
-                if name.startswith(prefix) and value}
+        return {
+            name[len(prefix) :]: value
+            for name, value in sorted(self.counts.items())
+            if name.startswith(prefix) and value
+        }
 
     def time_to_final(self, share: float) -> float | None:
         """Seconds within which `share` (0.5: the median) of final payments got their result.
@@ -349,7 +364,7 @@ class Overview:
     until: float
     step: float
     total: Tally
-    buckets: tuple[tuple[float, Tally], ...]   # (bucket start, its counters)
+    buckets: tuple[tuple[float, Tally], ...]  # (bucket start, its counters)
 
 
 def _tallied(tx: Transaction) -> tuple[float, dict[str, int]]:
@@ -361,8 +376,7 @@ def _tally_buckets(at: float) -> list[tuple[int, int]]:
     return [(step, int((at + TALLY_UTC_OFFSET) // step)) for step in TALLY_STEPS]
 
 
-def _tally_rows(before: tuple[float, dict] | None,
-                after: tuple[float, dict]) -> list[tuple[int, int, str, int]]:
+def _tally_rows(before: tuple[float, dict] | None, after: tuple[float, dict]) -> list[tuple[int, int, str, int]]:
     """The counter changes (step, index, name, delta) that turn `before` into `after`."""
     changes: dict[tuple[int, int, str], int] = {}
     for sign, side in ((-1, before), (1, after)):
@@ -376,27 +390,26 @@ def _tally_rows(before: tuple[float, dict] | None,
     return [(*key, value) for key, value in changes.items() if value]
 
 
-def _overview_plan(since: float, until: float,
-                   step: float) -> tuple[int, list[tuple[float, range]]]:
+def _overview_plan(since: float, until: float, step: float) -> tuple[int, list[tuple[float, range]]]:
     """Check an overview's bounds; return the counter step to read and each bucket's indexes."""
     since, until, step = float(since), float(until), float(step)
     if not (step > 0 and until > since and (until - since) % step == 0):
         raise ValueError("overview: until - since must be a positive multiple of step")
-    resolution = next((r for r in reversed(TALLY_STEPS)
-                       if step % r == 0 and (since + TALLY_UTC_OFFSET) % r == 0), None)
+    resolution = next((r for r in reversed(TALLY_STEPS) if step % r == 0 and (since + TALLY_UTC_OFFSET) % r == 0), None)
     if resolution is None:
         raise ValueError("overview: since and step must fall on 5-minute boundaries")
     per_step, count = int(step // resolution), int((until - since) // step)
     if per_step * count > MAX_OVERVIEW_BUCKETS:
-        raise ValueError(f"overview: more than {MAX_OVERVIEW_BUCKETS} buckets to read; "
-                         "use a longer step")
+        raise ValueError(f"overview: more than {MAX_OVERVIEW_BUCKETS} buckets to read; use a longer step")
     first = int((since + TALLY_UTC_OFFSET) // resolution)
-    return resolution, [(since + n * step, range(first + n * per_step, first + (n + 1) * per_step))
-                        for n in range(count)]
+    return resolution, [
+        (since + n * step, range(first + n * per_step, first + (n + 1) * per_step)) for n in range(count)
+    ]
 
 
-def _assemble(since: float, until: float, step: float, plan: list[tuple[float, range]],
-              found: dict[int, dict[str, int]]) -> Overview:
+def _assemble(
+    since: float, until: float, step: float, plan: list[tuple[float, range]], found: dict[int, dict[str, int]]
+) -> Overview:
     """Add the counters found per stored bucket into the overview's steps and total."""
     total: dict[str, int] = {}
     buckets = []
@@ -408,8 +421,9 @@ def _assemble(since: float, until: float, step: float, plan: list[tuple[float, r
         for name, value in counts.items():
             total[name] = total.get(name, 0) + value
         buckets.append((start, Tally({n: v for n, v in counts.items() if v})))
-    return Overview(float(since), float(until), float(step),
-                    Tally({n: v for n, v in total.items() if v}), tuple(buckets))
+    return Overview(
+        float(since), float(until), float(step), Tally({n: v for n, v in total.items() if v}), tuple(buckets)
+    )
 
 
 def _receipt_key(tx: Transaction) -> str:
@@ -426,7 +440,7 @@ class _Search(NamedTuple):
     text: str | None
     receipt: str | None
     reference: str | None
-    digits: str | None          # the text, when it can be a phone's last digits
+    digits: str | None  # the text, when it can be a phone's last digits
     status: str | None
     reason: str | None
     since: float | None
@@ -438,21 +452,42 @@ class _Search(NamedTuple):
             raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
         text = str(text).strip() if text is not None else ""
         if not text:
-            return cls(None, None, None, None, status, reason or None,
-                       None if since is None else float(since),
-                       None if until is None else float(until))
-        digits = text if (text.isascii() and text.isdigit()
-                          and len(text) >= PHONE_SUFFIX_MIN) else None
-        return cls(text, text.translate(_ASCII_UPPER), text.translate(_ASCII_LOWER), digits,
-                   status, reason or None, None if since is None else float(since),
-                   None if until is None else float(until))
+            return cls(
+                None,
+                None,
+                None,
+                None,
+                status,
+                reason or None,
+                None if since is None else float(since),
+                None if until is None else float(until),
+            )
+        digits = text if (text.isascii() and text.isdigit() and len(text) >= PHONE_SUFFIX_MIN) else None
+        return cls(
+            text,
+            text.translate(_ASCII_UPPER),
+            text.translate(_ASCII_LOWER),
+            digits,
+            status,
+            reason or None,
+            None if since is None else float(since),
+            None if until is None else float(until),
+        )
 
     @property
     def impossible(self) -> bool:
         return self.reason is not None and self.status not in (None, "failed")
 
-    def admits(self, checkout_request_id: str, status: str, reason: str | None, phone: str,
-               receipt: str, reference: str, initiated_at: float) -> bool:
+    def admits(
+        self,
+        checkout_request_id: str,
+        status: str,
+        reason: str | None,
+        phone: str,
+        receipt: str,
+        reference: str,
+        initiated_at: float,
+    ) -> bool:
         if self.status is not None and status != self.status:
             return False
         if self.reason is not None and (status != "failed" or reason != self.reason):
@@ -463,13 +498,23 @@ class _Search(NamedTuple):
             return False
         if self.text is None:
             return True
-        return (checkout_request_id == self.text or (bool(receipt) and receipt == self.receipt)
-                or (bool(reference) and reference == self.reference)
-                or (self.digits is not None and phone.endswith(self.digits)))
+        return (
+            checkout_request_id == self.text
+            or (bool(receipt) and receipt == self.receipt)
+            or (bool(reference) and reference == self.reference)
+            or (self.digits is not None and phone.endswith(self.digits))
+        )
 
     def admits_tx(self, tx: Transaction) -> bool:
-        return self.admits(tx.checkout_request_id, tx.status, tx.reason, tx.phone,
-                           _receipt_key(tx), _reference_key(tx), tx.initiated_at)
+        return self.admits(
+            tx.checkout_request_id,
+            tx.status,
+            tx.reason,
+            tx.phone,
+            _receipt_key(tx),
+            _reference_key(tx),
+            tx.initiated_at,
+        )
 
 
 class _Record(NamedTuple):
@@ -478,7 +523,7 @@ class _Record(NamedTuple):
     phone: str
     initiated_at: float
     data: str
-    reason: str | None = None   # the searched fields (see _Search.admits)
+    reason: str | None = None  # the searched fields (see _Search.admits)
     receipt: str = ""
     reference: str = ""
 
@@ -549,10 +594,10 @@ class MemoryStore:
         self._lock = threading.RLock()
         self._records: OrderedDict[str, _Record] = OrderedDict()
         self._values: dict[str, tuple[float, str]] = {}
-        self._expiries: list[tuple[float, str]] = []   # heap; stale entries are skipped
+        self._expiries: list[tuple[float, str]] = []  # heap; stale entries are skipped
         # (step, index) -> (expires_at, counters); in expiry order, like the records
         self._tallies: OrderedDict[tuple[int, int], tuple[float, dict]] = OrderedDict()
-        self._words: dict[str, set[str]] = {}   # receipt, reference, phone tail -> ids
+        self._words: dict[str, set[str]] = {}  # receipt, reference, phone tail -> ids
         # "all", "status:<status>", "reason:<reason>" -> sorted [(initiated_at, id)]
         self._sorted: dict[str, list[tuple[float, str]]] = {}
         self._counters: dict[str, int] = {}
@@ -571,8 +616,9 @@ class MemoryStore:
             record = self._live(checkout_request_id, self._expire())
         return _decode(record.data) if record else None
 
-    def update(self, checkout_request_id: str,
-               mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
+    def update(
+        self, checkout_request_id: str, mutate: Callable[[Transaction], R]
+    ) -> tuple[Transaction | None, R | None]:
         with self._lock:
             now = self._expire()
             record = self._live(checkout_request_id, now)
@@ -585,22 +631,31 @@ class MemoryStore:
             self._count(_tally_rows(before, _tallied(tx)), now)
         return tx, result
 
-    def list(self, status: str | None = None, phone: str | None = None,
-             limit: int = 20, offset: int = 0) -> tuple[list[Transaction], int]:
+    def list(
+        self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0
+    ) -> tuple[list[Transaction], int]:
         _check_page(limit, offset)
         with self._lock:
             now = self._expire()
-            matches = [(r.initiated_at, key, r.data) for key, r in self._records.items()
-                       if r.expires_at > now
-                       and (status is None or r.status == status)
-                       and (phone is None or r.phone == phone)]
+            matches = [
+                (r.initiated_at, key, r.data)
+                for key, r in self._records.items()
+                if r.expires_at > now and (status is None or r.status == status) and (phone is None or r.phone == phone)
+            ]
         matches.sort(reverse=True)
-        return [_decode(data) for _, _, data in matches[offset:offset + limit]], len(matches)
+        return [_decode(data) for _, _, data in matches[offset : offset + limit]], len(matches)
 
-    def search(self, text: str | None = None, *, status: str | None = None,
-               reason: str | None = None, since: float | None = None,
-               until: float | None = None, limit: int = 20,
-               offset: int = 0) -> tuple[list[Transaction], int]:
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        status: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[list[Transaction], int]:
         _check_page(limit, offset)
         criteria = _Search.of(text, status, reason, since, until)
         if criteria.impossible:
@@ -610,22 +665,22 @@ class MemoryStore:
         with self._lock:
             now = self._expire()
             words, records = self._words, self._records
-            named = set(words.get(f"r:{criteria.receipt}", ()))   # only what the text can name
+            named = set(words.get(f"r:{criteria.receipt}", ()))  # only what the text can name
             named |= words.get(f"f:{criteria.reference}", set())
             if criteria.digits is not None:
                 named |= words.get(f"t:{criteria.digits[-PHONE_SUFFIX_MIN:]}", set())
             if criteria.text in records:
                 named.add(criteria.text)
-            matches = [(r.initiated_at, key, r.data) for key, r in
-                       ((key, records[key]) for key in named)
-                       if r.expires_at > now and criteria.admits(
-                           key, r.status, r.reason, r.phone, r.receipt, r.reference,
-                           r.initiated_at)]
+            matches = [
+                (r.initiated_at, key, r.data)
+                for key, r in ((key, records[key]) for key in named)
+                if r.expires_at > now
+                and criteria.admits(key, r.status, r.reason, r.phone, r.receipt, r.reference, r.initiated_at)
+            ]
         matches.sort(reverse=True)
-        return [_decode(data) for _, _, data in matches[offset:offset + limit]], len(matches)
+        return [_decode(data) for _, _, data in matches[offset : offset + limit]], len(matches)
 
-    def _search_sorted(self, criteria: _Search, limit: int,
-                       offset: int) -> tuple[list[Transaction], int]:
+    def _search_sorted(self, criteria: _Search, limit: int, offset: int) -> tuple[list[Transaction], int]:
         """Filters alone: one sorted list holds exactly the matches, as in Redis."""
         if criteria.reason is not None:
             name = f"reason:{criteria.reason}"
@@ -637,10 +692,9 @@ class MemoryStore:
             self._expire()
             entries = self._sorted.get(name, [])
             low = 0 if criteria.since is None else bisect.bisect_left(entries, (criteria.since, ""))
-            high = (len(entries) if criteria.until is None
-                    else bisect.bisect_left(entries, (criteria.until, "")))
+            high = len(entries) if criteria.until is None else bisect.bisect_left(entries, (criteria.until, ""))
             end = high - offset
-            page = entries[max(low, end - limit):end] if limit and end > low else []
+            page = entries[max(low, end - limit) : end] if limit and end > low else []
             found = [self._records[key].data for _, key in reversed(page)]
         return [_decode(data) for data in found], max(0, high - low)
 
@@ -659,8 +713,11 @@ class MemoryStore:
     def pending_before(self, cutoff: float) -> list[Transaction]:
         with self._lock:
             now = self._expire()
-            matches = [(r.initiated_at, key, r.data) for key, r in self._records.items()
-                       if r.expires_at > now and r.status == "pending" and r.initiated_at < cutoff]
+            matches = [
+                (r.initiated_at, key, r.data)
+                for key, r in self._records.items()
+                if r.expires_at > now and r.status == "pending" and r.initiated_at < cutoff
+            ]
         matches.sort()
         return [_decode(data) for _, _, data in matches]
 
@@ -749,8 +806,16 @@ class MemoryStore:
         old = self._records.get(key)
         if old is not None:
             self._forget([(key, old)])
-        record = _Record(now + self._retention, tx.status, tx.phone, tx.initiated_at, data,
-                         tx.reason, _receipt_key(tx), _reference_key(tx))
+        record = _Record(
+            now + self._retention,
+            tx.status,
+            tx.phone,
+            tx.initiated_at,
+            data,
+            tx.reason,
+            _receipt_key(tx),
+            _reference_key(tx),
+        )
         self._records[key] = record
         self._records.move_to_end(key)
         for word in _words(record):
@@ -850,8 +915,10 @@ _TALLIES = """CREATE TABLE tallies (
     value INTEGER NOT NULL,
     PRIMARY KEY (step, bucket, name)
 ) WITHOUT ROWID"""
-_COUNT = ("INSERT INTO tallies (step, bucket, name, value) VALUES (?, ?, ?, ?)"
-          " ON CONFLICT (step, bucket, name) DO UPDATE SET value = value + excluded.value")
+_COUNT = (
+    "INSERT INTO tallies (step, bucket, name, value) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (step, bucket, name) DO UPDATE SET value = value + excluded.value"
+)
 
 
 def _upgrade_sqlite(db: sqlite3.Connection) -> None:
@@ -861,15 +928,13 @@ def _upgrade_sqlite(db: sqlite3.Connection) -> None:
         columns = {row[1] for row in db.execute("PRAGMA table_xinfo(transactions)")}
         for name, expression in _SEARCH_COLUMNS:
             if name not in columns:
-                db.execute(f"ALTER TABLE transactions ADD COLUMN {name}"
-                           f" GENERATED ALWAYS AS ({expression}) VIRTUAL")
+                db.execute(f"ALTER TABLE transactions ADD COLUMN {name} GENERATED ALWAYS AS ({expression}) VIRTUAL")
         for statement in _SEARCH_INDEXES:
             db.execute(statement)
-        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tallies'"
-                      ).fetchone() is None:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tallies'").fetchone() is None:
             db.execute(_TALLIES)
             totals: dict[tuple[int, int, str], int] = {}
-            for data, in db.execute("SELECT record FROM transactions"):
+            for (data,) in db.execute("SELECT record FROM transactions"):
                 for step, index, name, value in _tally_rows(None, _tallied(_decode(data))):
                     totals[(step, index, name)] = totals.get((step, index, name), 0) + value
             db.executemany(_COUNT, [(*key, value) for key, value in totals.items()])
@@ -924,8 +989,9 @@ class SQLiteStore:
 
     kind = "sqlite"
 
-    def __init__(self, path: str, *, clock: Clock = time.time, busy_timeout: float = 10.0,
-                 purge_interval: float = 60.0):
+    def __init__(
+        self, path: str, *, clock: Clock = time.time, busy_timeout: float = 10.0, purge_interval: float = 60.0
+    ):
         self.path = path
         self._lock_path = f"{path}-lock"
         self._clock = clock
@@ -946,8 +1012,7 @@ class SQLiteStore:
         try:
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
-                log.warning("SQLite store %s is in %s mode, not WAL: readers will wait for writers",
-                            path, mode)
+                log.warning("SQLite store %s is in %s mode, not WAL: readers will wait for writers", path, mode)
             db.executescript(_SCHEMA)
             _upgrade_sqlite(db)
         finally:
@@ -961,7 +1026,8 @@ class SQLiteStore:
                     "INSERT INTO transactions"
                     " (checkout_request_id, status, phone, initiated_at, record)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (tx.checkout_request_id, tx.status, tx.phone, tx.initiated_at, data))
+                    (tx.checkout_request_id, tx.status, tx.phone, tx.initiated_at, data),
+                )
                 db.executemany(_COUNT, _tally_rows(None, _tallied(tx)))
         except sqlite3.IntegrityError as exc:
             if exc.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
@@ -969,28 +1035,36 @@ class SQLiteStore:
             raise
 
     def get(self, checkout_request_id: str) -> Transaction | None:
-        row = self._db().execute("SELECT record FROM transactions WHERE checkout_request_id = ?",
-                                 (checkout_request_id,)).fetchone()
+        row = (
+            self._db()
+            .execute("SELECT record FROM transactions WHERE checkout_request_id = ?", (checkout_request_id,))
+            .fetchone()
+        )
         return _decode(row[0]) if row else None
 
-    def update(self, checkout_request_id: str,
-               mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
+    def update(
+        self, checkout_request_id: str, mutate: Callable[[Transaction], R]
+    ) -> tuple[Transaction | None, R | None]:
         with self._write() as db:
-            row = db.execute("SELECT record FROM transactions WHERE checkout_request_id = ?",
-                             (checkout_request_id,)).fetchone()
+            row = db.execute(
+                "SELECT record FROM transactions WHERE checkout_request_id = ?", (checkout_request_id,)
+            ).fetchone()
             if row is None:
                 return None, None
             tx = _decode(row[0])
             before = _tallied(tx)
             result = _apply(tx, mutate)
-            db.execute("UPDATE transactions SET status = ?, phone = ?, initiated_at = ?, record = ?"
-                       " WHERE checkout_request_id = ?",
-                       (tx.status, tx.phone, tx.initiated_at, _encode(tx), checkout_request_id))
+            db.execute(
+                "UPDATE transactions SET status = ?, phone = ?, initiated_at = ?, record = ?"
+                " WHERE checkout_request_id = ?",
+                (tx.status, tx.phone, tx.initiated_at, _encode(tx), checkout_request_id),
+            )
             db.executemany(_COUNT, _tally_rows(before, _tallied(tx)))
         return tx, result
 
-    def list(self, status: str | None = None, phone: str | None = None,
-             limit: int = 20, offset: int = 0) -> tuple[list[Transaction], int]:
+    def list(
+        self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0
+    ) -> tuple[list[Transaction], int]:
         _check_page(limit, offset)
         conditions, params = [], []
         if status is not None:
@@ -1000,23 +1074,33 @@ class SQLiteStore:
             conditions.append("phone = ?")
             params.append(phone)
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        with self._read() as db:   # one snapshot, so the page agrees with the total
+        with self._read() as db:  # one snapshot, so the page agrees with the total
             total = db.execute(f"SELECT count(*) FROM transactions {where}", params).fetchone()[0]
-            rows = db.execute(f"SELECT record FROM transactions {where}"
-                              " ORDER BY initiated_at DESC, checkout_request_id DESC"
-                              " LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
-        return [_decode(data) for data, in rows], total
+            rows = db.execute(
+                f"SELECT record FROM transactions {where}"
+                " ORDER BY initiated_at DESC, checkout_request_id DESC"
+                " LIMIT ? OFFSET ?",
+                [*params, limit, offset],
+            ).fetchall()
+        return [_decode(data) for (data,) in rows], total
 
-    def search(self, text: str | None = None, *, status: str | None = None,
-               reason: str | None = None, since: float | None = None,
-               until: float | None = None, limit: int = 20,
-               offset: int = 0) -> tuple[list[Transaction], int]:
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        status: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[list[Transaction], int]:
         _check_page(limit, offset)
         criteria = _Search.of(text, status, reason, since, until)
         if criteria.impossible:
             return [], 0
         conditions, params = [], []
-        if criteria.reason is not None:   # implies failed; and then its index is the one to use
+        if criteria.reason is not None:  # implies failed; and then its index is the one to use
             conditions.append("reason = ? AND status = 'failed'")
             params.append(criteria.reason)
         elif criteria.status is not None:
@@ -1033,31 +1117,45 @@ class SQLiteStore:
             params += [criteria.text, criteria.receipt, criteria.reference]
             if criteria.digits is not None:
                 either.append("(phone_reversed >= ? AND phone_reversed < ?)")
-                params += [criteria.digits[::-1], criteria.digits[::-1] + ":"]   # ":" follows "9"
+                params += [criteria.digits[::-1], criteria.digits[::-1] + ":"]  # ":" follows "9"
             conditions.append(f"({' OR '.join(either)})")
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        with self._read() as db:   # one snapshot, so the page agrees with the total
+        with self._read() as db:  # one snapshot, so the page agrees with the total
             total = db.execute(f"SELECT count(*) FROM transactions {where}", params).fetchone()[0]
-            rows = db.execute(f"SELECT record FROM transactions {where}"
-                              " ORDER BY initiated_at DESC, checkout_request_id DESC"
-                              " LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
-        return [_decode(data) for data, in rows], total
+            rows = db.execute(
+                f"SELECT record FROM transactions {where}"
+                " ORDER BY initiated_at DESC, checkout_request_id DESC"
+                " LIMIT ? OFFSET ?",
+                [*params, limit, offset],
+            ).fetchall()
+        return [_decode(data) for (data,) in rows], total
 
     def overview(self, since: float, until: float, step: float) -> Overview:
         resolution, plan = _overview_plan(since, until, step)
-        rows = self._db().execute(
-            "SELECT bucket, name, value FROM tallies WHERE step = ? AND bucket BETWEEN ? AND ?",
-            (resolution, plan[0][1][0], plan[-1][1][-1])).fetchall()
+        rows = (
+            self._db()
+            .execute(
+                "SELECT bucket, name, value FROM tallies WHERE step = ? AND bucket BETWEEN ? AND ?",
+                (resolution, plan[0][1][0], plan[-1][1][-1]),
+            )
+            .fetchall()
+        )
         found: dict[int, dict[str, int]] = {}
         for bucket, name, value in rows:
             found.setdefault(bucket, {})[name] = value
         return _assemble(since, until, step, plan, found)
 
     def pending_before(self, cutoff: float) -> list[Transaction]:
-        rows = self._db().execute(
-            "SELECT record FROM transactions WHERE status = 'pending' AND initiated_at < ?"
-            " ORDER BY initiated_at, checkout_request_id", (cutoff,)).fetchall()
-        return [_decode(data) for data, in rows]
+        rows = (
+            self._db()
+            .execute(
+                "SELECT record FROM transactions WHERE status = 'pending' AND initiated_at < ?"
+                " ORDER BY initiated_at, checkout_request_id",
+                (cutoff,),
+            )
+            .fetchall()
+        )
+        return [_decode(data) for (data,) in rows]
 
     def add(self, key: str, value: dict, ttl: float) -> bool:
         _check_ttl(ttl)
@@ -1068,12 +1166,14 @@ class SQLiteStore:
                 "INSERT INTO kv (key, value, expires_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
                 " expires_at = excluded.expires_at WHERE kv.expires_at <= ?",
-                (key, json.dumps(value), now + ttl, now)).rowcount
+                (key, json.dumps(value), now + ttl, now),
+            ).rowcount
         return added == 1
 
     def get_value(self, key: str) -> dict | None:
-        row = self._db().execute("SELECT value FROM kv WHERE key = ? AND expires_at > ?",
-                                 (key, self._clock())).fetchone()
+        row = (
+            self._db().execute("SELECT value FROM kv WHERE key = ? AND expires_at > ?", (key, self._clock())).fetchone()
+        )
         return json.loads(row[0]) if row else None
 
     def set_value(self, key: str, value: dict, ttl: float) -> None:
@@ -1081,8 +1181,10 @@ class SQLiteStore:
         now = self._clock()
         with self._write() as db:
             self._purge(db, now)
-            db.execute("INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
-                       (key, json.dumps(value), now + ttl))
+            db.execute(
+                "INSERT OR REPLACE INTO kv (key, value, expires_at) VALUES (?, ?, ?)",
+                (key, json.dumps(value), now + ttl),
+            )
 
     def delete(self, key: str) -> None:
         with self._write() as db:
@@ -1094,8 +1196,11 @@ class SQLiteStore:
             value = (row[0] if row else 0) + delta
             if value < 0 or (maximum is not None and value > maximum):
                 return None
-            db.execute("INSERT INTO counters (key, value) VALUES (?, ?)"
-                       " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+            db.execute(
+                "INSERT INTO counters (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
         return value
 
     def get_counter(self, key: str) -> int:
@@ -1115,10 +1220,9 @@ class SQLiteStore:
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: no implicit transactions, only the BEGINs written here.
         # check_same_thread=False only so that close() can reach every thread's connection.
-        db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None,
-                             check_same_thread=False)
+        db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False)
         db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-        db.execute("PRAGMA synchronous = FULL")   # a committed payment survives a power cut
+        db.execute("PRAGMA synchronous = FULL")  # a committed payment survives a power cut
         return db
 
     def _open_writer_lock(self) -> int:
@@ -1198,7 +1302,7 @@ return value
 """
 
 
-_TAIL = 4   # Redis lists phones by their last 4 digits: a few records per set
+_TAIL = 4  # Redis lists phones by their last 4 digits: a few records per set
 
 # KEYS: counter hashes; ARGV: their ttl in ms, then (key number, counter, change) triples.
 _COUNT_SCRIPT = """
@@ -1242,8 +1346,14 @@ class RedisStore:
 
     kind = "redis"
 
-    def __init__(self, client: redis.Redis, *, prefix: str = "mpesa:",
-                 retention: float = DEFAULT_RETENTION, clock: Clock = time.time):
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "mpesa:",
+        retention: float = DEFAULT_RETENTION,
+        clock: Clock = time.time,
+    ):
         self._redis = client
         self._prefix = prefix
         self._retention = retention
@@ -1253,17 +1363,16 @@ class RedisStore:
         self._reasons = f"{prefix}idx:reasons"
 
     @classmethod
-    def from_url(cls, url: str, *, retention: float = DEFAULT_RETENTION,
-                 clock: Clock = time.time) -> RedisStore:
+    def from_url(cls, url: str, *, retention: float = DEFAULT_RETENTION, clock: Clock = time.time) -> RedisStore:
         """Connect (lazily, through one pool) to redis://host:port/db[?prefix=name:]."""
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
         prefix = next((value for name, value in query if name == "prefix"), "mpesa:")
         rest = urlencode([(name, value) for name, value in query if name != "prefix"])
         # Timeouts given in the URL win over these defaults.
-        client = redis.Redis.from_url(urlunsplit(parts._replace(query=rest)),
-                                      decode_responses=True,
-                                      socket_timeout=5, socket_connect_timeout=5)
+        client = redis.Redis.from_url(
+            urlunsplit(parts._replace(query=rest)), decode_responses=True, socket_timeout=5, socket_connect_timeout=5
+        )
         return cls(client, prefix=prefix, retention=retention, clock=clock)
 
     def create(self, tx: Transaction) -> None:
@@ -1279,15 +1388,16 @@ class RedisStore:
         self._redis.transaction(save_unless_stored, key)
         try:
             self._sweep(tx.phone)
-        except redis.RedisError as exc:   # housekeeping must not fail a saved payment
+        except redis.RedisError as exc:  # housekeeping must not fail a saved payment
             log.warning("redis store: index sweep failed: %s", exc)
 
     def get(self, checkout_request_id: str) -> Transaction | None:
         data = self._redis.get(self._tx_key(checkout_request_id))
         return _decode(data) if data is not None else None
 
-    def update(self, checkout_request_id: str,
-               mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
+    def update(
+        self, checkout_request_id: str, mutate: Callable[[Transaction], R]
+    ) -> tuple[Transaction | None, R | None]:
         key = self._tx_key(checkout_request_id)
 
         def load_mutate_save(pipe) -> tuple[Transaction | None, R | None]:
@@ -1302,14 +1412,15 @@ class RedisStore:
 
         return self._redis.transaction(load_mutate_save, key, value_from_callable=True)
 
-    def list(self, status: str | None = None, phone: str | None = None,
-             limit: int = 20, offset: int = 0) -> tuple[list[Transaction], int]:
+    def list(
+        self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0
+    ) -> tuple[list[Transaction], int]:
         _check_page(limit, offset)
         if phone is not None and status is not None:
             # One phone's records are few: read them all and filter by status here.
             ids = self._redis.zrevrange(self._phone_key(phone), 0, -1)
             matches = [tx for tx in self._load(ids, phone) if tx.status == status]
-            return matches[offset:offset + limit], len(matches)
+            return matches[offset : offset + limit], len(matches)
         if phone is not None:
             index = self._phone_key(phone)
         elif status is not None:
@@ -1318,10 +1429,17 @@ class RedisStore:
             index = self._all
         return self._page(index, limit, offset, phone=phone)
 
-    def search(self, text: str | None = None, *, status: str | None = None,
-               reason: str | None = None, since: float | None = None,
-               until: float | None = None, limit: int = 20,
-               offset: int = 0) -> tuple[list[Transaction], int]:
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        status: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> tuple[list[Transaction], int]:
         _check_page(limit, offset)
         criteria = _Search.of(text, status, reason, since, until)
         if criteria.impossible:
@@ -1339,24 +1457,23 @@ class RedisStore:
         high = "+inf" if criteria.until is None else f"({criteria.until!r}"
         return self._page(index, limit, offset, low, high)
 
-    def _page(self, index: str, limit: int, offset: int, low: str = "-inf", high: str = "+inf",
-              phone: str | None = None) -> tuple[list[Transaction], int]:
+    def _page(
+        self, index: str, limit: int, offset: int, low: str = "-inf", high: str = "+inf", phone: str | None = None
+    ) -> tuple[list[Transaction], int]:
         """One page of the records a sorted set lists, scored from low to high, newest first."""
-        self._forget_expired(self._redis.zrangebyscore(index, "-inf", self._maybe_expired()),
-                             phone, extra=[index])
-        with self._redis.pipeline() as pipe:   # MULTI: the page agrees with the total
+        self._forget_expired(self._redis.zrangebyscore(index, "-inf", self._maybe_expired()), phone, extra=[index])
+        with self._redis.pipeline() as pipe:  # MULTI: the page agrees with the total
             pipe.zcount(index, low, high)
             if limit:
                 pipe.zrevrangebyscore(index, high, low, start=offset, num=limit)
             total, *page = pipe.execute()
         return self._load(page[0] if page else [], phone, extra=[index]), total
 
-    def _search_text(self, criteria: _Search, limit: int,
-                     offset: int) -> tuple[list[Transaction], int]:
+    def _search_text(self, criteria: _Search, limit: int, offset: int) -> tuple[list[Transaction], int]:
         """Load the few records the text can name, then filter, sort and page them here."""
         sets = [self._receipt_key(criteria.receipt), self._reference_key(criteria.reference)]
         digits = criteria.digits
-        if digits is not None and len(digits) >= 12:   # a whole number: its own set
+        if digits is not None and len(digits) >= 12:  # a whole number: its own set
             sets.append(self._phone_key(digits))
         elif digits is not None and len(digits) >= _TAIL:
             sets.append(self._tail_key(digits))
@@ -1367,11 +1484,15 @@ class RedisStore:
             for index in sets:
                 pipe.zrange(index, 0, -1)
             exists, *members = pipe.execute()
-        ids = list(dict.fromkeys(([criteria.text] if exists else [])
-                                 + [member for found in members for member in found]))
-        matches = sorted((tx for tx in self._load(ids, extra=sets) if criteria.admits_tx(tx)),
-                         key=lambda tx: (tx.initiated_at, tx.checkout_request_id), reverse=True)
-        return matches[offset:offset + limit], len(matches)
+        ids = list(
+            dict.fromkeys(([criteria.text] if exists else []) + [member for found in members for member in found])
+        )
+        matches = sorted(
+            (tx for tx in self._load(ids, extra=sets) if criteria.admits_tx(tx)),
+            key=lambda tx: (tx.initiated_at, tx.checkout_request_id),
+            reverse=True,
+        )
+        return matches[offset : offset + limit], len(matches)
 
     def overview(self, since: float, until: float, step: float) -> Overview:
         resolution, plan = _overview_plan(since, until, step)
@@ -1379,18 +1500,19 @@ class RedisStore:
         with self._redis.pipeline(transaction=False) as pipe:
             for index in indexes:
                 pipe.hgetall(self._tally_key(resolution, index))
-            found = {index: {name: int(value) for name, value in counts.items()}
-                     for index, counts in zip(indexes, pipe.execute()) if counts}
+            found = {
+                index: {name: int(value) for name, value in counts.items()}
+                for index, counts in zip(indexes, pipe.execute())
+                if counts
+            }
         return _assemble(since, until, step, plan, found)
 
     def pending_before(self, cutoff: float) -> list[Transaction]:
-        return self._load(self._redis.zrangebyscore(
-            self._status_key("pending"), "-inf", f"({cutoff!r}"))
+        return self._load(self._redis.zrangebyscore(self._status_key("pending"), "-inf", f"({cutoff!r}"))
 
     def add(self, key: str, value: dict, ttl: float) -> bool:
         _check_ttl(ttl)
-        return bool(self._redis.set(self._kv_key(key), json.dumps(value),
-                                    nx=True, px=_milliseconds(ttl)))
+        return bool(self._redis.set(self._kv_key(key), json.dumps(value), nx=True, px=_milliseconds(ttl)))
 
     def get_value(self, key: str) -> dict | None:
         data = self._redis.get(self._kv_key(key))
@@ -1404,8 +1526,9 @@ class RedisStore:
         self._redis.delete(self._kv_key(key))
 
     def adjust_counter(self, key: str, delta: int, maximum: int | None = None) -> int | None:
-        value = self._redis.eval(_ADJUST_COUNTER, 1, self._counter_key(key), int(delta),
-                                 "" if maximum is None else int(maximum))
+        value = self._redis.eval(
+            _ADJUST_COUNTER, 1, self._counter_key(key), int(delta), "" if maximum is None else int(maximum)
+        )
         return None if value is None else int(value)
 
     def get_counter(self, key: str) -> int:
@@ -1457,8 +1580,14 @@ class RedisStore:
             keys.append(self._reference_key(_reference_key(tx)))
         return keys
 
-    def _save(self, pipe, tx: Transaction, data: str, indexed: list[str] | None = None,
-              counted: tuple[float, dict[str, int]] | None = None) -> None:
+    def _save(
+        self,
+        pipe,
+        tx: Transaction,
+        data: str,
+        indexed: list[str] | None = None,
+        counted: tuple[float, dict[str, int]] | None = None,
+    ) -> None:
         """Start the MULTI and queue the record with its index and counter changes.
 
         indexed and counted are what the record was listed in and counted as before this
@@ -1508,8 +1637,7 @@ class RedisStore:
             oldest, oldest_for_phone = pipe.execute()
         self._forget_expired(list(dict.fromkeys(oldest + oldest_for_phone)), phone)
 
-    def _forget_expired(self, ids: list[str], phone: str | None = None,
-                        extra: list[str] = ()) -> None:
+    def _forget_expired(self, ids: list[str], phone: str | None = None, extra: list[str] = ()) -> None:
         """Remove from the indexes those of ids whose record no longer exists."""
         if not ids:
             return
@@ -1525,17 +1653,20 @@ class RedisStore:
         # The phone of an expired record is gone with it; phone sets left holding such ids
         # are cleaned when that phone is listed or swept, or expire with their last record.
         # So are the search sets (tail, receipt, reference): when searched, or with time.
-        indexes = [self._all, *(self._status_key(s) for s in STATUSES), *extra,
-                   *(self._reason_key(r) for r in self._redis.smembers(self._reasons))]
+        indexes = [
+            self._all,
+            *(self._status_key(s) for s in STATUSES),
+            *extra,
+            *(self._reason_key(r) for r in self._redis.smembers(self._reasons)),
+        ]
         if phone is not None:
             indexes.append(self._phone_key(phone))
         with self._redis.pipeline(transaction=False) as pipe:
-            for index in dict.fromkeys(indexes):   # extra may repeat one of the others
+            for index in dict.fromkeys(indexes):  # extra may repeat one of the others
                 pipe.zrem(index, *ids)
             pipe.execute()
 
-    def _load(self, ids: list[str], phone: str | None = None,
-              extra: list[str] = ()) -> list[Transaction]:
+    def _load(self, ids: list[str], phone: str | None = None, extra: list[str] = ()) -> list[Transaction]:
         """Fetch records in the order of ids, dropping (and unindexing) expired ones."""
         if not ids:
             return []

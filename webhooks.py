@@ -32,6 +32,7 @@ Not guaranteed: a 2xx that arrives just before the process dies unrecorded is se
 (at least once: dedupe by id), and the events of one payment may arrive out of order (a
 `late` event supersedes the earlier failed one; its `created` is later).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,9 +45,9 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable, Iterable
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import requests
@@ -61,8 +62,8 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "Mpesa-Signature"
 DEFAULT_TOLERANCE = 300
 USER_AGENT = "mpesa-stk-server-webhooks/1"
-RECENT_SECONDS = 3 * 86400          # how far back redeliver_pending looks
-_ANSWER_BYTES = 64 * 1024           # read this much of an answer, so the connection can be reused
+RECENT_SECONDS = 3 * 86400  # how far back redeliver_pending looks
+_ANSWER_BYTES = 64 * 1024  # read this much of an answer, so the connection can be reused
 _PAGE = 100
 
 
@@ -70,12 +71,16 @@ def sign(secret: str | Iterable[str], timestamp: int, body: bytes) -> str:
     """Return the Mpesa-Signature value for body: t=<timestamp>,v1=<hex hmac> (one v1 per secret)."""
     timestamp = int(timestamp)
     body = body.encode() if isinstance(body, str) else body
-    return ",".join([f"t={timestamp}",
-                     *(f"v1={_digest(s, timestamp, body)}" for s in _secrets(secret))])
+    return ",".join([f"t={timestamp}", *(f"v1={_digest(s, timestamp, body)}" for s in _secrets(secret))])
 
 
-def verify(secret: str | Iterable[str], header: str | None, body: bytes,
-           tolerance: float | None = DEFAULT_TOLERANCE, now: float | None = None) -> bool:
+def verify(
+    secret: str | Iterable[str],
+    header: str | None,
+    body: bytes,
+    tolerance: float | None = DEFAULT_TOLERANCE,
+    now: float | None = None,
+) -> bool:
     """True if header signs body with secret (or any of several) within tolerance s of now."""
     secrets = _secrets(secret)
     body = body.encode() if isinstance(body, str) else body
@@ -90,7 +95,7 @@ def verify(secret: str | Iterable[str], header: str | None, body: bytes,
         return False
     now = time.time() if now is None else now
     if tolerance is not None and abs(now - int(timestamp)) > tolerance:
-        return False   # a replay of an old (or a far-future) delivery
+        return False  # a replay of an old (or a far-future) delivery
     expected = [_digest(s, int(timestamp), body).encode() for s in secrets]
     return any(hmac.compare_digest(mine, theirs) for mine in expected for theirs in signatures)
 
@@ -146,8 +151,11 @@ def _order(tx: Transaction) -> dict:
     order = tx.extra.get("order")
     if not order:
         return {}
-    return {"orderNumber": order["number"], "items": order["items"],
-            "tickets": list(tx.extra.get("tickets", [])) if tx.status == "completed" else []}
+    return {
+        "orderNumber": order["number"],
+        "items": order["items"],
+        "tickets": list(tx.extra.get("tickets", [])) if tx.status == "completed" else [],
+    }
 
 
 def record_event(tx: Transaction, event: dict, now: float) -> bool:
@@ -155,18 +163,27 @@ def record_event(tx: Transaction, event: dict, now: float) -> bool:
 
     Touches only tx, so it may run inside any store.update (even the one that settles tx).
     """
-    entry = tx.extra.setdefault("webhooks", {}).setdefault(event["id"], {
-        "delivered": False, "givenUp": False, "attempts": 0, "queuedAt": now,
-        "lastAttemptAt": None, "lastStatus": None, "lastError": None, "deliveredAt": None,
-        "event": event,
-    })
+    entry = tx.extra.setdefault("webhooks", {}).setdefault(
+        event["id"],
+        {
+            "delivered": False,
+            "givenUp": False,
+            "attempts": 0,
+            "queuedAt": now,
+            "lastAttemptAt": None,
+            "lastStatus": None,
+            "lastError": None,
+            "deliveredAt": None,
+            "event": event,
+        },
+    )
     return not (entry["delivered"] or entry["givenUp"])
 
 
 def _iso(epoch: float | None) -> str | None:
     if epoch is None:
         return None
-    moment = datetime.fromtimestamp(epoch, timezone.utc)
+    moment = datetime.fromtimestamp(epoch, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -176,8 +193,9 @@ def _loggable(event: str) -> str:
     return f"evt_{mask_checkout_id(head.removeprefix('evt_'))}_{suffix}"
 
 
-def _record_attempt(tx: Transaction, event: str, status: int | None, error: str | None,
-                    now: float, max_attempts: int) -> tuple[str, int]:
+def _record_attempt(
+    tx: Transaction, event: str, status: int | None, error: str | None, now: float, max_attempts: int
+) -> tuple[str, int]:
     """Write one attempt's outcome into tx; return ("delivered"|"retry"|"given_up"|"gone", n)."""
     entry = tx.extra.get("webhooks", {}).get(event)
     if entry is None:
@@ -185,17 +203,16 @@ def _record_attempt(tx: Transaction, event: str, status: int | None, error: str 
     entry["attempts"] += 1
     attempt = entry["attempts"]
     entry.update(lastAttemptAt=now, lastStatus=status, lastError=error)
-    tx.history.append({"at": now, "event": "webhook_attempt", "eventId": event,
-                       "status": status, "error": error, "attempt": attempt})
+    tx.history.append(
+        {"at": now, "event": "webhook_attempt", "eventId": event, "status": status, "error": error, "attempt": attempt}
+    )
     if status is not None and 200 <= status < 300:
         entry.update(delivered=True, deliveredAt=now)
-        tx.history.append({"at": now, "event": "webhook_delivered", "eventId": event,
-                           "attempt": attempt})
+        tx.history.append({"at": now, "event": "webhook_delivered", "eventId": event, "attempt": attempt})
         return "delivered", attempt
     if attempt >= max_attempts:
         entry["givenUp"] = True
-        tx.history.append({"at": now, "event": "webhook_given_up", "eventId": event,
-                           "attempts": attempt})
+        tx.history.append({"at": now, "event": "webhook_given_up", "eventId": event, "attempts": attempt})
         return "given_up", attempt
     return "retry", attempt
 
@@ -204,8 +221,7 @@ def _give_up(tx: Transaction, event: str, now: float) -> None:
     entry = tx.extra.get("webhooks", {}).get(event)
     if entry is not None and not entry["givenUp"]:
         entry["givenUp"] = True
-        tx.history.append({"at": now, "event": "webhook_given_up", "eventId": event,
-                           "attempts": entry["attempts"]})
+        tx.history.append({"at": now, "event": "webhook_given_up", "eventId": event, "attempts": entry["attempts"]})
 
 
 def _describe(error: requests.RequestException) -> str:
@@ -223,7 +239,7 @@ def _describe(error: requests.RequestException) -> str:
 class _Job:
     checkout_request_id: str
     event_id: str
-    failures: int = 0   # unexpected errors (store down...), not answers from the shop
+    failures: int = 0  # unexpected errors (store down...), not answers from the shop
 
 
 class WebhookSender:
@@ -233,11 +249,20 @@ class WebhookSender:
     (tests pass a recorder). `workers` threads send at the same time.
     """
 
-    def __init__(self, url: str, secret: str | Iterable[str], store, *,
-                 clock: Callable[[], float] = time.time, max_attempts: int = 8,
-                 base_delay: float = 1.0, max_delay: float = 300.0,
-                 timeout: float | tuple[float, float] = (3.05, 10),
-                 sleep: Callable[[float], None] | None = None, workers: int = 2):
+    def __init__(
+        self,
+        url: str,
+        secret: str | Iterable[str],
+        store,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_attempts: int = 8,
+        base_delay: float = 1.0,
+        max_delay: float = 300.0,
+        timeout: float | tuple[float, float] = (3.05, 10),
+        sleep: Callable[[float], None] | None = None,
+        workers: int = 2,
+    ):
         if urlsplit(url or "").scheme not in ("http", "https"):
             raise ValueError("the webhook URL must be an absolute http(s) URL")
         if max_attempts < 1 or base_delay < 0 or max_delay < base_delay or workers < 1:
@@ -257,8 +282,8 @@ class WebhookSender:
         self._lock_ttl = (sum(timeout) if isinstance(timeout, tuple) else 2 * timeout) + 30
         self.session = self._new_session()
         self._cond = threading.Condition()
-        self._queue: list[tuple[float, int, _Job]] = []   # heap of (due, seq, job)
-        self._queued: set[str] = set()                    # event ids queued or in flight here
+        self._queue: list[tuple[float, int, _Job]] = []  # heap of (due, seq, job)
+        self._queued: set[str] = set()  # event ids queued or in flight here
         self._busy = 0
         self._seq = itertools.count()
         self._threads: list[threading.Thread] = []
@@ -287,14 +312,13 @@ class WebhookSender:
         """Record tx's final status as an undelivered event and queue it; return the event id."""
         if not tx.is_final:
             return None
-        event = event_for(tx)   # from the record as settled, before anything else changes it
+        event = event_for(tx)  # from the record as settled, before anything else changes it
         entry = tx.extra.get("webhooks", {}).get(event["id"])
-        if entry is not None:   # recorded while settling
+        if entry is not None:  # recorded while settling
             pending = not (entry["delivered"] or entry["givenUp"])
         else:
             now = self.clock()
-            stored, pending = self.store.update(tx.checkout_request_id,
-                                                lambda t: record_event(t, event, now))
+            stored, pending = self.store.update(tx.checkout_request_id, lambda t: record_event(t, event, now))
             if stored is None:
                 log.warning("webhook %s not sent: record gone", _loggable(event["id"]))
                 return None
@@ -318,6 +342,7 @@ class WebhookSender:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until nothing is queued or being sent here; False if timeout (or close) came first."""
+
         def idle() -> bool:
             return not self._queue and not self._busy
 
@@ -342,8 +367,7 @@ class WebhookSender:
     # -- the queue
 
     def _new_session(self) -> requests.Session:
-        session = pooled_session(self.url, HTTPAdapter(pool_connections=1, pool_maxsize=self._workers,
-                                                       max_retries=0))
+        session = pooled_session(self.url, HTTPAdapter(pool_connections=1, pool_maxsize=self._workers, max_retries=0))
         session.headers["User-Agent"] = USER_AGENT
         return session
 
@@ -354,7 +378,7 @@ class WebhookSender:
                 return False
             self._start()
             if job.event_id in self._queued:
-                return False   # already on its way from this process
+                return False  # already on its way from this process
             self._queued.add(job.event_id)
             heapq.heappush(self._queue, (time.monotonic() + delay, next(self._seq), job))
             self._cond.notify()
@@ -371,8 +395,9 @@ class WebhookSender:
             self._busy = 0
             self.session = self._new_session()
         self._pid = os.getpid()
-        self._threads = [threading.Thread(target=self._work, name=f"webhooks-{n}", daemon=True)
-                         for n in range(self._workers)]
+        self._threads = [
+            threading.Thread(target=self._work, name=f"webhooks-{n}", daemon=True) for n in range(self._workers)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -388,8 +413,7 @@ class WebhookSender:
                 delay = self._deliver(job)
             except Exception:
                 job.failures += 1
-                log.exception("webhook %s: attempt failed on our side (%d)",
-                              _loggable(job.event_id), job.failures)
+                log.exception("webhook %s: attempt failed on our side (%d)", _loggable(job.event_id), job.failures)
                 if job.failures < self.max_attempts:
                     delay = self._backoff(job.failures)
             if delay is not None and self._sleep is not None:
@@ -432,7 +456,7 @@ class WebhookSender:
         finally:
             try:
                 self.store.delete(lock)
-            except Exception as error:   # it expires by itself
+            except Exception as error:  # it expires by itself
                 log.warning("webhook %s: lock not released: %s", _loggable(job.event_id), error)
 
     def _attempt(self, job: _Job) -> float | None:
@@ -440,16 +464,15 @@ class WebhookSender:
         entry = tx.extra.get("webhooks", {}).get(job.event_id) if tx else None
         if entry is None or entry["delivered"] or entry["givenUp"]:
             return None
-        if entry["attempts"] >= self.max_attempts:   # max_attempts lowered since it was queued
-            self.store.update(job.checkout_request_id,
-                              lambda t: _give_up(t, job.event_id, self.clock()))
+        if entry["attempts"] >= self.max_attempts:  # max_attempts lowered since it was queued
+            self.store.update(job.checkout_request_id, lambda t: _give_up(t, job.event_id, self.clock()))
             return None
         body = json.dumps(entry["event"], separators=(",", ":")).encode()
         status, error = self._post(body)
         now = self.clock()
         _, (outcome, attempt) = self.store.update(
-            job.checkout_request_id,
-            lambda t: _record_attempt(t, job.event_id, status, error, now, self.max_attempts))
+            job.checkout_request_id, lambda t: _record_attempt(t, job.event_id, status, error, now, self.max_attempts)
+        )
         if outcome != "gone":
             metrics.webhook_delivery(outcome)
         name = _loggable(job.event_id)
@@ -467,11 +490,11 @@ class WebhookSender:
 
     def _post(self, body: bytes) -> tuple[int | None, str | None]:
         """POST body once; return (HTTP status or None, error or None)."""
-        headers = {"Content-Type": "application/json",
-                   SIGNATURE_HEADER: sign(self._secrets, int(self.clock()), body)}
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self._secrets, int(self.clock()), body)}
         try:
-            response = self.session.post(self.url, data=body, headers=headers,
-                                         timeout=self.timeout, allow_redirects=False, stream=True)
+            response = self.session.post(
+                self.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False, stream=True
+            )
         except requests.RequestException as error:
             return None, _describe(error)
         with response:
@@ -482,7 +505,7 @@ class WebhookSender:
                     if read >= _ANSWER_BYTES:
                         break
             except requests.RequestException:
-                pass   # the status line is the answer; the body is only read to reuse the connection
+                pass  # the status line is the answer; the body is only read to reuse the connection
         status = response.status_code
         return status, None if 200 <= status < 300 else f"HTTP {status}"
 

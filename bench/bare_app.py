@@ -5,6 +5,7 @@ BARE_BODY_BYTES bytes (the real answer's size, measured by the benchmark): no st
 logging, no rate limiter, no security headers. Served by the same gunicorn.conf.py as the
 server (`gunicorn -c gunicorn.conf.py bench.bare_app:app`), so the same workers and threads.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,11 +16,19 @@ app = Flask(__name__)
 app.json.sort_keys = False
 
 ANSWER = {
-    "success": True, "checkoutRequestId": "ws_CO_23112026133000123700000000",
-    "status": "completed", "amount": 100, "currency": "KES", "phone": "2547******00",
-    "accountReference": "BENCH-1", "transaction_id": "SKL1ABCD2E", "MpesaReceiptNumber": "SKL1ABCD2E",
-    "description": "Benchmark", "completedAt": "2026-11-23T10:30:05.120Z",
-    "transactionDate": "2026-11-23T13:30:04+03:00", "message": "Payment completed",
+    "success": True,
+    "checkoutRequestId": "ws_CO_23112026133000123700000000",
+    "status": "completed",
+    "amount": 100,
+    "currency": "KES",
+    "phone": "2547******00",
+    "accountReference": "BENCH-1",
+    "transaction_id": "SKL1ABCD2E",
+    "MpesaReceiptNumber": "SKL1ABCD2E",
+    "description": "Benchmark",
+    "completedAt": "2026-11-23T10:30:05.120Z",
+    "transactionDate": "2026-11-23T13:30:04+03:00",
+    "message": "Payment completed",
 }
 
 

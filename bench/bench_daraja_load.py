@@ -6,6 +6,7 @@ throttle (one STK Query per payment per STATUS_QUERY_INTERVAL, an atomic add in 
 shared by every worker) must keep Daraja's load at one query per interval: at most 3 in 10 s.
 The simulator counts the queries it received (`GET /simulator/stats` → `queries`).
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,19 @@ import time
 
 import requests
 
-from bench.harness import (BenchError, Context, fmt, free_port, percentile, server_env, simulator_stats,
-                           start_gunicorn, start_simulator, store_urls, table)
+from bench.harness import (
+    BenchError,
+    Context,
+    fmt,
+    free_port,
+    percentile,
+    server_env,
+    simulator_stats,
+    start_gunicorn,
+    start_simulator,
+    store_urls,
+    table,
+)
 
 CLIENTS = 100
 INTERVAL = 0.1
@@ -31,11 +43,11 @@ def run(ctx: Context) -> str:
 
     rows = []
     for number, (name, url) in enumerate(stores):
-        env = server_env(sim.url, url, free_port(), STATUS_FIRST_QUERY_AFTER=0,
-                         STATUS_QUERY_INTERVAL=QUERY_INTERVAL)
+        env = server_env(sim.url, url, free_port(), STATUS_FIRST_QUERY_AFTER=0, STATUS_QUERY_INTERVAL=QUERY_INTERVAL)
         server = start_gunicorn(ctx, env, name=f"server-{name}")
-        answer = requests.post(server.url + "/stkpush", json={"phone": f"25479900{number:04d}", "amount": 10},
-                               timeout=30)
+        answer = requests.post(
+            server.url + "/stkpush", json={"phone": f"25479900{number:04d}", "amount": 10}, timeout=30
+        )
         if answer.status_code != 200:
             raise BenchError(f"{name}: push failed: {answer.status_code} {answer.text[:200]}")
         body = {"checkoutRequestId": answer.json()["checkoutRequestId"]}
@@ -46,28 +58,58 @@ def run(ctx: Context) -> str:
         ctx.stop(server)
         met = queries <= goal
         workers = "1 worker" if name == "memory" else f"{multiprocessing.cpu_count() * 2 + 1} workers"
-        rows.append([f"{name} ({workers})", f"{polls['sent']:,}", f"{polls['sent'] / seconds:,.0f}",
-                     f"{polls['pending']:,}", f"{polls['other']:,}", fmt(polls["p50"], 1), fmt(polls["p99"], 1),
-                     f"**{queries}**", "yes" if met else "**no**"])
-        ctx.summary.append([f"Daraja load, {name} store: STK queries while {CLIENTS} clients poll for "
-                            f"{seconds:.0f} s", f"≤ {goal}", str(queries), "yes" if met else "**no**"])
+        rows.append(
+            [
+                f"{name} ({workers})",
+                f"{polls['sent']:,}",
+                f"{polls['sent'] / seconds:,.0f}",
+                f"{polls['pending']:,}",
+                f"{polls['other']:,}",
+                fmt(polls["p50"], 1),
+                fmt(polls["p99"], 1),
+                f"**{queries}**",
+                "yes" if met else "**no**",
+            ]
+        )
+        ctx.summary.append(
+            [
+                f"Daraja load, {name} store: STK queries while {CLIENTS} clients poll for {seconds:.0f} s",
+                f"≤ {goal}",
+                str(queries),
+                "yes" if met else "**no**",
+            ]
+        )
     if redis_missing and not ctx.quick:
         rows.append(["Redis", "**skipped**", "", "", "", "", "", "", redis_missing])
-    return "\n".join([
-        "## 3. Daraja load",
-        "",
-        f"{CLIENTS} clients (threads, one pooled session each) poll one pending payment every "
-        f"{INTERVAL * 1000:.0f} ms for {seconds:.0f} s through the server (Procfile gunicorn configuration, "
-        f"`STATUS_FIRST_QUERY_AFTER=0`, `STATUS_QUERY_INTERVAL={QUERY_INTERVAL:.0f}`); one run per store. "
-        f"The clients ask for {CLIENTS / INTERVAL * seconds:,.0f} polls; on 2 shared cores fewer are "
-        "answered, which only makes the throttle's job easier per poll, not per second.",
-        "",
-        table(["store", "polls answered", "polls/s", "answered pending", "other answers", "p50 ms", "p99 ms",
-               "STK queries Daraja received", f"≤ {goal}"], rows),
-        "",
-        f"Goal: at most one STK Query per `STATUS_QUERY_INTERVAL` per payment: ≤ {goal} in {seconds:.0f} s "
-        "(t = 0, 5, 10 s), whatever the number of clients and workers.",
-    ])
+    return "\n".join(
+        [
+            "## 3. Daraja load",
+            "",
+            f"{CLIENTS} clients (threads, one pooled session each) poll one pending payment every "
+            f"{INTERVAL * 1000:.0f} ms for {seconds:.0f} s through the server (Procfile gunicorn configuration, "
+            f"`STATUS_FIRST_QUERY_AFTER=0`, `STATUS_QUERY_INTERVAL={QUERY_INTERVAL:.0f}`); one run per store. "
+            f"The clients ask for {CLIENTS / INTERVAL * seconds:,.0f} polls; on 2 shared cores fewer are "
+            "answered, which only makes the throttle's job easier per poll, not per second.",
+            "",
+            table(
+                [
+                    "store",
+                    "polls answered",
+                    "polls/s",
+                    "answered pending",
+                    "other answers",
+                    "p50 ms",
+                    "p99 ms",
+                    "STK queries Daraja received",
+                    f"≤ {goal}",
+                ],
+                rows,
+            ),
+            "",
+            f"Goal: at most one STK Query per `STATUS_QUERY_INTERVAL` per payment: ≤ {goal} in {seconds:.0f} s "
+            "(t = 0, 5, 10 s), whatever the number of clients and workers.",
+        ]
+    )
 
 
 def poll(url: str, body: dict, clients: int, interval: float, seconds: float) -> dict:
@@ -109,8 +151,7 @@ def poll(url: str, body: dict, clients: int, interval: float, seconds: float) ->
             for key, value in statuses.items():
                 counts[key] += value
 
-    threads = [threading.Thread(target=client, args=(interval * i / clients,), daemon=True)
-               for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(interval * i / clients,), daemon=True) for i in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:

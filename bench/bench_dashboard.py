@@ -14,6 +14,7 @@ before the dashboard (one bulk transaction) and opened with open_store(), which 
 search columns and counts the counters once: that one-time upgrade is timed too. The
 cost of one create() on the loaded store, counters included, is measured separately.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,15 @@ from store import TALLY_UTC_OFFSET, Transaction, open_store
 DAY = 86400
 RETENTION = 40 * DAY
 REPEATS = 7
-OUTCOMES = (   # (weight, status, reason, settled_by)
-    (70, "completed", None, "callback"), (4, "completed", None, "query"),
-    (12, "failed", "cancelled", "callback"), (4, "failed", "insufficient_funds", "callback"),
-    (3, "failed", "wrong_pin", "callback"), (3, "failed", "timeout", "timeout"),
-    (2, "failed", "error", "query"), (2, "pending", None, None),
+OUTCOMES = (  # (weight, status, reason, settled_by)
+    (70, "completed", None, "callback"),
+    (4, "completed", None, "query"),
+    (12, "failed", "cancelled", "callback"),
+    (4, "failed", "insufficient_funds", "callback"),
+    (3, "failed", "wrong_pin", "callback"),
+    (3, "failed", "timeout", "timeout"),
+    (2, "failed", "error", "query"),
+    (2, "pending", None, None),
 )
 GOAL_MS = 50
 
@@ -50,27 +55,45 @@ def make_records(count: int, now: float, seed: int = 7) -> list[Transaction]:
         at = now - rng.random() * 30 * DAY
         after = rng.uniform(3, 40) if settled_by != "timeout" else 120.0
         final = status != "pending"
-        history = [{"at": at, "event": "initiated", "amount": 100},
-                   {"at": at, "event": "push_accepted", "merchantRequestId": f"m-{n}"}]
+        history = [
+            {"at": at, "event": "initiated", "amount": 100},
+            {"at": at, "event": "push_accepted", "merchantRequestId": f"m-{n}"},
+        ]
         if final:
-            history += [{"at": at + after, "event": f"{settled_by}_received" if settled_by != "timeout"
-                         else "timed_out"},
-                        {"at": at + after, "event": status}]
-        records.append(Transaction(
-            f"ws_CO_bench{n:07d}", f"m-{n}", f"2547{rng.randrange(10 ** 8):08d}",
-            rng.choice((50, 100, 250, 500, 1000, 1500)), account_reference=f"ORDER-{n}",
-            status=status, reason=reason, settled_by=settled_by, initiated_at=at,
-            completed_at=at + after if final else None, history=history,
-            mpesa_receipt_number=("Q" + "".join(rng.choice(letters) for _ in range(9))
-                                  if status == "completed" else None)))
+            history += [
+                {"at": at + after, "event": f"{settled_by}_received" if settled_by != "timeout" else "timed_out"},
+                {"at": at + after, "event": status},
+            ]
+        records.append(
+            Transaction(
+                f"ws_CO_bench{n:07d}",
+                f"m-{n}",
+                f"2547{rng.randrange(10**8):08d}",
+                rng.choice((50, 100, 250, 500, 1000, 1500)),
+                account_reference=f"ORDER-{n}",
+                status=status,
+                reason=reason,
+                settled_by=settled_by,
+                initiated_at=at,
+                completed_at=at + after if final else None,
+                history=history,
+                mpesa_receipt_number=(
+                    "Q" + "".join(rng.choice(letters) for _ in range(9)) if status == "completed" else None
+                ),
+            )
+        )
     return records
 
 
 def windows(now: float) -> list[tuple[str, float, float, int]]:
     """The dashboard's four windows, as admin.window_bounds draws them."""
     out = []
-    for name, length, step in (("hour", 3600, 300), ("24 hours", DAY, 3600),
-                               ("7 days", 7 * DAY, DAY), ("30 days", 30 * DAY, DAY)):
+    for name, length, step in (
+        ("hour", 3600, 300),
+        ("24 hours", DAY, 3600),
+        ("7 days", 7 * DAY, DAY),
+        ("30 days", 30 * DAY, DAY),
+    ):
         until = ((now + TALLY_UTC_OFFSET) // step + 1) * step - TALLY_UTC_OFFSET
         out.append((name, until - length, until, step))
     return out
@@ -80,10 +103,8 @@ def searches(records: list[Transaction], now: float) -> list[tuple[str, dict]]:
     paid = [tx for tx in records if tx.mpesa_receipt_number]
     return [
         ("newest 25, no filter", {}),
-        ("failed, cancelled, last 7 days", {"status": "failed", "reason": "cancelled",
-                                            "since": now - 7 * DAY}),
-        ("completed, one day", {"status": "completed", "since": now - 3 * DAY,
-                                "until": now - 2 * DAY}),
+        ("failed, cancelled, last 7 days", {"status": "failed", "reason": "cancelled", "since": now - 7 * DAY}),
+        ("completed, one day", {"status": "completed", "since": now - 3 * DAY, "until": now - 2 * DAY}),
         ("by receipt", {"text": paid[len(paid) // 2].mpesa_receipt_number.lower()}),
         ("by phone, last 4 digits", {"text": records[777].phone[-4:]}),
         ("by whole phone", {"text": records[778].phone}),
@@ -123,9 +144,9 @@ def load_redis(url: str):
         # redis-py spends its time packing commands under the GIL: processes, not threads.
         workers = max(1, min(4, os.cpu_count() or 1))
         with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_create_all, [url] * workers,
-                          [records[n::workers] for n in range(workers)]))
+            list(pool.map(_create_all, [url] * workers, [records[n::workers] for n in range(workers)]))
         return open_store(url, retention=RETENTION), f"create() from {workers} processes"
+
     return load
 
 
@@ -140,14 +161,25 @@ def load_sqlite(path):
             CREATE INDEX transactions_by_phone ON transactions (phone, initiated_at, checkout_request_id);
         """)
         with db:
-            db.executemany("INSERT INTO transactions VALUES (?, ?, ?, ?, ?)",
-                           [(tx.checkout_request_id, tx.status, tx.phone, tx.initiated_at,
-                             json.dumps(tx.to_dict(), separators=(",", ":"))) for tx in records])
+            db.executemany(
+                "INSERT INTO transactions VALUES (?, ?, ?, ?, ?)",
+                [
+                    (
+                        tx.checkout_request_id,
+                        tx.status,
+                        tx.phone,
+                        tx.initiated_at,
+                        json.dumps(tx.to_dict(), separators=(",", ":")),
+                    )
+                    for tx in records
+                ],
+            )
         db.close()
         began = time.perf_counter()
         store = open_store(f"sqlite:///{path}")
         upgrade = time.perf_counter() - began
         return store, f"bulk insert, then open_store() upgrades it in {upgrade:.1f} s"
+
     return load
 
 
@@ -156,8 +188,7 @@ def measure(name: str, load, records, now: float, extra: int, ctx: Context) -> d
     began = time.perf_counter()
     store, how = load(records)
     loaded = time.perf_counter() - began
-    result = {"store": name, "how": how, "rate": len(records) / loaded, "overview": {},
-              "search": {}}
+    result = {"store": name, "how": how, "rate": len(records) / loaded, "overview": {}, "search": {}}
     try:
         for label, since, until, step in windows(now):
             ms, found = timed(lambda: store.overview(since, until, step))
@@ -183,8 +214,7 @@ def run(ctx: Context) -> str:
     extra = 200 if ctx.quick else 1000
     now = time.time()
     records = make_records(count, now)
-    stores = [("memory", load_memory),
-              ("SQLite", load_sqlite(ctx.scratch("dashboard") / "ledger.db"))]
+    stores = [("memory", load_memory), ("SQLite", load_sqlite(ctx.scratch("dashboard") / "ledger.db"))]
     redis_url, redis_how = start_redis(ctx)
     if redis_url:
         stores.append(("Redis", load_redis(redis_url)))
@@ -193,17 +223,32 @@ def run(ctx: Context) -> str:
     results = [measure(name, load, records, now, extra, ctx) for name, load in stores]
 
     window_names = [name for name, *_ in windows(now)]
-    overview_rows = [[r["store"], *(fmt(r["overview"][w][0], 2) for w in window_names),
-                      fmt(r["create_ms"], 2), fmt(r["rate"]), r["how"]] for r in results]
+    overview_rows = [
+        [
+            r["store"],
+            *(fmt(r["overview"][w][0], 2) for w in window_names),
+            fmt(r["create_ms"], 2),
+            fmt(r["rate"]),
+            r["how"],
+        ]
+        for r in results
+    ]
     search_names = [label for label, _ in searches(records, now)]
-    search_rows = [[label, fmt(results[0]["search"][label][1]),
-                    *(fmt(r["search"][label][0], 2) for r in results)] for label in search_names]
+    search_rows = [
+        [label, fmt(results[0]["search"][label][1]), *(fmt(r["search"][label][0], 2) for r in results)]
+        for label in search_names
+    ]
     counted = results[0]["overview"]["30 days"][1]
     worst = max(max(ms for ms, _ in r["overview"].values()) for r in results)
     worst_search = max(max(ms for ms, _ in r["search"].values()) for r in results)
-    ctx.summary.append(["dashboard", f"overview and search under {GOAL_MS} ms at {count:,} records",
-                        f"overview ≤ {worst:.1f} ms, search ≤ {worst_search:.1f} ms",
-                        "yes" if max(worst, worst_search) < GOAL_MS else "no"])
+    ctx.summary.append(
+        [
+            "dashboard",
+            f"overview and search under {GOAL_MS} ms at {count:,} records",
+            f"overview ≤ {worst:.1f} ms, search ≤ {worst_search:.1f} ms",
+            "yes" if max(worst, worst_search) < GOAL_MS else "no",
+        ]
+    )
     parts = [
         "## dashboard",
         "",
@@ -216,11 +261,18 @@ def run(ctx: Context) -> str:
         "",
         f"Every store counted {counted:,} payments in the 30-day window.",
         "",
-        table(["store", *(f"overview, {w} (ms)" for w in window_names), "one create() (ms)",
-               "loading (records/s)", "loaded by"], overview_rows),
+        table(
+            [
+                "store",
+                *(f"overview, {w} (ms)" for w in window_names),
+                "one create() (ms)",
+                "loading (records/s)",
+                "loaded by",
+            ],
+            overview_rows,
+        ),
         "",
-        table(["search (first 25)", "matches", *(f"{r['store']} (ms)" for r in results)],
-              search_rows),
+        table(["search (first 25)", "matches", *(f"{r['store']} (ms)" for r in results)], search_rows),
         "",
         "One create() includes its counters (and, in SQLite, a synchronous commit to disk); "
         "the other benchmarks measure the payment path as a whole.",
@@ -229,8 +281,7 @@ def run(ctx: Context) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_dashboard",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_dashboard", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10,000 records instead of 100,000")
     args = parser.parse_args()
     with Context(quick=args.quick) as ctx:

@@ -9,6 +9,7 @@ the same pushes (each to its own phone number), sequentially and from 50 threads
 client per run, and the simulator counts the token requests. A peer that Daraja refuses is
 reported with the error it got: that is a finding, not a benchmark failure.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,12 @@ THREADS = 50
 # name -> (package==version as pinned, how it is set up); "ours" runs in the project's venv.
 CLIENTS = {
     "ours": ("mpesa.Daraja (this project)", ""),
-    "mpesa-sdk": ("mpesa-sdk", "token fetched once per run with `oauth_generate_token` (the library caches "
-                               "none); `Mpesa(token).mpesa_express_payment`, password and EAT timestamp from "
-                               "its helpers"),
+    "mpesa-sdk": (
+        "mpesa-sdk",
+        "token fetched once per run with `oauth_generate_token` (the library caches "
+        "none); `Mpesa(token).mpesa_express_payment`, password and EAT timestamp from "
+        "its helpers",
+    ),
     "daraja-sdk-py": ("daraja-sdk-py", "`daraja.Mpesa({...}).stk_push`, machine time zone as installed (UTC)"),
     "daraja-sdk-py TZ=Nairobi": ("daraja-sdk-py", "the same, with `TZ=Africa/Nairobi` in its environment"),
 }
@@ -39,45 +43,72 @@ CLIENTS = {
 
 # --------------------------------------------------------------- the driver (any venv)
 
+
 def _client(name: str, base_url: str):
     """Return (push(phone) -> None, close()) for one client; errors raise."""
     if name == "ours":
         import mpesa
-        daraja = mpesa.Daraja(base_url=base_url, consumer_key=KEY, consumer_secret=SECRET,
-                              shortcode=SHORTCODE, passkey=PASSKEY)
+
+        daraja = mpesa.Daraja(
+            base_url=base_url, consumer_key=KEY, consumer_secret=SECRET, shortcode=SHORTCODE, passkey=PASSKEY
+        )
 
         def push(phone, amount=10):
             daraja.stk_push(phone, amount, callback_url=CALLBACK, account_reference="BENCH", description="bench")
+
         return push, daraja.close
     if name == "mpesa-sdk":
         import mpesa_sdk
         import mpesa_sdk.urls
+
         mpesa_sdk.urls.SANDBOX_BASE_URL = base_url
         body, _ = mpesa_sdk.oauth_generate_token(KEY, SECRET, env="sandbox")
         client = mpesa_sdk.Mpesa(body["access_token"], env="sandbox")
 
         def push(phone, amount=10):
             timestamp = mpesa_sdk.generate_timestamp()
-            client.mpesa_express_payment({
-                "BusinessShortCode": SHORTCODE, "Timestamp": timestamp,
-                "Password": mpesa_sdk.generate_mpesa_express_password(SHORTCODE, PASSKEY, timestamp),
-                "Amount": amount, "PartyA": phone, "PartyB": SHORTCODE, "PhoneNumber": phone,
-                "CallBackURL": CALLBACK, "AccountReference": "BENCH", "TransactionDesc": "bench"})
+            client.mpesa_express_payment(
+                {
+                    "BusinessShortCode": SHORTCODE,
+                    "Timestamp": timestamp,
+                    "Password": mpesa_sdk.generate_mpesa_express_password(SHORTCODE, PASSKEY, timestamp),
+                    "Amount": amount,
+                    "PartyA": phone,
+                    "PartyB": SHORTCODE,
+                    "PhoneNumber": phone,
+                    "CallBackURL": CALLBACK,
+                    "AccountReference": "BENCH",
+                    "TransactionDesc": "bench",
+                }
+            )
+
         return push, lambda: None
     if name.startswith("daraja-sdk-py"):
         import logging
-        logging.getLogger("mpesa").setLevel(logging.CRITICAL)   # it logs every refused call
+
+        logging.getLogger("mpesa").setLevel(logging.CRITICAL)  # it logs every refused call
         import daraja.environment
+
         daraja.environment.SANDBOX_BASE_URL = base_url
         from daraja import Mpesa
-        client = Mpesa({"consumer_key": KEY, "consumer_secret": SECRET, "environment": "sandbox",
-                        "passkey": PASSKEY})
+
+        client = Mpesa({"consumer_key": KEY, "consumer_secret": SECRET, "environment": "sandbox", "passkey": PASSKEY})
 
         def push(phone, amount=10):
-            client.stk_push({"BusinessShortCode": int(SHORTCODE), "TransactionType": "CustomerPayBillOnline",
-                             "Amount": amount, "PartyA": int(phone), "PartyB": int(SHORTCODE),
-                             "PhoneNumber": int(phone), "CallBackURL": CALLBACK, "AccountReference": "BENCH",
-                             "TransactionDesc": "bench"})
+            client.stk_push(
+                {
+                    "BusinessShortCode": int(SHORTCODE),
+                    "TransactionType": "CustomerPayBillOnline",
+                    "Amount": amount,
+                    "PartyA": int(phone),
+                    "PartyB": int(SHORTCODE),
+                    "PhoneNumber": int(phone),
+                    "CallBackURL": CALLBACK,
+                    "AccountReference": "BENCH",
+                    "TransactionDesc": "bench",
+                }
+            )
+
         return push, client._client.close
     raise ValueError(f"unknown client {name!r}")
 
@@ -105,7 +136,7 @@ def drive(name: str, base_url: str, phones: list[str], threads: int, deadline: f
         started = time.perf_counter()
         try:
             push(phone)
-        except Exception as error:   # a peer's own exception types
+        except Exception as error:  # a peer's own exception types
             with lock:
                 key = _error_text(error)
                 errors[key] = errors.get(key, 0) + 1
@@ -123,9 +154,13 @@ def drive(name: str, base_url: str, phones: list[str], threads: int, deadline: f
     finally:
         close()
     latencies.sort()
-    return {"wall": time.perf_counter() - began, "ok": len(latencies), "errors": errors,
-            "p50": statistics.median(latencies) if latencies else None,
-            "p99": latencies[int(0.99 * (len(latencies) - 1))] if latencies else None}
+    return {
+        "wall": time.perf_counter() - began,
+        "ok": len(latencies),
+        "errors": errors,
+        "p50": statistics.median(latencies) if latencies else None,
+        "p99": latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
+    }
 
 
 def retry_probe(name: str, base_url: str, phone: str) -> str:
@@ -153,9 +188,21 @@ def _main(argv: list[str]) -> None:
 
 # ------------------------------------------------------------ the benchmark (project venv)
 
+
 def run(ctx) -> str:
-    from bench.harness import (PYTHON, ROOT, base_env, bench_venv_python, closes_connections, fmt, median,
-                               simulator_reset, simulator_stats, start_simulator, table)
+    from bench.harness import (
+        PYTHON,
+        ROOT,
+        base_env,
+        bench_venv_python,
+        closes_connections,
+        fmt,
+        median,
+        simulator_reset,
+        simulator_stats,
+        start_simulator,
+        table,
+    )
 
     pushes = 200 if ctx.quick else 1000
     rounds = ctx.runs(3, 1)
@@ -173,19 +220,20 @@ def run(ctx) -> str:
         if name.endswith("TZ=Nairobi"):
             env["TZ"] = "Africa/Nairobi"
         python = PYTHON if name == "ours" else str(venv_python)
-        done = subprocess.run([python, "-m", "bench.bench_peers", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [python, "-m", "bench.bench_peers", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
         if done.returncode != 0:
             return {"crash": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     results: dict = {(name, mode): [] for name in CLIENTS for mode in ("sequential", f"{THREADS} threads")}
-    for number in range(rounds):   # interleaved, so drift on the machine hits every client alike
+    for number in range(rounds):  # interleaved, so drift on the machine hits every client alike
         for name in CLIENTS:
             for mode, threads in (("sequential", 1), (f"{THREADS} threads", THREADS)):
                 earlier = results[(name, mode)]
                 if earlier and (earlier[0].get("crash") or not earlier[0].get("ok")):
-                    continue   # refused or broken: one run says it all
+                    continue  # refused or broken: one run says it all
                 simulator_reset(sim.url)
                 ctx.log(f"peers: {name}, {mode}, run {number + 1}/{rounds}")
                 result = child(name, ["drive", name, sim.url, str(threads), ",".join(phones())])
@@ -195,13 +243,15 @@ def run(ctx) -> str:
     probes = {}
     for name in CLIENTS:
         if name == "daraja-sdk-py":
-            continue   # refused before it could push at all
+            continue  # refused before it could push at all
         simulator_reset(sim.url)
         ctx.log(f"peers: {name}, a push Daraja refuses with HTTP 500")
         answer = child(name, ["probe", name, sim.url, f"2547{block[0] + 1:02d}000001"])
         stats = simulator_stats(sim.url)
-        probes[name] = (answer.get("error") or answer.get("crash"),
-                        stats["pushes_accepted"] + stats["pushes_rejected"] - 1)
+        probes[name] = (
+            answer.get("error") or answer.get("crash"),
+            stats["pushes_accepted"] + stats["pushes_rejected"] - 1,
+        )
 
     rows = []
     for (name, mode), runs in results.items():
@@ -219,25 +269,46 @@ def run(ctx) -> str:
                 errors[text] = errors.get(text, 0) + count
         problem = "; ".join(f"{count:,} × {text}" for text, count in errors.items())
         if not ok:
-            rows.append([label, mode, f"{median(r['wall'] for r in runs):.2f} s", "—", "—", "—",
-                         f"0 / {pushes:,}", ", ".join(str(r["tokens"]) for r in runs),
-                         f"**refused by Daraja:** {problem}"])
+            rows.append(
+                [
+                    label,
+                    mode,
+                    f"{median(r['wall'] for r in runs):.2f} s",
+                    "—",
+                    "—",
+                    "—",
+                    f"0 / {pushes:,}",
+                    ", ".join(str(r["tokens"]) for r in runs),
+                    f"**refused by Daraja:** {problem}",
+                ]
+            )
             continue
-        rows.append([label, mode, f"{median(r['wall'] for r in ok):.2f} s",
-                     fmt(median(r["ok"] / r["wall"] for r in ok)), fmt(median(r["p50"] for r in ok), 1),
-                     fmt(median(r["p99"] for r in ok), 1),
-                     f"{sum(r['ok'] for r in runs):,} / {pushes * len(runs):,}",
-                     ", ".join(str(r["tokens"]) for r in runs), problem or "—"])
+        rows.append(
+            [
+                label,
+                mode,
+                f"{median(r['wall'] for r in ok):.2f} s",
+                fmt(median(r["ok"] / r["wall"] for r in ok)),
+                fmt(median(r["p50"] for r in ok), 1),
+                fmt(median(r["p99"] for r in ok), 1),
+                f"{sum(r['ok'] for r in runs):,} / {pushes * len(runs):,}",
+                ", ".join(str(r["tokens"]) for r in runs),
+                problem or "—",
+            ]
+        )
 
     django = _django_daraja(venv_python, ROOT, base_env())
-    rows.append([f"django-daraja {pins.get('django-daraja', '')}", "—", "—", "—", "—", "—", "—", "—",
-                 f"**not run:** {django}"])
+    rows.append(
+        [f"django-daraja {pins.get('django-daraja', '')}", "—", "—", "—", "—", "—", "—", "—", f"**not run:** {django}"]
+    )
 
     ours = median(r["wall"] for r in results.get(("ours", f"{THREADS} threads"), []) if r.get("ok"))
-    theirs = {name: median(r["wall"] for r in results.get((name, f"{THREADS} threads"), []) if r.get("ok"))
-              for name in CLIENTS if name != "ours"}
-    comparisons = [f"{name}: {wall / ours:.1f}× our wall time" for name, wall in theirs.items()
-                   if wall and ours]
+    theirs = {
+        name: median(r["wall"] for r in results.get((name, f"{THREADS} threads"), []) if r.get("ok"))
+        for name in CLIENTS
+        if name != "ours"
+    }
+    comparisons = [f"{name}: {wall / ours:.1f}× our wall time" for name, wall in theirs.items() if wall and ours]
     lines = [
         "## 5. Against other Python Daraja clients",
         "",
@@ -247,24 +318,45 @@ def run(ctx) -> str:
         "`bench/peers-requirements.txt`), pointed at the simulator by replacing the sandbox base-URL "
         "constant they read. Wall time includes creating the client and getting its token.",
         "",
-        table(["client", "mode", "wall time", "pushes/s", "p50 ms", "p99 ms", "accepted", "token requests per run",
-               "notes"], rows),
+        table(
+            [
+                "client",
+                "mode",
+                "wall time",
+                "pushes/s",
+                "p50 ms",
+                "p99 ms",
+                "accepted",
+                "token requests per run",
+                "notes",
+            ],
+            rows,
+        ),
         "",
         "How each was driven: " + "; ".join(f"**{name}**: {how}" for name, (_, how) in CLIENTS.items() if how) + ".",
     ]
     if comparisons:
         lines += ["", f"With {THREADS} threads, " + "; ".join(comparisons) + "."]
     if closes_connections(sim.url + "/simulator/health"):
-        lines += ["", "The simulator (werkzeug's server) answers `Connection: close`, so every client opens a "
-                      "connection per push and pooling cannot show here; against Daraja over TLS, a client "
-                      "without a pooled session (mpesa-sdk calls `requests.request` each time) would also pay "
-                      "a TLS handshake per push."]
+        lines += [
+            "",
+            "The simulator (werkzeug's server) answers `Connection: close`, so every client opens a "
+            "connection per push and pooling cannot show here; against Daraja over TLS, a client "
+            "without a pooled session (mpesa-sdk calls `requests.request` each time) would also pay "
+            "a TLS handshake per push.",
+        ]
     if probes:
-        lines += ["", "A push Daraja refuses with HTTP 500 (`500.001.1001 Unable to lock subscriber`: a second "
-                      "push to a phone whose prompt is open): what the client raised, and how many push requests "
-                      "Daraja received for that one call:", "",
-                  table(["client", "error raised", "push requests sent"],
-                        [[name, text, count] for name, (text, count) in probes.items()])]
+        lines += [
+            "",
+            "A push Daraja refuses with HTTP 500 (`500.001.1001 Unable to lock subscriber`: a second "
+            "push to a phone whose prompt is open): what the client raised, and how many push requests "
+            "Daraja received for that one call:",
+            "",
+            table(
+                ["client", "error raised", "push requests sent"],
+                [[name, text, count] for name, (text, count) in probes.items()],
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -279,13 +371,21 @@ def _pins(path) -> dict:
 
 def _django_daraja(python, root, env) -> str:
     """django-daraja runs only inside a configured Django project; say what importing it does."""
-    done = subprocess.run([str(python), "-c", "import django_daraja.mpesa.core"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(python), "-c", "import django_daraja.mpesa.core"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if done.returncode == 0:
         return "imports without a Django project, but keeps its token in a Django model (needs a database)"
     last = (done.stderr.strip().splitlines() or ["?"])[-1]
-    return ("needs a Django project (settings and a database table for its token); importing it outside "
-            f"one fails with `{last.split(':')[0]}`")
+    return (
+        "needs a Django project (settings and a database table for its token); importing it outside "
+        f"one fails with `{last.split(':')[0]}`"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ The tables give each function's share of the samples with it on the stack (inclu
 the top (self); the findings turn the large shares into proposed changes. A micro-benchmark
 then times each piece of a status poll in-process, beside the whole poll and the bare app.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,29 +19,52 @@ from collections import Counter
 from pathlib import Path
 
 from bench.bench_memory import record
-from bench.harness import (ROOT, BenchError, Context, bench_venv_python, completed_payment, free_port,
-                           gunicorn_workers, load, post_batch, server_env, start_gunicorn, start_redis,
-                           start_simulator, table)
+from bench.harness import (
+    ROOT,
+    BenchError,
+    Context,
+    bench_venv_python,
+    completed_payment,
+    free_port,
+    gunicorn_workers,
+    load,
+    post_batch,
+    server_env,
+    start_gunicorn,
+    start_redis,
+    start_simulator,
+    table,
+)
 from config import load_settings
 
 FRAME = re.compile(r"^(?P<function>.+) \((?P<file>[^:()]+)(?::\d+)?\)$")
 CONCERNS = [  # label, test on a frame's (file, function); none of them wraps the view
-    ("logging while answering (the request's own line is made by the request-log thread)",
-     lambda f, fn: f.startswith("logging/")),
-    ("gunicorn access-log atoms, built then dropped", lambda f, fn: f == "gunicorn/glogging.py"
-     and fn.startswith(("Logger.access", "Logger.atoms"))),
+    (
+        "logging while answering (the request's own line is made by the request-log thread)",
+        lambda f, fn: f.startswith("logging/"),
+    ),
+    (
+        "gunicorn access-log atoms, built then dropped",
+        lambda f, fn: f == "gunicorn/glogging.py" and fn.startswith(("Logger.access", "Logger.atoms")),
+    ),
     ("JSON encode/decode", lambda f, fn: f.startswith(("json/", "flask/json"))),
     ("store.py (reads, writes, encoding)", lambda f, fn: f == "store.py"),
     ("copy.deepcopy", lambda f, fn: f == "copy.py"),
     ("dataclasses.asdict", lambda f, fn: f == "dataclasses.py" and "asdict" in fn),
-    ("Flask-Limiter request check (limits off)", lambda f, fn: f.startswith("flask_limiter/")
-     and ("check_request_limit" in fn or "evaluate_limits" in fn)),
+    (
+        "Flask-Limiter request check (limits off)",
+        lambda f, fn: f.startswith("flask_limiter/") and ("check_request_limit" in fn or "evaluate_limits" in fn),
+    ),
     ("Flask-CORS after_request", lambda f, fn: f.startswith("flask_cors/") and "after_request" in fn),
-    ("request metrics (metrics.py, prometheus_client)", lambda f, fn: f.startswith("prometheus_client/")
-     or (f == "metrics.py" and fn == "requests_served")),
+    (
+        "request metrics (metrics.py, prometheus_client)",
+        lambda f, fn: f.startswith("prometheus_client/") or (f == "metrics.py" and fn == "requests_served"),
+    ),
     ("outgoing HTTP to Daraja (requests, urllib3)", lambda f, fn: f.startswith(("requests/", "urllib3/"))),
-    ("requests reading proxy settings from the environment", lambda f, fn: f.startswith("requests/")
-     and ("merge_environment_settings" in fn or "get_environ_proxies" in fn)),
+    (
+        "requests reading proxy settings from the environment",
+        lambda f, fn: f.startswith("requests/") and ("merge_environment_settings" in fn or "get_environ_proxies" in fn),
+    ),
 ]
 
 
@@ -61,18 +85,26 @@ def run(ctx: Context) -> str:
     scratch = ctx.scratch("profile")
 
     ctx.log("profile: status polls under py-spy")
-    poll_stacks = _record(py_spy, workers[0], seconds, scratch / "poll.txt", lambda: load(
-        server.url + "/stkpush/status", {"checkoutRequestId": checkout_id}, seconds - 1, 32, scratch))
+    poll_stacks = _record(
+        py_spy,
+        workers[0],
+        seconds,
+        scratch / "poll.txt",
+        lambda: load(server.url + "/stkpush/status", {"checkoutRequestId": checkout_id}, seconds - 1, 32, scratch),
+    )
     ctx.log("profile: pushes under py-spy")
     pushes = 300 if ctx.quick else 1000
     jobs = [(server.url + "/stkpush", {"phone": f"25472{i:07d}", "amount": 10}, {}) for i in range(pushes)]
-    push_stacks = _record(py_spy, workers[0], seconds, scratch / "push.txt",
-                          lambda: post_batch(jobs, 50, deadline_seconds=seconds * 3))
+    push_stacks = _record(
+        py_spy, workers[0], seconds, scratch / "push.txt", lambda: post_batch(jobs, 50, deadline_seconds=seconds * 3)
+    )
 
     micro = _micro(ctx)
     sections, shares = [], {}
-    for title, stacks in (("Status poll (`POST /stkpush/status`, completed payment)", poll_stacks),
-                          ("Push (`POST /stkpush`)", push_stacks)):
+    for title, stacks in (
+        ("Status poll (`POST /stkpush/status`, completed payment)", poll_stacks),
+        ("Push (`POST /stkpush`)", push_stacks),
+    ):
         text, shares[title.split(" (")[0]] = _report(stacks, own_files)
         sections += ["", f"### {title}", "", text]
     lines = [
@@ -98,8 +130,22 @@ def run(ctx: Context) -> str:
 
 def _record(py_spy: Path, pid: int, seconds: float, output: Path, work) -> Counter:
     """Run work() while py-spy records pid; return the collapsed stacks."""
-    command = [str(py_spy), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250",
-               "--nonblocking", "--gil", "--format", "raw", "--output", str(output)]
+    command = [
+        str(py_spy),
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(int(seconds)),
+        "--rate",
+        "250",
+        "--nonblocking",
+        "--gil",
+        "--format",
+        "raw",
+        "--output",
+        str(output),
+    ]
     spy = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         time.sleep(0.5)
@@ -155,15 +201,25 @@ def _report(stacks: Counter, own_files: set[str]) -> tuple[str, dict]:
     def share(n):
         return f"{100 * n / total:.0f}%"
 
-    parts = [f"{total:,} samples of request handling holding the GIL.", "",
-             "**Self time by component** (where the interpreter actually was):", "",
-             table(["component", "share"], [[name, share(n)] for name, n in components.most_common(10)]),
-             "", "**Inclusive, by concern** (a sample may count under several):", "",
-             table(["concern", "share"], [[name, share(n)] for name, n in concerns.most_common()]),
-             "", "**Our code, inclusive:**", "",
-             table(["function", "share"], [[label, share(n)] for label, n in inclusive.most_common(10)]),
-             "", "**Hottest functions, self:**", "",
-             table(["function", "share"], [[label, share(n)] for label, n in self_time.most_common(8)])]
+    parts = [
+        f"{total:,} samples of request handling holding the GIL.",
+        "",
+        "**Self time by component** (where the interpreter actually was):",
+        "",
+        table(["component", "share"], [[name, share(n)] for name, n in components.most_common(10)]),
+        "",
+        "**Inclusive, by concern** (a sample may count under several):",
+        "",
+        table(["concern", "share"], [[name, share(n)] for name, n in concerns.most_common()]),
+        "",
+        "**Our code, inclusive:**",
+        "",
+        table(["function", "share"], [[label, share(n)] for label, n in inclusive.most_common(10)]),
+        "",
+        "**Hottest functions, self:**",
+        "",
+        table(["function", "share"], [[label, share(n)] for label, n in self_time.most_common(8)]),
+    ]
     return "\n".join(parts), {name: n / total for name, n in concerns.items()}
 
 
@@ -172,14 +228,13 @@ def _component(file: str, own_files: set[str]) -> str:
     if file in own_files:
         return f"our `{file}`"
     if file.startswith("<frozen "):
-        file = file[len("<frozen "):].rstrip(">")
+        file = file[len("<frozen ") :].rstrip(">")
     return file.split("/")[0].removesuffix(".py")
 
 
 def _version(py_spy: Path) -> str:
     try:
-        return subprocess.run([str(py_spy), "--version"], capture_output=True, text=True,
-                              timeout=10).stdout.split()[-1]
+        return subprocess.run([str(py_spy), "--version"], capture_output=True, text=True, timeout=10).stdout.split()[-1]
     except (OSError, subprocess.SubprocessError, IndexError):
         return "?"
 
@@ -220,80 +275,97 @@ def _micro(ctx: Context) -> str:
         return min(timeit.repeat(function, number=repeat, repeat=5)) / repeat * 1e6
 
     def poll(app):
-        environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/stkpush/status", "SERVER_NAME": "bench",
-                   "SERVER_PORT": "80", "wsgi.url_scheme": "http", "CONTENT_TYPE": "application/json",
-                   "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": "127.0.0.1"}
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": "/stkpush/status",
+            "SERVER_NAME": "bench",
+            "SERVER_PORT": "80",
+            "wsgi.url_scheme": "http",
+            "CONTENT_TYPE": "application/json",
+            "CONTENT_LENGTH": str(len(body)),
+            "REMOTE_ADDR": "127.0.0.1",
+        }
 
         def call():
             answer = app({**environ, "wsgi.input": io.BytesIO(body)}, lambda status, headers, exc_info=None: None)
             b"".join(answer)
             getattr(answer, "close", lambda: None)()
+
         return call
 
     memory = apps["memory"]
     request_log = logging.getLogger("server")
-    with memory.test_request_context("/stkpush/status", method="POST", data=body,
-                                     content_type="application/json"):
+    with memory.test_request_context("/stkpush/status", method="POST", data=body, content_type="application/json"):
         tx = memory.extensions["store"].get(completed.checkout_request_id)
         pieces = [
-            ("the request's JSON log line through logging (`requestlog.RequestRecord`, formatted and "
-             "written at once, to /dev/null; under gunicorn the worker's request-log thread makes the "
-             "line without the record and its writer thread writes it, not the thread answering the "
-             "request)",
-             best(lambda: request_log.handle(requestlog.RequestRecord(
-                 "POST", "/stkpush/status", 200, 1.2, "127.0.0.1", "0123456789abcdef0123456789abcdef")))),
-            ("its request metrics, one request at a time (`metrics.requests_served`; under "
-             "gunicorn the request-log thread observes its batch at once)",
-             best(lambda: metrics.requests_served([("POST", "/stkpush/status", 200, 0.001)]))),
+            (
+                "the request's JSON log line through logging (`requestlog.RequestRecord`, formatted and "
+                "written at once, to /dev/null; under gunicorn the worker's request-log thread makes the "
+                "line without the record and its writer thread writes it, not the thread answering the "
+                "request)",
+                best(
+                    lambda: request_log.handle(
+                        requestlog.RequestRecord(
+                            "POST", "/stkpush/status", 200, 1.2, "127.0.0.1", "0123456789abcdef0123456789abcdef"
+                        )
+                    )
+                ),
+            ),
+            (
+                "its request metrics, one request at a time (`metrics.requests_served`; under "
+                "gunicorn the request-log thread observes its batch at once)",
+                best(lambda: metrics.requests_served([("POST", "/stkpush/status", 200, 0.001)])),
+            ),
             ("reading the body (`read_json`)", best(server.read_json)),
-            ("building and encoding the answer (`status_answer` + `jsonify`; first poll after settling only)",
-             best(lambda: server.jsonify(server.status_answer(tx)))),
+            (
+                "building and encoding the answer (`status_answer` + `jsonify`; first poll after settling only)",
+                best(lambda: server.jsonify(server.status_answer(tx))),
+            ),
         ]
     for name, app in apps.items():
         store_ = app.extensions["store"]
-        pieces.append((f"reading the record (`{type(store_).__name__}.get`; the first poll after "
-                       "it settled only, later ones get the kept answer)",
-                       best(lambda: store_.get(completed.checkout_request_id))))
+        pieces.append(
+            (
+                f"reading the record (`{type(store_).__name__}.get`; the first poll after "
+                "it settled only, later ones get the kept answer)",
+                best(lambda: store_.get(completed.checkout_request_id)),
+            )
+        )
     whole = [("the bare app (bench/bare_app.py)", best(poll(bare.app)))]
     whole += [(f"the server, {name} store", best(poll(app))) for name, app in apps.items()]
     for app in apps.values():
         app.extensions["store"].close()
     rows = [[name, f"{micros:.1f} µs"] for name, micros in whole + pieces]
-    return "\n".join([
-        f"Best of 5 × {repeat:,} calls each, in this process: one completed payment polled through "
-        "the WSGI app with no HTTP server in front (so without gunicorn's own cost per request, "
-        "which both apps pay alike), then the pieces of a poll one by one. Rate limits off, "
-        "as in section 1.",
-        "",
-        table(["what", "time per call"], rows),
-        "",
-        "A ratio of 0.9 in section 1 leaves the server about 11% more CPU per request than the bare "
-        "app *including* gunicorn's share, and gunicorn's share is most of the bare app's cost.",
-    ])
+    return "\n".join(
+        [
+            f"Best of 5 × {repeat:,} calls each, in this process: one completed payment polled through "
+            "the WSGI app with no HTTP server in front (so without gunicorn's own cost per request, "
+            "which both apps pay alike), then the pieces of a poll one by one. Rate limits off, "
+            "as in section 1.",
+            "",
+            table(["what", "time per call"], rows),
+            "",
+            "A ratio of 0.9 in section 1 leaves the server about 11% more CPU per request than the bare "
+            "app *including* gunicorn's share, and gunicorn's share is most of the bare app's cost.",
+        ]
+    )
 
 
 # What to change when a concern takes a material share of a path (shown from 3%).
 PROPOSALS = {
-    "logging while answering (the request's own line is made by the request-log thread)":
-        "lines logged while a request is answered (a push's `payment … started`, Daraja calls) "
-        "are made and formatted on the answering thread, where the request's own line no longer "
-        "is (`requestlog.defer`); the same hand-over would move them to a thread where that "
-        "work is cheaper",
-    "gunicorn access-log atoms, built then dropped":
-        "gunicorn builds access-log fields nobody writes: check `AppLogger` in gunicorn.conf.py",
-    "request metrics (metrics.py, prometheus_client)":
-        "with several workers each observation writes prometheus-client's multiprocess files; "
-        "fewer histogram buckets or labels would make it cheaper",
-    "store.py (reads, writes, encoding)":
-        "the record is decoded whole from JSON on every read (callbacks, polls of pending "
-        "payments); most need a few fields",
-    "Flask-Limiter request check (limits off)":
-        "Flask-Limiter is created although limits are off: check `NoRateLimits` in server.py",
-    "Flask-CORS after_request":
-        "Flask-CORS (installed only when FRONTEND_URL is set) matches every request against its "
-        "resources; requests without an Origin header could skip it",
-    "requests reading proxy settings from the environment":
-        "requests is reading the environment per call again: check `mpesa.pooled_session`",
+    "logging while answering (the request's own line is made by the request-log thread)": "lines logged while a request is answered (a push's `payment … started`, Daraja calls) "
+    "are made and formatted on the answering thread, where the request's own line no longer "
+    "is (`requestlog.defer`); the same hand-over would move them to a thread where that "
+    "work is cheaper",
+    "gunicorn access-log atoms, built then dropped": "gunicorn builds access-log fields nobody writes: check `AppLogger` in gunicorn.conf.py",
+    "request metrics (metrics.py, prometheus_client)": "with several workers each observation writes prometheus-client's multiprocess files; "
+    "fewer histogram buckets or labels would make it cheaper",
+    "store.py (reads, writes, encoding)": "the record is decoded whole from JSON on every read (callbacks, polls of pending "
+    "payments); most need a few fields",
+    "Flask-Limiter request check (limits off)": "Flask-Limiter is created although limits are off: check `NoRateLimits` in server.py",
+    "Flask-CORS after_request": "Flask-CORS (installed only when FRONTEND_URL is set) matches every request against its "
+    "resources; requests without an Origin header could skip it",
+    "requests reading proxy settings from the environment": "requests is reading the environment per call again: check `mpesa.pooled_session`",
 }
 
 
@@ -301,8 +373,11 @@ def _findings(shares: dict) -> str:
     """The proposals whose concern takes at least 3% of a path's Python CPU time."""
     items = []
     for concern, proposal in PROPOSALS.items():
-        seen = [f"{share * 100:.0f}% of {path.lower()}" for path, found in shares.items()
-                if (share := found.get(concern, 0)) >= 0.03]
+        seen = [
+            f"{share * 100:.0f}% of {path.lower()}"
+            for path, found in shares.items()
+            if (share := found.get(concern, 0)) >= 0.03
+        ]
         if seen:
             items.append(f"- **{concern}**: {' and '.join(seen)} CPU. Change: {proposal}.")
     return "\n".join(items) if items else "Nothing takes 3% or more of either path."

@@ -7,6 +7,7 @@ one pooled session per thread) sends `POST /stkpush` to the server, and the equi
 request (token fetched once, password built once per run) straight to the simulator; the
 difference in latency is what the server adds. Runs alternate between the two paths.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -14,9 +15,26 @@ import multiprocessing
 import requests
 
 import mpesa
-from bench.harness import (LOCAL, SIM_KEY, SIM_SECRET, BenchError, Context, closes_connections, fmt,
-                           free_port, median, percentile, post_batch, server_env, simulator_reset,
-                           simulator_stats, start_gunicorn, start_simulator, store_urls, table)
+from bench.harness import (
+    LOCAL,
+    SIM_KEY,
+    SIM_SECRET,
+    BenchError,
+    Context,
+    closes_connections,
+    fmt,
+    free_port,
+    median,
+    percentile,
+    post_batch,
+    server_env,
+    simulator_reset,
+    simulator_stats,
+    start_gunicorn,
+    start_simulator,
+    store_urls,
+    table,
+)
 
 THREADS = 50
 
@@ -30,8 +48,12 @@ def run(ctx: Context) -> str:
     servers = {}
     for name, url in stores:
         servers[name] = start_gunicorn(ctx, server_env(sim.url, url, free_port()), name=f"server-{name}")
-    token = requests.get(sim.url + "/oauth/v1/generate", params={"grant_type": "client_credentials"},
-                         auth=(SIM_KEY, SIM_SECRET), timeout=10).json()["access_token"]
+    token = requests.get(
+        sim.url + "/oauth/v1/generate",
+        params={"grant_type": "client_credentials"},
+        auth=(SIM_KEY, SIM_SECRET),
+        timeout=10,
+    ).json()["access_token"]
 
     batches: dict[str, list] = {name: [] for name in [*servers, "direct"]}
     tokens = {name: 0 for name in servers}
@@ -44,9 +66,14 @@ def run(ctx: Context) -> str:
             if name == "direct":
                 jobs = _daraja_jobs(sim.url, token, phones)
             else:
-                jobs = [(servers[name].url + "/stkpush",
-                         {"phone": phone, "amount": 10, "accountReference": "BENCH", "description": "bench"},
-                         {}) for phone in phones]
+                jobs = [
+                    (
+                        servers[name].url + "/stkpush",
+                        {"phone": phone, "amount": 10, "accountReference": "BENCH", "description": "bench"},
+                        {},
+                    )
+                    for phone in phones
+                ]
             simulator_reset(sim.url)
             ctx.log(f"push: round {round_number + 1}/{rounds}: {pushes} pushes, {name}")
             batch = post_batch(jobs, THREADS, deadline_seconds=120)
@@ -60,14 +87,36 @@ def run(ctx: Context) -> str:
     for name in servers:
         ours = _summary(batches[name])
         workers = "1 worker" if name == "memory" else f"{multiprocessing.cpu_count() * 2 + 1} workers"
-        rows.append([f"through the server ({name} store, {workers} × 8 threads)", fmt(ours["rate"]),
-                     fmt(ours["p50"], 1), fmt(ours["p99"], 1),
-                     f"+{fmt(ours['p50'] - direct['p50'], 1)} / +{fmt(ours['p99'] - direct['p99'], 1)}",
-                     ours["ok"], f"**{tokens[name]}**"])
-        ctx.summary.append([f"push path, {name} store: token requests for {rounds * pushes:,} pushes",
-                            "1", str(tokens[name]), "yes" if tokens[name] == 1 else "**no**"])
-    rows.append(["straight to the simulator (same client code)", fmt(direct["rate"]),
-                 fmt(direct["p50"], 1), fmt(direct["p99"], 1), "—", direct["ok"], "1 (fetched once)"])
+        rows.append(
+            [
+                f"through the server ({name} store, {workers} × 8 threads)",
+                fmt(ours["rate"]),
+                fmt(ours["p50"], 1),
+                fmt(ours["p99"], 1),
+                f"+{fmt(ours['p50'] - direct['p50'], 1)} / +{fmt(ours['p99'] - direct['p99'], 1)}",
+                ours["ok"],
+                f"**{tokens[name]}**",
+            ]
+        )
+        ctx.summary.append(
+            [
+                f"push path, {name} store: token requests for {rounds * pushes:,} pushes",
+                "1",
+                str(tokens[name]),
+                "yes" if tokens[name] == 1 else "**no**",
+            ]
+        )
+    rows.append(
+        [
+            "straight to the simulator (same client code)",
+            fmt(direct["rate"]),
+            fmt(direct["p50"], 1),
+            fmt(direct["p99"], 1),
+            "—",
+            direct["ok"],
+            "1 (fetched once)",
+        ]
+    )
     lines = [
         "## 2. Push path",
         "",
@@ -76,15 +125,28 @@ def run(ctx: Context) -> str:
         "gunicorn configuration, rate limits off, Daraja = the simulator in its own process. "
         "Latency is what the client measures for one request.",
         "",
-        table(["path", "pushes/s", "p50 ms", "p99 ms", "server adds p50 / p99 ms", "accepted (all runs)",
-               "token requests (all runs)"], rows),
+        table(
+            [
+                "path",
+                "pushes/s",
+                "p50 ms",
+                "p99 ms",
+                "server adds p50 / p99 ms",
+                "accepted (all runs)",
+                "token requests (all runs)",
+            ],
+            rows,
+        ),
         "",
         "Goal for token requests: 1 per server, however many threads and workers push at a cold start "
         "(counted by the simulator, `GET /simulator/stats` → `tokens_issued`, over every run).",
     ]
     if closes_connections(sim.url + "/simulator/health"):
-        lines += ["", "The simulator answers `Connection: close`: the server's pooled Daraja session opens a "
-                      "connection per push here, as the direct client does."]
+        lines += [
+            "",
+            "The simulator answers `Connection: close`: the server's pooled Daraja session opens a "
+            "connection per push here, as the direct client does.",
+        ]
     if redis_missing and not ctx.quick:
         lines += ["", f"**Redis skipped:** {redis_missing}."]
     if failures:
@@ -98,16 +160,34 @@ def _daraja_jobs(simulator_url: str, token: str, phones: list[str]) -> list:
     headers = {"Authorization": f"Bearer {token}"}
     url = simulator_url + "/mpesa/stkpush/v1/processrequest"
     callback = f"http://{LOCAL}:9/hooks/stk/unused"
-    return [(url, {"BusinessShortCode": mpesa.SANDBOX_SHORTCODE, "Password": password, "Timestamp": timestamp,
-                   "TransactionType": "CustomerPayBillOnline", "Amount": 10, "PartyA": phone,
-                   "PartyB": mpesa.SANDBOX_SHORTCODE, "PhoneNumber": phone, "CallBackURL": callback,
-                   "AccountReference": "BENCH", "TransactionDesc": "bench"}, headers) for phone in phones]
+    return [
+        (
+            url,
+            {
+                "BusinessShortCode": mpesa.SANDBOX_SHORTCODE,
+                "Password": password,
+                "Timestamp": timestamp,
+                "TransactionType": "CustomerPayBillOnline",
+                "Amount": 10,
+                "PartyA": phone,
+                "PartyB": mpesa.SANDBOX_SHORTCODE,
+                "PhoneNumber": phone,
+                "CallBackURL": callback,
+                "AccountReference": "BENCH",
+                "TransactionDesc": "bench",
+            },
+            headers,
+        )
+        for phone in phones
+    ]
 
 
 def _summary(batches: list) -> dict:
     if not batches:
         raise BenchError("no runs")
-    return {"rate": median(b.rate for b in batches),
-            "p50": median(percentile(b.latencies_ms, 50) for b in batches),
-            "p99": median(percentile(b.latencies_ms, 99) for b in batches),
-            "ok": f"{sum(b.ok for b in batches):,} / {sum(len(b.latencies_ms) + len(b.failures) for b in batches):,}"}
+    return {
+        "rate": median(b.rate for b in batches),
+        "p50": median(percentile(b.latencies_ms, 50) for b in batches),
+        "p99": median(percentile(b.latencies_ms, 99) for b in batches),
+        "ok": f"{sum(b.ok for b in batches):,} / {sum(len(b.latencies_ms) + len(b.failures) for b in batches):,}",
+    }

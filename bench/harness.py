@@ -9,6 +9,7 @@ Processes run in their own session and are stopped as a group (SIGTERM, then SIG
 when the context closes, whatever happened: a failure, Ctrl-C or SIGTERM to the runner.
 Nothing listens beyond 127.0.0.1 and every request loop here is bounded in count and time.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,6 +46,7 @@ class BenchError(Exception):
 
 # ------------------------------------------------------------------ processes
 
+
 class Process:
     """A child process in its own session, its output in a log file."""
 
@@ -54,9 +56,15 @@ class Process:
         self.log_path = log_path
         self.url: str | None = None
         self._log = open(log_path, "ab")
-        self.popen = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                      stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        self.popen = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -139,8 +147,15 @@ class Context:
     def log(self, message: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-    def start(self, name: str, command: list[str], env: dict | None = None,
-              ready_url: str | None = None, timeout: float = 30.0, cwd: Path = ROOT) -> Process:
+    def start(
+        self,
+        name: str,
+        command: list[str],
+        env: dict | None = None,
+        ready_url: str | None = None,
+        timeout: float = 30.0,
+        cwd: Path = ROOT,
+    ) -> Process:
         """Start a process that is stopped when the context (or stop_all) ends."""
         log_path = self.workdir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{len(self.processes)}.log"
         process = Process(name, command, env if env is not None else base_env(), log_path, cwd)
@@ -167,21 +182,45 @@ def free_port() -> int:
 
 # The server reads these (and .env fills in whatever is unset): pin every one of them.
 _SERVER_SETTINGS = (
-    "MPESA_ENV", "MPESA_BASE_URL", "MPESA_CONSUMER_KEY", "MPESA_CONSUMER_SECRET",
-    "MPESA_BUSINESS_SHORTCODE", "MPESA_SHORTCODE", "MPESA_PASSKEY", "MPESA_TRANSACTION_TYPE",
-    "MPESA_PARTY_B", "MPESA_TILL_NUMBER", "CALLBACK_URL", "MPESA_CALLBACK_URL", "CALLBACK_TOKEN",
-    "MAX_AMOUNT", "STORE_URL", "TRANSACTION_TTL", "STATUS_FIRST_QUERY_AFTER", "STATUS_QUERY_INTERVAL",
-    "RETENTION_SECONDS", "DARAJA_TIMEOUT", "FRONTEND_URL", "ADMIN_TOKEN", "USD_TO_KES_RATE", "PORT",
-    "TRUSTED_PROXIES", "CALLBACK_ALLOWED_IPS", "RATE_LIMIT_PUSH_PER_PHONE", "RATE_LIMIT_PUSH_PER_IP",
-    "RATE_LIMIT_STATUS_PER_IP", "RATELIMIT_ENABLED", "MERCHANT_WEBHOOK_URL", "WEBHOOK_SECRET",
+    "MPESA_ENV",
+    "MPESA_BASE_URL",
+    "MPESA_CONSUMER_KEY",
+    "MPESA_CONSUMER_SECRET",
+    "MPESA_BUSINESS_SHORTCODE",
+    "MPESA_SHORTCODE",
+    "MPESA_PASSKEY",
+    "MPESA_TRANSACTION_TYPE",
+    "MPESA_PARTY_B",
+    "MPESA_TILL_NUMBER",
+    "CALLBACK_URL",
+    "MPESA_CALLBACK_URL",
+    "CALLBACK_TOKEN",
+    "MAX_AMOUNT",
+    "STORE_URL",
+    "TRANSACTION_TTL",
+    "STATUS_FIRST_QUERY_AFTER",
+    "STATUS_QUERY_INTERVAL",
+    "RETENTION_SECONDS",
+    "DARAJA_TIMEOUT",
+    "FRONTEND_URL",
+    "ADMIN_TOKEN",
+    "USD_TO_KES_RATE",
+    "PORT",
+    "TRUSTED_PROXIES",
+    "CALLBACK_ALLOWED_IPS",
+    "RATE_LIMIT_PUSH_PER_PHONE",
+    "RATE_LIMIT_PUSH_PER_IP",
+    "RATE_LIMIT_STATUS_PER_IP",
+    "RATELIMIT_ENABLED",
+    "MERCHANT_WEBHOOK_URL",
+    "WEBHOOK_SECRET",
 )
 
 
 def base_env() -> dict:
     """This environment with every server setting blanked (an empty value counts as unset)."""
     env = dict(os.environ)
-    for name in ("DYNO", "WEB_CONCURRENCY", "GUNICORN_THREADS", "PROMETHEUS_MULTIPROC_DIR",
-                 "METRICS_STARTED_AT"):
+    for name in ("DYNO", "WEB_CONCURRENCY", "GUNICORN_THREADS", "PROMETHEUS_MULTIPROC_DIR", "METRICS_STARTED_AT"):
         env.pop(name, None)
     env.update(dict.fromkeys(_SERVER_SETTINGS, ""))
     env["PYTHONUNBUFFERED"] = "1"
@@ -191,23 +230,43 @@ def base_env() -> dict:
 def server_env(simulator_url: str, store_url: str, port: int, **settings) -> dict:
     """The environment of a payment server talking to simulator_url, rate limits off."""
     env = base_env()
-    env.update({
-        "MPESA_ENV": "simulator", "MPESA_BASE_URL": simulator_url,
-        "MPESA_CONSUMER_KEY": SIM_KEY, "MPESA_CONSUMER_SECRET": SIM_SECRET,
-        "STORE_URL": store_url, "PORT": str(port), "CALLBACK_URL": f"http://{LOCAL}:{port}",
-        "CALLBACK_TOKEN": CALLBACK_TOKEN, "RATELIMIT_ENABLED": "false",
-    })
+    env.update(
+        {
+            "MPESA_ENV": "simulator",
+            "MPESA_BASE_URL": simulator_url,
+            "MPESA_CONSUMER_KEY": SIM_KEY,
+            "MPESA_CONSUMER_SECRET": SIM_SECRET,
+            "STORE_URL": store_url,
+            "PORT": str(port),
+            "CALLBACK_URL": f"http://{LOCAL}:{port}",
+            "CALLBACK_TOKEN": CALLBACK_TOKEN,
+            "RATELIMIT_ENABLED": "false",
+        }
+    )
     env.update({name: str(value) for name, value in settings.items()})
     return env
 
 
-def start_simulator(ctx: Context, *, auto_delay: float = 0.1, prompt_timeout: float = 3600,
-                    query_min_interval: float = 1.0) -> Process:
+def start_simulator(
+    ctx: Context, *, auto_delay: float = 0.1, prompt_timeout: float = 3600, query_min_interval: float = 1.0
+) -> Process:
     """`python -m simulator --port N` in its own process; prompts wait an hour by default."""
     port = free_port()
-    command = [PYTHON, "-m", "simulator", "--host", LOCAL, "--port", str(port),
-               "--auto-delay", str(auto_delay), "--prompt-timeout", str(prompt_timeout),
-               "--query-min-interval", str(query_min_interval)]
+    command = [
+        PYTHON,
+        "-m",
+        "simulator",
+        "--host",
+        LOCAL,
+        "--port",
+        str(port),
+        "--auto-delay",
+        str(auto_delay),
+        "--prompt-timeout",
+        str(prompt_timeout),
+        "--query-min-interval",
+        str(query_min_interval),
+    ]
     process = ctx.start("simulator", command, ready_url=f"http://{LOCAL}:{port}/simulator/health")
     process.url = f"http://{LOCAL}:{port}"
     return process
@@ -225,8 +284,9 @@ def start_gunicorn(ctx: Context, env: dict, app: str = "server:app", name: str =
 def gunicorn_workers(process: Process) -> list[int]:
     """The pids of a gunicorn master's workers."""
     try:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(process.pid)], capture_output=True,
-                             text=True, timeout=5).stdout
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(process.pid)], capture_output=True, text=True, timeout=5
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     return [int(pid) for pid in out.split()]
@@ -239,7 +299,7 @@ def cpu_seconds(pids: list[int]) -> float | None:
         for pid in pids:
             with open(f"/proc/{pid}/stat") as stat:
                 fields = stat.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])   # utime, stime
+            total += int(fields[11]) + int(fields[12])  # utime, stime
     except (OSError, ValueError, IndexError):
         return None
     return total / os.sysconf("SC_CLK_TCK") if pids else None
@@ -251,8 +311,10 @@ def start_redis(ctx: Context) -> tuple[str | None, str]:
     if binary:
         port = free_port()
         directory = ctx.scratch(f"redis-{port}")
-        process = ctx.start("redis", [binary, "--port", str(port), "--bind", LOCAL, "--save", "",
-                                      "--appendonly", "no", "--dir", str(directory)])
+        process = ctx.start(
+            "redis",
+            [binary, "--port", str(port), "--bind", LOCAL, "--save", "", "--appendonly", "no", "--dir", str(directory)],
+        )
         url = f"redis://{LOCAL}:{port}/0"
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and process.alive():
@@ -266,6 +328,7 @@ def start_redis(ctx: Context) -> tuple[str | None, str]:
     fallback = f"redis://{LOCAL}:6379/14"
     if redis_answers(fallback):
         import redis
+
         client = redis.Redis.from_url(fallback)
         try:
             client.flushdb()
@@ -289,6 +352,7 @@ def store_urls(ctx: Context, label: str) -> tuple[list[tuple[str, str]], str | N
 
 def redis_answers(url: str) -> bool:
     import redis
+
     client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
     try:
         return bool(client.ping())
@@ -323,18 +387,28 @@ def wait_until(check, timeout: float = 15.0, every: float = 0.05):
 
 def completed_payment(server_url: str, phone: str = "254700000000") -> str:
     """Push to a simulator test number that pays, wait for the callback; return its id."""
-    answer = requests.post(server_url + "/stkpush", json={"phone": phone, "amount": 100,
-                                                          "accountReference": "BENCH-1",
-                                                          "description": "Benchmark"}, timeout=30)
+    answer = requests.post(
+        server_url + "/stkpush",
+        json={"phone": phone, "amount": 100, "accountReference": "BENCH-1", "description": "Benchmark"},
+        timeout=30,
+    )
     if answer.status_code != 200:
         raise BenchError(f"push for the completed payment failed: {answer.status_code} {answer.text[:300]}")
     checkout_id = answer.json()["checkoutRequestId"]
-    wait_until(lambda: requests.post(server_url + "/stkpush/status", json={"checkoutRequestId": checkout_id},
-                                     timeout=10).json().get("status") == "completed", timeout=20)
+    wait_until(
+        lambda: (
+            requests.post(server_url + "/stkpush/status", json={"checkoutRequestId": checkout_id}, timeout=10)
+            .json()
+            .get("status")
+            == "completed"
+        ),
+        timeout=20,
+    )
     return checkout_id
 
 
 # ----------------------------------------------------------------------- load
+
 
 @dataclass
 class LoadResult:
@@ -379,13 +453,22 @@ def _milliseconds(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def run_wrk(url: str, body: dict, seconds: float, connections: int, workdir: Path,
-            threads: int = 1) -> LoadResult:
+def run_wrk(url: str, body: dict, seconds: float, connections: int, workdir: Path, threads: int = 1) -> LoadResult:
     """POST body to url for `seconds` with wrk (time-bounded by wrk itself)."""
     script = workdir / "post.lua"
     script.write_text(_WRK_SCRIPT.format(body=_lua_string(json.dumps(body))))
-    command = [wrk_path(), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-               "--latency", "--timeout", "5s", "-s", str(script), url]
+    command = [
+        wrk_path(),
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "5s",
+        "-s",
+        str(script),
+        url,
+    ]
     out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30).stdout
     total = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     if not total:
@@ -399,13 +482,21 @@ def run_wrk(url: str, body: dict, seconds: float, connections: int, workdir: Pat
     p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
     p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
     ok = count - bad
-    return LoadResult("wrk", elapsed, count, ok, errors, ok / elapsed,
-                      _milliseconds(p50.group(1)) if p50 else None,
-                      _milliseconds(p99.group(1)) if p99 else None)
+    return LoadResult(
+        "wrk",
+        elapsed,
+        count,
+        ok,
+        errors,
+        ok / elapsed,
+        _milliseconds(p50.group(1)) if p50 else None,
+        _milliseconds(p99.group(1)) if p99 else None,
+    )
 
 
-def run_python_load(url: str, body: dict, seconds: float, connections: int,
-                    max_requests: int = 2_000_000) -> LoadResult:
+def run_python_load(
+    url: str, body: dict, seconds: float, connections: int, max_requests: int = 2_000_000
+) -> LoadResult:
     """The fallback load generator: `connections` threads, each with its own pooled session."""
     deadline = time.monotonic() + seconds
     budget = [max_requests]
@@ -448,8 +539,16 @@ def run_python_load(url: str, body: dict, seconds: float, connections: int,
     for thread in threads:
         thread.join(timeout=seconds + 30)
     elapsed = time.monotonic() - started
-    return LoadResult("python", elapsed, counts["requests"], counts["ok"], counts["errors"],
-                      counts["ok"] / elapsed, percentile(samples, 50), percentile(samples, 99))
+    return LoadResult(
+        "python",
+        elapsed,
+        counts["requests"],
+        counts["ok"],
+        counts["errors"],
+        counts["ok"] / elapsed,
+        percentile(samples, 50),
+        percentile(samples, 99),
+    )
 
 
 def load(url: str, body: dict, seconds: float, connections: int, workdir: Path) -> LoadResult:
@@ -477,8 +576,9 @@ class Batch:
         return self.ok / self.wall if self.wall else 0.0
 
 
-def post_batch(jobs: list[tuple[str, dict, dict]], threads: int, timeout: float = 30.0,
-               deadline_seconds: float = 120.0) -> Batch:
+def post_batch(
+    jobs: list[tuple[str, dict, dict]], threads: int, timeout: float = 30.0, deadline_seconds: float = 120.0
+) -> Batch:
     """POST each (url, json, headers) once from `threads` threads with pooled sessions."""
     local = threading.local()
     sessions: list[requests.Session] = []
@@ -509,7 +609,7 @@ def post_batch(jobs: list[tuple[str, dict, dict]], threads: int, timeout: float 
     pool = ThreadPoolExecutor(max_workers=threads)
     try:
         results = list(pool.map(send, jobs))
-    except BaseException:   # Ctrl-C: drop what has not started; the rest ends within `timeout`
+    except BaseException:  # Ctrl-C: drop what has not started; the rest ends within `timeout`
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
@@ -529,6 +629,7 @@ def post_batch(jobs: list[tuple[str, dict, dict]], threads: int, timeout: float 
 
 
 # -------------------------------------------------------------------- numbers
+
 
 def percentile(values: list[float], p: float) -> float | None:
     if not values:
@@ -563,6 +664,7 @@ def table(header: list[str], rows: list[list]) -> str:
 
 # ------------------------------------------------------------ the bench venv
 
+
 def bench_venv_python(ctx: Context) -> Path:
     """The throwaway venv for peers and profilers (.bench-venv/), made or refreshed as needed."""
     python = BENCH_VENV / "bin" / "python"
@@ -575,8 +677,12 @@ def bench_venv_python(ctx: Context) -> Path:
         made = subprocess.run([PYTHON, "-m", "venv", str(BENCH_VENV)], capture_output=True, text=True)
         if made.returncode != 0:
             raise BenchError(f"could not create .bench-venv: {made.stderr[-500:]}")
-    installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                                "-r", str(PEERS_REQUIREMENTS)], capture_output=True, text=True, timeout=600)
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(PEERS_REQUIREMENTS)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if installed.returncode != 0:
         raise BenchError(f"pip could not install bench/peers-requirements.txt: {installed.stderr[-800:]}")
     stamp.write_text(wanted)
@@ -589,8 +695,17 @@ def callgrind_tools() -> tuple[str, str] | None:
     return (valgrind, control) if valgrind and control else None
 
 
-def instructions_per_request(ctx: Context, env: dict, app: str, path: str, body: dict, requests_counted: int,
-                             prepare=None, warm_up: int = 200, connections: int = 4) -> float:
+def instructions_per_request(
+    ctx: Context,
+    env: dict,
+    app: str,
+    path: str,
+    body: dict,
+    requests_counted: int,
+    prepare=None,
+    warm_up: int = 200,
+    connections: int = 4,
+) -> float:
     """Machine instructions a gunicorn server executes per POST, counted by valgrind's callgrind.
 
     The server (`gunicorn -c gunicorn.conf.py app`, every process under callgrind, counting
@@ -608,9 +723,21 @@ def instructions_per_request(ctx: Context, env: dict, app: str, path: str, body:
     valgrind, control = tools
     port = int(env["PORT"])
     out = ctx.scratch(f"callgrind-{port}")
-    command = [valgrind, "--tool=callgrind", "--trace-children=yes", "--instr-atstart=no",
-               f"--callgrind-out-file={out}/callgrind.%p",
-               PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"{LOCAL}:{port}", app]
+    command = [
+        valgrind,
+        "--tool=callgrind",
+        "--trace-children=yes",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}/callgrind.%p",
+        PYTHON,
+        "-m",
+        "gunicorn",
+        "-c",
+        "gunicorn.conf.py",
+        "--bind",
+        f"{LOCAL}:{port}",
+        app,
+    ]
     server = ctx.start(f"callgrind-{app}", command, env, ready_url=f"http://{LOCAL}:{port}/health", timeout=300)
     try:
         url = f"http://{LOCAL}:{port}"
@@ -638,6 +765,7 @@ def instructions_per_request(ctx: Context, env: dict, app: str, path: str, body:
         def tell(*args: str) -> None:
             for pid in processes:
                 subprocess.run([control, *args, str(pid)], capture_output=True, timeout=60)
+
         tell("--instr=on")
         tell("--zero")
         load_from_all(requests_counted)

@@ -9,6 +9,7 @@ later is picked up by its name. Whatever a module starts is stopped when it retu
 fails or is interrupted (Ctrl-C, SIGTERM); a module that fails gets its error in the
 document and the others still run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.harness import ROOT, BenchError, Context, table, wrk_version
@@ -33,7 +34,7 @@ ORDER = ["polling", "push", "daraja_load", "memory", "peers", "profile"]
 
 def discover() -> list[str]:
     """Benchmark names (bench_<name>.py), the known ones first in their order."""
-    found = sorted(path.stem[len("bench_"):] for path in BENCH_DIR.glob("bench_*.py"))
+    found = sorted(path.stem[len("bench_") :] for path in BENCH_DIR.glob("bench_*.py"))
     return [name for name in ORDER if name in found] + [name for name in found if name not in ORDER]
 
 
@@ -48,21 +49,25 @@ def machine() -> list[list[str]]:
     ram = "unknown"
     try:
         match = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
-        ram = f"{int(match.group(1)) / 1024 ** 2:.1f} GiB" if match else ram
+        ram = f"{int(match.group(1)) / 1024**2:.1f} GiB" if match else ram
     except OSError:
         pass
     return [
         ["machine", f"{os.cpu_count()} cores, {cpu}, {ram} RAM"],
         ["system", f"{platform.system()} {platform.release()} ({platform.machine()})"],
         ["Python", f"{platform.python_implementation()} {platform.python_version()}"],
-        ["stack", ", ".join(_versions("flask", "werkzeug", "gunicorn", "requests", "redis"))
-         + f", wrk {wrk_version()}, {_redis_version()}"],
+        [
+            "stack",
+            ", ".join(_versions("flask", "werkzeug", "gunicorn", "requests", "redis"))
+            + f", wrk {wrk_version()}, {_redis_version()}",
+        ],
         ["code", _git_revision()],
     ]
 
 
 def _versions(*names: str) -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
+
     out = []
     for name in names:
         try:
@@ -83,10 +88,16 @@ def _redis_version() -> str:
 
 def _git_revision() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"commit {head}" + (" with uncommitted changes" if dirty else "") if head else "unknown"
@@ -102,8 +113,12 @@ def command_line(argv: list[str]) -> str:
 def sanitize(text: str, workdirs: list[Path]) -> str:
     """No path of this machine in the document."""
     replacements = [(str(path), "$TMPDIR/…") for path in workdirs]
-    replacements += [(str(ROOT), "."), (tempfile.gettempdir(), "$TMPDIR"),
-                     (sys.base_prefix, "<python>"), (str(Path.home()), "~")]
+    replacements += [
+        (str(ROOT), "."),
+        (tempfile.gettempdir(), "$TMPDIR"),
+        (sys.base_prefix, "<python>"),
+        (str(Path.home()), "~"),
+    ]
     for old, new in sorted(replacements, key=lambda pair: -len(pair[0])):
         if old and old not in (".", "/"):
             text = text.replace(old, new)
@@ -131,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     sections, summary, workdirs, timings = [], [], [], []
     for name in names:
         print(f"[bench] == {name}", file=sys.stderr, flush=True)
@@ -155,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     header = machine() + [
         ["date", date],
         ["command", command_line(argv)],
-        ["mode", ("quick (`--quick`: fewer, shorter runs)" if args.quick else "full")
-         + f"; {len(names)} benchmark(s) in {time.monotonic() - started:.0f} s ({', '.join(timings)})"],
+        [
+            "mode",
+            ("quick (`--quick`: fewer, shorter runs)" if args.quick else "full")
+            + f"; {len(names)} benchmark(s) in {time.monotonic() - started:.0f} s ({', '.join(timings)})",
+        ],
     ]
     parts = [
         "# Benchmarks",

@@ -5,6 +5,7 @@ temporary directory, and stops it when the session ends. Without the binary it u
 redis://127.0.0.1:6379/15 if something answers there (that database is flushed). Tests
 that need Redis ask for `clean_redis_url`, which empties the database first.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -52,9 +53,25 @@ def _start_server(binary: str, directory: Path) -> tuple[subprocess.Popen, str]:
     for _ in range(3):
         port = _free_port()
         process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(directory), "--logfile", str(logfile)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(directory),
+                "--logfile",
+                str(logfile),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         url = f"redis://127.0.0.1:{port}/0"
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline and process.poll() is None:
@@ -86,8 +103,10 @@ def redis_url(tmp_path_factory):
         redis.Redis.from_url(FALLBACK_URL).flushdb()
         yield FALLBACK_URL
         return
-    pytest.skip(f"!!! REDIS TESTS NOT RUN: {problem} and nothing answers PING at "
-                f"{FALLBACK_URL}. Install redis-server (`make services`) to run them. !!!")
+    pytest.skip(
+        f"!!! REDIS TESTS NOT RUN: {problem} and nothing answers PING at "
+        f"{FALLBACK_URL}. Install redis-server (`make services`) to run them. !!!"
+    )
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """A real payment server on a loopback port, talking to a real simulator over HTTP."""
+
 from __future__ import annotations
 
 import socket
@@ -62,8 +63,13 @@ def live_server_factory(simulator):
 
     def start(**env) -> LiveServer:
         port = free_port()
-        environ = {**SERVER_DEFAULTS, "MPESA_BASE_URL": simulator.url, "PORT": str(port),
-                   "CALLBACK_URL": f"http://127.0.0.1:{port}", **env}
+        environ = {
+            **SERVER_DEFAULTS,
+            "MPESA_BASE_URL": simulator.url,
+            "PORT": str(port),
+            "CALLBACK_URL": f"http://127.0.0.1:{port}",
+            **env,
+        }
         app = create_app(load_settings(environ))
         server = make_server("127.0.0.1", port, app, threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -5,6 +5,7 @@
 - `callback_receiver`: a real HTTP server in a thread recording the JSON POSTed to it.
 - `ManualClock`: a clock a test moves by hand, for `simulator.start(clock=...)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,8 +90,7 @@ class CallbackReceiver:
         self._server = ThreadingHTTPServer((host, 0), Handler)
         self._server.daemon_threads = True
         self.url = f"http://{host}:{self._server.server_port}/hooks/stk/test-token"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.005},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.005}, daemon=True)
         self._thread.start()
 
     @property

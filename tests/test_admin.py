@@ -4,6 +4,7 @@ Payments come two ways: real ones through the simulator (a receipt, a timeline),
 hand-made records written straight into the server's store, timed relative to now, so that
 the overview's numbers can be counted by hand.
 """
+
 from __future__ import annotations
 
 import csv
@@ -47,7 +48,7 @@ class Text(HTMLParser):
         attrs = dict(attrs)
         if tag == "tr" and attrs.get("data-id"):
             self.row_ids.append(attrs["data-id"])
-        self.handle_data(" ")   # elements are words apart
+        self.handle_data(" ")  # elements are words apart
         if tag in self.VOID:
             return
         self._open.append((tag, attrs.get("id")))
@@ -87,14 +88,17 @@ class Admin:
         self.live = live
         self.http = requests.Session()
         page = self.http.get(live.url + "/admin/login", timeout=10)
-        answer = self.http.post(live.url + "/admin/login", allow_redirects=False, timeout=10,
-                                data={"csrf_token": csrf(page.text), "token": token})
+        answer = self.http.post(
+            live.url + "/admin/login",
+            allow_redirects=False,
+            timeout=10,
+            data={"csrf_token": csrf(page.text), "token": token},
+        )
         assert answer.status_code == 303, answer.text
         self.cookie = answer.headers["Set-Cookie"]
 
     def get(self, path: str, **params) -> requests.Response:
-        answer = self.http.get(self.live.url + path, params=params, timeout=10,
-                               allow_redirects=False)
+        answer = self.http.get(self.live.url + path, params=params, timeout=10, allow_redirects=False)
         assert answer.status_code == 200, (path, answer.status_code)
         return answer
 
@@ -105,8 +109,7 @@ class Admin:
         return csrf(self.get("/admin/").text)
 
     def post(self, path: str, data: dict, **kwargs) -> requests.Response:
-        return self.http.post(self.live.url + path, data=data, timeout=30, allow_redirects=False,
-                              **kwargs)
+        return self.http.post(self.live.url + path, data=data, timeout=30, allow_redirects=False, **kwargs)
 
 
 @pytest.fixture
@@ -114,46 +117,116 @@ def live(live_server_factory):
     return live_server_factory(ADMIN_TOKEN=TOKEN)
 
 
-def record(checkout_request_id: str, minutes_ago: float, *, status: str = "pending",
-           phone: str = "254712345678", amount: int = 100, after: float | None = None,
-           events: tuple = (), **fields) -> Transaction:
+def record(
+    checkout_request_id: str,
+    minutes_ago: float,
+    *,
+    status: str = "pending",
+    phone: str = "254712345678",
+    amount: int = 100,
+    after: float | None = None,
+    events: tuple = (),
+    **fields,
+) -> Transaction:
     at = NOW - minutes_ago * 60
-    history = [{"at": at, "event": "initiated", "amount": amount},
-               {"at": at, "event": "push_accepted", "merchantRequestId": f"m-{checkout_request_id}"}]
+    history = [
+        {"at": at, "event": "initiated", "amount": amount},
+        {"at": at, "event": "push_accepted", "merchantRequestId": f"m-{checkout_request_id}"},
+    ]
     history += [{"at": at + 1, **event} for event in events]
-    return Transaction(checkout_request_id, f"m-{checkout_request_id}", phone, amount,
-                       status=status, initiated_at=at,
-                       completed_at=None if after is None else at + after, history=history,
-                       **fields)
+    return Transaction(
+        checkout_request_id,
+        f"m-{checkout_request_id}",
+        phone,
+        amount,
+        status=status,
+        initiated_at=at,
+        completed_at=None if after is None else at + after,
+        history=history,
+        **fields,
+    )
 
 
 CALLBACK = {"event": "callback_received", "resultCode": 0}
 # Counted by hand. Within the last hour: H1-H6; two days ago: D1; the day before: Y1.
 HOUR_SET = [
-    record("H1", 5, status="completed", amount=100, after=4, settled_by="callback",
-           mpesa_receipt_number="QAB1C2D3E4", account_reference="CART-1",
-           transaction_date="2024-03-15T14:31:05+03:00",
-           events=(CALLBACK, {"event": "completed"})),
-    record("H2", 10, status="completed", amount=250, phone="254798765432", after=25,
-           settled_by="query", mpesa_receipt_number="QXY9Z8W7V6", account_reference="=SUM(A1)",
-           description="+254 call me",
-           events=({"event": "queried", "result": "error"}, {"event": "query_received"},
-                   {"event": "completed"})),
-    record("H3", 15, status="failed", reason="cancelled", phone="254700001032", after=8,
-           settled_by="callback", account_reference="@cmd",
-           events=(CALLBACK, {"event": "failed"})),
-    record("H4", 20, status="failed", reason="cancelled", after=12, settled_by="callback",
-           account_reference="-1", events=(CALLBACK, {"event": "failed"},
-                                            CALLBACK, {"event": "duplicate_ignored"})),
-    record("H5", 25, status="failed", reason="timeout", after=120, settled_by="timeout",
-           events=({"event": "queried", "result": "pending"}, {"event": "timed_out"})),
+    record(
+        "H1",
+        5,
+        status="completed",
+        amount=100,
+        after=4,
+        settled_by="callback",
+        mpesa_receipt_number="QAB1C2D3E4",
+        account_reference="CART-1",
+        transaction_date="2024-03-15T14:31:05+03:00",
+        events=(CALLBACK, {"event": "completed"}),
+    ),
+    record(
+        "H2",
+        10,
+        status="completed",
+        amount=250,
+        phone="254798765432",
+        after=25,
+        settled_by="query",
+        mpesa_receipt_number="QXY9Z8W7V6",
+        account_reference="=SUM(A1)",
+        description="+254 call me",
+        events=({"event": "queried", "result": "error"}, {"event": "query_received"}, {"event": "completed"}),
+    ),
+    record(
+        "H3",
+        15,
+        status="failed",
+        reason="cancelled",
+        phone="254700001032",
+        after=8,
+        settled_by="callback",
+        account_reference="@cmd",
+        events=(CALLBACK, {"event": "failed"}),
+    ),
+    record(
+        "H4",
+        20,
+        status="failed",
+        reason="cancelled",
+        after=12,
+        settled_by="callback",
+        account_reference="-1",
+        events=(CALLBACK, {"event": "failed"}, CALLBACK, {"event": "duplicate_ignored"}),
+    ),
+    record(
+        "H5",
+        25,
+        status="failed",
+        reason="timeout",
+        after=120,
+        settled_by="timeout",
+        events=({"event": "queried", "result": "pending"}, {"event": "timed_out"}),
+    ),
     record("H6", 30, amount=75, phone="254733333333"),
 ]
 OLDER_SET = [
-    record("D1", 2 * 24 * 60, status="completed", amount=1000, after=30, settled_by="callback",
-           mpesa_receipt_number="QRS1T2U3V4", events=(CALLBACK, {"event": "completed"})),
-    record("Y1", 3 * 24 * 60, status="failed", reason="wrong_pin", after=9,
-           settled_by="callback", events=(CALLBACK, {"event": "failed"})),
+    record(
+        "D1",
+        2 * 24 * 60,
+        status="completed",
+        amount=1000,
+        after=30,
+        settled_by="callback",
+        mpesa_receipt_number="QRS1T2U3V4",
+        events=(CALLBACK, {"event": "completed"}),
+    ),
+    record(
+        "Y1",
+        3 * 24 * 60,
+        status="failed",
+        reason="wrong_pin",
+        after=9,
+        settled_by="callback",
+        events=(CALLBACK, {"event": "failed"}),
+    ),
 ]
 
 
@@ -161,9 +234,17 @@ OLDER_SET = [
 def stocked(simulator_session):
     """One server for the tests that only read: the hand-counted records in its store."""
     port = free_port()
-    app = create_app(load_settings({**SERVER_DEFAULTS, "MPESA_BASE_URL": simulator_session.url,
-                                    "PORT": str(port), "ADMIN_TOKEN": TOKEN,
-                                    "CALLBACK_URL": f"http://127.0.0.1:{port}"}))
+    app = create_app(
+        load_settings(
+            {
+                **SERVER_DEFAULTS,
+                "MPESA_BASE_URL": simulator_session.url,
+                "PORT": str(port),
+                "ADMIN_TOKEN": TOKEN,
+                "CALLBACK_URL": f"http://127.0.0.1:{port}",
+            }
+        )
+    )
     for tx in HOUR_SET + OLDER_SET:
         app.extensions["store"].create(tx)
     server = make_server("127.0.0.1", port, app, threaded=True)
@@ -184,6 +265,7 @@ def nairobi_date(minutes_ago: float) -> str:
 
 # ------------------------------------------------------------ signing in
 
+
 def test_dashboard_is_off_without_an_admin_token(live_server_factory):
     live = live_server_factory()
     for path in ("/admin/", "/admin/login", "/admin/transactions", "/admin/transactions.csv"):
@@ -191,8 +273,9 @@ def test_dashboard_is_off_without_an_admin_token(live_server_factory):
     assert live.post("/admin/login", data={"token": "x"}).status_code == 404
 
 
-@pytest.mark.parametrize("path", ["/admin/", "/admin/transactions?status=failed",
-                                  "/admin/transactions.csv", "/admin/transactions/H1"])
+@pytest.mark.parametrize(
+    "path", ["/admin/", "/admin/transactions?status=failed", "/admin/transactions.csv", "/admin/transactions/H1"]
+)
 def test_every_page_sends_a_stranger_to_sign_in(live, path):
     answer = live.get(path, allow_redirects=False)
     assert answer.status_code == 302
@@ -210,7 +293,7 @@ def test_sign_in_sets_a_strict_http_only_cookie_for_admin_only(live):
     cookie = admin.cookie.lower()
     assert cookie.startswith("mpesa_admin=")
     assert "httponly" in cookie and "samesite=strict" in cookie and "path=/admin" in cookie
-    assert "secure" not in cookie.replace("samesite", "")   # plain HTTP here
+    assert "secure" not in cookie.replace("samesite", "")  # plain HTTP here
     overview = admin.get("/admin/")
     assert overview.headers["Cache-Control"] == "no-store"
     assert "default-src 'self'" in overview.headers["Content-Security-Policy"]
@@ -231,7 +314,7 @@ def test_only_the_dashboard_opens_the_session(live):
     poll = live.post("/stkpush/status", json={"checkoutRequestId": "x"}, headers={"Cookie": cookie})
     assert poll.status_code == 404 and "Set-Cookie" not in poll.headers
     assert "Cookie" not in poll.headers.get("Vary", "")
-    assert admin.get("/admin/").status_code == 200   # still signed in
+    assert admin.get("/admin/").status_code == 200  # still signed in
 
 
 def test_the_cookie_is_secure_behind_https(live_server_factory):
@@ -240,17 +323,24 @@ def test_the_cookie_is_secure_behind_https(live_server_factory):
     assert "; Secure" in answer.headers["Set-Cookie"]
 
 
-@pytest.mark.parametrize("target, landing", [
-    ("/admin/transactions?status=failed", "/admin/transactions?status=failed"),
-    ("https://evil.example/admin", "/admin/"),
-    ("//evil.example/admin", "/admin/"),
-])
+@pytest.mark.parametrize(
+    "target, landing",
+    [
+        ("/admin/transactions?status=failed", "/admin/transactions?status=failed"),
+        ("https://evil.example/admin", "/admin/"),
+        ("//evil.example/admin", "/admin/"),
+    ],
+)
 def test_sign_in_goes_back_to_the_page_asked_for_but_never_elsewhere(live, target, landing):
     http = requests.Session()
     page = http.get(live.url + "/admin/login", params={"next": target}, timeout=10)
     assert f'name="next" value="{landing}"' in page.text
-    answer = http.post(live.url + "/admin/login", allow_redirects=False, timeout=10,
-                       data={"csrf_token": csrf(page.text), "token": TOKEN, "next": target})
+    answer = http.post(
+        live.url + "/admin/login",
+        allow_redirects=False,
+        timeout=10,
+        data={"csrf_token": csrf(page.text), "token": TOKEN, "next": target},
+    )
     assert answer.headers["Location"] == landing
 
 
@@ -266,8 +356,9 @@ def test_sign_out_ends_the_session_even_for_a_copy_of_the_cookie(live):
 def test_a_wrong_token_is_refused(live):
     http = requests.Session()
     page = http.get(live.url + "/admin/login", timeout=10)
-    answer = http.post(live.url + "/admin/login", timeout=10,
-                       data={"csrf_token": csrf(page.text), "token": TOKEN + "x"})
+    answer = http.post(
+        live.url + "/admin/login", timeout=10, data={"csrf_token": csrf(page.text), "token": TOKEN + "x"}
+    )
     assert answer.status_code == 401
     assert "That token is not right" in Text(answer.text)["login-error"]
     assert http.get(live.url + "/admin/", allow_redirects=False).status_code == 302
@@ -284,21 +375,25 @@ def test_repeated_wrong_tokens_slow_the_next_try_on_every_worker(live_server_fac
 
     def try_token(live, token):
         page = http.get(live.url + "/admin/login", timeout=10)
-        return http.post(live.url + "/admin/login", allow_redirects=False, timeout=10,
-                         data={"csrf_token": csrf(page.text), "token": token})
+        return http.post(
+            live.url + "/admin/login",
+            allow_redirects=False,
+            timeout=10,
+            data={"csrf_token": csrf(page.text), "token": token},
+        )
 
     assert [try_token(first, "wrong").status_code for _ in range(2)] == [401, 401]
-    third = try_token(second, "wrong")   # the third failure, counted on the other worker
+    third = try_token(second, "wrong")  # the third failure, counted on the other worker
     assert third.status_code == 401 and "Wait 1 seconds" in third.text
-    refused = try_token(first, TOKEN)    # even the right token must wait now
+    refused = try_token(first, TOKEN)  # even the right token must wait now
     assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
     assert "Too many wrong tokens" in refused.text
     time.sleep(0.45)
-    assert try_token(second, "wrong").status_code == 401   # the fourth: now 0.8 s to wait
+    assert try_token(second, "wrong").status_code == 401  # the fourth: now 0.8 s to wait
     assert try_token(second, TOKEN).status_code == 429
     time.sleep(0.85)
     assert try_token(first, TOKEN).status_code == 303
-    assert try_token(first, "wrong").status_code == 401    # success started the count again
+    assert try_token(first, "wrong").status_code == 401  # success started the count again
     assert try_token(first, TOKEN).status_code == 303
 
 
@@ -307,51 +402,60 @@ def test_a_new_admin_token_signs_everyone_out(live_server_factory, tmp_path):
     before = live_server_factory(ADMIN_TOKEN=TOKEN, STORE_URL=url)
     after = live_server_factory(ADMIN_TOKEN="a-brand-new-token", STORE_URL=url)
     admin = Admin(before)
-    assert after.get("/admin/", cookies=dict(admin.http.cookies),
-                     allow_redirects=False).status_code == 302
+    assert after.get("/admin/", cookies=dict(admin.http.cookies), allow_redirects=False).status_code == 302
     Admin(after, "a-brand-new-token")
 
 
 # ------------------------------------------------------------------ CSRF
 
+
 def test_state_changing_posts_need_the_csrf_token(live):
     admin = Admin(live)
     token = admin.csrf()
-    for data, headers in (({}, {}), ({"csrf_token": "forged"}, {}),
-                          ({"csrf_token": token}, {"Origin": "https://evil.example"})):
+    for data, headers in (
+        ({}, {}),
+        ({"csrf_token": "forged"}, {}),
+        ({"csrf_token": token}, {"Origin": "https://evil.example"}),
+    ):
         answer = admin.post("/admin/reconcile", data, headers=headers)
         assert answer.status_code == 403 and "This form has expired" in answer.text
         assert admin.post("/admin/logout", data, headers=headers).status_code == 403
-    assert admin.get("/admin/")   # still signed in
-    assert admin.post("/admin/reconcile", {"csrf_token": token},
-                      headers={"Origin": live.url}).status_code == 200
+    assert admin.get("/admin/")  # still signed in
+    assert admin.post("/admin/reconcile", {"csrf_token": token}, headers={"Origin": live.url}).status_code == 200
 
 
 def test_the_sign_in_form_needs_its_csrf_token_too(live):
-    answer = requests.post(live.url + "/admin/login", data={"token": TOKEN}, timeout=10,
-                           allow_redirects=False)
+    answer = requests.post(live.url + "/admin/login", data={"token": TOKEN}, timeout=10, allow_redirects=False)
     assert answer.status_code == 400 and "expired" in answer.text
 
 
 # ---------------------------------------------------------- the numbers
 
+
 def test_overview_of_the_last_hour_matches_the_hand_count(operator):
     page = operator.page("/admin/", window="hour")
-    numbers = {name: page[f"kpi-{name}"] for name in
-               ("started", "completed", "failed", "pending", "received", "conversion",
-                "median", "p95")}
+    numbers = {
+        name: page[f"kpi-{name}"]
+        for name in ("started", "completed", "failed", "pending", "received", "conversion", "median", "p95")
+    }
     # H1-H6: 2 completed (100 + 250), 3 failed, 1 pending; final after 4, 25, 8, 12, 120 s
-    assert numbers == {"started": "6", "completed": "2", "failed": "3", "pending": "1",
-                       "received": "KES 350", "conversion": "33.3%", "median": "≤ 15 s",
-                       "p95": "≤ 2 min"}
+    assert numbers == {
+        "started": "6",
+        "completed": "2",
+        "failed": "3",
+        "pending": "1",
+        "received": "KES 350",
+        "conversion": "33.3%",
+        "median": "≤ 15 s",
+        "p95": "≤ 2 min",
+    }
     assert page["settled-callback"] == "Callback from Daraja 3 60.0%"
     assert page["settled-query"] == "Status query 1 20.0%"
     assert page["settled-timeout"] == "Timed out (our verdict) 1 20.0%"
     assert page["reason-cancelled"] == "Cancelled by the customer 2 66.7%"
     assert page["reason-timeout"] == "Timed out 1 33.3%"
     # 6 pushes accepted + 3 status queries (one failed)
-    assert (page["daraja-calls"], page["query-errors"], page["daraja-error-rate"]) == (
-        "9", "1 of 3", "11.1%")
+    assert (page["daraja-calls"], page["query-errors"], page["daraja-error-rate"]) == ("9", "1 of 3", "11.1%")
     assert page["ignored-callbacks"] == "1" and page["callbacks"] == "4"
     assert "Last hour" in page["window-range"]
 
@@ -359,10 +463,9 @@ def test_overview_of_the_last_hour_matches_the_hand_count(operator):
 def test_overview_windows_reach_further_back(operator):
     assert operator.page("/admin/", window="day")["kpi-started"] == "6"
     week = operator.page("/admin/", window="week")
-    assert (week["kpi-started"], week["kpi-completed"], week["kpi-received"]) == (
-        "8", "3", "KES 1,350")
+    assert (week["kpi-started"], week["kpi-completed"], week["kpi-received"]) == ("8", "3", "KES 1,350")
     assert week["reason-wrong_pin"].startswith("Wrong PIN 1")
-    assert operator.page("/admin/", window="nonsense")["kpi-started"] == "6"   # the default: a day
+    assert operator.page("/admin/", window="nonsense")["kpi-started"] == "6"  # the default: a day
 
 
 def test_overview_charts_are_svg_with_text_equivalents(operator):
@@ -373,7 +476,7 @@ def test_overview_charts_are_svg_with_text_equivalents(operator):
     assert "Failed payments by reason: cancelled by the customer 2, timed out 1." in html
     rows = Text(html).by_id["buckets-table"]
     assert "Started" in rows and "Success rate" in rows
-    assert "style=" not in html and "<style" not in html   # the CSP forbids inline style
+    assert "style=" not in html and "<style" not in html  # the CSP forbids inline style
 
 
 def test_reconcile_settles_stale_payments_and_shows_them(live_server_factory):
@@ -393,23 +496,27 @@ def test_reconcile_settles_stale_payments_and_shows_them(live_server_factory):
 
 # ------------------------------------------------------- finding payments
 
-@pytest.mark.parametrize("params, expected", [
-    ({}, ["H1", "H2", "H3", "H4", "H5", "H6", "D1", "Y1"]),
-    ({"q": "QAB1C2D3E4"}, ["H1"]),                    # receipt
-    ({"q": "qxy9z8w7v6"}, ["H2"]),                    # receipt, any case
-    ({"q": "cart-1"}, ["H1"]),                        # account reference
-    ({"q": "H5"}, ["H5"]),                            # checkout request id
-    ({"q": "1032"}, ["H3"]),                          # a phone's last digits
-    ({"q": "0798 765 432"}, ["H2"]),                  # a whole phone, as people write it
-    ({"q": "5678"}, ["H1", "H4", "H5", "D1", "Y1"]),
-    ({"status": "failed"}, ["H3", "H4", "H5", "Y1"]),
-    ({"status": "pending"}, ["H6"]),
-    ({"reason": "cancelled"}, ["H3", "H4"]),
-    ({"status": "completed", "q": "5678"}, ["H1", "D1"]),
-    ({"from": nairobi_date(2 * 24 * 60), "to": nairobi_date(2 * 24 * 60)}, ["D1"]),
-    ({"to": nairobi_date(2 * 24 * 60)}, ["D1", "Y1"]),
-    ({"from": nairobi_date(2 * 24 * 60), "status": "failed"}, ["H3", "H4", "H5"]),
-])
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({}, ["H1", "H2", "H3", "H4", "H5", "H6", "D1", "Y1"]),
+        ({"q": "QAB1C2D3E4"}, ["H1"]),  # receipt
+        ({"q": "qxy9z8w7v6"}, ["H2"]),  # receipt, any case
+        ({"q": "cart-1"}, ["H1"]),  # account reference
+        ({"q": "H5"}, ["H5"]),  # checkout request id
+        ({"q": "1032"}, ["H3"]),  # a phone's last digits
+        ({"q": "0798 765 432"}, ["H2"]),  # a whole phone, as people write it
+        ({"q": "5678"}, ["H1", "H4", "H5", "D1", "Y1"]),
+        ({"status": "failed"}, ["H3", "H4", "H5", "Y1"]),
+        ({"status": "pending"}, ["H6"]),
+        ({"reason": "cancelled"}, ["H3", "H4"]),
+        ({"status": "completed", "q": "5678"}, ["H1", "D1"]),
+        ({"from": nairobi_date(2 * 24 * 60), "to": nairobi_date(2 * 24 * 60)}, ["D1"]),
+        ({"to": nairobi_date(2 * 24 * 60)}, ["D1", "Y1"]),
+        ({"from": nairobi_date(2 * 24 * 60), "status": "failed"}, ["H3", "H4", "H5"]),
+    ],
+)
 def test_every_search_field_and_filter(operator, params, expected):
     page = operator.page("/admin/transactions", **params)
     assert page.row_ids == expected
@@ -417,8 +524,7 @@ def test_every_search_field_and_filter(operator, params, expected):
 
 
 def test_bad_filters_are_named_and_ignored(operator):
-    html = unescape(operator.get("/admin/transactions", status="paid", reason="bored",
-                                       **{"from": "yesterday"}).text)
+    html = unescape(operator.get("/admin/transactions", status="paid", reason="bored", **{"from": "yesterday"}).text)
     assert "Unknown status 'paid'" in html and "Unknown reason 'bored'" in html
     assert "'yesterday' is not a date" in html
     assert Text(html)["result-count"] == "8"
@@ -435,7 +541,7 @@ def test_the_list_pages_newest_first(live):
     second = admin.page("/admin/transactions", page="2")
     assert second.row_ids == [f"P{n:02d}" for n in range(25, 30)]
     assert "newer-page" in second.by_id and "older-page" not in second.by_id
-    for odd in ("0", "²", "-1", "x"):   # nonsense shows the first page, too far the last
+    for odd in ("0", "²", "-1", "x"):  # nonsense shows the first page, too far the last
         assert admin.page("/admin/transactions", page=odd).row_ids[:1] == ["P00"]
     assert admin.page("/admin/transactions", page="99")["page-of"] == "Page 2 of 2"
 
@@ -445,12 +551,19 @@ def test_a_real_payment_is_found_by_its_receipt_and_shows_its_whole_story(live):
     receipt = poll(live, checkout_id)["MpesaReceiptNumber"]
     store = live.app.extensions["store"]
     body = store.get(checkout_id).callback
-    assert live.post(f"/hooks/stk/{live.app.extensions['settings'].callback_token}",
-                     json=body).status_code == 200   # Daraja repeats itself
-    store.update(checkout_id, lambda tx: tx.history.extend([
-        {"at": time.time(), "event": "webhook_attempt", "status": 500, "attempt": 1},
-        {"at": time.time(), "event": "webhook_delivered", "attempt": 2},
-        {"at": time.time(), "event": "ticket_checked_in", "ticket": "TKT-9", "gate": "North"}]))
+    assert (
+        live.post(f"/hooks/stk/{live.app.extensions['settings'].callback_token}", json=body).status_code == 200
+    )  # Daraja repeats itself
+    store.update(
+        checkout_id,
+        lambda tx: tx.history.extend(
+            [
+                {"at": time.time(), "event": "webhook_attempt", "status": 500, "attempt": 1},
+                {"at": time.time(), "event": "webhook_delivered", "attempt": 2},
+                {"at": time.time(), "event": "ticket_checked_in", "ticket": "TKT-9", "gate": "North"},
+            ]
+        ),
+    )
     admin = Admin(live)
     found = admin.page("/admin/transactions", q=receipt)
     assert found.row_ids == [checkout_id]
@@ -458,12 +571,21 @@ def test_a_real_payment_is_found_by_its_receipt_and_shows_its_whole_story(live):
     page = Text(html)
     assert page["detail-receipt"] == receipt and page["detail-phone"] == PAID
     timeline = page["timeline"]
-    for words in ("Payment started", "STK push accepted by Daraja", "Callback received from Daraja",
-                  "Payment completed", "Repeated result ignored", "Webhook sent to the shop",
-                  "Webhook delivered", "Ticket checked in", "Ticket TKT-9", "Gate North",
-                  "Customer message"):
+    for words in (
+        "Payment started",
+        "STK push accepted by Daraja",
+        "Callback received from Daraja",
+        "Payment completed",
+        "Repeated result ignored",
+        "Webhook sent to the shop",
+        "Webhook delivered",
+        "Ticket checked in",
+        "Ticket TKT-9",
+        "Gate North",
+        "Customer message",
+    ):
         assert words in timeline, words
-    assert html.count("<summary>Raw callback</summary>") == 2   # the ignored repeat too
+    assert html.count("<summary>Raw callback</summary>") == 2  # the ignored repeat too
     assert "MpesaReceiptNumber" in page["settling-callback"]
 
 
@@ -475,6 +597,7 @@ def test_unknown_payment_page_is_a_404(live):
 
 # ------------------------------------------------------------- the CSV
 
+
 def export(admin: Admin, **params) -> list[dict]:
     answer = admin.get("/admin/transactions.csv", **params)
     assert answer.headers["Content-Type"].startswith("text/csv")
@@ -485,14 +608,27 @@ def export(admin: Admin, **params) -> list[dict]:
 
 def test_csv_holds_what_a_reconciliation_needs_with_phones_masked(operator):
     rows = export(operator, status="completed")
-    assert list(rows[0]) == ["Receipt", "Completed (EAT)", "Phone", "Amount (KES)", "Reference",
-                             "Status", "Reason", "Checkout request ID", "Started (EAT)",
-                             "Description"]
+    assert list(rows[0]) == [
+        "Receipt",
+        "Completed (EAT)",
+        "Phone",
+        "Amount (KES)",
+        "Reference",
+        "Status",
+        "Reason",
+        "Checkout request ID",
+        "Started (EAT)",
+        "Description",
+    ]
     assert [row["Checkout request ID"] for row in rows] == ["H1", "H2", "D1"]
     h1, h2, d1 = rows
     assert (h1["Receipt"], h1["Amount (KES)"], h1["Status"], h1["Reference"]) == (
-        "QAB1C2D3E4", "100", "completed", "CART-1")
-    assert h1["Completed (EAT)"] == "2024-03-15 14:31:05"   # M-Pesa's own time when known
+        "QAB1C2D3E4",
+        "100",
+        "completed",
+        "CART-1",
+    )
+    assert h1["Completed (EAT)"] == "2024-03-15 14:31:05"  # M-Pesa's own time when known
     finished = datetime.fromtimestamp(HOUR_SET[1].completed_at, mpesa.NAIROBI)
     assert h2["Completed (EAT)"] == finished.strftime("%Y-%m-%d %H:%M:%S")
     assert [row["Phone"] for row in rows] == ["2547******78", "2547******32", "2547******78"]
@@ -525,8 +661,7 @@ def test_csv_of_a_real_cancelled_payment(live):
     checkout_id = started(live, CANCELLED, 20, accountReference="REF-1")
     assert poll(live, checkout_id)["status"] == "failed"
     rows = export(Admin(live), q=checkout_id)
-    assert [(row["Status"], row["Reason"], row["Reference"]) for row in rows] == [
-        ("failed", "cancelled", "REF-1")]
+    assert [(row["Status"], row["Reason"], row["Reference"]) for row in rows] == [("failed", "cancelled", "REF-1")]
     started_at = datetime.strptime(rows[0]["Started (EAT)"], "%Y-%m-%d %H:%M:%S")
     now = datetime.now(mpesa.NAIROBI).replace(tzinfo=None)
-    assert abs(now - started_at) < timedelta(minutes=1)   # Nairobi time, not the server's zone
+    assert abs(now - started_at) < timedelta(minutes=1)  # Nairobi time, not the server's zone

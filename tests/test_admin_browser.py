@@ -4,6 +4,7 @@ its receipt, open its timeline, download the CSV; and the same pages on a 360 px
 Screenshots go to test-artifacts/screenshots/admin-*.png. Any console error (a CSP
 violation included) fails the test. Skips, loudly, without Debian's chromium.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,25 +29,39 @@ def dashboard(live_server_factory):
     poll(live, started(live, CANCELLED, 40, accountReference="SHOP-78"))
     store = live.app.extensions["store"]
     now = time.time()
-    outcomes = [("completed", None), ("completed", None), ("failed", "cancelled"),
-                ("completed", None), ("failed", "insufficient_funds"), ("failed", "timeout")]
+    outcomes = [
+        ("completed", None),
+        ("completed", None),
+        ("failed", "cancelled"),
+        ("completed", None),
+        ("failed", "insufficient_funds"),
+        ("failed", "timeout"),
+    ]
     for n in range(36):
         status, reason = outcomes[n % len(outcomes)]
         at = now - 1800 - n * 2300
-        store.create(Transaction(
-            f"ws_CO_demo{n:02d}", f"m-{n}", f"2547{n:08d}", 50 + 25 * (n % 7), status=status,
-            reason=reason, initiated_at=at, completed_at=at + 6 + n % 20,
-            settled_by="timeout" if reason == "timeout" else "callback",
-            mpesa_receipt_number=f"QDEMO{n:05d}" if status == "completed" else None,
-            account_reference=f"ORDER-{n}",
-            history=[{"at": at, "event": "initiated"}, {"at": at, "event": "push_accepted"}]))
+        store.create(
+            Transaction(
+                f"ws_CO_demo{n:02d}",
+                f"m-{n}",
+                f"2547{n:08d}",
+                50 + 25 * (n % 7),
+                status=status,
+                reason=reason,
+                initiated_at=at,
+                completed_at=at + 6 + n % 20,
+                settled_by="timeout" if reason == "timeout" else "callback",
+                mpesa_receipt_number=f"QDEMO{n:05d}" if status == "completed" else None,
+                account_reference=f"ORDER-{n}",
+                history=[{"at": at, "event": "initiated"}, {"at": at, "event": "push_accepted"}],
+            )
+        )
     return live, paid, receipt
 
 
 def test_operator_signs_in_finds_a_payment_and_exports_the_csv(browser, dashboard):
     live, checkout_id, receipt = dashboard
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-KE",
-                                  accept_downloads=True)
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-KE", accept_downloads=True)
     try:
         # The wrong token on purpose: Chromium logs its 401 as an error.
         watched = Watched(context.new_page(), allow=("status of 401",))
@@ -65,7 +80,7 @@ def test_operator_signs_in_finds_a_payment_and_exports_the_csv(browser, dashboar
         assert page.text_content("#kpi-completed") == "19"
         assert page.locator("svg.chart").count() == 3
         shot(page, "admin-overview")
-        page.select_option("#window", "hour")   # the script shows it without a click
+        page.select_option("#window", "hour")  # the script shows it without a click
         page.wait_for_url("**/admin/?window=hour")
         assert page.text_content("#kpi-started") == "3"
         shot(page, "admin-overview-hour")
@@ -97,8 +112,7 @@ def test_operator_signs_in_finds_a_payment_and_exports_the_csv(browser, dashboar
         assert download.value.suggested_filename.endswith(".csv")
         assert len(rows) == 19 and {row["Status"] for row in rows} == {"completed"}
         mine = next(row for row in rows if row["Receipt"] == receipt)
-        assert (mine["Phone"], mine["Amount (KES)"], mine["Reference"]) == (
-            "2547******00", "150", "SHOP-77")
+        assert (mine["Phone"], mine["Amount (KES)"], mine["Reference"]) == ("2547******00", "150", "SHOP-77")
 
         page.goto(f"{live.url}/admin/")
         page.click("#reconcile-button")
@@ -107,7 +121,7 @@ def test_operator_signs_in_finds_a_payment_and_exports_the_csv(browser, dashboar
         page.click("#sign-out")
         visible(page, "#login-form")
         page.goto(f"{live.url}/admin/transactions")
-        visible(page, "#login-form")   # signed out for real
+        visible(page, "#login-form")  # signed out for real
         assert not watched.problems, watched.problems
     finally:
         context.close()
@@ -115,8 +129,9 @@ def test_operator_signs_in_finds_a_payment_and_exports_the_csv(browser, dashboar
 
 def test_dashboard_fits_a_360px_screen(browser, dashboard):
     live, checkout_id, _ = dashboard
-    context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True,
-                                  has_touch=True, locale="en-KE")
+    context = browser.new_context(
+        viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True, locale="en-KE"
+    )
     try:
         watched = Watched(context.new_page())
         page = watched.page
@@ -124,9 +139,11 @@ def test_dashboard_fits_a_360px_screen(browser, dashboard):
         page.fill("#token", TOKEN)
         page.click("#sign-in")
         visible(page, "#kpi-started")
-        for path, name in (("/admin/", "admin-overview-360px"),
-                           ("/admin/transactions", "admin-transactions-360px"),
-                           (f"/admin/transactions/{checkout_id}", "admin-timeline-360px")):
+        for path, name in (
+            ("/admin/", "admin-overview-360px"),
+            ("/admin/transactions", "admin-transactions-360px"),
+            (f"/admin/transactions/{checkout_id}", "admin-timeline-360px"),
+        ):
             page.goto(live.url + path)
             # Only a wide table may scroll, inside its own box; the page itself never does.
             assert page.evaluate("document.documentElement.scrollWidth") <= 360, path

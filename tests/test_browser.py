@@ -6,6 +6,7 @@ phone never leaves the browser; a payment nobody answers times out; the pay page
 look at. Needs Debian's chromium (`make services` installs it); without it these tests
 skip, loudly.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,14 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 HANDSET_PHONE = "0712 345 678"  # not a simulator test number: it waits for the handset
 PAID_AT_ONCE = "0700 000 000"  # the simulator pays this one by itself
@@ -39,8 +46,10 @@ def chromium_path() -> str | None:
 def browser():
     executable = chromium_path()
     if executable is None:
-        message = ("!!! BROWSER TESTS SKIPPED: no chromium found (install Debian's chromium "
-                   "with `make services`, or set CHROMIUM to its path) !!!")
+        message = (
+            "!!! BROWSER TESTS SKIPPED: no chromium found (install Debian's chromium "
+            "with `make services`, or set CHROMIUM to its path) !!!"
+        )
         print("\n" + message)
         pytest.skip(message)
     with sync_api.sync_playwright() as playwright:
@@ -109,8 +118,9 @@ def visible(page, selector: str) -> None:
     page.wait_for_selector(selector, state="visible")
 
 
-def start_payment(pay, server, phone=HANDSET_PHONE, query="?amount=100&accountReference=CART-12345"
-                  "&description=Shoes") -> None:
+def start_payment(
+    pay, server, phone=HANDSET_PHONE, query="?amount=100&accountReference=CART-12345&description=Shoes"
+) -> None:
     pay.goto(f"{server.url}/pay.html{query}")
     pay.fill("#phone", phone)
     pay.click("#pay-button")
@@ -134,10 +144,15 @@ def test_pay_and_approve_on_the_handset_shows_the_receipt(open_page, server):
     pushes = []
     pay.on("request", lambda r: r.url.endswith("/stkpush") and pushes.append(r))
     start_payment(pay, server)
-    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
-                        pushes[0].headers["idempotency-key"])
-    assert pushes[0].post_data_json == {"phone": "254712345678", "amount": 100,
-                                        "description": "Shoes", "accountReference": "CART-12345"}
+    assert re.fullmatch(
+        r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", pushes[0].headers["idempotency-key"]
+    )
+    assert pushes[0].post_data_json == {
+        "phone": "254712345678",
+        "amount": 100,
+        "description": "Shoes",
+        "accountReference": "CART-12345",
+    }
     assert pay.is_disabled("#pay-button")
     assert re.search(r"Time left: [12]:\d\d", pay.text_content("#time-left"))
     shot(pay, "pay-waiting")
@@ -248,13 +263,13 @@ def test_nobody_answers_the_handset_and_the_payment_times_out(open_page, live_se
 
 def test_pay_page_fits_a_360px_screen_and_pays(browser, live_server_factory, simulator):
     server = live_server_factory(USD_TO_KES_RATE="129.5")
-    context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True,
-                                  has_touch=True, device_scale_factor=2)
+    context = browser.new_context(
+        viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True, device_scale_factor=2
+    )
     try:
         page = Watched(context.new_page())
         pay = page.page
-        pay.goto(f"{server.url}/pay.html?amount=1500&description=DJ%20Kraph%20Checkout"
-                 "&accountReference=CART_12345")
+        pay.goto(f"{server.url}/pay.html?amount=1500&description=DJ%20Kraph%20Checkout&accountReference=CART_12345")
         assert pay.get_attribute("#amount", "readonly") is not None
         assert pay.text_content("#amount-usd") == "≈ $11.58"
         assert pay.evaluate("document.documentElement.scrollWidth") <= 360
@@ -273,10 +288,30 @@ def test_pay_page_fits_a_360px_screen_and_pays(browser, live_server_factory, sim
         context.close()
 
 
-PHONES = ["0712345678", "712345678", "254712345678", "+254712345678", "+254 712-345.678",
-          "(0712) 345 678", "0110123456", "0101234567", "110123456", "254110123456",
-          "123456789", "0123456789", "0612345678", "07123456789", "071234567", "255712345678",
-          "+2540712345678", "0712 345 67a", "", "   ", "0712_345_678", "7123456789"]
+PHONES = [
+    "0712345678",
+    "712345678",
+    "254712345678",
+    "+254712345678",
+    "+254 712-345.678",
+    "(0712) 345 678",
+    "0110123456",
+    "0101234567",
+    "110123456",
+    "254110123456",
+    "123456789",
+    "0123456789",
+    "0612345678",
+    "07123456789",
+    "071234567",
+    "255712345678",
+    "+2540712345678",
+    "0712 345 67a",
+    "",
+    "   ",
+    "0712_345_678",
+    "7123456789",
+]
 AMOUNTS = ["1", "100", "150000", "150001", "0", "", " 42 ", "12.5", "10.0", "-5", "1e3", "abc", "007"]
 
 

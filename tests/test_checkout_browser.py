@@ -6,6 +6,7 @@ priced from the server's catalogue and the receipt shows the order and its ticke
 link's amount is read-only and its fields reach the server untouched. Screenshots of the end
 states go to test-artifacts/screenshots/.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,15 @@ from urllib.parse import urlencode
 import pytest
 
 from tests.test_browser import (  # noqa: F401  (fixtures used by name)
-    PAID_AT_ONCE, ROOT, WAIT, Watched, browser, open_page, shot, sync_api, visible,
+    PAID_AT_ONCE,
+    ROOT,
+    WAIT,
+    Watched,
+    browser,
+    open_page,
+    shot,
+    sync_api,
+    visible,
 )
 
 CATALOG = ROOT / "catalog.example.json"
@@ -31,14 +40,21 @@ def shop_server(live_server_factory, simulator):
     return live_server_factory(CATALOG_FILE=str(CATALOG), USD_TO_KES_RATE="129.5")
 
 
-def signed_query(secret=SECRET, amount="1500", reference="CART_12345", description="DJ Kraph Checkout",
-                 expires=None, **changes) -> str:
+def signed_query(
+    secret=SECRET, amount="1500", reference="CART_12345", description="DJ Kraph Checkout", expires=None, **changes
+) -> str:
     """A pay-link query string signed as API.md says: hex HMAC-SHA256 over the canonical fields."""
     expires = str(int(time.time()) + 3600) if expires is None else str(expires)
     canonical = f"amount={amount}&accountReference={reference}&description={description}&expires={expires}"
     signature = hmac.new(secret.encode(), canonical.encode(), hashlib.sha256).hexdigest()
-    fields = {"amount": amount, "accountReference": reference, "description": description,
-              "expires": expires, "signature": signature, **changes}
+    fields = {
+        "amount": amount,
+        "accountReference": reference,
+        "description": description,
+        "expires": expires,
+        "signature": signature,
+        **changes,
+    }
     return "?" + urlencode(fields)
 
 
@@ -63,14 +79,16 @@ def run_checkout(page, options: dict, abort_after_ms: int | None = None) -> dict
 
 # ------------------------------------------------------------------ the module on its own
 
+
 def test_module_pays_and_reports_progress_on_the_way(open_page, live_server_factory, simulator):
     server = live_server_factory()
     page = open_page()
     requests = []
     page.on("request", lambda r: requests.append((r.method, r.url, r.headers)))
     page.goto(f"{server.url}/pay.html")
-    outcome = run_checkout(page, {"phone": PAID_AT_ONCE, "amount": 42, "accountReference": "MOD-1",
-                                  "pollInterval": 500, "maxPolls": 20})
+    outcome = run_checkout(
+        page, {"phone": PAID_AT_ONCE, "amount": 42, "accountReference": "MOD-1", "pollInterval": 500, "maxPolls": 20}
+    )
     result, progress = outcome["result"], outcome["progress"]
     assert result["status"] == "completed"
     assert result["answer"]["amount"] == 42 and result["answer"]["MpesaReceiptNumber"]
@@ -117,8 +135,7 @@ def test_module_stops_following_when_aborted(open_page, live_server_factory, sim
     server.sim("PATCH", "/simulator/config", json={"prompt_timeout": 60}).raise_for_status()
     page = open_page()
     page.goto(f"{server.url}/pay.html")
-    outcome = run_checkout(page, {"phone": "0798 765 432", "amount": 7, "pollInterval": 200},
-                           abort_after_ms=1500)
+    outcome = run_checkout(page, {"phone": "0798 765 432", "amount": 7, "pollInterval": 200}, abort_after_ms=1500)
     result = outcome["result"]
     assert (result["status"], result["reason"]) == ("cancelled", "aborted")
     assert result["checkoutRequestId"].startswith("ws_CO_")
@@ -137,6 +154,7 @@ def test_module_gives_up_after_max_polls_with_a_timeout(open_page, live_server_f
 
 
 # ------------------------------------------------------------------ the pay page
+
 
 def test_pay_page_loads_the_checkout_module_and_pays(open_page, live_server_factory, simulator):
     server = live_server_factory()
@@ -161,9 +179,15 @@ def test_items_in_the_link_show_the_cart_and_the_receipt_shows_the_tickets(open_
     rows = pay.locator("#cart-rows tr")
     assert rows.count() == 2
     assert [c.replace("\xa0", " ") for c in rows.nth(0).locator("th, td").all_text_contents()] == [
-        "Regular ticket (KES 1,500 each)", "2", "KES 3,000"]
+        "Regular ticket (KES 1,500 each)",
+        "2",
+        "KES 3,000",
+    ]
     assert [c.replace("\xa0", " ") for c in rows.nth(1).locator("th, td").all_text_contents()] == [
-        "Tour T-shirt", "1", "KES 1,200"]
+        "Tour T-shirt",
+        "1",
+        "KES 1,200",
+    ]
     assert pay.text_content("#cart-usd") == "≈ $32.43"
     assert pay.locator("#amount").count() == 0  # the server prices the cart, nobody types it
     shot(pay, "pay-cart")
@@ -171,8 +195,10 @@ def test_items_in_the_link_show_the_cart_and_the_receipt_shows_the_tickets(open_
     pay.fill("#phone", PAID_AT_ONCE)
     pay.click("#pay-button")
     pay.wait_for_url(re.compile(r"/confirmation\.html\?checkoutRequestId=ws_CO_"))
-    assert pushes[0].post_data_json == {"phone": "254700000000", "items": [
-        {"id": "ticket-regular", "quantity": 2}, {"id": "tshirt", "quantity": 1}]}
+    assert pushes[0].post_data_json == {
+        "phone": "254700000000",
+        "items": [{"id": "ticket-regular", "quantity": 2}, {"id": "tshirt", "quantity": 1}],
+    }
     visible(pay, "#receipt-view")
     assert re.fullmatch(r"ORD-[A-Z0-9]+", pay.text_content("#receipt-order"))
     assert pay.text_content("#receipt-amount").replace("\xa0", " ") == "KES 4,200.00"
@@ -194,11 +220,14 @@ def test_items_in_the_link_show_the_cart_and_the_receipt_shows_the_tickets(open_
     shot(pay, "confirmation-tickets-print")
 
 
-@pytest.mark.parametrize("items, says", [
-    ("ticket-regular:0", "not valid"),
-    ("ticket-regular:two", "not valid"),
-    ("no-such-thing:1", "does not sell (no-such-thing)"),
-])
+@pytest.mark.parametrize(
+    "items, says",
+    [
+        ("ticket-regular:0", "not valid"),
+        ("ticket-regular:two", "not valid"),
+        ("no-such-thing:1", "does not sell (no-such-thing)"),
+    ],
+)
 def test_a_broken_cart_link_cannot_be_paid(open_page, shop_server, items, says):
     pay = open_page()
     pay.goto(f"{shop_server.url}/pay.html?items={items}")
@@ -209,8 +238,9 @@ def test_a_broken_cart_link_cannot_be_paid(open_page, shop_server, items, says):
 
 def test_a_sold_out_cart_cannot_be_paid(open_page, live_server_factory, simulator, tmp_path):
     catalog = tmp_path / "catalog.json"
-    catalog.write_text(json.dumps({"items": [
-        {"id": "last-seat", "name": "Last seat", "price": 10, "kind": "ticket", "capacity": 0}]}))
+    catalog.write_text(
+        json.dumps({"items": [{"id": "last-seat", "name": "Last seat", "price": 10, "kind": "ticket", "capacity": 0}]})
+    )
     server = live_server_factory(CATALOG_FILE=str(catalog))
     pay = open_page()
     pay.goto(f"{server.url}/pay.html?items=last-seat:1")
@@ -244,14 +274,16 @@ def test_an_expired_signed_link_is_refused_with_the_servers_words(open_page, liv
     pay.fill("#phone", PAID_AT_ONCE)
     pay.click("#pay-button")
     sync_api.expect(pay.locator("#banner")).to_have_text(
-        "The checkout link has expired. Ask the shop for a new payment link.")
+        "The checkout link has expired. Ask the shop for a new payment link."
+    )
     assert pay.is_visible("#form-view") and pay.is_disabled("#pay-button")
     shot(pay, "pay-link-expired")
 
 
 def test_the_cart_and_the_tickets_fit_a_360px_screen(browser, shop_server):
-    context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True,
-                                  has_touch=True, device_scale_factor=2)
+    context = browser.new_context(
+        viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True, device_scale_factor=2
+    )
     try:
         page = Watched(context.new_page())
         pay = page.page

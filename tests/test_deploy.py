@@ -5,6 +5,7 @@ gunicorn.conf.py, parsed with ast) and against the Procfile; then the image's co
 subprocess from a copy of the build context, with the image's environment, and the Heroku deploy
 with app.json's values, to prove that both serve /health in simulator mode.
 """
+
 from __future__ import annotations
 
 import ast
@@ -30,8 +31,7 @@ from config import ConfigError, load_settings
 ROOT = Path(__file__).resolve().parent.parent
 SETTING_READERS = {"_get", "_int", "_float", "_bool"}
 # Read (or, for REDIS_URL, possibly read) by the server but set by Heroku, never by app.json.
-PLATFORM_SET = {"PORT": "Heroku sets it on every web dyno",
-                "REDIS_URL": "the heroku-redis add-on sets and rotates it"}
+PLATFORM_SET = {"PORT": "Heroku sets it on every web dyno", "REDIS_URL": "the heroku-redis add-on sets and rotates it"}
 # The smallest production environment config.py accepts (test_required_settings_...).
 PRODUCTION = {
     "MPESA_ENV": "production",
@@ -45,15 +45,19 @@ PRODUCTION = {
 
 # --- what the server reads -------------------------------------------------------------------
 
+
 def settings_read() -> dict[str, tuple[str, ...]]:
     """Every setting config.py reads, as canonical name -> aliases, from its _get/_int/... calls."""
     names: dict[str, tuple[str, ...]] = {}
     for node in ast.walk(ast.parse((ROOT / "config.py").read_text())):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                and node.func.id in SETTING_READERS and node.args):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in SETTING_READERS
+            and node.args
+        ):
             continue
-        literal = [arg.value for arg in node.args[1:]
-                   if isinstance(arg, ast.Constant) and isinstance(arg.value, str)]
+        literal = [arg.value for arg in node.args[1:] if isinstance(arg, ast.Constant) and isinstance(arg.value, str)]
         if node.func.id != "_get":
             literal = literal[:1]  # _int(env, NAME, default, ...)
         if literal:
@@ -65,9 +69,14 @@ def gunicorn_settings_read() -> set[str]:
     """The variables gunicorn.conf.py reads with os.environ.get(NAME, ...)."""
     names = set()
     for node in ast.walk(ast.parse((ROOT / "gunicorn.conf.py").read_text())):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr == "get" and ast.unparse(node.func.value) == "os.environ"
-                and node.args and isinstance(node.args[0], ast.Constant)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and ast.unparse(node.func.value) == "os.environ"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
             names.add(node.args[0].value)
     return names
 
@@ -92,6 +101,7 @@ def heroku_env(blank_as_unset: bool = False) -> dict[str, str]:
 
 
 # --- the Dockerfile, .dockerignore and compose.yaml, read without Docker -----------------------
+
 
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
@@ -187,7 +197,7 @@ def yaml_block(lines: list[str], key: str) -> list[str]:
     for i, line in enumerate(content):
         if len(line) - len(line.lstrip()) == top and re.match(rf"\s*{re.escape(key)}:", line):
             body = []
-            for nested in content[i + 1:]:
+            for nested in content[i + 1 :]:
                 if len(nested) - len(nested.lstrip()) <= top:
                     break
                 body.append(nested)
@@ -201,14 +211,15 @@ def compose() -> list[str]:
 
 # --- app.json ---------------------------------------------------------------------------------
 
+
 def test_app_json_describes_every_setting_the_server_reads():
     entries = app_json()["env"]
     read = settings_read()
     wanted = (set(read) | gunicorn_settings_read()) - set(PLATFORM_SET)
     assert not wanted - set(entries), (
-        f"settings the server reads but app.json does not describe: {sorted(wanted - set(entries))}")
-    assert not set(entries) - wanted, (
-        f"app.json entries nothing reads: {sorted(set(entries) - wanted)}")
+        f"settings the server reads but app.json does not describe: {sorted(wanted - set(entries))}"
+    )
+    assert not set(entries) - wanted, f"app.json entries nothing reads: {sorted(set(entries) - wanted)}"
     for name in PLATFORM_SET:
         assert name not in entries, f"{name}: {PLATFORM_SET[name]}"
     for name, aliases in read.items():
@@ -227,7 +238,8 @@ def test_app_json_entry_is_complete(name):
     assert entry.get("generator", "secret") == "secret"
     if entry["required"]:
         assert entry.get("value") or "generator" in entry, (
-            "a required field the deploy form cannot fill by itself breaks the one-click demo")
+            "a required field the deploy form cannot fill by itself breaks the one-click demo"
+        )
 
 
 def test_app_json_is_a_heroku_manifest_for_one_web_dyno():
@@ -258,7 +270,8 @@ def test_required_settings_match_what_production_requires():
     entries = app_json()["env"]
     required = {name for name, entry in entries.items() if entry["required"]}
     assert required <= required_in_production, (
-        f"required in app.json but not by config.py in production: {sorted(required - required_in_production)}")
+        f"required in app.json but not by config.py in production: {sorted(required - required_in_production)}"
+    )
     # The rest must stay optional so that a deploy without credentials runs the demo,
     # and say that they are needed for the real thing.
     for name in required_in_production - required:
@@ -275,6 +288,7 @@ def test_app_json_defaults_give_the_simulator_demo(blank_as_unset):
 
 
 # --- Dockerfile, .dockerignore, compose.yaml --------------------------------------------------
+
 
 def test_dockerfile_runs_the_procfile_command_on_slim_python_311():
     base = [args for keyword, args in dockerfile() if keyword == "FROM"]
@@ -300,7 +314,8 @@ def test_dockerfile_runs_as_a_non_root_user():
     user = [args for keyword, args in dockerfile() if keyword == "USER"][-1]
     assert user.split(":")[0] not in ("root", "0")
     assert keywords.index("USER") > len(keywords) - 1 - keywords[::-1].index("RUN"), (
-        "USER comes after the last RUN, so that only the installs run as root")
+        "USER comes after the last RUN, so that only the installs run as root"
+    )
 
 
 def test_dockerfile_installs_only_the_runtime_requirements():
@@ -313,8 +328,12 @@ def test_dockerfile_installs_only_the_runtime_requirements():
 def test_dockerfile_bakes_in_no_secret():
     secret_names = {name for name, entry in app_json()["env"].items() if "generator" in entry}
     secret_names |= {"MPESA_CONSUMER_KEY", "MPESA_CONSUMER_SECRET", "MPESA_PASSKEY", "CHECKOUT_SECRET"}
-    baked = {word.split("=", 1)[0] for keyword, args in dockerfile() if keyword in ("ENV", "ARG")
-             for word in shlex.split(args)}
+    baked = {
+        word.split("=", 1)[0]
+        for keyword, args in dockerfile()
+        if keyword in ("ENV", "ARG")
+        for word in shlex.split(args)
+    }
     assert not baked & secret_names
     ignored = dockerignored()
     assert ignored(".env") and ignored(".env.production"), ".env would reach the image"
@@ -327,9 +346,17 @@ def test_dockerfile_healthcheck_asks_health_with_python():
 
 def test_dockerignore_keeps_out_local_state_and_keeps_in_the_server():
     ignored = dockerignored()
-    for path in (".venv/bin/python", ".git/HEAD", "payments.db", "payments.db-wal", "data/x.db",
-                 "tests/test_server.py", "test-artifacts/screenshots/a.png", ".pytest_cache/x",
-                 "__pycache__/server.cpython-311.pyc"):
+    for path in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "payments.db",
+        "payments.db-wal",
+        "data/x.db",
+        "tests/test_server.py",
+        "test-artifacts/screenshots/a.png",
+        ".pytest_cache/x",
+        "__pycache__/server.cpython-311.pyc",
+    ):
         assert ignored(path), path
     context = set(build_context())
     needed = {path for path in os.listdir(ROOT) if path.endswith(".py")}
@@ -354,10 +381,12 @@ def test_compose_runs_the_server_on_a_durable_redis():
     assert re.search(r"appendonly\W+yes", command) and re.search(r"maxmemory-policy\W+noeviction", command)
     mount = re.search(r"-\s*([\w.-]+):/data\b", "\n".join(yaml_block(redis, "volumes"))).group(1)
     assert re.search(rf"^\s*{re.escape(mount)}:", "\n".join(yaml_block(compose(), "volumes")), re.M), (
-        f"{mount} is not a named volume")
+        f"{mount} is not a named volume"
+    )
 
 
 # --- the commands themselves ------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -367,13 +396,17 @@ def free_port() -> int:
 
 def base_env(home: Path) -> dict[str, str]:
     """A bare environment whose PATH finds this interpreter's gunicorn, as the image's would."""
-    return {"PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
-            "HOME": str(home), "LANG": "C.UTF-8"}
+    return {
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+    }
 
 
 @dataclass
 class Server:
     """A deploy's command running as a subprocess in its own process group."""
+
     command: list[str]
     env: dict
     cwd: Path
@@ -386,8 +419,14 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdout=self.log.open("wb"),
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=self.cwd,
+            env=self.env,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_until_serving(self, seconds: float = 20) -> str | None:
         """None once it answers; otherwise why not, with the end of its log."""
@@ -441,8 +480,10 @@ def heroku_server(tmp: Path) -> Server:
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     """Both deploys, booted side by side (each takes a few seconds)."""
-    servers = {"image": image_server(tmp_path_factory.mktemp("image")),
-               "heroku": heroku_server(tmp_path_factory.mktemp("heroku"))}
+    servers = {
+        "image": image_server(tmp_path_factory.mktemp("image")),
+        "heroku": heroku_server(tmp_path_factory.mktemp("heroku")),
+    }
     try:
         for server in servers.values():
             server.start()
@@ -474,12 +515,10 @@ def test_image_command_serves_health_in_simulator_mode(deployed):
 
 def test_image_healthcheck_tells_a_serving_container_from_a_stopped_one(deployed):
     server = serving(deployed, "image")
-    check = subprocess.run(exec_form("HEALTHCHECK"), env=server.env, cwd=server.cwd,
-                           capture_output=True, timeout=10)
+    check = subprocess.run(exec_form("HEALTHCHECK"), env=server.env, cwd=server.cwd, capture_output=True, timeout=10)
     assert check.returncode == 0, check.stderr
     server.stop()
-    check = subprocess.run(exec_form("HEALTHCHECK"), env=server.env, cwd=server.cwd,
-                           capture_output=True, timeout=10)
+    check = subprocess.run(exec_form("HEALTHCHECK"), env=server.env, cwd=server.cwd, capture_output=True, timeout=10)
     assert check.returncode == 1  # what Docker counts as unhealthy
 
 

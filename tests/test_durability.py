@@ -1,4 +1,5 @@
 """Nothing is lost: SQLite across restarts and kill -9, and several gunicorn workers."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,7 @@ def wait_until(check, timeout=15.0, every=0.1):
 
 
 def status(base: str, checkout_id: str) -> dict:
-    return requests.post(base + "/stkpush/status", json={"checkoutRequestId": checkout_id},
-                         timeout=10).json()
+    return requests.post(base + "/stkpush/status", json={"checkoutRequestId": checkout_id}, timeout=10).json()
 
 
 def push(base: str, phone: str, amount: int = 100) -> str:
@@ -49,9 +49,14 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = open(log_path, "ab")
-        self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env},
-                                        stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         wait_until(self._ready, timeout=30)
 
     def _ready(self) -> bool:
@@ -73,26 +78,29 @@ def server_env(simulator, tmp_path):
     port = free_port()
     requests.patch(simulator.url + "/simulator/config", json={"auto_delay": 0.2}, timeout=5)
     return port, {
-        "MPESA_ENV": "simulator", "MPESA_BASE_URL": simulator.url, "PORT": str(port),
-        "CALLBACK_URL": f"http://127.0.0.1:{port}", "CALLBACK_TOKEN": TOKEN,
-        "STORE_URL": f"sqlite:///{tmp_path / 'payments.db'}", "RATELIMIT_ENABLED": "false",
-        "STATUS_FIRST_QUERY_AFTER": "0.5", "STATUS_QUERY_INTERVAL": "0.5",
+        "MPESA_ENV": "simulator",
+        "MPESA_BASE_URL": simulator.url,
+        "PORT": str(port),
+        "CALLBACK_URL": f"http://127.0.0.1:{port}",
+        "CALLBACK_TOKEN": TOKEN,
+        "STORE_URL": f"sqlite:///{tmp_path / 'payments.db'}",
+        "RATELIMIT_ENABLED": "false",
+        "STATUS_FIRST_QUERY_AFTER": "0.5",
+        "STATUS_QUERY_INTERVAL": "0.5",
     }
 
 
 def test_sqlite_keeps_payments_across_a_restart(live_server_factory, simulator, tmp_path):
     store_url = f"sqlite:///{tmp_path / 'restart.db'}"
     requests.patch(simulator.url + "/simulator/config", json={"auto_delay": 0.2}, timeout=5)
-    first = live_server_factory(STORE_URL=store_url, STATUS_FIRST_QUERY_AFTER="0.3",
-                                STATUS_QUERY_INTERVAL="0.3")
+    first = live_server_factory(STORE_URL=store_url, STATUS_FIRST_QUERY_AFTER="0.3", STATUS_QUERY_INTERVAL="0.3")
     paid = push(first.url, PAID)
     wait_until(lambda: status(first.url, paid)["status"] == "completed")
     waiting = push(first.url, WAITING)
     receipt = status(first.url, paid)["MpesaReceiptNumber"]
     first.stop()
 
-    second = live_server_factory(STORE_URL=store_url, STATUS_FIRST_QUERY_AFTER="0.3",
-                                 STATUS_QUERY_INTERVAL="0.3")
+    second = live_server_factory(STORE_URL=store_url, STATUS_FIRST_QUERY_AFTER="0.3", STATUS_QUERY_INTERVAL="0.3")
     assert status(second.url, paid)["MpesaReceiptNumber"] == receipt
     assert status(second.url, waiting)["status"] == "pending"
     # The customer pays while the server is "down": its callback goes to the old
@@ -135,8 +143,9 @@ def gunicorn(env: dict, port: int, log_path: Path, workers: int = 4) -> ServerPr
 
 def pids_by_path(log_text: str) -> dict[str, set[str]]:
     seen: dict[str, set[str]] = {}
-    for match in re.finditer(r'"logger":"server","pid":(\d+),.*"method":"POST","path":"(/stkpush[^"]*)","status":200,',
-                             log_text):
+    for match in re.finditer(
+        r'"logger":"server","pid":(\d+),.*"method":"POST","path":"(/stkpush[^"]*)","status":200,', log_text
+    ):
         seen.setdefault(match.group(2), set()).add(match.group(1))
     return seen
 
@@ -166,8 +175,7 @@ def test_gunicorn_workers_share_payments_and_one_token(server_env, shared_store_
 
 def test_killing_a_worker_under_load_loses_nothing(server_env, shared_store_url, tmp_path, simulator):
     port, env = server_env
-    server = gunicorn({**env, "STORE_URL": shared_store_url}, port, tmp_path / "gunicorn.log",
-                      workers=2)
+    server = gunicorn({**env, "STORE_URL": shared_store_url}, port, tmp_path / "gunicorn.log", workers=2)
     try:
         phones = [f"0111{n:06d}" for n in range(30)]
         ids: list[str] = []
@@ -190,8 +198,7 @@ def test_killing_a_worker_under_load_loses_nothing(server_env, shared_store_url,
                 future.result()
         assert len(ids) >= 20
         for checkout_id in ids:
-            requests.post(f"{simulator.url}/simulator/prompts/{checkout_id}/pin",
-                          json={"pin": "1234"}, timeout=5)
+            requests.post(f"{simulator.url}/simulator/prompts/{checkout_id}/pin", json={"pin": "1234"}, timeout=5)
         for checkout_id in ids:
             # Completed by callback, or by query first and then given its receipt by the callback.
             wait_until(lambda: status(server.url, checkout_id).get("MpesaReceiptNumber"))
@@ -204,24 +211,42 @@ def test_killing_a_worker_under_load_loses_nothing(server_env, shared_store_url,
         server.kill(signal.SIGTERM)
 
 
-def test_reconcile_command_settles_payments_left_pending(live_server_factory, simulator, tmp_path,
-                                                         callback_receiver):
+def test_reconcile_command_settles_payments_left_pending(live_server_factory, simulator, tmp_path, callback_receiver):
     store_url = f"sqlite:///{tmp_path / 'reconcile.db'}"
     live = live_server_factory(STORE_URL=store_url)
-    requests.post(simulator.url + "/simulator/scenarios", timeout=5,
-                  json={"phone": "0711000500", "resultCode": 0, "delay": 0.1, "callback": "drop"})
+    requests.post(
+        simulator.url + "/simulator/scenarios",
+        timeout=5,
+        json={"phone": "0711000500", "resultCode": 0, "delay": 0.1, "callback": "drop"},
+    )
     paid_quietly = push(live.url, "0711000500")
     never_answered = push(live.url, "0711000501")
-    wait_until(lambda: requests.get(f"{simulator.url}/simulator/prompts/{paid_quietly}",
-                                    timeout=5).json()["status"] == "completed")
+    wait_until(
+        lambda: (
+            requests.get(f"{simulator.url}/simulator/prompts/{paid_quietly}", timeout=5).json()["status"] == "completed"
+        )
+    )
     live.stop()  # an outage: the server is down, the callback was lost
 
-    env = {**os.environ, "MPESA_ENV": "simulator", "MPESA_BASE_URL": simulator.url,
-           "STORE_URL": store_url, "TRANSACTION_TTL": "1", "CALLBACK_TOKEN": TOKEN,
-           "MERCHANT_WEBHOOK_URL": callback_receiver.url, "WEBHOOK_SECRET": "shop-secret"}
+    env = {
+        **os.environ,
+        "MPESA_ENV": "simulator",
+        "MPESA_BASE_URL": simulator.url,
+        "STORE_URL": store_url,
+        "TRANSACTION_TTL": "1",
+        "CALLBACK_TOKEN": TOKEN,
+        "MERCHANT_WEBHOOK_URL": callback_receiver.url,
+        "WEBHOOK_SECRET": "shop-secret",
+    }
     time.sleep(1.1)
-    result = subprocess.run([sys.executable, "-m", "flask", "--app", "server", "reconcile"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "server", "reconcile"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert f"{mask_checkout_id(paid_quietly)} completed" in result.stdout
     assert f"{mask_checkout_id(never_answered)} failed timeout" in result.stdout

@@ -1,4 +1,5 @@
 """Abuse limits, proxies, CORS, callback source addresses and Daraja faults, end to end."""
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,7 @@ def test_one_address_cannot_start_too_many_pushes(live_server_factory):
 def test_status_polling_has_its_own_looser_limit(live_server_factory):
     live = live_server_factory(**LIMITS, RATE_LIMIT_STATUS_PER_IP="5/minute")
     checkout_id = started(live)
-    codes = [live.post("/stkpush/status", json={"checkoutRequestId": checkout_id}).status_code
-             for _ in range(6)]
+    codes = [live.post("/stkpush/status", json={"checkoutRequestId": checkout_id}).status_code for _ in range(6)]
     assert codes == [200] * 5 + [429]
 
 
@@ -60,7 +60,7 @@ def test_only_a_refusal_tells_the_client_to_wait(live_server_factory):
     assert [a.status_code for a in answers] == [200, 200, 429]
     for served in answers[:2]:
         assert "Retry-After" not in served.headers
-        assert served.headers["X-RateLimit-Limit"] == "2"   # the limit itself is still shown
+        assert served.headers["X-RateLimit-Limit"] == "2"  # the limit itself is still shown
     assert [a.headers["X-RateLimit-Remaining"] for a in answers[:2]] == ["1", "0"]
     assert 0 < int(answers[2].headers["Retry-After"]) <= 60
 
@@ -79,19 +79,26 @@ def test_forwarded_for_is_trusted_from_exactly_one_proxy(live_server_factory):
 def test_https_through_the_proxy_gets_hsts_and_the_log_names_the_client(live_server_factory, caplog):
     caplog.set_level(logging.INFO)
     live = live_server_factory(TRUSTED_PROXIES="1")
-    assert "Strict-Transport-Security" not in live.get("/health").headers   # plain HTTP
+    assert "Strict-Transport-Security" not in live.get("/health").headers  # plain HTTP
     secure = live.get("/health", headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "10.0.0.7"})
     assert secure.headers["Strict-Transport-Security"] == "max-age=31536000"
     for name in ("Content-Security-Policy", "X-Content-Type-Options", "Cache-Control", "X-Request-ID"):
         assert len(secure.raw.headers.getlist(name)) == 1, name
     page = live.get("/pay.html", headers={"X-Forwarded-Proto": "https"})
     assert page.headers["Strict-Transport-Security"] == "max-age=31536000"
-    for name in ("Content-Security-Policy", "X-Content-Type-Options", "X-Frame-Options",
-                 "Referrer-Policy", "X-Request-ID"):
+    for name in (
+        "Content-Security-Policy",
+        "X-Content-Type-Options",
+        "X-Frame-Options",
+        "Referrer-Policy",
+        "X-Request-ID",
+    ):
         assert len(page.raw.headers.getlist(name)) == 1, name
-    line = next(record for record in reversed(caplog.records)
-                if record.name == "server" and getattr(record, "request_id", None)
-                == secure.headers["X-Request-ID"])
+    line = next(
+        record
+        for record in reversed(caplog.records)
+        if record.name == "server" and getattr(record, "request_id", None) == secure.headers["X-Request-ID"]
+    )
     assert line.remote_addr == "10.0.0.7" and line.path == "/health" and line.status == 200
 
 
@@ -101,17 +108,28 @@ def test_cors_only_for_the_configured_front_end(live_server_factory):
     assert allowed.headers["Access-Control-Allow-Origin"] == "https://shop.example.com"
     evil = live.get("/health", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in evil.headers
-    preflight = requests.options(live.url + "/stkpush", timeout=5, headers={
-        "Origin": "https://shop.example.com", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "Content-Type, Idempotency-Key"})
+    preflight = requests.options(
+        live.url + "/stkpush",
+        timeout=5,
+        headers={
+            "Origin": "https://shop.example.com",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "Content-Type, Idempotency-Key",
+        },
+    )
     assert "idempotency-key" in preflight.headers["Access-Control-Allow-Headers"].lower()
 
 
 def test_without_a_front_end_no_other_origin_is_allowed(live_server_factory):
     live = live_server_factory()
     for method, path in (("GET", "/health"), ("POST", "/stkpush/status"), ("OPTIONS", "/stkpush")):
-        response = requests.request(method, live.url + path, timeout=5, json={}, headers={
-            "Origin": "https://shop.example.com", "Access-Control-Request-Method": "POST"})
+        response = requests.request(
+            method,
+            live.url + path,
+            timeout=5,
+            json={},
+            headers={"Origin": "https://shop.example.com", "Access-Control-Request-Method": "POST"},
+        )
         assert not [name for name in response.headers if name.lower().startswith("access-control-")]
 
 
@@ -124,8 +142,9 @@ def test_callbacks_from_outside_the_allow_list_are_refused(live_server_factory):
 
     proxied = live_server_factory(CALLBACK_ALLOWED_IPS="safaricom", TRUSTED_PROXIES="1")
     checkout_id = started(proxied, "0711000300")
-    accepted = proxied.post(hook(proxied), json=callback_body(checkout_id, code=1032),
-                            headers={"X-Forwarded-For": "196.201.214.200"})
+    accepted = proxied.post(
+        hook(proxied), json=callback_body(checkout_id, code=1032), headers={"X-Forwarded-For": "196.201.214.200"}
+    )
     assert accepted.json() == {"ResultCode": 0, "ResultDesc": "Accepted"}
     assert poll(proxied, checkout_id, timeout=0)["reason"] == "cancelled"
 

@@ -4,6 +4,7 @@ In-process servers share one metrics registry (the process's), so those tests co
 scrape taken before with one taken after. The gunicorn test starts from zero and checks
 that several workers' numbers add up.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,21 +18,21 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+import requestlog
 import simulator as sim_module
 from metrics import JsonFormatter, LineHandler
-import requestlog
+from mpesa import mask_checkout_id
 from requestlog import RequestRecord
 from server import TEXT_LOG_FORMAT
-from mpesa import mask_checkout_id
 from tests.server_fixtures import free_port
 from tests.test_durability import ServerProcess, wait_until
 
@@ -47,20 +48,24 @@ def scrape(base: str) -> dict:
     response = requests.get(base + "/metrics", headers=AUTH, timeout=10)
     assert response.status_code == 200, response.text
     assert response.headers["Content-Type"].startswith("text/plain")
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(response.text)
-            for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
 
 
 def total(samples: dict, name: str, **labels) -> float:
     """The sum of the samples called name whose labels include labels."""
-    return sum(value for (sample, sample_labels), value in samples.items()
-               if sample == name and set(labels.items()) <= set(sample_labels))
+    return sum(
+        value
+        for (sample, sample_labels), value in samples.items()
+        if sample == name and set(labels.items()) <= set(sample_labels)
+    )
 
 
 def push(base: str, phone: str, headers: dict | None = None) -> requests.Response:
-    return requests.post(base + "/stkpush", json={"phone": phone, "amount": 100},
-                         headers=headers, timeout=10)
+    return requests.post(base + "/stkpush", json={"phone": phone, "amount": 100}, headers=headers, timeout=10)
 
 
 def status(base: str, checkout_id: str) -> dict:
@@ -68,18 +73,27 @@ def status(base: str, checkout_id: str) -> dict:
 
 
 def settled(base: str, checkout_id: str, until=lambda answer: answer["status"] != "pending") -> dict:
-    return wait_until(lambda: (lambda answer: answer if until(answer) else None)(status(base, checkout_id)),
-                      timeout=10, every=0.05)
+    return wait_until(
+        lambda: (lambda answer: answer if until(answer) else None)(status(base, checkout_id)), timeout=10, every=0.05
+    )
 
 
 def callback_body(checkout_id: str, code: int = 0) -> dict:
-    body = {"MerchantRequestID": "1-2-3", "CheckoutRequestID": checkout_id, "ResultCode": code,
-            "ResultDesc": "The service request is processed successfully."}
+    body = {
+        "MerchantRequestID": "1-2-3",
+        "CheckoutRequestID": checkout_id,
+        "ResultCode": code,
+        "ResultDesc": "The service request is processed successfully.",
+    }
     if code == 0:
-        body["CallbackMetadata"] = {"Item": [
-            {"Name": "Amount", "Value": 100}, {"Name": "MpesaReceiptNumber", "Value": "SIM0000001"},
-            {"Name": "TransactionDate", "Value": 20261123103000},
-            {"Name": "PhoneNumber", "Value": 254700000000}]}
+        body["CallbackMetadata"] = {
+            "Item": [
+                {"Name": "Amount", "Value": 100},
+                {"Name": "MpesaReceiptNumber", "Value": "SIM0000001"},
+                {"Name": "TransactionDate", "Value": 20261123103000},
+                {"Name": "PhoneNumber", "Value": 254700000000},
+            ]
+        }
     return {"Body": {"stkCallback": body}}
 
 
@@ -89,6 +103,7 @@ def live(live_server_factory):
 
 
 # ------------------------------------------------------------- /metrics and /stats
+
 
 def test_metrics_count_outcomes_callbacks_and_latencies(live):
     before, stats_before = scrape(live.url), live.get("/stats").json()
@@ -136,16 +151,14 @@ def test_metrics_count_outcomes_callbacks_and_latencies(live):
     assert grew("mpesa_stk_push_duration_seconds_bucket", result="ok", le="30.0") == 4
     assert grew("mpesa_stk_push_duration_seconds_sum", result="ok") > 0
     assert grew("mpesa_stk_push_duration_seconds_count", result="error") == 1
-    assert grew("mpesa_daraja_errors_total", call="stk_push", error="DarajaRequestError",
-                code="500.001.1001") == 1
+    assert grew("mpesa_daraja_errors_total", call="stk_push", error="DarajaRequestError", code="500.001.1001") == 1
     assert grew("mpesa_stk_query_duration_seconds_count", result="ok") >= 1  # the last query
 
-    assert grew("mpesa_http_request_duration_seconds_count", method="POST", route="/stkpush",
-                status="200") == 4
-    assert grew("mpesa_http_request_duration_seconds_count", method="POST",
-                route="/hooks/stk/<token>", status="403") == 1
-    assert grew("mpesa_http_request_duration_seconds_count",
-                route="/stkpush/status/<checkout_id>") >= 4
+    assert grew("mpesa_http_request_duration_seconds_count", method="POST", route="/stkpush", status="200") == 4
+    assert (
+        grew("mpesa_http_request_duration_seconds_count", method="POST", route="/hooks/stk/<token>", status="403") == 1
+    )
+    assert grew("mpesa_http_request_duration_seconds_count", route="/stkpush/status/<checkout_id>") >= 4
 
     # Labels never carry a phone number, an id or the callback token.
     for _, labels in after:
@@ -180,8 +193,11 @@ def test_metrics_need_the_admin_token_and_are_off_without_one(live_server_factor
 
 
 def test_stats_need_the_admin_token_outside_simulator_mode(live_server_factory):
-    sandbox = {"MPESA_ENV": "sandbox", "MPESA_CONSUMER_KEY": sim_module.SIM_CONSUMER_KEY,
-               "MPESA_CONSUMER_SECRET": sim_module.SIM_CONSUMER_SECRET}
+    sandbox = {
+        "MPESA_ENV": "sandbox",
+        "MPESA_CONSUMER_KEY": sim_module.SIM_CONSUMER_KEY,
+        "MPESA_CONSUMER_SECRET": sim_module.SIM_CONSUMER_SECRET,
+    }
     guarded = live_server_factory(ADMIN_TOKEN=ADMIN, **sandbox)
     assert guarded.get("/stats").status_code == 401
     assert guarded.get("/stats", headers={"Authorization": "Bearer nope"}).status_code == 401
@@ -191,15 +207,19 @@ def test_stats_need_the_admin_token_outside_simulator_mode(live_server_factory):
 
 # -------------------------------------------------------------------- X-Request-ID
 
-@pytest.mark.parametrize("given, kept", [
-    (None, False),
-    ("req-42_a.B", True),
-    ("x" * 64, True),
-    ("x" * 65, False),
-    ("has space", False),
-    ("semi;colon", False),
-    ("", False),
-])
+
+@pytest.mark.parametrize(
+    "given, kept",
+    [
+        (None, False),
+        ("req-42_a.B", True),
+        ("x" * 64, True),
+        ("x" * 65, False),
+        ("has space", False),
+        ("semi;colon", False),
+        ("", False),
+    ],
+)
 def test_request_id_is_reused_when_sane_and_generated_otherwise(live_server_factory, given, kept):
     live = live_server_factory()
     headers = {} if given is None else {"X-Request-ID": given}
@@ -242,21 +262,34 @@ def test_deferred_requests_are_recorded_by_the_request_log_thread(live_server_fa
         before = total(scrape(live.url), "mpesa_http_request_duration_seconds_count", route="/health")
         requestlog.defer(0.05)
         with ThreadPoolExecutor(8) as pool:
-            ids = {answer.headers["X-Request-ID"] for answer in
-                   pool.map(lambda n: live.get("/health", headers={"X-Request-ID": f"deferred-{n}"}), range(40))}
+            ids = {
+                answer.headers["X-Request-ID"]
+                for answer in pool.map(
+                    lambda n: live.get("/health", headers={"X-Request-ID": f"deferred-{n}"}), range(40)
+                )
+            }
         assert ids == {f"deferred-{n}" for n in range(40)}
 
         def recorded():
-            return [(record, thread) for record, thread in kept.records
-                    if getattr(record, "request_id", "").startswith("deferred-")]
+            return [
+                (record, thread)
+                for record, thread in kept.records
+                if getattr(record, "request_id", "").startswith("deferred-")
+            ]
+
         wait_until(lambda: len(recorded()) == 40, timeout=5, every=0.05)
         assert {record.request_id for record, _ in recorded()} == ids
         assert {thread for _, thread in recorded()} == {"request-log"}
         assert all(record.path == "/health" and record.status == 200 for record, _ in recorded())
         # The line's time is when the request was served, not when it was recorded.
         assert all(record.created <= time.time() for record, _ in recorded())
-        wait_until(lambda: total(scrape(live.url), "mpesa_http_request_duration_seconds_count",
-                                 route="/health") >= before + 40, timeout=5, every=0.05)
+        wait_until(
+            lambda: (
+                total(scrape(live.url), "mpesa_http_request_duration_seconds_count", route="/health") >= before + 40
+            ),
+            timeout=5,
+            every=0.05,
+        )
     finally:
         server_log.removeHandler(kept)
         server_log.setLevel(level)
@@ -284,18 +317,27 @@ print("served", flush=True)
 
 def test_requests_still_waiting_are_recorded_at_exit():
     import subprocess
+
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", DEFERRED_AT_EXIT], cwd=root, capture_output=True,
-                         text=True, timeout=30, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", DEFERRED_AT_EXIT],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": ""},
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == "served"   # nothing was recorded while the program ran
+    assert lines[0] == "served"  # nothing was recorded while the program ran
     entries = [json.loads(line) for line in lines[1:]]
     assert [(e["request_id"], e["path"], e["status"]) for e in entries] == [
-        (f"exit-{n}", f"/made/{n}", 201) for n in range(3)]
+        (f"exit-{n}", f"/made/{n}", 201) for n in range(3)
+    ]
 
 
 # ------------------------------------------------------------------- request logs
+
 
 @pytest.fixture
 def process_env(simulator, tmp_path):
@@ -303,9 +345,14 @@ def process_env(simulator, tmp_path):
     requests.patch(simulator.url + "/simulator/config", json={"auto_delay": 0.1}, timeout=5)
     port = free_port()
     return port, {
-        "MPESA_ENV": "simulator", "MPESA_BASE_URL": simulator.url, "PORT": str(port),
-        "CALLBACK_URL": f"http://127.0.0.1:{port}", "CALLBACK_TOKEN": TOKEN,
-        "RATELIMIT_ENABLED": "false", "ADMIN_TOKEN": ADMIN, "PYTHONUNBUFFERED": "1",
+        "MPESA_ENV": "simulator",
+        "MPESA_BASE_URL": simulator.url,
+        "PORT": str(port),
+        "CALLBACK_URL": f"http://127.0.0.1:{port}",
+        "CALLBACK_TOKEN": TOKEN,
+        "RATELIMIT_ENABLED": "false",
+        "ADMIN_TOKEN": ADMIN,
+        "PYTHONUNBUFFERED": "1",
         "STORE_URL": "memory://",
     }
 
@@ -336,9 +383,9 @@ def pay_and_spoof_on_python_server(process_env, log_path, log_format: str) -> tu
 
 
 def test_json_request_logs_carry_the_request_fields_and_no_secrets(process_env, tmp_path):
-    started = datetime.now(timezone.utc).replace(microsecond=0)
+    started = datetime.now(UTC).replace(microsecond=0)
     server, checkout_id = pay_and_spoof_on_python_server(process_env, tmp_path / "server.log", "json")
-    ended = datetime.now(timezone.utc)
+    ended = datetime.now(UTC)
     text = server.log_path.read_text()
     lines = [line for line in text.splitlines() if line.strip()]
     # Flask's own two start-up lines (" * Serving Flask app", " * Debug mode") are not logs.
@@ -376,36 +423,55 @@ def test_python_server_logs_text_by_default(process_env, tmp_path):
 
 # ------------------------------------------------------------ several gunicorn workers
 
+
 def serving(log_path) -> set[int]:
     """The pids of the workers that have logged a request so far."""
-    return {json.loads(line)["pid"] for line in log_path.read_text().splitlines()
-            if line.startswith('{"') and '"logger":"server"' in line and '"method":' in line}
+    return {
+        json.loads(line)["pid"]
+        for line in log_path.read_text().splitlines()
+        if line.startswith('{"') and '"logger":"server"' in line and '"method":' in line
+    }
 
 
 def test_gunicorn_workers_numbers_add_up(process_env, tmp_path, simulator):
     port, env = process_env
-    env = {**env, "STORE_URL": f"sqlite:///{tmp_path / 'payments.db'}", "WEB_CONCURRENCY": "3",
-           "GUNICORN_THREADS": "4", "LOG_FORMAT": "",  # gunicorn's default: JSON
-           "PROMETHEUS_MULTIPROC_DIR": ""}  # gunicorn.conf.py makes a fresh one
-    server = ServerProcess([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"],
-                           env, port, tmp_path / "gunicorn.log")
+    env = {
+        **env,
+        "STORE_URL": f"sqlite:///{tmp_path / 'payments.db'}",
+        "WEB_CONCURRENCY": "3",
+        "GUNICORN_THREADS": "4",
+        "LOG_FORMAT": "",  # gunicorn's default: JSON
+        "PROMETHEUS_MULTIPROC_DIR": "",
+    }  # gunicorn.conf.py makes a fresh one
+    server = ServerProcess(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"], env, port, tmp_path / "gunicorn.log"
+    )
     try:
         with ThreadPoolExecutor(12) as pool:
             # Until every worker has loaded the app, the first one takes every request.
-            wait_until(lambda: list(pool.map(lambda _: requests.get(server.url + "/health", timeout=5),
-                                             range(12))) and len(serving(server.log_path)) == 3,
-                       timeout=30, every=0.2)
+            wait_until(
+                lambda: (
+                    list(pool.map(lambda _: requests.get(server.url + "/health", timeout=5), range(12)))
+                    and len(serving(server.log_path)) == 3
+                ),
+                timeout=30,
+                every=0.2,
+            )
             phones = [f"0711{n:06d}" for n in range(12)]
             ids = [r.json()["checkoutRequestId"] for r in pool.map(lambda p: push(server.url, p), phones)]
             for checkout_id in ids:
-                requests.post(f"{simulator.url}/simulator/prompts/{checkout_id}/pin",
-                              json={"pin": sim_module.SIM_PIN}, timeout=5)
+                requests.post(
+                    f"{simulator.url}/simulator/prompts/{checkout_id}/pin", json={"pin": sim_module.SIM_PIN}, timeout=5
+                )
             answers = list(pool.map(lambda checkout_id: settled(server.url, checkout_id), ids))
         assert all(answer["status"] == "completed" for answer in answers)
 
         # Each worker records its requests at most 0.1 s after serving them (requestlog.defer).
-        wait_until(lambda: total(scrape(server.url), "mpesa_http_request_duration_seconds_count",
-                                 route="/stkpush") == 12, timeout=5, every=0.05)
+        wait_until(
+            lambda: total(scrape(server.url), "mpesa_http_request_duration_seconds_count", route="/stkpush") == 12,
+            timeout=5,
+            every=0.05,
+        )
         for _ in range(3):  # whichever worker answers, it adds up every worker's numbers
             samples = scrape(server.url)
             assert total(samples, "mpesa_payments_total", status="completed") == 12
@@ -432,23 +498,33 @@ def test_gunicorn_workers_numbers_add_up(process_env, tmp_path, simulator):
 @pytest.mark.parametrize("access_log", [False, True])
 def test_gunicorn_with_one_worker_counts_and_logs_each_request(process_env, tmp_path, access_log):
     port, env = process_env
-    env = {**env, "LOG_FORMAT": "", "PROMETHEUS_MULTIPROC_DIR": ""}   # memory store: one worker
+    env = {**env, "LOG_FORMAT": "", "PROMETHEUS_MULTIPROC_DIR": ""}  # memory store: one worker
     extra = ["--access-logfile", "-"] if access_log else []
-    server = ServerProcess([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *extra,
-                            "server:app"], env, port, tmp_path / "gunicorn.log")
+    server = ServerProcess(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *extra, "server:app"],
+        env,
+        port,
+        tmp_path / "gunicorn.log",
+    )
     try:
         checkout_id = push(server.url, "0700 000 000").json()["checkoutRequestId"]
         assert settled(server.url, checkout_id)["status"] == "completed"
         assert total(scrape(server.url), "mpesa_payments_total", status="completed") == 1
-        wait_until(lambda: total(scrape(server.url), "mpesa_http_request_duration_seconds_count",
-                                 route="/stkpush") == 1, timeout=5, every=0.05)
+        wait_until(
+            lambda: total(scrape(server.url), "mpesa_http_request_duration_seconds_count", route="/stkpush") == 1,
+            timeout=5,
+            every=0.05,
+        )
     finally:
         server.kill(signal.SIGTERM)
 
     lines = [line for line in server.log_path.read_text().splitlines() if line.strip()]
-    app_lines = [line for line in lines if '"logger":"server"' in line and '"method":"POST"' in line
-                 and '"path":"/stkpush"' in line]
-    assert len(app_lines) == 1   # the app's own line for the one push
+    app_lines = [
+        line
+        for line in lines
+        if '"logger":"server"' in line and '"method":"POST"' in line and '"path":"/stkpush"' in line
+    ]
+    assert len(app_lines) == 1  # the app's own line for the one push
     gunicorn_access = [line for line in lines if '"POST /stkpush HTTP/1.1" 200' in line]
     assert len(gunicorn_access) == (1 if access_log else 0)
     # The worker's last INFO line, logged as it exits, is written before it is gone.
@@ -458,8 +534,9 @@ def test_gunicorn_with_one_worker_counts_and_logs_each_request(process_env, tmp_
 def test_a_blank_metrics_directory_setting_counts_in_memory(process_env, tmp_path):
     # An empty config var (PROMETHEUS_MULTIPROC_DIR=) must not switch on multiprocess mode.
     port, env = process_env
-    server = ServerProcess([sys.executable, "server.py"], {**env, "PROMETHEUS_MULTIPROC_DIR": ""},
-                           port, tmp_path / "server.log")
+    server = ServerProcess(
+        [sys.executable, "server.py"], {**env, "PROMETHEUS_MULTIPROC_DIR": ""}, port, tmp_path / "server.log"
+    )
     try:
         checkout_id = push(server.url, "0700 000 000").json()["checkoutRequestId"]
         assert settled(server.url, checkout_id)["status"] == "completed"
@@ -471,6 +548,7 @@ def test_a_blank_metrics_directory_setting_counts_in_memory(process_env, tmp_pat
 
 
 # ------------------------------------------------------------------- the log handler
+
 
 def line_logger(stream) -> logging.Logger:
     """A logger of its own writing JSON lines through metrics.LineHandler to stream."""
@@ -485,8 +563,9 @@ def line_logger(stream) -> logging.Logger:
 def read_in_background(read_end: int) -> tuple[bytearray, threading.Thread]:
     """What a thread started here reads from read_end until the other end is closed."""
     received = bytearray()
-    reader = threading.Thread(target=lambda: [received.extend(chunk) for chunk in
-                                              iter(lambda: os.read(read_end, 65536), b"")])
+    reader = threading.Thread(
+        target=lambda: [received.extend(chunk) for chunk in iter(lambda: os.read(read_end, 65536), b"")]
+    )
     reader.start()
     return received, reader
 
@@ -500,6 +579,7 @@ def test_lines_from_many_threads_reach_a_pipe_whole_and_in_full():
         def log_lines(thread):
             for n in range(200):
                 logger.info("thread %s line %s", thread, n, extra={"padding": "x" * (n % 300)})
+
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(log_lines, range(8)))
         try:
@@ -541,18 +621,22 @@ def test_gathered_lines_wait_and_go_out_in_order_before_a_warning_or_at_flush():
     with os.fdopen(write_end, "w") as stream:
         logger = line_logger(stream)
         handler = logger.handlers[0]
-        handler.gather(3600)   # its writer thread does not wake during this test
+        handler.gather(3600)  # its writer thread does not wake during this test
         for n in range(3):
             logger.info("paid %s", n)
         assert waiting_in(read_end) == []
-        logger.warning("Daraja slow")   # at once, after the lines logged before it
+        logger.warning("Daraja slow")  # at once, after the lines logged before it
         assert [json.loads(line)["message"] for line in waiting_in(read_end)] == [
-            "paid 0", "paid 1", "paid 2", "Daraja slow"]
+            "paid 0",
+            "paid 1",
+            "paid 2",
+            "Daraja slow",
+        ]
         logger.info("paid 3")
         handler.flush()
         assert [json.loads(line)["message"] for line in waiting_in(read_end)] == ["paid 3"]
         logger.info("paid 4")
-        handler.close()   # logging.shutdown at exit: what waits goes out, and later lines at once
+        handler.close()  # logging.shutdown at exit: what waits goes out, and later lines at once
         logger.info("paid 5")
         assert [json.loads(line)["message"] for line in waiting_in(read_end)] == ["paid 4", "paid 5"]
     os.close(read_end)
@@ -571,11 +655,12 @@ def test_the_writer_thread_writes_gathered_lines_whole_from_many_threads():
                     logger.info("thread %s line %s", thread, n, extra={"padding": "x" * (n % 300)})
                 else:
                     logger.handle(RequestRecord("POST", f"/t{thread}/{n}", 200, 1.5, "127.0.0.1", f"id-{n}"))
+
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(log_lines, range(8)))
         # No flush: the writer thread alone writes them, within a few of its rounds.
         wait_until(lambda: received.count(b"\n") == 8 * 200, timeout=10, every=0.05)
-        time.sleep(0.3)   # idle: the writer sleeps until the next line comes
+        time.sleep(0.3)  # idle: the writer sleeps until the next line comes
         logger.info("after a pause")
         wait_until(lambda: received.count(b"\n") == 8 * 200 + 1, timeout=10, every=0.05)
         logger.handlers[0].close()
@@ -585,56 +670,92 @@ def test_the_writer_thread_writes_gathered_lines_whole_from_many_threads():
     entries = [json.loads(line) for line in received.decode().splitlines()]
     assert len(entries) == 8 * 200 + 1 and entries.pop()["message"] == "after a pause"
     assert {e["message"] for e in entries if "padding" in e} == {
-        f"thread {t} line {n}" for t in range(8) for n in range(1, 200, 2)}
+        f"thread {t} line {n}" for t in range(8) for n in range(1, 200, 2)
+    }
     requests_logged = [e for e in entries if "path" in e]
     assert {e["path"] for e in requests_logged} == {f"/t{t}/{n}" for t in range(8) for n in range(0, 200, 2)}
-    assert all(e["message"] == f"POST {e['path']} 200 1.5ms" and e["status"] == 200
-               and e["request_id"] == "id-" + e["path"].rsplit("/", 1)[1] for e in requests_logged)
+    assert all(
+        e["message"] == f"POST {e['path']} 200 1.5ms"
+        and e["status"] == 200
+        and e["request_id"] == "id-" + e["path"].rsplit("/", 1)[1]
+        for e in requests_logged
+    )
 
 
-@pytest.mark.parametrize("formatter", [
-    JsonFormatter(),
-    logging.Formatter(TEXT_LOG_FORMAT + " %(filename)s %(module)s %(funcName)s %(lineno)d "
-                      "%(msecs)03d %(relativeCreated)d %(levelno)s %(exc_text)s %(remote_addr)s"),
-], ids=["json", "text"])
-@pytest.mark.parametrize("fields", [
-    ("POST", "/stkpush", 200, 34.9, "127.0.0.1", "trace-0001"),
-    # What a client can put in a path, and a request with no known address.
-    ("GET", '/pay/"quoted"\\tab\t\u00e9\u4e2d\U0001f600', 404, 0.0, None, "x"),
-    ("BREW", "/", 418, 12345.6, "::1", "a" * 64),
-], ids=["plain", "odd-path-no-address", "odd-method"])
+@pytest.mark.parametrize(
+    "formatter",
+    [
+        JsonFormatter(),
+        logging.Formatter(
+            TEXT_LOG_FORMAT + " %(filename)s %(module)s %(funcName)s %(lineno)d "
+            "%(msecs)03d %(relativeCreated)d %(levelno)s %(exc_text)s %(remote_addr)s"
+        ),
+    ],
+    ids=["json", "text"],
+)
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ("POST", "/stkpush", 200, 34.9, "127.0.0.1", "trace-0001"),
+        # What a client can put in a path, and a request with no known address.
+        ("GET", '/pay/"quoted"\\tab\t\u00e9\u4e2d\U0001f600', 404, 0.0, None, "x"),
+        ("BREW", "/", 418, 12345.6, "::1", "a" * 64),
+    ],
+    ids=["plain", "odd-path-no-address", "odd-method"],
+)
 def test_the_request_record_formats_as_a_standard_record_would(formatter, fields):
     method, path, status, duration_ms, remote_addr, request_id = fields
     made = RequestRecord(*fields)
     standard = logging.getLogger("server").makeRecord(
-        "server", logging.INFO, requestlog.__file__, 0, "%s %s %s %.1fms", (method, path, status, duration_ms),
-        None, "RequestLog", {"method": method, "path": path, "status": status, "duration_ms": duration_ms,
-                             "remote_addr": remote_addr, "request_id": request_id})
+        "server",
+        logging.INFO,
+        requestlog.__file__,
+        0,
+        "%s %s %s %.1fms",
+        (method, path, status, duration_ms),
+        None,
+        "RequestLog",
+        {
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": duration_ms,
+            "remote_addr": remote_addr,
+            "request_id": request_id,
+        },
+    )
     standard.created, standard.msecs = made.created, made.msecs
     assert abs(standard.relativeCreated - made.relativeCreated) < 1000 * (time.time() - made.created) + 1
     standard.relativeCreated = made.relativeCreated
     assert formatter.format(made) == formatter.format(standard)
     assert made.process == os.getpid()
     if isinstance(formatter, JsonFormatter):
-        assert made.json_line() is not None   # the line came from the record's own json_line()
+        assert made.json_line() is not None  # the line came from the record's own json_line()
         assert json.loads(formatter.format(made))["path"] == path
 
 
 def test_a_request_record_a_filter_has_added_to_is_written_out_in_full():
     made = RequestRecord("POST", "/stkpush", 200, 1.5, "127.0.0.1", "trace-0002")
-    made.tenant = "shop-7"   # as a logging.Filter on the handler may do
+    made.tenant = "shop-7"  # as a logging.Filter on the handler may do
     entry = json.loads(JsonFormatter().format(made))
     assert made.json_line() is None
     assert entry["tenant"] == "shop-7" and entry["path"] == "/stkpush" and entry["request_id"] == "trace-0002"
 
 
-
 # ------------------------------------------------------------------- a batch of requests recorded
 
-BATCH = [   # RequestLog's facts: (created, method, path, route, status, seconds, remote_addr, request_id)
+BATCH = [  # RequestLog's facts: (created, method, path, route, status, seconds, remote_addr, request_id)
     (1764926142.5964, "POST", "/stkpush/status", "/stkpush/status", 200, 0.0012, "127.0.0.1", "f" * 32),
-    (1764926142.9999996, "GET", "/stkpush/status/ws_CO_051220261234567890",
-     "/stkpush/status/<checkout_id>", 404, 0.25, None, "trace-1"),
+    (
+        1764926142.9999996,
+        "GET",
+        "/stkpush/status/ws_CO_051220261234567890",
+        "/stkpush/status/<checkout_id>",
+        404,
+        0.25,
+        None,
+        "trace-1",
+    ),
     (1764926143.0, "BREW", '/pay/"q"\\\t\u00e9\U0001f600', None, 418, 31.0, "::1", "x"),
     (1764926143.25, "GET", "/hooks/stk/secret-token", "/hooks/stk/<token>", 403, 0.005, "10.0.0.1", "y"),
 ]
@@ -650,7 +771,7 @@ def sole_json_handler(monkeypatch):
     handler = LineHandler(stream)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(requestlog.RequestIdFilter())
-    handler.gather(3600)   # written when flushed
+    handler.gather(3600)  # written when flushed
     server_log = logging.getLogger("server")
     monkeypatch.setattr(server_log, "handlers", [])
     monkeypatch.setattr(server_log, "filters", [])
@@ -689,7 +810,7 @@ def test_request_lines_made_without_records_are_the_lines_logging_makes(sole_jso
         made_directly = recorded_lines(handler, read_end)
 
         server_log = logging.getLogger("server")
-        server_log.addFilter(lambda record: True)   # a filter could change a record: each goes through logging
+        server_log.addFilter(lambda record: True)  # a filter could change a record: each goes through logging
         assert requestlog._sole_json_handler() is None
         requestlog.record_requests(BATCH)
         through_logging = recorded_lines(handler, read_end)
@@ -697,11 +818,12 @@ def test_request_lines_made_without_records_are_the_lines_logging_makes(sole_jso
     assert made_directly == through_logging and len(made_directly) == len(BATCH)
     entries = [json.loads(line) for line in made_directly]
     assert [(e["method"], e["status"], e["request_id"], e["remote_addr"]) for e in entries] == [
-        (method, status, request_id, address) for _, method, _, _, status, _, address, request_id in BATCH]
+        (method, status, request_id, address) for _, method, _, _, status, _, address, request_id in BATCH
+    ]
     assert entries[0]["message"] == "POST /stkpush/status 200 1.2ms" and entries[0]["duration_ms"] == 1.2
     assert entries[1]["path"] == "/stkpush/status/" + mask_checkout_id("ws_CO_051220261234567890")
     assert entries[2]["path"] == BATCH[2][2]
-    assert entries[3]["path"] == "/hooks/stk/***"   # the callback secret never reaches a log
+    assert entries[3]["path"] == "/hooks/stk/***"  # the callback secret never reaches a log
     assert entries[0]["time"] == "2025-12-05T09:15:42.596Z" and entries[1]["time"] == "2025-12-05T09:15:43.000Z"
     assert all(e["pid"] == os.getpid() and e["level"] == "INFO" and e["logger"] == "server" for e in entries)
 
@@ -712,8 +834,10 @@ def test_request_lines_made_without_records_round_each_duration_as_the_record_do
     edges = [0.0, 1e-9, 0.00005, 0.00015, 0.00025, 0.00035, 0.0000499999, 0.00095, 0.0999999, 29.99995]
     rng = random.Random(6)
     seconds = edges + [rng.uniform(0, 0.05) for _ in range(60)] + [rng.uniform(0, 60) for _ in range(20)]
-    batch = [(1764926142.5 + n, "POST", "/stkpush/status", "/stkpush/status", 200, value, "127.0.0.1", f"id-{n}")
-             for n, value in enumerate(seconds)]
+    batch = [
+        (1764926142.5 + n, "POST", "/stkpush/status", "/stkpush/status", 200, value, "127.0.0.1", f"id-{n}")
+        for n, value in enumerate(seconds)
+    ]
     with root_handlers(handler):
         requestlog.record_requests(batch)
         made_directly = recorded_lines(handler, read_end)
@@ -748,8 +872,9 @@ def not_propagated(handler):
     logging.getLogger("server").propagate = False
 
 
-@pytest.mark.parametrize("change", [add_handler_filter, add_logger_handler, add_root_handler, text_lines,
-                                    warnings_only, not_propagated])
+@pytest.mark.parametrize(
+    "change", [add_handler_filter, add_logger_handler, add_root_handler, text_lines, warnings_only, not_propagated]
+)
 def test_request_lines_go_through_logging_whenever_logging_is_set_up_otherwise(sole_json_handler, change):
     handler, read_end = sole_json_handler
     with root_handlers(handler):
@@ -758,17 +883,20 @@ def test_request_lines_go_through_logging_whenever_logging_is_set_up_otherwise(s
         requestlog.record_requests(BATCH[:1])
         lines = recorded_lines(handler, read_end)
     if change in (warnings_only, not_propagated):
-        assert lines == []   # as logging would have it
+        assert lines == []  # as logging would have it
     elif change is text_lines:
-        assert lines == [logging.Formatter(TEXT_LOG_FORMAT).format(RequestRecord(
-            "POST", "/stkpush/status", 200, 1.2, "127.0.0.1", "f" * 32, BATCH[0][0]))]
+        assert lines == [
+            logging.Formatter(TEXT_LOG_FORMAT).format(
+                RequestRecord("POST", "/stkpush/status", 200, 1.2, "127.0.0.1", "f" * 32, BATCH[0][0])
+            )
+        ]
     else:
         assert [json.loads(line)["request_id"] for line in lines] == ["f" * 32]
 
 
 def test_a_handler_that_is_not_gathering_gets_each_line_through_logging(monkeypatch):
     stream = io.StringIO()
-    handler = LineHandler(stream)   # gather() not called: lines are written at once
+    handler = LineHandler(stream)  # gather() not called: lines are written at once
     handler.setFormatter(JsonFormatter())
     server_log = logging.getLogger("server")
     monkeypatch.setattr(server_log, "handlers", [])
@@ -786,27 +914,43 @@ def test_a_handler_that_is_not_gathering_gets_each_line_through_logging(monkeypa
 
 def test_a_batch_of_requests_is_observed_as_each_request_would_be():
     from prometheus_client import CollectorRegistry, Histogram
+
     import metrics
+
     route = f"/batch-{os.getpid()}-{time.monotonic_ns()}"
     # On the bounds, between them, past the last, and nothing at all.
     durations = [0.0, 0.005, 0.0051, 0.01, 0.3, 0.3, 10.0, 30.0, 31.0, 120.0]
-    one_by_one = Histogram("one_by_one_seconds", "each observed", ["method", "route", "status"],
-                           buckets=metrics.HTTP_BUCKETS, registry=CollectorRegistry())
+    one_by_one = Histogram(
+        "one_by_one_seconds",
+        "each observed",
+        ["method", "route", "status"],
+        buckets=metrics.HTTP_BUCKETS,
+        registry=CollectorRegistry(),
+    )
     for seconds in durations:
         one_by_one.labels("POST", route, "200").observe(seconds)
-    metrics.requests_served([("POST", route, 200, seconds) for seconds in durations]
-                            + [("BREW", None, 418, 0.02)])
+    metrics.requests_served([("POST", route, 200, seconds) for seconds in durations] + [("BREW", None, 418, 0.02)])
 
     def samples(collector, name):
-        return {(sample.name.replace(name, ""), sample.labels.get("le")): sample.value
-                for family in collector.collect() for sample in family.samples
-                if sample.labels.get("route") == route and not sample.name.endswith("_created")}
+        return {
+            (sample.name.replace(name, ""), sample.labels.get("le")): sample.value
+            for family in collector.collect()
+            for sample in family.samples
+            if sample.labels.get("route") == route and not sample.name.endswith("_created")
+        }
+
     batched = samples(metrics.HTTP_SECONDS, "mpesa_http_request_duration_seconds")
     assert batched == pytest.approx(samples(one_by_one, "one_by_one_seconds"))
     assert batched[("_count", None)] == len(durations) and batched[("_bucket", "0.005")] == 2
-    unmatched = [sample for family in metrics.HTTP_SECONDS.collect() for sample in family.samples
-                 if sample.labels.get("route") == "unmatched" and sample.labels.get("method") == "other"
-                 and sample.labels.get("status") == "418" and sample.name.endswith("_count")]
+    unmatched = [
+        sample
+        for family in metrics.HTTP_SECONDS.collect()
+        for sample in family.samples
+        if sample.labels.get("route") == "unmatched"
+        and sample.labels.get("method") == "other"
+        and sample.labels.get("status") == "418"
+        and sample.name.endswith("_count")
+    ]
     assert unmatched and unmatched[0].value >= 1
 
 
@@ -818,7 +962,7 @@ def test_lines_handed_over_after_the_handler_closed_are_written_at_once():
         handler.gather(3600)
         handler.gather_lines(['{"message":"waiting"}'])
         assert waiting_in(read_end) == []
-        handler.close()   # what waits goes out; later lines are written at once
+        handler.close()  # what waits goes out; later lines are written at once
         handler.gather_lines(['{"message":"late 1"}', '{"message":"late 2"}'])
         assert [json.loads(line)["message"] for line in waiting_in(read_end)] == ["waiting", "late 1", "late 2"]
     os.close(read_end)

@@ -1,10 +1,11 @@
 """The Daraja client and payment rules, against the simulator over loopback HTTP."""
+
 from __future__ import annotations
 
 import base64
 import logging
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -18,8 +19,12 @@ CALLBACK = "http://127.0.0.1:9/hooks/stk/token"
 
 
 def client_for(url: str, **kwargs) -> mpesa.Daraja:
-    options = dict(base_url=url, consumer_key=sim.SIM_CONSUMER_KEY,
-                   consumer_secret=sim.SIM_CONSUMER_SECRET, sleep=lambda seconds: None)
+    options = dict(
+        base_url=url,
+        consumer_key=sim.SIM_CONSUMER_KEY,
+        consumer_secret=sim.SIM_CONSUMER_SECRET,
+        sleep=lambda seconds: None,
+    )
     options.update(kwargs)
     return mpesa.Daraja(**options)
 
@@ -41,16 +46,31 @@ def stats(simulator) -> dict:
 
 
 def fault(simulator, endpoint: str, mode: str, count: int = 1, delay: float = 0):
-    control(simulator, "POST", "/simulator/faults",
-            json={"endpoint": endpoint, "mode": mode, "count": count, "delay": delay})
+    control(
+        simulator,
+        "POST",
+        "/simulator/faults",
+        json={"endpoint": endpoint, "mode": mode, "count": count, "delay": delay},
+    )
 
 
 # ------------------------------------------------------------------- rules
 
-@pytest.mark.parametrize("raw", [
-    "0712345678", "712345678", "254712345678", "+254712345678", "+254 712 345 678",
-    "0712-345-678", "(0712) 345678", 254712345678, 712345678,
-])
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "0712345678",
+        "712345678",
+        "254712345678",
+        "+254712345678",
+        "+254 712 345 678",
+        "0712-345-678",
+        "(0712) 345678",
+        254712345678,
+        712345678,
+    ],
+)
 def test_phone_formats_normalise_to_2547(raw):
     assert mpesa.normalize_phone(raw) == "254712345678"
 
@@ -60,10 +80,23 @@ def test_01_numbers_normalise_to_2541(raw):
     assert mpesa.normalize_phone(raw) == "254112345678"
 
 
-@pytest.mark.parametrize("raw", [
-    "", "123456789", "0812345678", "07123456789", "071234567", "255712345678",
-    "+1 415 555 0100", "07l2345678", None, True, 7.12e8, ["0712345678"],
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "123456789",
+        "0812345678",
+        "07123456789",
+        "071234567",
+        "255712345678",
+        "+1 415 555 0100",
+        "07l2345678",
+        None,
+        True,
+        7.12e8,
+        ["0712345678"],
+    ],
+)
 def test_bad_phone_numbers_are_refused_with_a_message(raw):
     with pytest.raises(mpesa.InvalidInput) as caught:
         mpesa.normalize_phone(raw)
@@ -76,12 +109,23 @@ def test_whole_shilling_amounts_are_accepted(raw, expected):
     assert mpesa.validate_amount(raw, 150_000) == expected
 
 
-@pytest.mark.parametrize("raw, message", [
-    (0, "at least 1"), (-5, "at least 1"), (150001, "not exceed 150,000"),
-    (10.5, "whole number"), (10.0, "whole number"), ("10.5", "whole number"),
-    (True, "whole number"), ("ten", "whole number"), (None, "required"), ("", "required"),
-    ([10], "whole number"), ("-3", "whole number"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (0, "at least 1"),
+        (-5, "at least 1"),
+        (150001, "not exceed 150,000"),
+        (10.5, "whole number"),
+        (10.0, "whole number"),
+        ("10.5", "whole number"),
+        (True, "whole number"),
+        ("ten", "whole number"),
+        (None, "required"),
+        ("", "required"),
+        ([10], "whole number"),
+        ("-3", "whole number"),
+    ],
+)
 def test_bad_amounts_are_refused_naming_the_rule(raw, message):
     with pytest.raises(mpesa.InvalidInput) as caught:
         mpesa.validate_amount(raw, 150_000)
@@ -105,7 +149,7 @@ def test_checkout_ids_hide_the_payers_number():
 
 
 def test_timestamp_is_nairobi_time_whatever_the_server_zone():
-    utc_noon = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
+    utc_noon = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
     assert mpesa.daraja_timestamp(utc_noon) == "20261123150000"
 
 
@@ -115,27 +159,47 @@ def test_password_is_base64_of_shortcode_passkey_timestamp_as_text():
     assert base64.b64decode(password).decode() == "174379key20261123150000"
 
 
-@pytest.mark.parametrize("code, reason", [
-    (1032, "cancelled"), (1037, "timeout"), (1019, "timeout"), (1, "insufficient_funds"),
-    (2001, "wrong_pin"), (17, "rejected"), (2028, "rejected"), ("SFC_IC0003", "rejected"),
-    (1025, "error"), (9999, "error"), (4242, "error"),
-])
+@pytest.mark.parametrize(
+    "code, reason",
+    [
+        (1032, "cancelled"),
+        (1037, "timeout"),
+        (1019, "timeout"),
+        (1, "insufficient_funds"),
+        (2001, "wrong_pin"),
+        (17, "rejected"),
+        (2028, "rejected"),
+        ("SFC_IC0003", "rejected"),
+        (1025, "error"),
+        (9999, "error"),
+        (4242, "error"),
+    ],
+)
 def test_result_codes_map_to_reasons(code, reason):
     assert mpesa.result_reason(code)[0] == reason
 
 
 # --------------------------------------------------------- callback parsing
 
-SUCCESS = {"Body": {"stkCallback": {
-    "MerchantRequestID": "29115-34620561-1", "CheckoutRequestID": "ws_CO_191220191020363925",
-    "ResultCode": 0, "ResultDesc": "The service request is processed successfully.",
-    "CallbackMetadata": {"Item": [
-        {"Name": "Amount", "Value": 1.0},
-        {"Name": "MpesaReceiptNumber", "Value": "NLJ7RT61SV"},
-        {"Name": "Balance"},
-        {"Name": "TransactionDate", "Value": 20191219102115},
-        {"Name": "PhoneNumber", "Value": 254708374149},
-    ]}}}}
+SUCCESS = {
+    "Body": {
+        "stkCallback": {
+            "MerchantRequestID": "29115-34620561-1",
+            "CheckoutRequestID": "ws_CO_191220191020363925",
+            "ResultCode": 0,
+            "ResultDesc": "The service request is processed successfully.",
+            "CallbackMetadata": {
+                "Item": [
+                    {"Name": "Amount", "Value": 1.0},
+                    {"Name": "MpesaReceiptNumber", "Value": "NLJ7RT61SV"},
+                    {"Name": "Balance"},
+                    {"Name": "TransactionDate", "Value": 20191219102115},
+                    {"Name": "PhoneNumber", "Value": 254708374149},
+                ]
+            },
+        }
+    }
+}
 
 
 def test_success_callback_is_parsed_by_item_name():
@@ -149,40 +213,85 @@ def test_success_callback_is_parsed_by_item_name():
 
 
 def test_failure_callback_has_no_metadata():
-    body = {"Body": {"stkCallback": {"MerchantRequestID": "1", "CheckoutRequestID": "ws_CO_1",
-                                      "ResultCode": 1032, "ResultDesc": "Request cancelled by user"}}}
+    body = {
+        "Body": {
+            "stkCallback": {
+                "MerchantRequestID": "1",
+                "CheckoutRequestID": "ws_CO_1",
+                "ResultCode": 1032,
+                "ResultDesc": "Request cancelled by user",
+            }
+        }
+    }
     result = mpesa.parse_callback(body)
     assert not result.paid and result.result_code == 1032 and result.receipt is None
 
 
 def test_callback_codes_and_values_are_coerced():
-    body = {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_2", "ResultCode": "SFC_IC0003",
-                                      "ResultDesc": "The operator does not exist."}}}
+    body = {
+        "Body": {
+            "stkCallback": {
+                "CheckoutRequestID": "ws_CO_2",
+                "ResultCode": "SFC_IC0003",
+                "ResultDesc": "The operator does not exist.",
+            }
+        }
+    }
     assert mpesa.parse_callback(body).result_code == "SFC_IC0003"
-    items = [{"Name": "PhoneNumber", "Value": "254708374149"}, {"Name": "Amount", "Value": "10"},
-             {"Name": "TransactionDate", "Value": "20240315143105"}]
-    body = {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_3", "ResultCode": "0",
-                                      "ResultDesc": "ok", "CallbackMetadata": {"Item": items}}}}
+    items = [
+        {"Name": "PhoneNumber", "Value": "254708374149"},
+        {"Name": "Amount", "Value": "10"},
+        {"Name": "TransactionDate", "Value": "20240315143105"},
+    ]
+    body = {
+        "Body": {
+            "stkCallback": {
+                "CheckoutRequestID": "ws_CO_3",
+                "ResultCode": "0",
+                "ResultDesc": "ok",
+                "CallbackMetadata": {"Item": items},
+            }
+        }
+    }
     result = mpesa.parse_callback(body)
     assert result.paid and result.amount == 10 and result.transaction_date.year == 2024
 
 
-@pytest.mark.parametrize("body", [
-    None, [], "text", {}, {"Body": {}}, {"Body": {"stkCallback": "x"}},
-    {"Body": {"stkCallback": {"ResultCode": 0}}},
-    {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1"}}},
-    {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": True}}},
-    {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": 0,
-                              "CallbackMetadata": {"Item": "nope"}}}},
-    {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": 0,
-                              "CallbackMetadata": {"Item": [{"Name": "Amount", "Value": "ten"}]}}}},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        [],
+        "text",
+        {},
+        {"Body": {}},
+        {"Body": {"stkCallback": "x"}},
+        {"Body": {"stkCallback": {"ResultCode": 0}}},
+        {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1"}}},
+        {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": True}}},
+        {
+            "Body": {
+                "stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": 0, "CallbackMetadata": {"Item": "nope"}}
+            }
+        },
+        {
+            "Body": {
+                "stkCallback": {
+                    "CheckoutRequestID": "ws_CO_1",
+                    "ResultCode": 0,
+                    "CallbackMetadata": {"Item": [{"Name": "Amount", "Value": "ten"}]},
+                }
+            }
+        },
+    ],
+)
 def test_malformed_callbacks_raise_a_clear_error(body):
     with pytest.raises(mpesa.MalformedCallback):
         mpesa.parse_callback(body)
 
 
 # ------------------------------------------------------------------- token
+
 
 def test_token_is_fetched_once_and_reused(simulator, daraja):
     daraja.stk_push("254700000000", 10, callback_url=CALLBACK)
@@ -246,9 +355,11 @@ def test_wrong_credentials_are_an_auth_error(simulator):
 
 # ------------------------------------------------------------- STK push
 
+
 def test_push_is_accepted_with_a_checkout_id(simulator, daraja):
-    accepted = daraja.stk_push("0712345678", 100, callback_url=CALLBACK,
-                               account_reference="CART_12345", description="DJ Kraph Checkout")
+    accepted = daraja.stk_push(
+        "0712345678", 100, callback_url=CALLBACK, account_reference="CART_12345", description="DJ Kraph Checkout"
+    )
     assert accepted.response_code == "0"
     assert accepted.checkout_request_id.startswith("ws_CO_")
     assert accepted.checkout_request_id.endswith("712345678")
@@ -319,7 +430,7 @@ def test_the_proxy_set_when_the_client_is_built_is_used(simulator, monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("NO_PROXY", "")
     with client_for(simulator.url) as through_proxy:
-        monkeypatch.delenv("HTTP_PROXY")   # read when the client was built, not per call
+        monkeypatch.delenv("HTTP_PROXY")  # read when the client was built, not per call
         with pytest.raises(mpesa.DarajaUnavailable):
             through_proxy.access_token()
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
@@ -336,11 +447,14 @@ def test_a_ca_bundle_from_the_environment_is_used_for_https(monkeypatch, tmp_pat
         assert client.session.verify == str(bundle)
 
 
-@pytest.mark.parametrize("mode, error", [
-    ("http500", mpesa.DarajaUnavailable),
-    ("http503_html", mpesa.DarajaUnavailable),
-    ("garbage", mpesa.DarajaBadResponse),
-])
+@pytest.mark.parametrize(
+    "mode, error",
+    [
+        ("http500", mpesa.DarajaUnavailable),
+        ("http503_html", mpesa.DarajaUnavailable),
+        ("garbage", mpesa.DarajaBadResponse),
+    ],
+)
 def test_daraja_trouble_maps_to_typed_errors(simulator, daraja, mode, error):
     daraja.access_token()
     fault(simulator, "stkpush", mode)
@@ -367,6 +481,7 @@ def test_persistent_rate_limit_is_reported(simulator, daraja):
 
 
 # -------------------------------------------------------------- STK query
+
 
 def test_query_reports_pending_then_the_final_code(simulator, daraja):
     control(simulator, "PATCH", "/simulator/config", json={"query_min_interval": 0})
@@ -395,6 +510,7 @@ def test_querying_too_fast_is_rate_limited(simulator):
 
 
 # -------------------------------------------------------------------- logs
+
 
 def test_logs_carry_no_secret_token_or_full_phone(simulator, daraja, caplog):
     caplog.set_level(logging.DEBUG)

@@ -19,6 +19,7 @@ Most generated bodies are invalid; valid ones push to the simulator with varied 
 numbers, so the simulator's "Unable to lock subscriber" appears only as a documented
 502. FUZZ_SCALE=10 in the environment runs ten times as many examples.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,21 +57,34 @@ REASONS = {1032: "cancelled", 1037: "timeout", 1019: "timeout", 1: "insufficient
 
 FUZZ_SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 # The shop the fuzz servers sell from: "tee" sells out after five.
-CATALOG = {"items": [{"id": "tee", "name": "Tee", "price": 100, "capacity": 5},
-                     {"id": "pass", "name": "Day pass", "price": 250, "kind": "ticket", "capacity": 1000},
-                     {"id": "song", "name": "Song", "price": 1}]}
+CATALOG = {
+    "items": [
+        {"id": "tee", "name": "Tee", "price": 100, "capacity": 5},
+        {"id": "pass", "name": "Day pass", "price": 250, "kind": "ticket", "capacity": 1000},
+        {"id": "song", "name": "Song", "price": 1},
+    ]
+}
 PRICES = {item["id"]: item["price"] for item in CATALOG["items"]}
 CHECKOUT_SECRET = "fuzz-checkout-secret-0123456789"
 
 
 def fuzz_settings(examples: int):
-    return settings(max_examples=max(1, int(examples * FUZZ_SCALE)), deadline=None, database=None,
-                    print_blob=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                           HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    return settings(
+        max_examples=max(1, int(examples * FUZZ_SCALE)),
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
+    )
 
 
 # ------------------------------------------------------------------ the spec
+
 
 def template(rule: str) -> str:
     """'/stkpush/status/<checkout_id>' and '/stkpush/status/{checkoutRequestId}' -> '/stkpush/status/{}'."""
@@ -106,10 +120,13 @@ _validators: dict = {}
 def schema_errors(instance, schema: dict) -> list[str]:
     key = json.dumps(schema, sort_keys=True)
     if key not in _validators:
-        _validators[key] = OAS30Validator({"allOf": [schema], "components": SPEC["components"]},
-                                          format_checker=OAS30Validator.FORMAT_CHECKER)
-    return [f"{'/'.join(map(str, error.absolute_path)) or '(root)'}: {error.message}"
-            for error in _validators[key].iter_errors(instance)]
+        _validators[key] = OAS30Validator(
+            {"allOf": [schema], "components": SPEC["components"]}, format_checker=OAS30Validator.FORMAT_CHECKER
+        )
+    return [
+        f"{'/'.join(map(str, error.absolute_path)) or '(root)'}: {error.message}"
+        for error in _validators[key].iter_errors(instance)
+    ]
 
 
 def test_openapi_json_is_served_and_is_valid_openapi_3(live_server):
@@ -143,8 +160,7 @@ def api_rules(app) -> set[tuple[str, str]]:
 
 def spec_operations() -> set[tuple[str, str]]:
     methods = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
-    return {(template(path), method) for path, item in SPEC["paths"].items()
-            for method in item if method in methods}
+    return {(template(path), method) for path, item in SPEC["paths"].items() for method in item if method in methods}
 
 
 def test_spec_lists_every_route_of_the_app(live_server):
@@ -186,10 +202,13 @@ def test_spec_declares_the_idempotency_key_and_the_admin_scheme():
 
 # ------------------------------------------------------------ the checker
 
+
 def strict_json(text: str):
     """json.loads without Python's NaN/Infinity extension, as a browser parses."""
+
     def refuse(name):
         raise ValueError(f"{name} is not JSON")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -252,22 +271,60 @@ def send(live, method: str, path: str, **kwargs) -> tuple[requests.Response, dic
 # ------------------------------------------------------------- strategies
 
 ASCII_DIGITS = string.digits
-UNICODE_DIGITS = ["\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669",  # Arabic-Indic
-                  "\uff10\uff11\uff12\uff13\uff14\uff15\uff16\uff17\uff18\uff19",  # fullwidth
-                  "\u0966\u0967\u0968\u0969\u096a\u096b\u096c\u096d\u096e\u096f"]  # Devanagari
-TRICKY_TEXT = ["", " ", "\u00b2", "\u00b9\u00b2", "\u0661\u0662", "\uff11", "1e3", "0x10", "-1", "+5",
-               "1.0", " 7 ", "NaN", "Infinity", "null", "true", "[]", "{}", "\u0000", "\ufeff1",
-               "\U0001f4b8", "DROP TABLE", "../..", "%00", "a" * 300]
+UNICODE_DIGITS = [
+    "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669",  # Arabic-Indic
+    "\uff10\uff11\uff12\uff13\uff14\uff15\uff16\uff17\uff18\uff19",  # fullwidth
+    "\u0966\u0967\u0968\u0969\u096a\u096b\u096c\u096d\u096e\u096f",
+]  # Devanagari
+TRICKY_TEXT = [
+    "",
+    " ",
+    "\u00b2",
+    "\u00b9\u00b2",
+    "\u0661\u0662",
+    "\uff11",
+    "1e3",
+    "0x10",
+    "-1",
+    "+5",
+    "1.0",
+    " 7 ",
+    "NaN",
+    "Infinity",
+    "null",
+    "true",
+    "[]",
+    "{}",
+    "\u0000",
+    "\ufeff1",
+    "\U0001f4b8",
+    "DROP TABLE",
+    "../..",
+    "%00",
+    "a" * 300,
+]
 
-scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-           | st.text(max_size=20) | st.sampled_from([2**63, -(2**63) - 1, 10**30, -(10**40), 10**300, 1e308,
-                                                     5e-324, -0.0]) | st.sampled_from(TRICKY_TEXT))
-json_values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=4)
-                           | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=10)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+    | st.sampled_from([2**63, -(2**63) - 1, 10**30, -(10**40), 10**300, 1e308, 5e-324, -0.0])
+    | st.sampled_from(TRICKY_TEXT)
+)
+json_values = st.recursive(
+    scalars,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=10,
+)
 # Python's json reads NaN and Infinity and huge exponents; send some to see what comes back.
 loose_scalars = scalars | st.sampled_from([float("nan"), float("inf"), float("-inf")])
-loose_json_values = st.recursive(loose_scalars, lambda kids: st.lists(kids, max_size=3)
-                                 | st.dictionaries(st.text(max_size=8), kids, max_size=3), max_leaves=8)
+loose_json_values = st.recursive(
+    loose_scalars,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids, max_size=3),
+    max_leaves=8,
+)
 
 
 @st.composite
@@ -278,8 +335,11 @@ def valid_phones(draw) -> str:
     elif draw(st.booleans()):
         national = "7" + "".join(draw(st.lists(st.sampled_from(ASCII_DIGITS), min_size=8, max_size=8)))
     else:
-        national = "1" + draw(st.sampled_from("01")) + "".join(
-            draw(st.lists(st.sampled_from(ASCII_DIGITS), min_size=7, max_size=7)))
+        national = (
+            "1"
+            + draw(st.sampled_from("01"))
+            + "".join(draw(st.lists(st.sampled_from(ASCII_DIGITS), min_size=7, max_size=7)))
+        )
     prefix = draw(st.sampled_from(["0", "", "254", "+254"]))
     text = prefix + national
     if draw(st.integers(0, 3)) == 0:
@@ -294,7 +354,7 @@ def invalid_phones(draw):
     kind = draw(st.integers(0, 6))
     digits = lambda n: "".join(draw(st.lists(st.sampled_from(ASCII_DIGITS), min_size=n, max_size=n)))
     if kind == 0:
-        return "07" + digits(draw(st.sampled_from([6, 7, 9, 10])))       # wrong length
+        return "07" + digits(draw(st.sampled_from([6, 7, 9, 10])))  # wrong length
     if kind == 1:
         return draw(st.sampled_from(["08", "06", "2548", "2549", "+2550", "00"])) + digits(8)  # not Safaricom
     if kind == 2:  # the right shape with non-ASCII digits: not a phone number Daraja takes
@@ -303,8 +363,7 @@ def invalid_phones(draw):
         rest = digits(7 if prefix == "011" else 8)
         return prefix + "".join(table[int(c)] for c in rest)
     if kind == 3:
-        return draw(st.sampled_from([True, False, [], ["0712345678"], {"n": "0712345678"}, 7.12345678e8,
-                                     712345678.0]))
+        return draw(st.sampled_from([True, False, [], ["0712345678"], {"n": "0712345678"}, 7.12345678e8, 712345678.0]))
     if kind == 4:
         return "07" + digits(4) + draw(st.text(alphabet="abcxyz!#*_", min_size=1, max_size=4))
     if kind == 5:
@@ -319,10 +378,29 @@ def valid_amounts(draw):
 
 
 invalid_amounts = st.one_of(
-    st.integers(max_value=0), st.integers(min_value=MAX_AMOUNT + 1),
+    st.integers(max_value=0),
+    st.integers(min_value=MAX_AMOUNT + 1),
     st.floats(allow_nan=False, allow_infinity=False),  # even 10.0: API.md wants a JSON integer
-    st.sampled_from([10.0, 1.0, True, False, None, "", "10.5", "1e3", "-5", "abc", "0", [], [100], {"v": 1},
-                     "9" * 13, str(MAX_AMOUNT + 1)]),
+    st.sampled_from(
+        [
+            10.0,
+            1.0,
+            True,
+            False,
+            None,
+            "",
+            "10.5",
+            "1e3",
+            "-5",
+            "abc",
+            "0",
+            [],
+            [100],
+            {"v": 1},
+            "9" * 13,
+            str(MAX_AMOUNT + 1),
+        ]
+    ),
 )
 
 
@@ -331,21 +409,45 @@ def text_field(limit: int):
 
 
 def bad_text_field(limit: int):
-    return st.one_of(st.integers(), st.booleans(), st.lists(st.text(max_size=3), max_size=2),
-                     st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
-                     st.text(min_size=limit + 1, max_size=limit + 40))
+    return st.one_of(
+        st.integers(),
+        st.booleans(),
+        st.lists(st.text(max_size=3), max_size=2),
+        st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+        st.text(min_size=limit + 1, max_size=limit + 40),
+    )
 
 
-good_items = st.lists(st.fixed_dictionaries({"id": st.sampled_from(sorted(PRICES))},
-                                         optional={"quantity": st.integers(1, 3)}), min_size=1, max_size=3)
+good_items = st.lists(
+    st.fixed_dictionaries({"id": st.sampled_from(sorted(PRICES))}, optional={"quantity": st.integers(1, 3)}),
+    min_size=1,
+    max_size=3,
+)
 bad_items = st.one_of(
-    st.sampled_from([[], "tee", 5, True, {"id": "tee"}, [1], [None], [{"id": "nope"}], [{"id": 5}],
-                     [{"quantity": 1}], [{"id": "tee", "quantity": 0}], [{"id": "tee", "quantity": 101}],
-                     [{"id": "tee", "quantity": True}], [{"id": "tee", "quantity": 1.5}],
-                     [{"id": "tee", "quantity": "2"}], [{"id": "song", "quantity": 60}] * 2,
-                     [{"id": "song"}] * 21]),
+    st.sampled_from(
+        [
+            [],
+            "tee",
+            5,
+            True,
+            {"id": "tee"},
+            [1],
+            [None],
+            [{"id": "nope"}],
+            [{"id": 5}],
+            [{"quantity": 1}],
+            [{"id": "tee", "quantity": 0}],
+            [{"id": "tee", "quantity": 101}],
+            [{"id": "tee", "quantity": True}],
+            [{"id": "tee", "quantity": 1.5}],
+            [{"id": "tee", "quantity": "2"}],
+            [{"id": "song", "quantity": 60}] * 2,
+            [{"id": "song"}] * 21,
+        ]
+    ),
     st.lists(json_values, min_size=1, max_size=3).filter(
-        lambda lines: not all(isinstance(x, dict) and x.get("id") in PRICES for x in lines)),
+        lambda lines: not all(isinstance(x, dict) and x.get("id") in PRICES for x in lines)
+    ),
 )
 
 
@@ -355,10 +457,18 @@ def order_total(items: list) -> int:
 
 FIELDS = ("phone", "amount", "description", "accountReference")
 NOT_EXTRA = FIELDS + ("items", "signature", "expires")
-GOOD = {"phone": valid_phones(), "amount": valid_amounts(),
-        "description": text_field(200), "accountReference": text_field(100)}
-BAD = {"phone": invalid_phones(), "amount": invalid_amounts,
-       "description": bad_text_field(200), "accountReference": bad_text_field(100)}
+GOOD = {
+    "phone": valid_phones(),
+    "amount": valid_amounts(),
+    "description": text_field(200),
+    "accountReference": text_field(100),
+}
+BAD = {
+    "phone": invalid_phones(),
+    "amount": invalid_amounts,
+    "description": bad_text_field(200),
+    "accountReference": bad_text_field(100),
+}
 
 
 @st.composite
@@ -406,8 +516,14 @@ def payment_bodies(draw) -> tuple[object, set | None]:
 
 
 JSON_TYPES = ["application/json", "application/json; charset=utf-8", "application/vnd.shop+json"]
-OTHER_TYPES = ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-               "application/xml", "", "application/jsonp"]
+OTHER_TYPES = [
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "application/xml",
+    "",
+    "application/jsonp",
+]
 
 
 NOT_JSON = object()  # the server cannot read the body as JSON
@@ -418,10 +534,26 @@ def nested(depth: int) -> str:
 
 
 MALFORMED = st.one_of(
-    st.sampled_from(['{"phone": "0712345678", "amount": 1', "{'phone': '0712345678'}", "{,}", "nul",
-                     '{"phone": "0712345678", "amount": 1}}', "\x00", "NaN", "-Infinity", "1e999",
-                     "1" * 5000, '{"amount": ' + "9" * 5000 + "}", '"just a string"', "[]", "42", "null",
-                     '{"a": ' * 40 + "1" + "}" * 40]),
+    st.sampled_from(
+        [
+            '{"phone": "0712345678", "amount": 1',
+            "{'phone': '0712345678'}",
+            "{,}",
+            "nul",
+            '{"phone": "0712345678", "amount": 1}}',
+            "\x00",
+            "NaN",
+            "-Infinity",
+            "1e999",
+            "1" * 5000,
+            '{"amount": ' + "9" * 5000 + "}",
+            '"just a string"',
+            "[]",
+            "42",
+            "null",
+            '{"a": ' * 40 + "1" + "}" * 40,
+        ]
+    ),
     # Python's parser gives up at the recursion limit: 1,000 in production, but pytest and
     # hypothesis raise it (for the whole process, so for the server threads too) to a few
     # thousand. 500 parses everywhere, 10,000 nowhere.
@@ -435,8 +567,9 @@ MALFORMED = st.one_of(
 @st.composite
 def raw_bodies(draw) -> tuple[bytes | None, str | None, object, set | None, bool]:
     """(data, content type, parsed JSON or a marker, verdict, oversized)."""
-    kind = draw(st.sampled_from(["payment"] * 7 + ["json", "json", "malformed", "malformed", "wrongtype",
-                                                   "oversized", "empty"]))
+    kind = draw(
+        st.sampled_from(["payment"] * 7 + ["json", "json", "malformed", "malformed", "wrongtype", "oversized", "empty"])
+    )
     content_type = draw(st.sampled_from(JSON_TYPES))
     if kind == "payment":
         body, verdict = draw(payment_bodies())
@@ -463,12 +596,15 @@ def raw_bodies(draw) -> tuple[bytes | None, str | None, object, set | None, bool
 
 
 # Latin-1 without controls or leading blanks: what an HTTP client can put in a header.
-header_text = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0xFF,
-                                             blacklist_categories=("Cc", "Zs")), max_size=40)
+header_text = st.text(
+    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0xFF, blacklist_categories=("Cc", "Zs")), max_size=40
+)
 
 
 idempotency_keys = st.one_of(
-    st.none(), st.none(), st.none(),
+    st.none(),
+    st.none(),
+    st.none(),
     st.sampled_from(["order-1", "order-2", "k"]),
     header_text.filter(lambda s: s.strip() == s),
     st.sampled_from(["", "x" * 255, "y" * 256, "z" * 1000, "a\tb", "\u00e9t\u00e9"]),
@@ -476,6 +612,7 @@ idempotency_keys = st.one_of(
 
 
 # ------------------------------------------------------------- fixtures
+
 
 def settled(live, checkout_id: str, timeout: float = 5.0) -> dict:
     deadline = time.monotonic() + timeout
@@ -505,12 +642,21 @@ def fuzz_server(live_server_factory, simulator, tmp_path):
     catalog.write_text(json.dumps(CATALOG), encoding="utf-8")
 
     def start(**env):
-        return live_server_factory(**{"ADMIN_TOKEN": ADMIN_TOKEN, "STATUS_FIRST_QUERY_AFTER": "0",
-                                      "STATUS_QUERY_INTERVAL": "0.5", "CATALOG_FILE": str(catalog), **env})
+        return live_server_factory(
+            **{
+                "ADMIN_TOKEN": ADMIN_TOKEN,
+                "STATUS_FIRST_QUERY_AFTER": "0",
+                "STATUS_QUERY_INTERVAL": "0.5",
+                "CATALOG_FILE": str(catalog),
+                **env,
+            }
+        )
+
     return start
 
 
 # -------------------------------------------------------- fuzz: /stkpush
+
 
 def once(fuzz_server, make) -> dict:
     """State built on a test's first example and kept for the others (one server per test)."""
@@ -536,10 +682,18 @@ def fingerprint(body) -> str:
 @given(raw=raw_bodies(), key=idempotency_keys)
 def test_fuzz_stkpush(fuzz_server, raw, key):
     # The limiter runs (its phone key reads every body) but never bites: answers stay repeatable.
-    state = once(fuzz_server, lambda: {
-        "live": fuzz_server(RATELIMIT_ENABLED="true", RATE_LIMIT_PUSH_PER_PHONE="10000/minute",
-                            RATE_LIMIT_PUSH_PER_IP="10000/minute", RATE_LIMIT_STATUS_PER_IP="10000/minute"),
-        "keys": {}})  # Idempotency-Key -> (fingerprint, status, answer) of its first request
+    state = once(
+        fuzz_server,
+        lambda: {
+            "live": fuzz_server(
+                RATELIMIT_ENABLED="true",
+                RATE_LIMIT_PUSH_PER_PHONE="10000/minute",
+                RATE_LIMIT_PUSH_PER_IP="10000/minute",
+                RATE_LIMIT_STATUS_PER_IP="10000/minute",
+            ),
+            "keys": {},
+        },
+    )  # Idempotency-Key -> (fingerprint, status, answer) of its first request
     data, content_type, parsed, verdict, oversized = raw
     headers = {}
     if content_type is not None:
@@ -588,6 +742,7 @@ def test_fuzz_stkpush(fuzz_server, raw, key):
 
 # ------------------------------------------------- fuzz: /stkpush/status
 
+
 @st.composite
 def status_requests(draw, known: list[str]):
     """(method, path, kwargs, expectation): expectation is an id's fate or None."""
@@ -598,8 +753,12 @@ def status_requests(draw, known: list[str]):
         value, fate = draw(st.from_regex(r"\A(ws_CO_)?[A-Za-z0-9_\-]{1,40}\Z")), "unknown"
         fate = "known" if value in known else fate
     elif pick == "bad":
-        value = draw(st.one_of(st.text(min_size=1, max_size=80).filter(lambda s: not CHECKOUT_ID.fullmatch(s.strip())),
-                               st.sampled_from(["", "x" * 65, "ws CO", "ws_CO_\u0661", "a/b", "..", "."])))
+        value = draw(
+            st.one_of(
+                st.text(min_size=1, max_size=80).filter(lambda s: not CHECKOUT_ID.fullmatch(s.strip())),
+                st.sampled_from(["", "x" * 65, "ws CO", "ws_CO_\u0661", "a/b", "..", "."]),
+            )
+        )
         fate = "bad"
     elif pick == "alias":
         value, fate = draw(st.sampled_from(known)), None
@@ -611,8 +770,13 @@ def status_requests(draw, known: list[str]):
         name = draw(st.sampled_from(["checkoutRequestID", "CheckoutRequestID"]))
         return "POST", "/stkpush/status", {"json": {name: value}}, value, "known"
     if pick == "any" and draw(st.booleans()):
-        return "POST", "/stkpush/status", {"data": json.dumps(value, allow_nan=True),
-                                           "headers": {"Content-Type": "application/json"}}, value, None
+        return (
+            "POST",
+            "/stkpush/status",
+            {"data": json.dumps(value, allow_nan=True), "headers": {"Content-Type": "application/json"}},
+            value,
+            None,
+        )
     return "POST", "/stkpush/status", {"json": {"checkoutRequestId": value}}, value, fate
 
 
@@ -621,11 +785,13 @@ def status_requests(draw, known: list[str]):
 def test_fuzz_status(fuzz_server, data):
     def make():
         live = fuzz_server(TRANSACTION_TTL="2")
-        known = seed(live, ["254700000000", "254700001032", "254700000001", "254700002001",
-                            "254711000001", "254711000002"])
+        known = seed(
+            live, ["254700000000", "254700001032", "254700000001", "254700002001", "254711000001", "254711000002"]
+        )
         for checkout_id in list(known)[:4]:
             settled(live, checkout_id)
         return {"live": live, "known": list(known)}
+
     state = once(fuzz_server, make)
     live, known = state["live"], state["known"]
     method, path, kwargs, value, fate = data.draw(status_requests(known))
@@ -636,8 +802,11 @@ def test_fuzz_status(fuzz_server, data):
     if fate == "known":
         assert status == 200 and body["checkoutRequestId"] == value, where
     elif fate == "unknown":
-        assert status == 404 and body == {"success": False, "status": "not_found",
-                                          "message": "Transaction not found"}, where
+        assert status == 404 and body == {
+            "success": False,
+            "status": "not_found",
+            "message": "Transaction not found",
+        }, where
     elif fate == "bad":
         assert status in (400, 404), where
         if status == 400:
@@ -645,6 +814,7 @@ def test_fuzz_status(fuzz_server, data):
 
 
 # ---------------------------------------------------- fuzz: the callback
+
 
 def normal_code(code):
     if isinstance(code, str) and re.fullmatch(r"-?[0-9]+", code.strip()):
@@ -655,12 +825,17 @@ def normal_code(code):
 @st.composite
 def callbacks(draw, known: dict[str, int]):
     """(token, data, content type, plan): plan says what a well-formed callback should do, or None."""
-    token = draw(st.sampled_from(["right"] * 8 + ["near", "random"]).flatmap(lambda kind: {
-        "right": st.just(CALLBACK_TOKEN),
-        "near": st.sampled_from(["wrong", CALLBACK_TOKEN + "x", CALLBACK_TOKEN[:-1], CALLBACK_TOKEN.upper()]),
-        "random": st.text(alphabet=string.ascii_letters + string.digits + "-_.~", min_size=1, max_size=40)
-                  .filter(lambda token: token not in (".", "..")),
-    }[kind]))
+    token = draw(
+        st.sampled_from(["right"] * 8 + ["near", "random"]).flatmap(
+            lambda kind: {
+                "right": st.just(CALLBACK_TOKEN),
+                "near": st.sampled_from(["wrong", CALLBACK_TOKEN + "x", CALLBACK_TOKEN[:-1], CALLBACK_TOKEN.upper()]),
+                "random": st.text(
+                    alphabet=string.ascii_letters + string.digits + "-_.~", min_size=1, max_size=40
+                ).filter(lambda token: token not in (".", "..")),
+            }[kind]
+        )
+    )
     kind = draw(st.sampled_from(["daraja"] * 6 + ["any", "malformed", "broken"]))
     if kind == "any":
         value = draw(loose_json_values)
@@ -669,18 +844,29 @@ def callbacks(draw, known: dict[str, int]):
         text = draw(MALFORMED)
         return token, text, draw(st.sampled_from(JSON_TYPES + OTHER_TYPES)), "malformed"
     checkout_id = draw(st.sampled_from(list(known)) | st.from_regex(r"\Aws_CO_[0-9]{1,20}\Z"))
-    code = draw(st.sampled_from([0, 0, 0, 1032, 1037, 1019, 1, 2001, 17, 1001, "SFC_IC0003", "0", "1032"])
-                | st.integers(-5, 99_999))
-    callback = {"MerchantRequestID": draw(st.text(max_size=20)), "CheckoutRequestID": checkout_id,
-                "ResultCode": code, "ResultDesc": draw(st.text(max_size=40))}
+    code = draw(
+        st.sampled_from([0, 0, 0, 1032, 1037, 1019, 1, 2001, 17, 1001, "SFC_IC0003", "0", "1032"])
+        | st.integers(-5, 99_999)
+    )
+    callback = {
+        "MerchantRequestID": draw(st.text(max_size=20)),
+        "CheckoutRequestID": checkout_id,
+        "ResultCode": code,
+        "ResultDesc": draw(st.text(max_size=40)),
+    }
     asked = known.get(checkout_id, 100)
     amount_kind = draw(st.sampled_from(["exact", "exact", "float", "text", "other", "absent", "nometa"]))
     paid = {"exact": asked, "float": float(asked), "text": str(asked), "other": asked + draw(st.integers(1, 9))}
     if amount_kind != "nometa":
-        items = [{"Name": "MpesaReceiptNumber", "Value": draw(st.from_regex(r"\A[A-Z0-9]{10}\Z"))},
-                 {"Name": "TransactionDate", "Value": draw(st.sampled_from([20261123103000, "20261123103000",
-                                                                            "garbage", None, 1]))},
-                 {"Name": "PhoneNumber", "Value": 254712345678}, {"Name": "Balance"}]
+        items = [
+            {"Name": "MpesaReceiptNumber", "Value": draw(st.from_regex(r"\A[A-Z0-9]{10}\Z"))},
+            {
+                "Name": "TransactionDate",
+                "Value": draw(st.sampled_from([20261123103000, "20261123103000", "garbage", None, 1])),
+            },
+            {"Name": "PhoneNumber", "Value": 254712345678},
+            {"Name": "Balance"},
+        ]
         if amount_kind in paid:
             items.insert(0, {"Name": "Amount", "Value": paid[amount_kind]})
         callback["CallbackMetadata"] = {"Item": items}
@@ -692,8 +878,12 @@ def callbacks(draw, known: dict[str, int]):
         loose = False
     except ValueError:
         loose = True  # NaN or Infinity inside: refusing it or taking it are both fine
-    plan = {"id": checkout_id, "code": normal_code(code), "loose": loose,
-            "amount_matches": amount_kind not in ("other",)}
+    plan = {
+        "id": checkout_id,
+        "code": normal_code(code),
+        "loose": loose,
+        "amount_matches": amount_kind not in ("other",),
+    }
     if kind == "broken":  # one required part missing or of the wrong type
         breakage = draw(st.sampled_from(["no-id", "id-type", "no-code", "code-list", "items", "amount"]))
         if breakage == "no-id":
@@ -707,8 +897,14 @@ def callbacks(draw, known: dict[str, int]):
         elif breakage == "items":
             callback["CallbackMetadata"] = draw(st.sampled_from([{"Item": {}}, {"Item": "x"}, [], "meta"]))
         else:
-            callback["CallbackMetadata"] = {"Item": [{"Name": "Amount", "Value": draw(st.sampled_from(
-                ["abc", "", float("nan"), float("inf"), {"v": 1}]))}]}
+            callback["CallbackMetadata"] = {
+                "Item": [
+                    {
+                        "Name": "Amount",
+                        "Value": draw(st.sampled_from(["abc", "", float("nan"), float("inf"), {"v": 1}])),
+                    }
+                ]
+            }
         plan = "malformed"
     return token, json.dumps(document, allow_nan=True), "application/json", plan
 
@@ -725,17 +921,24 @@ def test_fuzz_callback(fuzz_server, data):
     def make():
         live = fuzz_server()
         return {"live": live, "known": seed(live, [f"25471100{n:04d}" for n in range(1, 9)])}
+
     state = once(fuzz_server, make)
     live, known = state["live"], state["known"]
     token, text, content_type, plan = data.draw(callbacks(known))
     target = plan["id"] if isinstance(plan, dict) and plan["id"] in known else None
     before = admin_record(live, target) if target else None
 
-    response, body = send(live, "POST", "/hooks/stk/" + quote(token, safe=""),
-                          data=text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"),
-                          headers={"Content-Type": content_type})
+    response, body = send(
+        live,
+        "POST",
+        "/hooks/stk/" + quote(token, safe=""),
+        data=text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"),
+        headers={"Content-Type": content_type},
+    )
     status, where = response.status_code, f"token={token!r} body={text[:300]!r} -> {response.status_code} {body}"
-    event(f"{'known id' if target else 'other'} {plan if isinstance(plan, str) else 'daraja' if plan else 'any'} -> {status}")
+    event(
+        f"{'known id' if target else 'other'} {plan if isinstance(plan, str) else 'daraja' if plan else 'any'} -> {status}"
+    )
     if token != CALLBACK_TOKEN:
         assert status == 403, where
         return
@@ -774,28 +977,56 @@ def test_fuzz_callback(fuzz_server, data):
 
 # ------------------------------------------------------- fuzz: admin API
 
-WRONG_AUTH = [f"Bearer {ADMIN_TOKEN}x", f"Bearer {ADMIN_TOKEN[:-1]}", ADMIN_TOKEN, "Bearer", "Bearer ",
-              f"Basic {ADMIN_TOKEN}", f"Bearer {ADMIN_TOKEN}\u00e9", f"Bearer {ADMIN_TOKEN.upper()}"]
+WRONG_AUTH = [
+    f"Bearer {ADMIN_TOKEN}x",
+    f"Bearer {ADMIN_TOKEN[:-1]}",
+    ADMIN_TOKEN,
+    "Bearer",
+    "Bearer ",
+    f"Basic {ADMIN_TOKEN}",
+    f"Bearer {ADMIN_TOKEN}\u00e9",
+    f"Bearer {ADMIN_TOKEN.upper()}",
+]
 # RFC 7235 makes the scheme case-insensitive and allows more than one space: either answer is taken.
 UNSURE_AUTH = [f"bearer {ADMIN_TOKEN}", f"BEARER {ADMIN_TOKEN}", f"Bearer  {ADMIN_TOKEN}"]
 auth_headers = st.one_of(
-    st.just(AUTH), st.just(AUTH), st.just({}),
+    st.just(AUTH),
+    st.just(AUTH),
+    st.just({}),
     st.sampled_from([{"Authorization": value} for value in WRONG_AUTH + UNSURE_AUTH]),
     header_text.map(lambda text: {"Authorization": text} if text else {}),
 )
-query_values = st.one_of(st.text(max_size=12), st.sampled_from(TRICKY_TEXT), st.integers().map(str),
-                         st.sampled_from(["1", "20", "100", "101", "0", "100000", "100001", "pending",
-                                          "completed", "failed", "0712345678", "254711000001"]))
+query_values = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(TRICKY_TEXT),
+    st.integers().map(str),
+    st.sampled_from(
+        [
+            "1",
+            "20",
+            "100",
+            "101",
+            "0",
+            "100000",
+            "100001",
+            "pending",
+            "completed",
+            "failed",
+            "0712345678",
+            "254711000001",
+        ]
+    ),
+)
 
 
 @st.composite
 def admin_requests(draw, known: list[str]):
     if draw(st.integers(0, 3)) == 0:
-        segment = draw(st.sampled_from(known) | st.text(min_size=1, max_size=30).filter(
-            lambda s: s not in (".", "..")))
+        segment = draw(st.sampled_from(known) | st.text(min_size=1, max_size=30).filter(lambda s: s not in (".", "..")))
         return "/transactions/" + quote(segment, safe=""), None
-    params = draw(st.dictionaries(st.sampled_from(["status", "phone", "limit", "page", "deep", "x"]),
-                                  query_values, max_size=4))
+    params = draw(
+        st.dictionaries(st.sampled_from(["status", "phone", "limit", "page", "deep", "x"]), query_values, max_size=4)
+    )
     return "/transactions", params
 
 
@@ -821,6 +1052,7 @@ def test_fuzz_admin_api(fuzz_server, data):
     def make():
         live = fuzz_server()
         return {"live": live, "known": list(seed(live, ["254700000000", "254700001032", "254711000003"]))}
+
     state = once(fuzz_server, make)
     live, known = state["live"], state["known"]
     path, params = data.draw(admin_requests(known))
@@ -852,10 +1084,10 @@ def test_fuzz_admin_api(fuzz_server, data):
 
 # ------------------------------------------- fuzz: health, unknown paths, methods
 
+
 @st.composite
 def misc_requests(draw):
-    kind = draw(st.sampled_from(["health", "health", "method", "path", "openapi", "catalog", "stats",
-                                 "metrics"]))
+    kind = draw(st.sampled_from(["health", "health", "method", "path", "openapi", "catalog", "stats", "metrics"]))
     if kind in ("catalog", "stats"):
         return "GET", "/" + kind, draw(st.none() | st.dictionaries(st.text(max_size=4), st.text(max_size=4)))
     if kind == "metrics":
@@ -866,13 +1098,29 @@ def misc_requests(draw):
     if kind == "openapi":
         return "GET", "/openapi.json", draw(st.none() | st.dictionaries(st.text(max_size=4), st.text(max_size=4)))
     if kind == "method":
-        path = draw(st.sampled_from(["/stkpush", "/stkpush/status", "/stkpush/status/ws_CO_1", "/health",
-                                     "/transactions", "/transactions/ws_CO_1", "/openapi.json", "/catalog",
-                                     "/stats", "/metrics", "/tickets/TKT-1/qr.svg", "/tickets/TKT-1/check-in",
-                                     f"/hooks/stk/{CALLBACK_TOKEN}"]))
+        path = draw(
+            st.sampled_from(
+                [
+                    "/stkpush",
+                    "/stkpush/status",
+                    "/stkpush/status/ws_CO_1",
+                    "/health",
+                    "/transactions",
+                    "/transactions/ws_CO_1",
+                    "/openapi.json",
+                    "/catalog",
+                    "/stats",
+                    "/metrics",
+                    "/tickets/TKT-1/qr.svg",
+                    "/tickets/TKT-1/check-in",
+                    f"/hooks/stk/{CALLBACK_TOKEN}",
+                ]
+            )
+        )
         return draw(st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE"])), path, None
-    segments = draw(st.lists(st.text(min_size=1, max_size=10).filter(lambda s: s not in (".", "..")),
-                             min_size=1, max_size=3))
+    segments = draw(
+        st.lists(st.text(min_size=1, max_size=10).filter(lambda s: s not in (".", "..")), min_size=1, max_size=3)
+    )
     first = draw(st.sampled_from(["stkpush", "hooks", "transactions", "tickets", "api", "health", "nope"]))
     return draw(st.sampled_from(["GET", "POST"])), "/" + "/".join([first] + [quote(s, safe="") for s in segments]), None
 
@@ -887,8 +1135,7 @@ def test_fuzz_health_methods_and_unknown_paths(fuzz_server, data):
     headers = {}
     if path == "/metrics":
         headers = data.draw(st.sampled_from([AUTH, {}, {**AUTH, "Accept": "application/openmetrics-text"}]))
-    response, body = send(live, method, path, params=params, headers=headers,
-                          json={} if method != "GET" else None)
+    response, body = send(live, method, path, params=params, headers=headers, json={} if method != "GET" else None)
     if response.status_code == 308:
         return
     where = f"{method} {path} {params} -> {response.status_code} {body}"
@@ -906,6 +1153,7 @@ def test_fuzz_health_methods_and_unknown_paths(fuzz_server, data):
 
 # ------------------------------------------------- fuzz: signed checkout links
 
+
 def sign(secret: str, amount, reference, description, expires) -> str:
     """The signature the spec describes: HMAC-SHA256 of amount=…&accountReference=…&description=…&expires=…."""
     fields = {"amount": amount, "accountReference": reference, "description": description, "expires": expires}
@@ -920,14 +1168,23 @@ def signed_bodies(draw):
     reference = draw(st.sampled_from(["", "CART-1", "ORDER_9"]))
     description = draw(st.sampled_from(["", "Tee", "Caf\u00e9 order"]))
     expires = draw(st.sampled_from([int(time.time()) + 3600, str(int(time.time()) + 3600)]))
-    body = {"phone": draw(valid_phones()), "amount": amount, "accountReference": reference,
-            "description": description, "expires": expires,
-            "signature": sign(CHECKOUT_SECRET, amount, reference, description, expires)}
+    body = {
+        "phone": draw(valid_phones()),
+        "amount": amount,
+        "accountReference": reference,
+        "description": description,
+        "expires": expires,
+        "signature": sign(CHECKOUT_SECRET, amount, reference, description, expires),
+    }
     fault = draw(st.sampled_from([None, None, "signature", "signature", "tampered", "expired", "expires"]))
     if fault == "signature":
-        body["signature"] = draw(st.one_of(
-            st.sampled_from(["", "00", "\u00e9", "\u00e9" * 64, "ZZ" * 32, None, 5, [], {}]),
-            st.text(max_size=70), st.from_regex(r"\A[0-9a-f]{64}\Z")))
+        body["signature"] = draw(
+            st.one_of(
+                st.sampled_from(["", "00", "\u00e9", "\u00e9" * 64, "ZZ" * 32, None, 5, [], {}]),
+                st.text(max_size=70),
+                st.from_regex(r"\A[0-9a-f]{64}\Z"),
+            )
+        )
         return body, {"signature"}
     if fault == "tampered":
         body["amount"] = (int(amount) % MAX_AMOUNT) + 1
@@ -960,6 +1217,7 @@ def test_fuzz_signed_checkout_links(fuzz_server, case):
 
 # ------------------------------------------------------ fuzz: tickets
 
+
 @fuzz_settings(100)
 @given(data=st.data())
 def test_fuzz_tickets(fuzz_server, data):
@@ -970,10 +1228,14 @@ def test_fuzz_tickets(fuzz_server, data):
         answer = settled(live, response.json()["checkoutRequestId"])
         assert answer["status"] == "completed", answer
         return {"live": live, "tickets": [t["number"] for t in answer["tickets"]], "checked": set()}
+
     state = once(fuzz_server, make)
     live, tickets = state["live"], state["tickets"]
-    number = data.draw(st.sampled_from(tickets) | st.from_regex(r"\ATKT-[2-9A-Z]{10}\Z")
-                       | st.text(min_size=1, max_size=20).filter(lambda t: t not in (".", "..")))
+    number = data.draw(
+        st.sampled_from(tickets)
+        | st.from_regex(r"\ATKT-[2-9A-Z]{10}\Z")
+        | st.text(min_size=1, max_size=20).filter(lambda t: t not in (".", ".."))
+    )
     path = "/tickets/" + quote(number, safe="")
     if data.draw(st.booleans()):
         response, body = send(live, "GET", path + "/qr.svg")
@@ -1001,6 +1263,7 @@ def test_fuzz_tickets(fuzz_server, data):
 
 
 # ------------------- answers of every kind, and one request per fault the fuzzer found
+
 
 def test_status_answers_of_every_kind_match_the_spec(fuzz_server):
     live = fuzz_server(TRANSACTION_TTL="1")
@@ -1054,8 +1317,13 @@ def test_transactions_paging_with_odd_digits_is_a_400_not_a_500(fuzz_server, que
     assert response.status_code == 400 and body["field"] in ("limit", "page")
 
 
-@pytest.mark.parametrize("phone", ["07\u0661\u0661\u0660\u0660\u0660\u0663\u0663\u0663",  # Arabic-Indic
-                                   "2547\uff11\uff11\uff10\uff10\uff10\uff14\uff14\uff14"])  # fullwidth
+@pytest.mark.parametrize(
+    "phone",
+    [
+        "07\u0661\u0661\u0660\u0660\u0660\u0663\u0663\u0663",  # Arabic-Indic
+        "2547\uff11\uff11\uff10\uff10\uff10\uff14\uff14\uff14",
+    ],
+)  # fullwidth
 def test_phone_in_non_ascii_digits_is_a_400_not_sent_to_daraja(fuzz_server, phone):
     live = fuzz_server()
     response, body = send(live, "POST", "/stkpush", json={"phone": phone, "amount": 5})
@@ -1065,10 +1333,13 @@ def test_phone_in_non_ascii_digits_is_a_400_not_sent_to_daraja(fuzz_server, phon
 def test_admin_record_is_strict_json_after_a_callback_with_nan(fuzz_server):
     live = fuzz_server()
     (checkout_id,) = seed(live, ["254711000333"])
-    text = ('{"Body": {"stkCallback": {"MerchantRequestID": "1", "CheckoutRequestID": "%s", '
-            '"ResultCode": 1032, "ResultDesc": "cancelled", "Note": NaN}}}' % checkout_id)
-    requests.post(f"{live.url}/hooks/stk/{CALLBACK_TOKEN}", data=text,
-                  headers={"Content-Type": "application/json"}, timeout=10)
+    text = (
+        '{"Body": {"stkCallback": {"MerchantRequestID": "1", "CheckoutRequestID": "%s", '
+        '"ResultCode": 1032, "ResultDesc": "cancelled", "Note": NaN}}}' % checkout_id
+    )
+    requests.post(
+        f"{live.url}/hooks/stk/{CALLBACK_TOKEN}", data=text, headers={"Content-Type": "application/json"}, timeout=10
+    )
     send(live, "GET", "/transactions/" + checkout_id, headers=AUTH)
 
 

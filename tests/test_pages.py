@@ -4,6 +4,7 @@ The blueprint is mounted on a bare Flask app with only the settings it reads, so
 tests need neither the payment server nor its store; the proxy talks over loopback HTTP
 to a real simulator.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,10 +58,16 @@ def sim_client(sim):
 
 def push(sim, phone=HANDSET_PHONE, amount=100, reference="CART-12345") -> str:
     """Start a prompt on the simulated handset, as the payment server would."""
-    with mpesa.Daraja(base_url=sim.url, consumer_key=sim_module.SIM_CONSUMER_KEY,
-                      consumer_secret=sim_module.SIM_CONSUMER_SECRET) as daraja:
-        accepted = daraja.stk_push(phone, amount, callback_url="http://127.0.0.1:9/hooks/stk/x",
-                                   account_reference=reference, description="Test")
+    with mpesa.Daraja(
+        base_url=sim.url, consumer_key=sim_module.SIM_CONSUMER_KEY, consumer_secret=sim_module.SIM_CONSUMER_SECRET
+    ) as daraja:
+        accepted = daraja.stk_push(
+            phone,
+            amount,
+            callback_url="http://127.0.0.1:9/hooks/stk/x",
+            account_reference=reference,
+            description="Test",
+        )
     return accepted.checkout_request_id
 
 
@@ -121,6 +128,7 @@ def parse(html: str) -> Markup:
 
 
 # ------------------------------------------------------------------ pages
+
 
 @pytest.mark.parametrize("path", PAGES)
 def test_every_page_is_served_as_html(client, path):
@@ -199,8 +207,9 @@ def test_page_config_cannot_break_out_of_its_script_block():
 
 
 def test_pay_page_is_prefilled_from_the_link_and_locks_the_amount(client):
-    html = client.get("/pay.html?amount=1500&description=DJ%20Kraph%20Checkout"
-                      "&accountReference=CART_12345").get_data(as_text=True)
+    html = client.get("/pay.html?amount=1500&description=DJ%20Kraph%20Checkout&accountReference=CART_12345").get_data(
+        as_text=True
+    )
     amount = re.search(r'<input id="amount"[^>]*>', html, re.S).group(0)
     assert 'value="1500"' in amount and "readonly" in amount
     assert "DJ Kraph Checkout" in html and "CART_12345" in html
@@ -258,6 +267,7 @@ def test_production_test_page_warns_that_pushes_are_real():
 
 
 # ------------------------------------------------------------------ handset proxy
+
 
 def test_proxy_lists_the_phones_pending_prompts(sim, sim_client):
     checkout_id = push(sim)

@@ -1,4 +1,5 @@
 """Selling things: server-side prices, stock that is never oversold, tickets, signed links."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,13 @@ import requests
 import checkout
 from tests.test_server import admin, callback_body, hook, poll
 
-CATALOG = {"items": [
-    {"id": "seat", "name": "Concert seat", "price": 1500, "kind": "ticket", "capacity": 3},
-    {"id": "vip", "name": "VIP seat", "price": 5000, "kind": "ticket", "capacity": 1},
-    {"id": "tshirt", "name": "Tour T-shirt", "price": 1200},
-]}
+CATALOG = {
+    "items": [
+        {"id": "seat", "name": "Concert seat", "price": 1500, "kind": "ticket", "capacity": 3},
+        {"id": "vip", "name": "VIP seat", "price": 5000, "kind": "ticket", "capacity": 1},
+        {"id": "tshirt", "name": "Tour T-shirt", "price": 1200},
+    ]
+}
 SECRET = "shop-checkout-secret-0123456789"
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -44,12 +47,20 @@ def available(live, item_id):
 
 # ------------------------------------------------------------------ pricing
 
+
 def test_catalog_lists_items_with_what_is_left(shop):
     body = shop.get("/catalog").json()
     assert body["success"] is True and body["currency"] == "KES"
     assert [item["id"] for item in body["items"]] == ["seat", "vip", "tshirt"]
-    assert body["items"][0] == {"id": "seat", "name": "Concert seat", "price": 1500, "description": "",
-                                "kind": "ticket", "capacity": 3, "available": 3}
+    assert body["items"][0] == {
+        "id": "seat",
+        "name": "Concert seat",
+        "price": 1500,
+        "description": "",
+        "kind": "ticket",
+        "capacity": 3,
+        "available": 3,
+    }
     assert body["items"][2]["available"] is None
 
 
@@ -61,7 +72,8 @@ def test_the_server_prices_the_order(shop):
     assert body["orderNumber"].startswith("ORD-")
     assert body["items"] == [
         {"id": "seat", "name": "Concert seat", "quantity": 2, "unitPrice": 1500, "lineTotal": 3000, "kind": "ticket"},
-        {"id": "tshirt", "name": "Tour T-shirt", "quantity": 1, "unitPrice": 1200, "lineTotal": 1200, "kind": "item"}]
+        {"id": "tshirt", "name": "Tour T-shirt", "quantity": 1, "unitPrice": 1200, "lineTotal": 1200, "kind": "item"},
+    ]
     prompt = shop.sim("GET", f"/simulator/prompts/{body['checkoutRequestId']}").json()
     assert prompt["amount"] == 4200
     assert prompt["accountReference"] == body["orderNumber"]  # the order number is the reference
@@ -69,16 +81,19 @@ def test_the_server_prices_the_order(shop):
     assert tx["extra"]["order"]["items"] == body["items"]
 
 
-@pytest.mark.parametrize("items, message", [
-    ([{"id": "nope", "quantity": 1}], "Unknown item: nope"),
-    ([{"id": "seat", "quantity": 0}], "Quantity of seat"),
-    ([{"id": "seat", "quantity": 1.5}], "Quantity of seat"),
-    ([{"id": "seat", "quantity": "2"}], "Quantity of seat"),
-    ([{"id": "tshirt", "quantity": 100}, {"id": "tshirt", "quantity": 30}], "at most 100"),
-    ([], "non-empty list"),
-    ("seat", "non-empty list"),
-    ([{"id": "tshirt", "quantity": 100}, {"id": "seat", "quantity": 3}], "exceeds the maximum"),
-])
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        ([{"id": "nope", "quantity": 1}], "Unknown item: nope"),
+        ([{"id": "seat", "quantity": 0}], "Quantity of seat"),
+        ([{"id": "seat", "quantity": 1.5}], "Quantity of seat"),
+        ([{"id": "seat", "quantity": "2"}], "Quantity of seat"),
+        ([{"id": "tshirt", "quantity": 100}, {"id": "tshirt", "quantity": 30}], "at most 100"),
+        ([], "non-empty list"),
+        ("seat", "non-empty list"),
+        ([{"id": "tshirt", "quantity": 100}, {"id": "seat", "quantity": 3}], "exceeds the maximum"),
+    ],
+)
 def test_bad_orders_are_refused_naming_items(live_server_factory, catalog_file, items, message):
     live = live_server_factory(CATALOG_FILE=catalog_file, MAX_AMOUNT="120000")
     response = buy(live, items)
@@ -101,12 +116,12 @@ def test_catalog_pricing_refuses_client_amounts(live_server_factory, catalog_fil
 
 # -------------------------------------------------------------------- stock
 
+
 def test_sold_out_is_a_409(shop):
     assert buy(shop, [{"id": "vip", "quantity": 1}]).status_code == 200
     second = buy(shop, [{"id": "vip", "quantity": 1}], phone="0712345679")
     assert second.status_code == 409
-    assert second.json() == {"success": False, "message": "Sold out: VIP seat", "field": "items",
-                             "itemId": "vip"}
+    assert second.json() == {"success": False, "message": "Sold out: VIP seat", "field": "items", "itemId": "vip"}
     assert available(shop, "vip") == 0
 
 
@@ -153,17 +168,18 @@ def test_concurrent_buyers_never_oversell(live_server_factory, catalog_file, tmp
     live = live_server_factory(CATALOG_FILE=catalog_file, STORE_URL=store_url)
     phones = [f"07110{n:05d}" for n in range(12)]
     with ThreadPoolExecutor(12) as pool:
-        codes = list(pool.map(lambda phone: buy(live, [{"id": "seat", "quantity": 1}], phone).status_code,
-                              phones))
+        codes = list(pool.map(lambda phone: buy(live, [{"id": "seat", "quantity": 1}], phone).status_code, phones))
     assert sorted(codes) == [200] * 3 + [409] * 9
     assert available(live, "seat") == 0
 
 
 # ------------------------------------------------------------------ tickets
 
+
 def paid_tickets(shop, quantity=2):
-    checkout_id = buy(shop, [{"id": "seat", "quantity": quantity}, {"id": "tshirt", "quantity": 1}],
-                      phone="254700000000").json()["checkoutRequestId"]
+    checkout_id = buy(
+        shop, [{"id": "seat", "quantity": quantity}, {"id": "tshirt", "quantity": 1}], phone="254700000000"
+    ).json()["checkoutRequestId"]
     answer = poll(shop, checkout_id)
     assert answer["status"] == "completed"
     return checkout_id, answer
@@ -209,8 +225,9 @@ def test_check_in_at_the_door_works_once(shop):
 
 def test_the_shop_webhook_carries_the_tickets(live_server_factory, catalog_file, callback_receiver, simulator):
     requests.patch(simulator.url + "/simulator/config", json={"auto_delay": 0.2}, timeout=5)
-    live = live_server_factory(CATALOG_FILE=catalog_file, MERCHANT_WEBHOOK_URL=callback_receiver.url,
-                               WEBHOOK_SECRET="shop-secret")
+    live = live_server_factory(
+        CATALOG_FILE=catalog_file, MERCHANT_WEBHOOK_URL=callback_receiver.url, WEBHOOK_SECRET="shop-secret"
+    )
     checkout_id = buy(live, [{"id": "seat", "quantity": 2}], phone="254700000000").json()["checkoutRequestId"]
     tickets = poll(live, checkout_id)["tickets"]
     data = callback_receiver.wait(1)[0]["data"]
@@ -220,11 +237,16 @@ def test_the_shop_webhook_carries_the_tickets(live_server_factory, catalog_file,
 
 # ------------------------------------------------------------- signed links
 
+
 def signed(amount=1500, reference="INV-42", description="Invoice 42", expires=None):
     expires = int(time.time()) + 600 if expires is None else expires
-    return {"amount": amount, "accountReference": reference, "description": description,
-            "expires": expires,
-            "signature": checkout.sign_link(SECRET, amount, reference, description, expires)}
+    return {
+        "amount": amount,
+        "accountReference": reference,
+        "description": description,
+        "expires": expires,
+        "signature": checkout.sign_link(SECRET, amount, reference, description, expires),
+    }
 
 
 @pytest.fixture
@@ -237,12 +259,15 @@ def test_a_signed_link_is_accepted(signing_shop):
     assert response.status_code == 200 and response.json()["amount"] == 1500
 
 
-@pytest.mark.parametrize("change, field, message", [
-    ({"amount": 1}, "signature", "changed"),
-    ({"accountReference": "INV-43"}, "signature", "changed"),
-    ({"description": "Cheap"}, "signature", "changed"),
-    ({"signature": "0" * 64}, "signature", "changed"),
-])
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        ({"amount": 1}, "signature", "changed"),
+        ({"accountReference": "INV-43"}, "signature", "changed"),
+        ({"description": "Cheap"}, "signature", "changed"),
+        ({"signature": "0" * 64}, "signature", "changed"),
+    ],
+)
 def test_a_tampered_link_is_refused(signing_shop, change, field, message):
     response = signing_shop.post("/stkpush", json={"phone": "0712345678", **signed(), **change})
     assert response.status_code == 400
@@ -250,13 +275,11 @@ def test_a_tampered_link_is_refused(signing_shop, change, field, message):
 
 
 def test_an_expired_link_is_refused(signing_shop):
-    response = signing_shop.post("/stkpush", json={"phone": "0712345678",
-                                                   **signed(expires=int(time.time()) - 1)})
+    response = signing_shop.post("/stkpush", json={"phone": "0712345678", **signed(expires=int(time.time()) - 1)})
     assert response.status_code == 400 and response.json()["field"] == "expires"
 
 
-def test_unsigned_amounts_are_refused_but_catalogue_items_are_fine(signing_shop, catalog_file,
-                                                                    live_server_factory):
+def test_unsigned_amounts_are_refused_but_catalogue_items_are_fine(signing_shop, catalog_file, live_server_factory):
     response = signing_shop.post("/stkpush", json={"phone": "0712345678", "amount": 1500})
     assert response.status_code == 400 and response.json()["field"] == "signature"
     with_catalog = live_server_factory(CHECKOUT_SECRET=SECRET, CATALOG_FILE=catalog_file)
@@ -266,6 +289,7 @@ def test_unsigned_amounts_are_refused_but_catalogue_items_are_fine(signing_shop,
 def test_link_signature_matches_the_documented_recipe():
     import hashlib
     import hmac
+
     message = "amount=1500&accountReference=INV-42&description=Invoice 42&expires=1900000000"
     expected = hmac.new(SECRET.encode(), message.encode(), hashlib.sha256).hexdigest()
     assert checkout.sign_link(SECRET, 1500, "INV-42", "Invoice 42", 1900000000) == expected

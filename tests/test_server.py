@@ -1,4 +1,5 @@
 """The payment server end to end: real HTTP to the server, real HTTP to the simulator."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,17 @@ from server import FinalAnswers
 from store import Transaction
 
 PAID, CANCELLED, WRONG_PIN, BROKE, UNREACHABLE = (
-    "254700000000", "254700001032", "254700002001", "254700000001", "254700001037")
+    "254700000000",
+    "254700001032",
+    "254700002001",
+    "254700000001",
+    "254700001037",
+)
 WAITING = "254712345678"  # not a test number: waits for the simulated handset
 
 
 def push(live, phone=PAID, amount=100, **extra):
-    return live.post("/stkpush", json={"phone": phone, "amount": amount, **extra},
-                     headers=extra.pop("headers", None))
+    return live.post("/stkpush", json={"phone": phone, "amount": amount, **extra}, headers=extra.pop("headers", None))
 
 
 def started(live, phone=WAITING, amount=100, **extra) -> str:
@@ -40,8 +45,7 @@ def poll(live, checkout_id, until=lambda a: a["status"] != "pending", timeout=10
 
 
 def admin(live, checkout_id) -> dict:
-    response = live.get(f"/transactions/{checkout_id}",
-                        headers={"Authorization": "Bearer admin-secret"})
+    response = live.get(f"/transactions/{checkout_id}", headers={"Authorization": "Bearer admin-secret"})
     assert response.status_code == 200, response.text
     return response.json()["transaction"]
 
@@ -62,6 +66,7 @@ def live(live_server_factory, simulator):
 
 
 # ----------------------------------------------------------------- outcomes
+
 
 def test_paid_payment_completes_with_its_receipt(live):
     response = push(live, PAID, 150, description="DJ Kraph Checkout", accountReference="CART_12345")
@@ -88,12 +93,15 @@ def test_paid_payment_completes_with_its_receipt(live):
     assert "callback_received" in events(tx) and events(tx)[-1] == "completed"
 
 
-@pytest.mark.parametrize("phone, reason, code, words", [
-    (CANCELLED, "cancelled", 1032, "cancelled"),
-    (WRONG_PIN, "wrong_pin", 2001, "PIN"),
-    (BROKE, "insufficient_funds", 1, "balance"),
-    (UNREACHABLE, "timeout", 1037, "reached"),
-])
+@pytest.mark.parametrize(
+    "phone, reason, code, words",
+    [
+        (CANCELLED, "cancelled", 1032, "cancelled"),
+        (WRONG_PIN, "wrong_pin", 2001, "PIN"),
+        (BROKE, "insufficient_funds", 1, "balance"),
+        (UNREACHABLE, "timeout", 1037, "reached"),
+    ],
+)
 def test_failed_payments_say_why(live, phone, reason, code, words):
     answer = poll(live, started(live, phone))
     assert answer["success"] is False and answer["status"] == "failed"
@@ -109,8 +117,9 @@ def test_person_on_the_handset_pays_with_the_pin(live):
 
 
 def test_nobody_answers_so_the_payment_times_out(live_server_factory, simulator):
-    live = live_server_factory(TRANSACTION_TTL="1", STATUS_FIRST_QUERY_AFTER="0.2",
-                               STATUS_QUERY_INTERVAL="0.2", ADMIN_TOKEN="admin-secret")
+    live = live_server_factory(
+        TRANSACTION_TTL="1", STATUS_FIRST_QUERY_AFTER="0.2", STATUS_QUERY_INTERVAL="0.2", ADMIN_TOKEN="admin-secret"
+    )
     checkout_id = started(live)
     answer = poll(live, checkout_id, timeout=5)
     assert answer["status"] == "failed" and answer["reason"] == "timeout"
@@ -133,9 +142,9 @@ def test_a_real_result_after_our_timeout_still_counts(live_server_factory, simul
 
 # -------------------------------------------------------- callbacks and query
 
+
 def test_lost_callback_is_settled_by_query(live_server_factory, simulator):
-    live = live_server_factory(STATUS_FIRST_QUERY_AFTER="0.3", STATUS_QUERY_INTERVAL="0.3",
-                               ADMIN_TOKEN="admin-secret")
+    live = live_server_factory(STATUS_FIRST_QUERY_AFTER="0.3", STATUS_QUERY_INTERVAL="0.3", ADMIN_TOKEN="admin-secret")
     sim_rule(live, phone=WAITING, resultCode=0, delay=0.1, callback="drop")
     checkout_id = started(live)
     answer = poll(live, checkout_id)
@@ -146,8 +155,7 @@ def test_lost_callback_is_settled_by_query(live_server_factory, simulator):
 
 
 def test_late_callback_adds_the_receipt_to_a_query_settled_payment(live_server_factory, simulator):
-    live = live_server_factory(STATUS_FIRST_QUERY_AFTER="0.2", STATUS_QUERY_INTERVAL="0.2",
-                               ADMIN_TOKEN="admin-secret")
+    live = live_server_factory(STATUS_FIRST_QUERY_AFTER="0.2", STATUS_QUERY_INTERVAL="0.2", ADMIN_TOKEN="admin-secret")
     sim_rule(live, phone=WAITING, resultCode=0, delay=0.1, callbackDelay=1.5)
     checkout_id = started(live)
     assert poll(live, checkout_id)["status"] == "completed"
@@ -188,13 +196,22 @@ def test_contradicting_late_callback_is_ignored(live):
 
 
 def callback_body(checkout_id, code=0, amount=100.0, receipt="SIM0000001"):
-    body = {"MerchantRequestID": "1-2-3", "CheckoutRequestID": checkout_id, "ResultCode": code,
-            "ResultDesc": "The service request is processed successfully."}
+    body = {
+        "MerchantRequestID": "1-2-3",
+        "CheckoutRequestID": checkout_id,
+        "ResultCode": code,
+        "ResultDesc": "The service request is processed successfully.",
+    }
     if code == 0:
-        body["CallbackMetadata"] = {"Item": [
-            {"Name": "Amount", "Value": amount}, {"Name": "MpesaReceiptNumber", "Value": receipt},
-            {"Name": "Balance"}, {"Name": "TransactionDate", "Value": 20261123103000},
-            {"Name": "PhoneNumber", "Value": 254712345678}]}
+        body["CallbackMetadata"] = {
+            "Item": [
+                {"Name": "Amount", "Value": amount},
+                {"Name": "MpesaReceiptNumber", "Value": receipt},
+                {"Name": "Balance"},
+                {"Name": "TransactionDate", "Value": 20261123103000},
+                {"Name": "PhoneNumber", "Value": 254712345678},
+            ]
+        }
     return {"Body": {"stkCallback": body}}
 
 
@@ -240,6 +257,7 @@ def test_callback_result_is_visible_to_the_next_poll(live):
 
 # ---------------------------------------------------------------- idempotency
 
+
 def test_retry_with_the_same_key_sends_no_second_prompt(live):
     headers = {"Idempotency-Key": "order-42-attempt-1"}
     body = {"phone": WAITING, "amount": 100}
@@ -268,12 +286,12 @@ def test_a_key_whose_request_was_refused_can_be_used_again(live):
 
 # ------------------------------------------------------------- Daraja trouble
 
+
 def test_daraja_unreachable_is_503(live_server_factory):
     live = live_server_factory(MPESA_BASE_URL="http://127.0.0.1:9")
     response = push(live)
     assert response.status_code == 503
-    assert response.json() == {"success": False,
-                               "message": "M-Pesa cannot be reached right now; try again shortly"}
+    assert response.json() == {"success": False, "message": "M-Pesa cannot be reached right now; try again shortly"}
 
 
 def test_daraja_too_slow_is_504(live_server_factory, simulator):
@@ -306,22 +324,26 @@ def test_daraja_errors_never_leak_as_500(live, mode, status):
 
 # ----------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("body, field, message", [
-    ({"amount": 100}, "phone", "Phone number is required"),
-    ({"phone": "12345", "amount": 100}, "phone", "Invalid phone number format"),
-    ({"phone": "0812345678", "amount": 100}, "phone", "Invalid phone number format"),
-    ({"phone": ["0712345678"], "amount": 100}, "phone", "Invalid phone number format"),
-    ({"phone": WAITING}, "amount", "Amount is required"),
-    ({"phone": WAITING, "amount": 0}, "amount", "at least 1"),
-    ({"phone": WAITING, "amount": -10}, "amount", "at least 1"),
-    ({"phone": WAITING, "amount": 150001}, "amount", "150,000"),
-    ({"phone": WAITING, "amount": 10.5}, "amount", "whole number"),
-    ({"phone": WAITING, "amount": "10.5"}, "amount", "whole number"),
-    ({"phone": WAITING, "amount": True}, "amount", "whole number"),
-    ({"phone": WAITING, "amount": {"value": 1}}, "amount", "whole number"),
-    ({"phone": WAITING, "amount": 1, "description": 5}, "description", "must be text"),
-    ({"phone": WAITING, "amount": 1, "accountReference": "x" * 101}, "accountReference", "at most"),
-])
+
+@pytest.mark.parametrize(
+    "body, field, message",
+    [
+        ({"amount": 100}, "phone", "Phone number is required"),
+        ({"phone": "12345", "amount": 100}, "phone", "Invalid phone number format"),
+        ({"phone": "0812345678", "amount": 100}, "phone", "Invalid phone number format"),
+        ({"phone": ["0712345678"], "amount": 100}, "phone", "Invalid phone number format"),
+        ({"phone": WAITING}, "amount", "Amount is required"),
+        ({"phone": WAITING, "amount": 0}, "amount", "at least 1"),
+        ({"phone": WAITING, "amount": -10}, "amount", "at least 1"),
+        ({"phone": WAITING, "amount": 150001}, "amount", "150,000"),
+        ({"phone": WAITING, "amount": 10.5}, "amount", "whole number"),
+        ({"phone": WAITING, "amount": "10.5"}, "amount", "whole number"),
+        ({"phone": WAITING, "amount": True}, "amount", "whole number"),
+        ({"phone": WAITING, "amount": {"value": 1}}, "amount", "whole number"),
+        ({"phone": WAITING, "amount": 1, "description": 5}, "description", "must be text"),
+        ({"phone": WAITING, "amount": 1, "accountReference": "x" * 101}, "accountReference", "at most"),
+    ],
+)
 def test_every_bad_field_gets_its_own_400(live, simulator, body, field, message):
     response = live.post("/stkpush", json=body)
     assert response.status_code == 400
@@ -331,9 +353,14 @@ def test_every_bad_field_gets_its_own_400(live, simulator, body, field, message)
     assert live.sim("GET", "/simulator/stats").json()["pushes_accepted"] == 0
 
 
-@pytest.mark.parametrize("data, content_type", [
-    ("not json", "application/json"), ('["a list"]', "application/json"), ("phone=0712", "text/plain"),
-])
+@pytest.mark.parametrize(
+    "data, content_type",
+    [
+        ("not json", "application/json"),
+        ('["a list"]', "application/json"),
+        ("phone=0712", "text/plain"),
+    ],
+)
 def test_body_that_is_not_a_json_object_is_a_400(live, data, content_type):
     response = live.post("/stkpush", data=data, headers={"Content-Type": content_type})
     assert response.status_code == 400 and response.json()["success"] is False
@@ -364,6 +391,7 @@ def test_max_amount_is_configurable(live_server_factory):
 
 # -------------------------------------------------------------------- status
 
+
 def test_unknown_transaction_is_404(live):
     response = live.post("/stkpush/status", json={"checkoutRequestId": "ws_CO_nope"})
     assert response.status_code == 404
@@ -388,30 +416,40 @@ def test_a_settled_payment_answers_every_poll_with_the_same_bytes(live):
     checkout_id = started(live, PAID)
     settled = poll(live, checkout_id)
     assert settled["status"] == "completed"
-    answers = [live.post("/stkpush/status", json={"checkoutRequestId": checkout_id})
-               for _ in range(3)] + [live.get(f"/stkpush/status/{checkout_id}")]
+    answers = [live.post("/stkpush/status", json={"checkoutRequestId": checkout_id}) for _ in range(3)] + [
+        live.get(f"/stkpush/status/{checkout_id}")
+    ]
     assert {a.content for a in answers} == {answers[0].content}
-    assert all(a.status_code == 200 and a.headers["Content-Type"] == "application/json"
-               for a in answers)
+    assert all(a.status_code == 200 and a.headers["Content-Type"] == "application/json" for a in answers)
     assert json.loads(answers[0].content) == settled
     assert live.app.extensions["final_answers"].get(checkout_id) == answers[0].content
 
 
 def settled_tx(status="completed", settled_by="callback", receipt="SIM0000001", completed_at=1000.0):
-    return Transaction("ws_CO_1", "m-1", "254712345678", 100, status=status, settled_by=settled_by,
-                       mpesa_receipt_number=receipt if status == "completed" else None,
-                       completed_at=completed_at)
+    return Transaction(
+        "ws_CO_1",
+        "m-1",
+        "254712345678",
+        100,
+        status=status,
+        settled_by=settled_by,
+        mpesa_receipt_number=receipt if status == "completed" else None,
+        completed_at=completed_at,
+    )
 
 
-@pytest.mark.parametrize("tx, for_good", [
-    (Transaction("ws_CO_1", "m-1", "254712345678", 100), False),
-    (settled_tx(), True),
-    (settled_tx("failed", "callback"), True),
-    (settled_tx("failed", "query"), True),
-    (settled_tx(settled_by="query"), True),
-    (settled_tx(settled_by="query", receipt=None), False),   # the callback may still bring it
-    (settled_tx("failed", "timeout"), False),                # a late result may still come
-])
+@pytest.mark.parametrize(
+    "tx, for_good",
+    [
+        (Transaction("ws_CO_1", "m-1", "254712345678", 100), False),
+        (settled_tx(), True),
+        (settled_tx("failed", "callback"), True),
+        (settled_tx("failed", "query"), True),
+        (settled_tx(settled_by="query"), True),
+        (settled_tx(settled_by="query", receipt=None), False),  # the callback may still bring it
+        (settled_tx("failed", "timeout"), False),  # a late result may still come
+    ],
+)
 def test_only_answers_nothing_can_change_are_kept(tx, for_good):
     assert settled_for_good(tx) is for_good
 
@@ -424,7 +462,7 @@ def test_kept_answers_go_when_the_store_may_forget_the_payment():
     assert answers.get("ws_CO_1") == b"paid"
     now[0] = 1060.0
     assert answers.get("ws_CO_1") is None
-    answers.keep(settled_tx(completed_at=990.0), b"paid")   # already past its retention
+    answers.keep(settled_tx(completed_at=990.0), b"paid")  # already past its retention
     assert answers.get("ws_CO_1") is None
 
 
@@ -436,6 +474,7 @@ def test_kept_answers_are_bounded_oldest_first():
 
 
 # -------------------------------------------------------------------- health
+
 
 def test_health_names_mode_and_store(live):
     body = live.get("/health").json()
@@ -451,6 +490,7 @@ def test_deep_health_fetches_a_token(live, live_server_factory):
 
 
 # --------------------------------------------------------------- admin API
+
 
 def test_transactions_api_is_off_without_a_token(live_server_factory):
     assert live_server_factory().get("/transactions").status_code == 404
@@ -485,6 +525,7 @@ def test_unknown_transaction_detail_is_404(live):
 
 
 # ---------------------------------------------------------- errors and logs
+
 
 def test_unknown_paths_and_methods_answer_json(live):
     assert live.get("/nope").json()["success"] is False

@@ -6,6 +6,7 @@ pays, approves on the simulated handset and gets the server's confirmation with 
 and its tickets' QR codes; a sold-out item cannot be bought twice; a pay link whose signed
 amount was changed is refused. Screenshots go to test-artifacts/screenshots/.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,15 @@ import pytest
 
 from tests.server_fixtures import free_port
 from tests.test_browser import (  # noqa: F401  (fixtures used by name)
-    HANDSET_PHONE, PAID_AT_ONCE, ROOT, WAIT, browser, open_page, shot, sync_api, visible,
+    HANDSET_PHONE,
+    PAID_AT_ONCE,
+    ROOT,
+    WAIT,
+    browser,
+    open_page,
+    shot,
+    sync_api,
+    visible,
 )
 from tests.test_checkout_browser import SECRET, signed_query
 
@@ -70,15 +79,17 @@ def shop_factory(live_server_factory, simulator):
         httpd.server_close()
 
 
-@pytest.mark.parametrize("path", ["/catalog", "/static/js/mpesa-checkout.js", "/static/js/api.js",
-                                  "/static/js/phone.js", "/health"])
+@pytest.mark.parametrize(
+    "path", ["/catalog", "/static/js/mpesa-checkout.js", "/static/js/api.js", "/static/js/phone.js", "/health"]
+)
 def test_the_server_lets_the_shop_origin_read_what_the_shop_needs(shop_factory, path):
     # A module script from another origin is fetched with CORS, like the catalogue.
     origin, server = shop_factory()
     answer = server.get(path, headers={"Origin": origin})
     assert answer.status_code == 200
     assert answer.headers.get("Access-Control-Allow-Origin") in (origin, "*"), (
-        f"{path} answers the shop's origin without Access-Control-Allow-Origin (FRONTEND_URL)")
+        f"{path} answers the shop's origin without Access-Control-Allow-Origin (FRONTEND_URL)"
+    )
     stranger = server.get(path, headers={"Origin": "http://127.0.0.1:9"})
     assert stranger.headers.get("Access-Control-Allow-Origin") in (None, "*")
 
@@ -121,8 +132,10 @@ def test_fill_the_cart_pay_approve_and_get_the_tickets(open_page, shop_factory):
     sync_api.expect(shop.locator("#progress-order")).to_have_text(re.compile(r"^Order ORD-"))
     order = shop.text_content("#progress-order").removeprefix("Order ")
     assert "KES 8,000" in shop.text_content("#progress-detail").replace("\xa0", " ")
-    assert pushes[0].post_data_json["items"] == [{"id": "ticket-regular", "quantity": 2},
-                                                 {"id": "ticket-vip", "quantity": 1}]
+    assert pushes[0].post_data_json["items"] == [
+        {"id": "ticket-regular", "quantity": 2},
+        {"id": "ticket-vip", "quantity": 1},
+    ]
     assert pushes[0].headers["idempotency-key"]
     shot(shop, "shop-waiting")
 
@@ -157,9 +170,16 @@ def test_fill_the_cart_pay_approve_and_get_the_tickets(open_page, shop_factory):
 
 def test_a_sold_out_item_cannot_be_bought_twice(open_page, shop_factory, tmp_path):
     catalog = tmp_path / "catalog.json"
-    catalog.write_text(json.dumps({"items": [
-        {"id": "last-seat", "name": "Last seat", "price": 50, "kind": "ticket", "capacity": 1},
-        {"id": "sticker", "name": "Sticker", "price": 20}]}))
+    catalog.write_text(
+        json.dumps(
+            {
+                "items": [
+                    {"id": "last-seat", "name": "Last seat", "price": 50, "kind": "ticket", "capacity": 1},
+                    {"id": "sticker", "name": "Sticker", "price": 20},
+                ]
+            }
+        )
+    )
     origin, server = shop_factory(catalog)
     late = open_shop(open_page, origin, allow=("status of 409",))  # saw the seat before it went
     add(late, "last-seat")
@@ -193,7 +213,8 @@ def test_a_tampered_amount_in_a_signed_pay_link_is_refused(open_page, shop_facto
     pay.fill("#phone", PAID_AT_ONCE)
     pay.click("#pay-button")
     sync_api.expect(pay.locator("#banner")).to_have_text(
-        "The checkout link was changed or is invalid. Ask the shop for a new payment link.")
+        "The checkout link was changed or is invalid. Ask the shop for a new payment link."
+    )
     assert pushes[0].post_data_json["amount"] == "15"
     assert pay.is_visible("#form-view") and pay.is_disabled("#pay-button")
     assert server.sim("GET", "/simulator/prompts").json()["prompts"] == [], "no phone was prompted"

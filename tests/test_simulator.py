@@ -1,4 +1,5 @@
 """The Daraja simulator, seen the way an integrator sees Daraja: over real HTTP."""
+
 from __future__ import annotations
 
 import re
@@ -8,7 +9,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,11 +24,15 @@ AWAITING_PHONE = "254712345678"  # not a test number: waits for the handset
 PAID_PHONE = "254700000000"
 
 
-def credentials(timestamp: str | None = None, shortcode: str = SANDBOX_SHORTCODE,
-                passkey: str = SANDBOX_PASSKEY) -> dict:
+def credentials(
+    timestamp: str | None = None, shortcode: str = SANDBOX_SHORTCODE, passkey: str = SANDBOX_PASSKEY
+) -> dict:
     timestamp = timestamp or daraja_timestamp()
-    return {"BusinessShortCode": shortcode, "Password": stk_password(shortcode, passkey, timestamp),
-            "Timestamp": timestamp}
+    return {
+        "BusinessShortCode": shortcode,
+        "Password": stk_password(shortcode, passkey, timestamp),
+        "Timestamp": timestamp,
+    }
 
 
 def eventually(check, timeout: float = 3.0):
@@ -61,16 +66,28 @@ class Daraja:
         return self._token
 
     def body(self, phone: str = PAID_PHONE, amount=10, **overrides) -> dict:
-        body = {**credentials(), "TransactionType": "CustomerPayBillOnline", "Amount": amount,
-                "PartyA": phone, "PartyB": SANDBOX_SHORTCODE, "PhoneNumber": phone,
-                "CallBackURL": self.callback_url, "AccountReference": "INV42", "TransactionDesc": "Order 42"}
+        body = {
+            **credentials(),
+            "TransactionType": "CustomerPayBillOnline",
+            "Amount": amount,
+            "PartyA": phone,
+            "PartyB": SANDBOX_SHORTCODE,
+            "PhoneNumber": phone,
+            "CallBackURL": self.callback_url,
+            "AccountReference": "INV42",
+            "TransactionDesc": "Order 42",
+        }
         body.update(overrides)
         return {key: value for key, value in body.items() if value is not MISSING}
 
     def push(self, phone: str = PAID_PHONE, amount=10, *, token: str | None = None, **overrides):
         headers = {"Authorization": f"Bearer {token or self.token}"}
-        return self.http.post(f"{self.url}/mpesa/stkpush/v1/processrequest",
-                              json=self.body(phone, amount, **overrides), headers=headers, timeout=5)
+        return self.http.post(
+            f"{self.url}/mpesa/stkpush/v1/processrequest",
+            json=self.body(phone, amount, **overrides),
+            headers=headers,
+            timeout=5,
+        )
 
     def pushed(self, phone: str = PAID_PHONE, amount=10, **overrides) -> dict:
         response = self.push(phone, amount, **overrides)
@@ -79,8 +96,12 @@ class Daraja:
 
     def query(self, checkout_id: str, **overrides):
         body = {**credentials(), "CheckoutRequestID": checkout_id, **overrides}
-        return self.http.post(f"{self.url}/mpesa/stkpushquery/v1/query", json=body,
-                              headers={"Authorization": f"Bearer {self.token}"}, timeout=5)
+        return self.http.post(
+            f"{self.url}/mpesa/stkpushquery/v1/query",
+            json=body,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=5,
+        )
 
     def control(self, method: str, path: str, **kwargs):
         return self.http.request(method, f"{self.url}/simulator/{path}", timeout=5, **kwargs)
@@ -109,6 +130,7 @@ def assert_error(response, status: int, code: str, message: str) -> None:
 
 # ------------------------------------------------------------------- OAuth
 
+
 def test_oauth_issues_a_28_character_token_with_expires_in_as_a_string(daraja):
     response = daraja.get_token()
     assert response.status_code == 200
@@ -118,18 +140,25 @@ def test_oauth_issues_a_28_character_token_with_expires_in_as_a_string(daraja):
     assert body["expires_in"] == "3599"
 
 
-@pytest.mark.parametrize("auth", [
-    (sim.SIM_CONSUMER_KEY, "wrong-secret"),
-    ("wrong-key", sim.SIM_CONSUMER_SECRET),
-    None,
-])
+@pytest.mark.parametrize(
+    "auth",
+    [
+        (sim.SIM_CONSUMER_KEY, "wrong-secret"),
+        ("wrong-key", sim.SIM_CONSUMER_SECRET),
+        None,
+    ],
+)
 def test_oauth_refuses_bad_credentials(daraja, auth):
     assert_error(daraja.get_token(auth=auth), 400, "400.008.01", "Invalid Authentication passed")
 
 
 def test_oauth_refuses_a_bearer_header(daraja):
-    response = requests.get(f"{daraja.url}/oauth/v1/generate", params={"grant_type": "client_credentials"},
-                            headers={"Authorization": "Bearer something"}, timeout=5)
+    response = requests.get(
+        f"{daraja.url}/oauth/v1/generate",
+        params={"grant_type": "client_credentials"},
+        headers={"Authorization": "Bearer something"},
+        timeout=5,
+    )
     assert_error(response, 400, "400.008.01", "Invalid Authentication passed")
 
 
@@ -176,20 +205,27 @@ def test_concurrent_tokens_stay_valid_by_default(daraja):
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer not-a-token"}, {"Authorization": "Basic abc"}])
 def test_push_without_a_valid_bearer_token_is_refused(daraja, headers):
-    response = requests.post(f"{daraja.url}/mpesa/stkpush/v1/processrequest", json=daraja.body(),
-                             headers=headers, timeout=5)
+    response = requests.post(
+        f"{daraja.url}/mpesa/stkpush/v1/processrequest", json=daraja.body(), headers=headers, timeout=5
+    )
     assert_error(response, 404, "404.001.03", "Invalid Access Token")
 
 
 # ------------------------------------------------------------------ STK Push
+
 
 def test_push_is_acknowledged_in_darajas_shape(daraja):
     before = datetime.now(NAIROBI)
     response = daraja.push(phone="254708374149")
     assert response.status_code == 200
     ack = response.json()
-    assert set(ack) == {"MerchantRequestID", "CheckoutRequestID", "ResponseCode", "ResponseDescription",
-                        "CustomerMessage"}
+    assert set(ack) == {
+        "MerchantRequestID",
+        "CheckoutRequestID",
+        "ResponseCode",
+        "ResponseDescription",
+        "CustomerMessage",
+    }
     assert re.fullmatch(r"[0-9]{5}-[0-9]{8}-1", ack["MerchantRequestID"])
     match = re.fullmatch(r"ws_CO_([0-9]{14})([0-9]{3})708374149", ack["CheckoutRequestID"])
     assert match
@@ -199,80 +235,93 @@ def test_push_is_acknowledged_in_darajas_shape(daraja):
     assert ack["ResponseDescription"] == ack["CustomerMessage"] == "Success. Request accepted for processing"
 
 
-@pytest.mark.parametrize("overrides", [
-    {"BusinessShortCode": int(SANDBOX_SHORTCODE), "PartyB": int(SANDBOX_SHORTCODE)},
-    {"Amount": "1"},
-    {"Amount": 250_000},
-    {"PartyA": int(PAID_PHONE), "PhoneNumber": int(PAID_PHONE)},
-    {"PartyA": "254110000001"},
-    {"AccountReference": "ABCDEFGHIJKL", "TransactionDesc": "ABCDEFGHIJKLM"},
-    {"TransactionDesc": MISSING},
-    {"TransactionType": "CustomerBuyGoodsOnline"},
-    {"CallBackURL": "http://127.0.0.1:9/hooks/stk/token?x=1"},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"BusinessShortCode": int(SANDBOX_SHORTCODE), "PartyB": int(SANDBOX_SHORTCODE)},
+        {"Amount": "1"},
+        {"Amount": 250_000},
+        {"PartyA": int(PAID_PHONE), "PhoneNumber": int(PAID_PHONE)},
+        {"PartyA": "254110000001"},
+        {"AccountReference": "ABCDEFGHIJKL", "TransactionDesc": "ABCDEFGHIJKLM"},
+        {"TransactionDesc": MISSING},
+        {"TransactionType": "CustomerBuyGoodsOnline"},
+        {"CallBackURL": "http://127.0.0.1:9/hooks/stk/token?x=1"},
+    ],
+)
 def test_push_accepts_what_daraja_accepts(daraja, overrides):
     assert daraja.push(**overrides).status_code == 200
 
 
-@pytest.mark.parametrize("name, value", [
-    ("BusinessShortCode", "1234"),
-    ("BusinessShortCode", "12345678"),
-    ("BusinessShortCode", "17437a"),
-    ("BusinessShortCode", MISSING),
-    ("Timestamp", "2024031514302"),
-    ("Timestamp", "20241301120000"),
-    ("Timestamp", MISSING),
-    ("Password", ""),
-    ("Password", MISSING),
-    ("TransactionType", "CustomerPayMerchant"),
-    ("TransactionType", MISSING),
-    ("Amount", 0),
-    ("Amount", 250_001),
-    ("Amount", 10.5),
-    ("Amount", "10.5"),
-    ("Amount", 10.0),
-    ("Amount", -5),
-    ("Amount", True),
-    ("Amount", "ten"),
-    ("Amount", MISSING),
-    ("PartyA", "0712345678"),
-    ("PartyA", "255712345678"),
-    ("PartyB", "12"),
-    ("PartyB", MISSING),
-    ("PhoneNumber", "254812345678"),
-    ("PhoneNumber", "+254712345678"),
-    ("PhoneNumber", MISSING),
-    ("CallBackURL", "ftp://shop.example.com/cb"),
-    ("CallBackURL", "/hooks/stk/token"),
-    ("CallBackURL", "https://shop.example.com/hooks/stk/a b"),
-    ("CallBackURL", "https://shop.example.com/cb "),
-    ("CallBackURL", MISSING),
-    ("AccountReference", ""),
-    ("AccountReference", "ABCDEFGHIJKLM"),
-    ("AccountReference", MISSING),
-    ("TransactionDesc", "ABCDEFGHIJKLMN"),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("BusinessShortCode", "1234"),
+        ("BusinessShortCode", "12345678"),
+        ("BusinessShortCode", "17437a"),
+        ("BusinessShortCode", MISSING),
+        ("Timestamp", "2024031514302"),
+        ("Timestamp", "20241301120000"),
+        ("Timestamp", MISSING),
+        ("Password", ""),
+        ("Password", MISSING),
+        ("TransactionType", "CustomerPayMerchant"),
+        ("TransactionType", MISSING),
+        ("Amount", 0),
+        ("Amount", 250_001),
+        ("Amount", 10.5),
+        ("Amount", "10.5"),
+        ("Amount", 10.0),
+        ("Amount", -5),
+        ("Amount", True),
+        ("Amount", "ten"),
+        ("Amount", MISSING),
+        ("PartyA", "0712345678"),
+        ("PartyA", "255712345678"),
+        ("PartyB", "12"),
+        ("PartyB", MISSING),
+        ("PhoneNumber", "254812345678"),
+        ("PhoneNumber", "+254712345678"),
+        ("PhoneNumber", MISSING),
+        ("CallBackURL", "ftp://shop.example.com/cb"),
+        ("CallBackURL", "/hooks/stk/token"),
+        ("CallBackURL", "https://shop.example.com/hooks/stk/a b"),
+        ("CallBackURL", "https://shop.example.com/cb "),
+        ("CallBackURL", MISSING),
+        ("AccountReference", ""),
+        ("AccountReference", "ABCDEFGHIJKLM"),
+        ("AccountReference", MISSING),
+        ("TransactionDesc", "ABCDEFGHIJKLMN"),
+    ],
+)
 def test_push_names_the_invalid_field(daraja, name, value):
     response = daraja.push(**{name: value})
     assert_error(response, 400, "400.002.02", f"Bad Request - Invalid {name}")
 
 
 def test_form_encoded_push_reads_as_invalid_business_shortcode(daraja):
-    response = requests.post(f"{daraja.url}/mpesa/stkpush/v1/processrequest", data=daraja.body(),
-                             headers={"Authorization": f"Bearer {daraja.token}"}, timeout=5)
+    response = requests.post(
+        f"{daraja.url}/mpesa/stkpush/v1/processrequest",
+        data=daraja.body(),
+        headers={"Authorization": f"Bearer {daraja.token}"},
+        timeout=5,
+    )
     assert_error(response, 400, "400.002.02", "Bad Request - Invalid BusinessShortCode")
 
 
 @pytest.mark.parametrize("payload", ["{not json", "[1, 2]", "null"])
 def test_unparseable_json_is_an_invalid_request_payload(daraja, payload):
-    response = requests.post(f"{daraja.url}/mpesa/stkpush/v1/processrequest", data=payload,
-                             headers={"Authorization": f"Bearer {daraja.token}",
-                                      "Content-Type": "application/json"}, timeout=5)
+    response = requests.post(
+        f"{daraja.url}/mpesa/stkpush/v1/processrequest",
+        data=payload,
+        headers={"Authorization": f"Bearer {daraja.token}", "Content-Type": "application/json"},
+        timeout=5,
+    )
     assert_error(response, 400, "400.002.05", "Invalid Request Payload")
 
 
 def test_a_naive_utc_timestamp_is_refused(daraja):
-    utc = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")  # what datetime.now() gives on a UTC host
+    utc = datetime.now(UTC).strftime("%Y%m%d%H%M%S")  # what datetime.now() gives on a UTC host
     response = daraja.push(**credentials(utc))
     assert_error(response, 400, "400.002.02", "Bad Request - Invalid Timestamp")
 
@@ -281,11 +330,14 @@ def test_a_nairobi_timestamp_a_few_minutes_old_is_accepted(daraja):
     assert daraja.push(**credentials(daraja_timestamp(datetime.now(NAIROBI) - timedelta(minutes=5)))).ok
 
 
-@pytest.mark.parametrize("password", [
-    stk_password(SANDBOX_SHORTCODE, SANDBOX_PASSKEY, "20200101000000"),  # another timestamp
-    stk_password(SANDBOX_SHORTCODE, "not-the-passkey", "20200101000000"),
-    "b'MTc0Mzc5'",  # str() of the bytes
-])
+@pytest.mark.parametrize(
+    "password",
+    [
+        stk_password(SANDBOX_SHORTCODE, SANDBOX_PASSKEY, "20200101000000"),  # another timestamp
+        stk_password(SANDBOX_SHORTCODE, "not-the-passkey", "20200101000000"),
+        "b'MTc0Mzc5'",  # str() of the bytes
+    ],
+)
 def test_a_password_that_does_not_match_is_wrong_credentials(daraja, password):
     assert_error(daraja.push(Password=password), 500, "500.001.1001", "Wrong credentials")
 
@@ -297,8 +349,12 @@ def test_an_unknown_shortcode_is_merchant_does_not_exist(daraja):
 
 def test_a_second_push_to_a_phone_with_an_open_prompt_is_locked(daraja):
     first = daraja.pushed(AWAITING_PHONE)
-    assert_error(daraja.push(AWAITING_PHONE), 500, "500.001.1001",
-                 "Unable to lock subscriber, a transaction is already in process for the current subscriber")
+    assert_error(
+        daraja.push(AWAITING_PHONE),
+        500,
+        "500.001.1001",
+        "Unable to lock subscriber, a transaction is already in process for the current subscriber",
+    )
     assert daraja.push("254712345679").status_code == 200  # other phones are free
     daraja.control("POST", f"prompts/{first['CheckoutRequestID']}/cancel").raise_for_status()
     assert daraja.push(AWAITING_PHONE).status_code == 200
@@ -336,11 +392,13 @@ def test_concurrent_pushes_get_unique_ids_and_one_callback_each(daraja, callback
 
 def test_unknown_paths_and_methods_answer_like_daraja(daraja):
     assert_error(requests.get(f"{daraja.url}/mpesa/nothing", timeout=5), 404, "404.001.01", "Resource not found")
-    assert_error(requests.get(f"{daraja.url}/mpesa/stkpush/v1/processrequest", timeout=5),
-                 405, "405.001", "Method Not Allowed")
+    assert_error(
+        requests.get(f"{daraja.url}/mpesa/stkpush/v1/processrequest", timeout=5), 405, "405.001", "Method Not Allowed"
+    )
 
 
 # ------------------------------------------------------------------ STK Query
+
 
 def test_query_says_pending_then_gives_the_result_code_as_a_string(daraja):
     daraja.configure(query_min_interval=0)
@@ -369,16 +427,16 @@ def test_query_of_a_paid_push_gives_result_code_0(daraja, callback_receiver):
 
 
 def test_query_of_an_unknown_checkout_request_id_is_refused(daraja):
-    assert_error(daraja.query("ws_CO_01012024000000000712345678"), 400, "400.002.02",
-                 "Bad Request - Invalid CheckoutRequestID")
+    assert_error(
+        daraja.query("ws_CO_01012024000000000712345678"), 400, "400.002.02", "Bad Request - Invalid CheckoutRequestID"
+    )
 
 
 def test_query_checks_the_password_like_the_push(daraja):
     checkout_id = daraja.pushed(AWAITING_PHONE)["CheckoutRequestID"]
     assert_error(daraja.query(checkout_id, Password="b'MTc0'"), 500, "500.001.1001", "Wrong credentials")
-    utc = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
-    assert_error(daraja.query(checkout_id, **credentials(utc)), 400, "400.002.02",
-                 "Bad Request - Invalid Timestamp")
+    utc = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    assert_error(daraja.query(checkout_id, **credentials(utc)), 400, "400.002.02", "Bad Request - Invalid Timestamp")
 
 
 def test_querying_the_same_push_too_often_is_a_spike_arrest(daraja):
@@ -392,21 +450,25 @@ def test_querying_the_same_push_too_often_is_a_spike_arrest(daraja):
 
 # ------------------------------------------------------------------ callbacks
 
+
 def assert_failure_callback(body: dict, ack: dict, code, desc: str) -> None:
-    assert body == {"Body": {"stkCallback": {
-        "MerchantRequestID": ack["MerchantRequestID"],
-        "CheckoutRequestID": ack["CheckoutRequestID"],
-        "ResultCode": code,
-        "ResultDesc": desc,
-    }}}
+    assert body == {
+        "Body": {
+            "stkCallback": {
+                "MerchantRequestID": ack["MerchantRequestID"],
+                "CheckoutRequestID": ack["CheckoutRequestID"],
+                "ResultCode": code,
+                "ResultDesc": desc,
+            }
+        }
+    }
     assert type(body["Body"]["stkCallback"]["ResultCode"]) is type(code)
 
 
 def assert_success_callback(body: dict, ack: dict, amount: int, phone: str) -> str:
     """Check a paid callback's exact shape; return its receipt number."""
     result = body["Body"]["stkCallback"]
-    assert list(result) == ["MerchantRequestID", "CheckoutRequestID", "ResultCode", "ResultDesc",
-                            "CallbackMetadata"]
+    assert list(result) == ["MerchantRequestID", "CheckoutRequestID", "ResultCode", "ResultDesc", "CallbackMetadata"]
     assert result["MerchantRequestID"] == ack["MerchantRequestID"]
     assert result["CheckoutRequestID"] == ack["CheckoutRequestID"]
     assert result["ResultCode"] == 0 and type(result["ResultCode"]) is int
@@ -435,14 +497,17 @@ def test_paying_test_numbers_send_a_success_callback(daraja, callback_receiver, 
     assert (prompt["status"], prompt["resultCode"], prompt["receipt"]) == ("completed", 0, receipt)
 
 
-@pytest.mark.parametrize("phone, code, desc", [
-    ("254700001032", 1032, "Request cancelled by user"),
-    ("254700002001", 2001, "The initiator information is invalid."),
-    ("254700000001", 1, "The balance is insufficient for the transaction."),
-    ("254700001037", 1037, "DS timeout user cannot be reached"),
-    ("254700000017", 17, "Rule limited."),
-    ("254700009999", 9999, "Simulated result 9999"),
-])
+@pytest.mark.parametrize(
+    "phone, code, desc",
+    [
+        ("254700001032", 1032, "Request cancelled by user"),
+        ("254700002001", 2001, "The initiator information is invalid."),
+        ("254700000001", 1, "The balance is insufficient for the transaction."),
+        ("254700001037", 1037, "DS timeout user cannot be reached"),
+        ("254700000017", 17, "Rule limited."),
+        ("254700009999", 9999, "Simulated result 9999"),
+    ],
+)
 def test_failing_test_numbers_send_a_failure_callback(daraja, callback_receiver, phone, code, desc):
     ack = daraja.pushed(phone)
     (body,) = callback_receiver.wait(1)
@@ -454,8 +519,9 @@ def test_receipts_are_unique(daraja, callback_receiver):
     for _ in range(3):
         daraja.pushed(PAID_PHONE)
         callback_receiver.wait(len(callback_receiver.calls) + 1)
-    receipts = {body["Body"]["stkCallback"]["CallbackMetadata"]["Item"][1]["Value"]
-                for body in callback_receiver.bodies}
+    receipts = {
+        body["Body"]["stkCallback"]["CallbackMetadata"]["Item"][1]["Value"] for body in callback_receiver.bodies
+    }
     assert len(receipts) == 3
 
 
@@ -481,16 +547,19 @@ def test_a_receiver_answering_500_is_counted_as_a_failed_callback(daraja, callba
 
 # -------------------------------------------------------------- the handset
 
-@pytest.mark.parametrize("action, payload, code, status", [
-    ("pin", {"pin": sim.SIM_PIN}, 0, "completed"),
-    ("pin", {"pin": "0000"}, 2001, "failed"),
-    ("cancel", None, 1032, "failed"),
-    ("timeout", None, 1037, "failed"),
-    ("resolve", {"resultCode": 1}, 1, "failed"),
-    ("resolve", {"resultCode": "SFC_IC0003"}, "SFC_IC0003", "failed"),
-])
-def test_handset_actions_end_the_prompt_and_send_the_callback(daraja, callback_receiver, action, payload,
-                                                              code, status):
+
+@pytest.mark.parametrize(
+    "action, payload, code, status",
+    [
+        ("pin", {"pin": sim.SIM_PIN}, 0, "completed"),
+        ("pin", {"pin": "0000"}, 2001, "failed"),
+        ("cancel", None, 1032, "failed"),
+        ("timeout", None, 1037, "failed"),
+        ("resolve", {"resultCode": 1}, 1, "failed"),
+        ("resolve", {"resultCode": "SFC_IC0003"}, "SFC_IC0003", "failed"),
+    ],
+)
+def test_handset_actions_end_the_prompt_and_send_the_callback(daraja, callback_receiver, action, payload, code, status):
     ack = daraja.pushed(AWAITING_PHONE, 250)
     prompt = daraja.control("POST", f"prompts/{ack['CheckoutRequestID']}/{action}", json=payload)
     assert prompt.status_code == 200, prompt.text
@@ -546,13 +615,29 @@ def test_prompts_are_listed_newest_first_and_filtered(daraja):
     daraja.control("POST", f"prompts/{first}/cancel").raise_for_status()
     prompts = daraja.control("GET", "prompts").json()["prompts"]
     assert [p["checkoutRequestId"] for p in prompts] == [second, first]
-    assert set(prompts[0]) == {"checkoutRequestId", "merchantRequestId", "phone", "amount", "accountReference",
-                               "transactionDesc", "businessShortCode", "status", "resultCode", "resultDesc",
-                               "receipt", "createdAt", "expiresAt"}
+    assert set(prompts[0]) == {
+        "checkoutRequestId",
+        "merchantRequestId",
+        "phone",
+        "amount",
+        "accountReference",
+        "transactionDesc",
+        "businessShortCode",
+        "status",
+        "resultCode",
+        "resultDesc",
+        "receipt",
+        "createdAt",
+        "expiresAt",
+    }
     assert prompts[0]["createdAt"].endswith("Z")
-    assert (prompts[0]["phone"], prompts[0]["amount"], prompts[0]["accountReference"],
-            prompts[0]["transactionDesc"], prompts[0]["businessShortCode"]) == (
-        "254112345678", 6, "INV42", "Order 42", SANDBOX_SHORTCODE)
+    assert (
+        prompts[0]["phone"],
+        prompts[0]["amount"],
+        prompts[0]["accountReference"],
+        prompts[0]["transactionDesc"],
+        prompts[0]["businessShortCode"],
+    ) == ("254112345678", 6, "INV42", "Order 42", SANDBOX_SHORTCODE)
     by_phone = daraja.control("GET", "prompts", params={"phone": "0712 345 678"}).json()["prompts"]
     assert [p["checkoutRequestId"] for p in by_phone] == [first]
     pending = daraja.control("GET", "prompts", params={"status": "pending"}).json()["prompts"]
@@ -562,6 +647,7 @@ def test_prompts_are_listed_newest_first_and_filtered(daraja):
 
 
 # ------------------------------------------------------------------ scenarios
+
 
 def test_a_rule_on_amount_decides_the_result(daraja, callback_receiver):
     rule = daraja.control("POST", "scenarios", json={"amount": 77, "resultCode": 1})
@@ -640,15 +726,18 @@ def test_rule_delays_hold_the_result_and_then_the_callback(daraja, callback_rece
     assert time.monotonic() - started >= 0.8
 
 
-@pytest.mark.parametrize("rule", [
-    {"resultCode": "soon"},
-    {"callback": "sometimes"},
-    {"times": 0},
-    {"delay": -1},
-    {"phone": "12"},
-    {"amount": 1.5},
-    {"colour": "red"},
-])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"resultCode": "soon"},
+        {"callback": "sometimes"},
+        {"times": 0},
+        {"delay": -1},
+        {"phone": "12"},
+        {"amount": 1.5},
+        {"colour": "red"},
+    ],
+)
 def test_invalid_rules_are_refused(daraja, rule):
     response = daraja.control("POST", "scenarios", json=rule)
     assert response.status_code == 400
@@ -660,12 +749,15 @@ def test_rules_are_listed_and_cleared(daraja):
     daraja.control("POST", "scenarios", json={"phone": "0712345678", "resultCode": "await"})
     rules = daraja.control("GET", "scenarios").json()["scenarios"]
     assert [(r["amount"], r["phone"], r["resultCode"]) for r in rules] == [
-        (5, None, 1), (None, AWAITING_PHONE, "await")]
+        (5, None, 1),
+        (None, AWAITING_PHONE, "await"),
+    ]
     assert daraja.control("DELETE", "scenarios").json() == {"cleared": 2}
     assert daraja.control("GET", "scenarios").json() == {"scenarios": []}
 
 
 # --------------------------------------------------------------------- faults
+
 
 def oauth_answer(daraja):
     return daraja.get_token()
@@ -715,15 +807,18 @@ def check_invalid_token(response):
 
 
 FAULT_CHECKS = {
-    "http500": check_http500, "http503_html": check_http503_html, "garbage": check_garbage,
-    "rate_limit": check_rate_limit, "quota": check_quota, "http429": check_http429,
+    "http500": check_http500,
+    "http503_html": check_http503_html,
+    "garbage": check_garbage,
+    "rate_limit": check_rate_limit,
+    "quota": check_quota,
+    "http429": check_http429,
     "invalid_token": check_invalid_token,
 }
 
 
 @pytest.mark.parametrize("mode", FAULT_CHECKS)
-@pytest.mark.parametrize("endpoint, call", [("oauth", oauth_answer), ("stkpush", push_answer),
-                                            ("query", query_answer)])
+@pytest.mark.parametrize("endpoint, call", [("oauth", oauth_answer), ("stkpush", push_answer), ("query", query_answer)])
 def test_a_fault_breaks_the_next_request_only(daraja, endpoint, call, mode):
     daraja.configure(query_min_interval=0)
     daraja.token  # noqa: B018 - fetch the token before the fault is armed
@@ -770,13 +865,21 @@ def test_faults_are_listed_and_cleared(daraja):
     assert daraja.get_token().status_code == 200
 
 
-@pytest.mark.parametrize("fault", [{"mode": "explode"}, {"endpoint": "b2c", "mode": "http500"},
-                                   {"mode": "http500", "count": 0}, {"mode": "slow", "delay": "long"}])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"mode": "explode"},
+        {"endpoint": "b2c", "mode": "http500"},
+        {"mode": "http500", "count": 0},
+        {"mode": "slow", "delay": "long"},
+    ],
+)
 def test_invalid_faults_are_refused(daraja, fault):
     assert daraja.control("POST", "faults", json=fault).status_code == 400
 
 
 # ---------------------------------------------------- configuration and stats
+
 
 def test_config_hides_secrets_and_changes_at_run_time(daraja):
     config = daraja.control("GET", "config").json()
@@ -788,9 +891,17 @@ def test_config_hides_secrets_and_changes_at_run_time(daraja):
     assert daraja.get_token().json()["expires_in"] == "120"
 
 
-@pytest.mark.parametrize("change", [{"consumer_secret": "x"}, {"token_ttl": 0}, {"auto_delay": "fast"},
-                                    {"prompt_timeout": 0}, {"invalidate_previous_tokens": "yes"},
-                                    {"pin": "12ab"}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"consumer_secret": "x"},
+        {"token_ttl": 0},
+        {"auto_delay": "fast"},
+        {"prompt_timeout": 0},
+        {"invalidate_previous_tokens": "yes"},
+        {"pin": "12ab"},
+    ],
+)
 def test_invalid_config_changes_are_refused_whole(daraja, change):
     before = daraja.control("GET", "config").json()
     assert daraja.control("PATCH", "config", json={"auto_delay": 9, **change}).status_code == 400
@@ -806,16 +917,26 @@ def test_stats_count_calls_and_reset_clears_everything_but_tokens(daraja, callba
     daraja.control("POST", "faults", json={"endpoint": "query", "mode": "quota"})
     callback_receiver.wait(1)
     stats = eventually(lambda: (s := daraja.control("GET", "stats").json())["callbacks_sent"] and s)
-    assert stats == {"tokens_issued": 1, "pushes_accepted": 2, "pushes_rejected": 1, "queries": 1,
-                     "callbacks_sent": 1, "callbacks_failed": 0}
+    assert stats == {
+        "tokens_issued": 1,
+        "pushes_accepted": 2,
+        "pushes_rejected": 1,
+        "queries": 1,
+        "callbacks_sent": 1,
+        "callbacks_failed": 0,
+    }
     (entry,) = daraja.control("GET", "callbacks").json()["callbacks"]
     assert (entry["url"], entry["status"], entry["error"]) == (callback_receiver.url, 200, None)
     assert entry["body"] == callback_receiver.bodies[0]
 
     assert daraja.control("POST", "reset").status_code == 200
     assert set(daraja.control("GET", "stats").json().values()) == {0}
-    for path, key in [("prompts", "prompts"), ("scenarios", "scenarios"), ("faults", "faults"),
-                      ("callbacks", "callbacks")]:
+    for path, key in [
+        ("prompts", "prompts"),
+        ("scenarios", "scenarios"),
+        ("faults", "faults"),
+        ("callbacks", "callbacks"),
+    ]:
         assert daraja.control("GET", path).json()[key] == []
     assert daraja.push(AWAITING_PHONE).status_code == 200  # token still valid, lock released
     time.sleep(0.1)
@@ -828,8 +949,13 @@ def test_health(daraja):
 
 def test_the_command_line_serves_until_interrupted():
     root = Path(__file__).resolve().parents[1]
-    process = subprocess.Popen([sys.executable, "-m", "simulator", "--port", "0", "--auto-delay", "0.1"],
-                               cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simulator", "--port", "0", "--auto-delay", "0.1"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = process.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:[0-9]+", line).group(0)

@@ -1,4 +1,5 @@
 """One behavioural suite over every store backend, then what only one backend promises."""
+
 from __future__ import annotations
 
 import copy
@@ -19,10 +20,22 @@ from pathlib import Path
 import pytest
 import redis
 
-from store import (DuplicateTransaction, MemoryStore, RedisStore, SQLiteStore, Store,
-                   Transaction, open_store)
-from store import DURATION_BOUNDS, Tally, tally
-from store import _FEW_LEAVING, _decode, _encode, _without
+from store import (
+    _FEW_LEAVING,
+    DURATION_BOUNDS,
+    DuplicateTransaction,
+    MemoryStore,
+    RedisStore,
+    SQLiteStore,
+    Store,
+    Tally,
+    Transaction,
+    _decode,
+    _encode,
+    _without,
+    open_store,
+    tally,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PHONE = "254712345678"
@@ -88,25 +101,52 @@ def store(backend):
     return backend.open()
 
 
-def make_tx(checkout_request_id: str = "ws_CO_1", *, phone: str = PHONE,
-            initiated_at: float = 1_700_000_000.0, **fields) -> Transaction:
-    return Transaction(checkout_request_id=checkout_request_id,
-                       merchant_request_id=f"m-{checkout_request_id}",
-                       phone=phone, amount=100, initiated_at=initiated_at, **fields)
+def make_tx(
+    checkout_request_id: str = "ws_CO_1", *, phone: str = PHONE, initiated_at: float = 1_700_000_000.0, **fields
+) -> Transaction:
+    return Transaction(
+        checkout_request_id=checkout_request_id,
+        merchant_request_id=f"m-{checkout_request_id}",
+        phone=phone,
+        amount=100,
+        initiated_at=initiated_at,
+        **fields,
+    )
 
 
 def settled_tx(checkout_request_id: str = "ws_CO_1", status: str = "completed") -> Transaction:
     """A record as payments.py leaves it: Daraja's raw callback on it and in its history."""
-    callback = {"Body": {"stkCallback": {
-        "CheckoutRequestID": checkout_request_id, "ResultCode": 0, "ResultDesc": "Imekamilika ✓",
-        "CallbackMetadata": {"Item": [{"Name": "Amount", "Value": 100.0},
-                                      {"Name": "MpesaReceiptNumber", "Value": "LHH31TV4QV"},
-                                      {"Name": "Balance"}]}}}}
-    return make_tx(checkout_request_id, status=status, result_code=0, result_desc="Imekamilika ✓",
-                   mpesa_receipt_number="LHH31TV4QV", account_reference="Café №7",
-                   callback=callback, flags=["amount_checked"], extra={"cart": {"items": [1, 2]}},
-                   history=[{"at": 1_700_000_000.0, "event": "initiated", "amount": 100},
-                            {"at": 1_700_000_025.0, "event": "callback_received", "raw": callback}])
+    callback = {
+        "Body": {
+            "stkCallback": {
+                "CheckoutRequestID": checkout_request_id,
+                "ResultCode": 0,
+                "ResultDesc": "Imekamilika ✓",
+                "CallbackMetadata": {
+                    "Item": [
+                        {"Name": "Amount", "Value": 100.0},
+                        {"Name": "MpesaReceiptNumber", "Value": "LHH31TV4QV"},
+                        {"Name": "Balance"},
+                    ]
+                },
+            }
+        }
+    }
+    return make_tx(
+        checkout_request_id,
+        status=status,
+        result_code=0,
+        result_desc="Imekamilika ✓",
+        mpesa_receipt_number="LHH31TV4QV",
+        account_reference="Café №7",
+        callback=callback,
+        flags=["amount_checked"],
+        extra={"cart": {"items": [1, 2]}},
+        history=[
+            {"at": 1_700_000_000.0, "event": "initiated", "amount": 100},
+            {"at": 1_700_000_025.0, "event": "callback_received", "raw": callback},
+        ],
+    )
 
 
 def increment(tx: Transaction) -> int:
@@ -119,6 +159,7 @@ def ids(transactions: list[Transaction]) -> list[str]:
 
 
 # The behavioural suite: every test runs against memory, SQLite and Redis.
+
 
 def test_backend_says_what_it_is(store, backend):
     assert store.kind == backend.kind
@@ -217,7 +258,7 @@ def test_update_whose_mutate_raises_saves_nothing(store):
     with pytest.raises(RuntimeError):
         store.update("ws_CO_1", fail_halfway)
     assert store.get("ws_CO_1").status == "pending"
-    assert store.update("ws_CO_1", increment)[1] == 1   # and the store still works
+    assert store.update("ws_CO_1", increment)[1] == 1  # and the store still works
 
 
 def test_update_may_not_change_the_id(store):
@@ -247,7 +288,7 @@ def test_concurrent_updates_from_twenty_threads_lose_nothing(store):
     for thread in threads:
         thread.join()
     assert store.get("ws_CO_1").extra["n"] == 100
-    assert sorted(results) == list(range(1, 101))   # each increment saw the one before
+    assert sorted(results) == list(range(1, 101))  # each increment saw the one before
 
 
 @pytest.fixture
@@ -266,32 +307,38 @@ def test_list_is_newest_first_with_the_total(store, four):
     assert (ids(page), total) == (["D", "C", "B", "A"], 4)
 
 
-@pytest.mark.parametrize("filters, expected", [
-    ({"status": "completed"}, ["D", "B"]),
-    ({"status": "pending"}, ["A"]),
-    ({"phone": PHONE}, ["D", "C", "A"]),
-    ({"phone": OTHER_PHONE}, ["B"]),
-    ({"status": "completed", "phone": PHONE}, ["D"]),
-    ({"status": "failed", "phone": OTHER_PHONE}, []),
-    ({"phone": "254700000000"}, []),
-])
+@pytest.mark.parametrize(
+    "filters, expected",
+    [
+        ({"status": "completed"}, ["D", "B"]),
+        ({"status": "pending"}, ["A"]),
+        ({"phone": PHONE}, ["D", "C", "A"]),
+        ({"phone": OTHER_PHONE}, ["B"]),
+        ({"status": "completed", "phone": PHONE}, ["D"]),
+        ({"status": "failed", "phone": OTHER_PHONE}, []),
+        ({"phone": "254700000000"}, []),
+    ],
+)
 def test_list_filters_by_status_and_phone(store, four, filters, expected):
     page, total = store.list(**filters)
     assert (ids(page), total) == (expected, len(expected))
 
 
-@pytest.mark.parametrize("limit, offset, expected", [
-    (2, 0, ["D", "C"]),
-    (2, 1, ["C", "B"]),
-    (2, 3, ["A"]),
-    (2, 4, []),
-    (0, 0, []),
-])
+@pytest.mark.parametrize(
+    "limit, offset, expected",
+    [
+        (2, 0, ["D", "C"]),
+        (2, 1, ["C", "B"]),
+        (2, 3, ["A"]),
+        (2, 4, []),
+        (0, 0, []),
+    ],
+)
 def test_list_paginates_and_always_counts_every_match(store, four, limit, offset, expected):
     page, total = store.list(limit=limit, offset=offset)
     assert (ids(page), total) == (expected, 4)
     page, total = store.list(phone=PHONE, limit=limit, offset=offset)
-    assert ids(page) == ["D", "C", "A"][offset:offset + limit] and total == 3
+    assert ids(page) == ["D", "C", "A"][offset : offset + limit] and total == 3
 
 
 def test_list_follows_status_changes(store, four):
@@ -311,7 +358,7 @@ def test_pending_before_returns_old_pending_records_oldest_first(store, backend)
     store.create(make_tx("done", initiated_at=now - 500, status="failed"))
     store.create(make_tx("fresh", initiated_at=now - 5))
     assert ids(store.pending_before(now - 120)) == ["older", "old"]
-    assert ids(store.pending_before(now - 400)) == []   # strictly before
+    assert ids(store.pending_before(now - 400)) == []  # strictly before
     assert ids(store.pending_before(now)) == ["older", "old", "fresh"]
 
 
@@ -350,7 +397,7 @@ def test_values_can_be_set_read_replaced_and_deleted(store, backend):
     backend.elapse(0.4)
     assert store.get_value("k") is None
     store.set_value("k", {"v": 3}, ttl=0.3)
-    store.set_value("k", {"v": 3}, ttl=30)   # a rewrite also replaces the ttl
+    store.set_value("k", {"v": 3}, ttl=30)  # a rewrite also replaces the ttl
     backend.elapse(0.4)
     assert store.get_value("k") == {"v": 3}
     store.delete("k")
@@ -371,11 +418,11 @@ def test_records_expire_after_retention_except_in_sqlite(backend):
     store = backend.open(retention=0.6)
     store.create(make_tx(initiated_at=backend.clock()))
     backend.elapse(0.3)
-    store.update("ws_CO_1", increment)   # a write restarts the retention period
+    store.update("ws_CO_1", increment)  # a write restarts the retention period
     backend.elapse(0.3)
     assert store.get("ws_CO_1") is not None
     backend.elapse(0.4)
-    if backend.kind == "sqlite":   # the ledger keeps everything
+    if backend.kind == "sqlite":  # the ledger keeps everything
         assert store.get("ws_CO_1").extra == {"n": 1}
         assert store.list()[1] == 1
     else:
@@ -384,23 +431,40 @@ def test_records_expire_after_retention_except_in_sqlite(backend):
         assert store.list() == ([], 0)
         assert store.list(phone=PHONE, status="pending") == ([], 0)
         assert store.pending_before(backend.clock() + 1) == []
-        store.create(make_tx())   # the id is free again
+        store.create(make_tx())  # the id is free again
 
 
 @pytest.mark.parametrize("result_code", [0, 1032, "SFC_IC0003", None])
 def test_records_round_trip_through_dicts_json_and_the_store(store, result_code):
     tx = make_tx(
         status="completed" if result_code == 0 else "failed",
-        result_code=result_code, result_desc="Malipo yamekamilika — ✓",
-        mpesa_receipt_number="LHH31TV4QV", transaction_date="2024-03-15T14:31:05+03:00",
-        account_reference="Café №7", description="Tiketi 🎟",
-        callback={"Body": {"stkCallback": {
-            "ResultCode": result_code, "CallbackMetadata": {"Item": [
-                {"Name": "Amount", "Value": 100}, {"Name": "PhoneNumber", "Value": 254712345678},
-                {"Name": "Note", "Value": "日本語"}]}}}},
-        completed_at=1_700_000_030.5, settled_by="callback", flags=["amount_checked"],
-        history=[{"at": 1_700_000_000.0, "event": "initiated"},
-                 {"at": 1_700_000_030.5, "event": "callback", "result_code": result_code}],
+        result_code=result_code,
+        result_desc="Malipo yamekamilika — ✓",
+        mpesa_receipt_number="LHH31TV4QV",
+        transaction_date="2024-03-15T14:31:05+03:00",
+        account_reference="Café №7",
+        description="Tiketi 🎟",
+        callback={
+            "Body": {
+                "stkCallback": {
+                    "ResultCode": result_code,
+                    "CallbackMetadata": {
+                        "Item": [
+                            {"Name": "Amount", "Value": 100},
+                            {"Name": "PhoneNumber", "Value": 254712345678},
+                            {"Name": "Note", "Value": "日本語"},
+                        ]
+                    },
+                }
+            }
+        },
+        completed_at=1_700_000_030.5,
+        settled_by="callback",
+        flags=["amount_checked"],
+        history=[
+            {"at": 1_700_000_000.0, "event": "initiated"},
+            {"at": 1_700_000_030.5, "event": "callback", "result_code": result_code},
+        ],
         extra={"nested": {"list": [1, "two", None, {"three": 3.5}]}},
     )
     assert Transaction.from_dict(json.loads(json.dumps(tx.to_dict()))) == tx
@@ -412,14 +476,20 @@ def test_records_round_trip_through_dicts_json_and_the_store(store, result_code)
 
 # Transaction and open_store on their own.
 
+
 def test_transaction_is_final_once_not_pending():
     assert not make_tx().is_final
     assert make_tx(status="completed").is_final and make_tx(status="failed").is_final
 
 
 def test_from_dict_ignores_keys_it_does_not_know_and_fills_defaults():
-    data = {"checkout_request_id": "ws_CO_1", "merchant_request_id": "m", "phone": PHONE,
-            "amount": 5, "added_by_a_later_version": 1}
+    data = {
+        "checkout_request_id": "ws_CO_1",
+        "merchant_request_id": "m",
+        "phone": PHONE,
+        "amount": 5,
+        "added_by_a_later_version": 1,
+    }
     tx = Transaction.from_dict(data)
     assert (tx.currency, tx.status, tx.history) == ("KES", "pending", [])
 
@@ -451,8 +521,8 @@ def test_open_store_refuses_unknown_schemes_naming_the_choices(url):
     with pytest.raises(ValueError) as error:
         open_store(url)
     assert str(error.value) == (
-        f"STORE_URL: unsupported scheme '{scheme}' "
-        "(use memory://, sqlite:///path.db or redis://host:port/db)")
+        f"STORE_URL: unsupported scheme '{scheme}' (use memory://, sqlite:///path.db or redis://host:port/db)"
+    )
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
@@ -497,6 +567,7 @@ def test_open_store_reads_the_redis_prefix_from_the_url():
 
 # Memory only.
 
+
 class CountingOrderedDict(OrderedDict):
     """Counts every entry any iteration over it looks at."""
 
@@ -532,15 +603,15 @@ def test_memory_expiry_looks_only_at_expired_records():
         store.create(make_tx(f"new{n}"))
     store._records = records = CountingOrderedDict(store._records)
 
-    for n in range(200):   # 1000 operations, none of which finds anything expired
+    for n in range(200):  # 1000 operations, none of which finds anything expired
         store.get(f"old{n}")
         store.update(f"new{n}", increment)
         store.add(f"k{n}", {}, ttl=10)
         store.get_value(f"k{n}")
         store.set_value(f"j{n}", {}, ttl=10 + n)
-    assert records.visited <= 1000   # one peek at the oldest record per operation
+    assert records.visited <= 1000  # one peek at the oldest record per operation
 
-    clock.advance(60)   # the 3000 old records are now past retention, the new ones are not
+    clock.advance(60)  # the 3000 old records are now past retention, the new ones are not
     records.visited = 0
     assert store.get("new0") is not None
     assert records.visited == 3001 and len(store._records) == 3000
@@ -555,7 +626,7 @@ def test_memory_a_rewritten_record_does_not_hold_back_the_expiry_of_others():
     store.create(make_tx("A"))
     store.create(make_tx("B"))
     clock.advance(60)
-    store.update("A", increment)   # A now expires 60 s after B
+    store.update("A", increment)  # A now expires 60 s after B
     clock.advance(50)
     store.get("A")
     assert list(store._records) == ["A"]
@@ -576,12 +647,16 @@ def test_memory_values_expire_and_overwrites_do_not_grow_the_heap():
 
 def scattered_tx(n: int) -> Transaction:
     """Record n of a varied set: every status and reason, initiated out of write order."""
-    status, reason = [("completed", None), ("failed", "cancelled"), ("failed", "timeout"),
-                      ("pending", None)][n % 4]
-    return make_tx(f"ws_CO_{n:04d}", phone=f"2547{n:08d}", status=status, reason=reason,
-                   initiated_at=1_700_000_000.0 + (n * 7919) % 1000,
-                   mpesa_receipt_number=f"R{n:04d}" if status == "completed" else None,
-                   account_reference=f"ref-{n % 7}")
+    status, reason = [("completed", None), ("failed", "cancelled"), ("failed", "timeout"), ("pending", None)][n % 4]
+    return make_tx(
+        f"ws_CO_{n:04d}",
+        phone=f"2547{n:08d}",
+        status=status,
+        reason=reason,
+        initiated_at=1_700_000_000.0 + (n * 7919) % 1000,
+        mpesa_receipt_number=f"R{n:04d}" if status == "completed" else None,
+        account_reference=f"ref-{n % 7}",
+    )
 
 
 def test_memory_expiry_leaves_the_indexes_as_if_only_the_survivors_were_written():
@@ -591,7 +666,7 @@ def test_memory_expiry_leaves_the_indexes_as_if_only_the_survivors_were_written(
         store.create(scattered_tx(n))
     clock.advance(50)
     survivors = [scattered_tx(n) for n in range(1000, 1040)]
-    for tx in survivors:   # one a second
+    for tx in survivors:  # one a second
         store.create(tx)
         clock.advance(1)
 
@@ -608,8 +683,15 @@ def test_memory_expiry_leaves_the_indexes_as_if_only_the_survivors_were_written(
         store.get("anything")
         assert len(store._records) == len(reference._records)
         assert store._sorted == reference._sorted and store._words == reference._words
-        for query in [{}, {"status": "failed"}, {"reason": "timeout"}, {"text": "R1004"},
-                      {"text": "ref-3"}, {"text": "0001012"}, {"since": 1_700_000_500.0}]:
+        for query in [
+            {},
+            {"status": "failed"},
+            {"reason": "timeout"},
+            {"text": "R1004"},
+            {"text": "ref-3"},
+            {"text": "0001012"},
+            {"since": 1_700_000_500.0},
+        ]:
             assert store.search(**query, limit=100) == reference.search(**query, limit=100)
         assert store.list(limit=100) == reference.list(limit=100)
         clock.advance(42.5)
@@ -630,6 +712,7 @@ def test_without_deletes_a_few_in_place_and_filters_for_many():
 
 # SQLite only.
 
+
 def test_sqlite_keeps_records_across_close_and_reopen(tmp_path):
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     first = open_store(url)
@@ -648,7 +731,7 @@ def test_sqlite_sees_what_another_process_writes(tmp_path):
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     store = open_store(url)
     store.create(make_tx())
-    assert store.get("ws_CO_1") is not None   # this thread now holds a connection
+    assert store.get("ws_CO_1") is not None  # this thread now holds a connection
     script = (
         "import sys; from store import Transaction, open_store\n"
         "s = open_store(sys.argv[1])\n"
@@ -680,16 +763,15 @@ def _increment_in_inherited_store(store: Store, times: int) -> None:
 def test_sqlite_updates_from_several_processes_lose_nothing(tmp_path, share):
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     store = open_store(url)
-    store.create(make_tx())   # the parent holds an open connection when it forks
+    store.create(make_tx())  # the parent holds an open connection when it forks
     fork = multiprocessing.get_context("fork")
     if share == "url":
         workers = [fork.Process(target=_increment_in_new_store, args=(url, 25)) for _ in range(4)]
     else:
-        workers = [fork.Process(target=_increment_in_inherited_store, args=(store, 25))
-                   for _ in range(4)]
+        workers = [fork.Process(target=_increment_in_inherited_store, args=(store, 25)) for _ in range(4)]
     for worker in workers:
         worker.start()
-    store.update("ws_CO_1", increment)   # the parent writes too
+    store.update("ws_CO_1", increment)  # the parent writes too
     for worker in workers:
         worker.join(timeout=30)
     assert [worker.exitcode for worker in workers] == [0, 0, 0, 0]
@@ -714,11 +796,17 @@ def test_sqlite_has_real_indexed_columns_and_wal(tmp_path):
     store.create(make_tx(status="completed"))
     db = store._db()
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT status, phone, json_extract(record, '$.amount')"
-                      " FROM transactions").fetchone() == ("completed", PHONE, 100)
-    plan = " ".join(row[-1] for row in db.execute(
-        "EXPLAIN QUERY PLAN SELECT record FROM transactions WHERE phone = ?"
-        " ORDER BY initiated_at DESC", (PHONE,)))
+    assert db.execute("SELECT status, phone, json_extract(record, '$.amount') FROM transactions").fetchone() == (
+        "completed",
+        PHONE,
+        100,
+    )
+    plan = " ".join(
+        row[-1]
+        for row in db.execute(
+            "EXPLAIN QUERY PLAN SELECT record FROM transactions WHERE phone = ? ORDER BY initiated_at DESC", (PHONE,)
+        )
+    )
     assert "transactions_by_phone" in plan
     store.close()
 
@@ -730,7 +818,7 @@ def test_sqlite_writers_wait_their_turn_on_the_lock_file_and_readers_do_not(tmp_
     updated = threading.Event()
     writer = threading.Thread(target=lambda: (store.update("ws_CO_1", increment), updated.set()))
     with open(f"{path}-lock") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)   # another writer's turn
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # another writer's turn
         writer.start()
         assert not updated.wait(0.3)
         assert store.get("ws_CO_1").extra == {}
@@ -745,8 +833,11 @@ def test_sqlite_lock_file_is_closed_by_close_and_when_a_thread_ends(tmp_path):
     path = tmp_path / "ledger.db"
 
     def lock_files_open() -> int:
-        return sum(os.readlink(f"/proc/self/fd/{fd}") == f"{path}-lock"
-                   for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+        return sum(
+            os.readlink(f"/proc/self/fd/{fd}") == f"{path}-lock"
+            for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")
+        )
 
     store = open_store(f"sqlite:///{path}")
     store.create(make_tx())
@@ -755,12 +846,13 @@ def test_sqlite_lock_file_is_closed_by_close_and_when_a_thread_ends(tmp_path):
         thread.start()
         thread.join()
     gc.collect()
-    assert lock_files_open() == 1   # this thread's
+    assert lock_files_open() == 1  # this thread's
     store.close()
     assert lock_files_open() == 0
 
 
 # Redis only.
+
 
 @pytest.fixture
 def redis_backend(clean_redis_url):
@@ -783,8 +875,7 @@ def test_redis_store_objects_on_one_url_share_everything(redis_backend):
         for _ in range(10):
             store.update("ws_CO_1", increment)
 
-    threads = [threading.Thread(target=worker, args=(store,))
-               for store in (first, second) * 5]
+    threads = [threading.Thread(target=worker, args=(store,)) for store in (first, second) * 5]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -800,7 +891,7 @@ def test_redis_prefixes_keep_stores_apart(clean_redis_url):
     shop.set_value("k", {}, ttl=30)
     assert default.get("ws_CO_1") is None and default.get_value("k") is None
     assert default.list() == ([], 0)
-    default.create(make_tx())   # no collision
+    default.create(make_tx())  # no collision
     client = redis.Redis.from_url(clean_redis_url, decode_responses=True)
     assert {key.split(":")[0] for key in client.keys()} == {"shop", "mpesa"}
     for store in (shop, default):
@@ -815,70 +906,143 @@ def test_redis_forgets_index_entries_of_expired_records(redis_backend):
     store.create(make_tx("A", initiated_at=now - 2))
     store.create(make_tx("B", initiated_at=now - 2, phone=OTHER_PHONE))
     time.sleep(0.5)
-    store.create(make_tx("C", initiated_at=now))   # these keep the index sets alive
+    store.create(make_tx("C", initiated_at=now))  # these keep the index sets alive
     store.create(make_tx("E", initiated_at=now, phone=OTHER_PHONE))
-    time.sleep(0.5)                                # A and B have expired, C and E have not
-    store.create(make_tx("D", initiated_at=now))   # creating sweeps the oldest entries
+    time.sleep(0.5)  # A and B have expired, C and E have not
+    store.create(make_tx("D", initiated_at=now))  # creating sweeps the oldest entries
     assert client.zrange("mpesa:idx:all", 0, -1) == ["C", "D", "E"]
     assert client.zrange("mpesa:idx:status:pending", 0, -1) == ["C", "D", "E"]
     assert client.zrange(f"mpesa:idx:phone:{PHONE}", 0, -1) == ["C", "D"]
     assert client.zrange(f"mpesa:idx:phone:{OTHER_PHONE}", 0, -1) == ["B", "E"]
-    assert ids(store.list(phone=OTHER_PHONE)[0]) == ["E"]   # listing forgets B
+    assert ids(store.list(phone=OTHER_PHONE)[0]) == ["E"]  # listing forgets B
     assert client.zrange(f"mpesa:idx:phone:{OTHER_PHONE}", 0, -1) == ["E"]
     time.sleep(0.9)
-    assert client.keys("mpesa:*") == []   # an idle store empties itself
+    assert client.keys("mpesa:*") == []  # an idle store empties itself
     client.close()
 
 
 # The dashboard's reads, over every backend: search() and overview() against a data set
 # counted by hand. MIDNIGHT is a Nairobi midnight (21:00 UTC), so days and hours align.
 
-MIDNIGHT = 1_699_995_600.0   # 2023-11-15 00:00 EAT
+MIDNIGHT = 1_699_995_600.0  # 2023-11-15 00:00 EAT
 HOUR, DAY = 3600, 86400
 
 
-def payment(checkout_request_id: str, minutes: float, *, phone: str = PHONE, amount: int = 100,
-            status: str = "pending", after: float | None = None, events: tuple = (),
-            **fields) -> Transaction:
+def payment(
+    checkout_request_id: str,
+    minutes: float,
+    *,
+    phone: str = PHONE,
+    amount: int = 100,
+    status: str = "pending",
+    after: float | None = None,
+    events: tuple = (),
+    **fields,
+) -> Transaction:
     """A record started `minutes` after MIDNIGHT and settled `after` seconds later."""
     started = MIDNIGHT + minutes * 60
     history = [{"at": started, "event": "initiated"}, {"at": started, "event": "push_accepted"}]
     history += [{"at": started + 1, **event} for event in events]
-    return Transaction(checkout_request_id, f"m-{checkout_request_id}", phone, amount,
-                       status=status, initiated_at=started,
-                       completed_at=None if after is None else started + after,
-                       history=history, **fields)
+    return Transaction(
+        checkout_request_id,
+        f"m-{checkout_request_id}",
+        phone,
+        amount,
+        status=status,
+        initiated_at=started,
+        completed_at=None if after is None else started + after,
+        history=history,
+        **fields,
+    )
 
 
 CALLBACK = {"event": "callback_received"}
 DATA_SET = [
     # hour 0
-    payment("P1", 5, amount=100, status="completed", after=8, settled_by="callback",
-            mpesa_receipt_number="QAB1C2D3E4", account_reference="CART-1",
-            events=(CALLBACK, {"event": "completed"})),
-    payment("P2", 10, phone=OTHER_PHONE, amount=250, status="completed", after=25,
-            settled_by="query", mpesa_receipt_number="QXY9Z8W7V6", account_reference="Cart-2",
-            events=({"event": "queried", "result": "pending"}, {"event": "query_received"},
-                    {"event": "completed"})),
-    payment("P3", 20, phone="254711111678", status="failed", reason="cancelled", after=12,
-            settled_by="callback", account_reference="cart-1",
-            events=(CALLBACK, {"event": "failed"})),
+    payment(
+        "P1",
+        5,
+        amount=100,
+        status="completed",
+        after=8,
+        settled_by="callback",
+        mpesa_receipt_number="QAB1C2D3E4",
+        account_reference="CART-1",
+        events=(CALLBACK, {"event": "completed"}),
+    ),
+    payment(
+        "P2",
+        10,
+        phone=OTHER_PHONE,
+        amount=250,
+        status="completed",
+        after=25,
+        settled_by="query",
+        mpesa_receipt_number="QXY9Z8W7V6",
+        account_reference="Cart-2",
+        events=({"event": "queried", "result": "pending"}, {"event": "query_received"}, {"event": "completed"}),
+    ),
+    payment(
+        "P3",
+        20,
+        phone="254711111678",
+        status="failed",
+        reason="cancelled",
+        after=12,
+        settled_by="callback",
+        account_reference="cart-1",
+        events=(CALLBACK, {"event": "failed"}),
+    ),
     # hour 1
-    payment("P4", 60, phone="254722222222", status="failed", reason="timeout", after=120,
-            settled_by="timeout", events=({"event": "queried", "result": "error"},
-                                          {"event": "queried", "result": "error"},
-                                          {"event": "timed_out"})),
+    payment(
+        "P4",
+        60,
+        phone="254722222222",
+        status="failed",
+        reason="timeout",
+        after=120,
+        settled_by="timeout",
+        events=(
+            {"event": "queried", "result": "error"},
+            {"event": "queried", "result": "error"},
+            {"event": "timed_out"},
+        ),
+    ),
     payment("P5", 90, phone="254733333333", amount=50),
     # hour 3
-    payment("P6", 195, status="failed", reason="wrong_pin", after=30, settled_by="callback",
-            events=(CALLBACK, {"event": "failed"}, CALLBACK, {"event": "duplicate_ignored"})),
-    payment("P7", 196, phone=OTHER_PHONE, amount=1000, status="completed", after=40,
-            settled_by="callback", mpesa_receipt_number="QLM5N6P7Q8", flags=["late_result"],
-            events=(CALLBACK, {"event": "completed"})),
+    payment(
+        "P6",
+        195,
+        status="failed",
+        reason="wrong_pin",
+        after=30,
+        settled_by="callback",
+        events=(CALLBACK, {"event": "failed"}, CALLBACK, {"event": "duplicate_ignored"}),
+    ),
+    payment(
+        "P7",
+        196,
+        phone=OTHER_PHONE,
+        amount=1000,
+        status="completed",
+        after=40,
+        settled_by="callback",
+        mpesa_receipt_number="QLM5N6P7Q8",
+        flags=["late_result"],
+        events=(CALLBACK, {"event": "completed"}),
+    ),
     # the next day, 02:00
-    payment("P8", 24 * 60 + 120, phone="254744444444", amount=500, status="completed", after=5,
-            settled_by="callback", mpesa_receipt_number="QRS1T2U3V4",
-            events=(CALLBACK, {"event": "completed"})),
+    payment(
+        "P8",
+        24 * 60 + 120,
+        phone="254744444444",
+        amount=500,
+        status="completed",
+        after=5,
+        settled_by="callback",
+        mpesa_receipt_number="QRS1T2U3V4",
+        events=(CALLBACK, {"event": "completed"}),
+    ),
 ]
 
 
@@ -891,17 +1055,25 @@ def ledger(store):
 
 def test_tally_names_what_one_record_adds():
     p4 = next(tx for tx in DATA_SET if tx.checkout_request_id == "P4")
-    assert tally(p4) == {"started": 1, "status:failed": 1, "reason:timeout": 1,
-                         "settled:timeout": 1, "time:120": 1, "event:initiated": 1,
-                         "event:push_accepted": 1, "event:queried": 2,
-                         "event:queried:error": 2, "event:timed_out": 1}
+    assert tally(p4) == {
+        "started": 1,
+        "status:failed": 1,
+        "reason:timeout": 1,
+        "settled:timeout": 1,
+        "time:120": 1,
+        "event:initiated": 1,
+        "event:push_accepted": 1,
+        "event:queried": 2,
+        "event:queried:error": 2,
+        "event:timed_out": 1,
+    }
     assert tally(make_tx()) == {"started": 1, "status:pending": 1}
 
 
 def test_time_to_final_is_the_bound_of_the_bucket_holding_that_share():
     durations = Tally({"time:10": 1, "time:15": 1, "time:30": 2, "time:45": 1, "time:120": 1})
-    assert durations.time_to_final(0.5) == 30      # 3rd of 6
-    assert durations.time_to_final(0.95) == 120    # 6th of 6
+    assert durations.time_to_final(0.5) == 30  # 3rd of 6
+    assert durations.time_to_final(0.95) == 120  # 6th of 6
     assert durations.time_to_final(0.01) == 10
     assert Tally({"time:inf": 1}).time_to_final(0.5) == float("inf")
     assert Tally().time_to_final(0.5) is None and Tally().conversion is None
@@ -932,8 +1104,7 @@ def test_overview_of_a_day_adds_up_the_hand_counted_data_set(ledger):
 
 def test_overview_by_day_and_by_five_minutes(ledger):
     days = ledger.overview(MIDNIGHT, MIDNIGHT + 2 * DAY, DAY)
-    assert [(b.started, b.completed, b.received) for _, b in days.buckets] == [(7, 3, 1350),
-                                                                              (1, 1, 500)]
+    assert [(b.started, b.completed, b.received) for _, b in days.buckets] == [(7, 3, 1350), (1, 1, 500)]
     assert days.total.started == 8 and days.total.received == 1850
     hour = ledger.overview(MIDNIGHT, MIDNIGHT + HOUR, 300)
     assert [b.started for _, b in hour.buckets] == [0, 1, 1, 0, 1] + [0] * 7
@@ -954,12 +1125,15 @@ def test_overview_follows_updates(ledger):
     assert total.group("settled")["callback"] == 5 and total["time:3"] == 1
 
 
-@pytest.mark.parametrize("since, until, step", [
-    (MIDNIGHT + 7, MIDNIGHT + HOUR + 7, 300),     # not on a 5-minute boundary
-    (MIDNIGHT, MIDNIGHT + HOUR, 7 * 60),          # nor is the step
-    (MIDNIGHT, MIDNIGHT + 1000, 300),             # not a whole number of steps
-    (MIDNIGHT, MIDNIGHT, 300),
-])
+@pytest.mark.parametrize(
+    "since, until, step",
+    [
+        (MIDNIGHT + 7, MIDNIGHT + HOUR + 7, 300),  # not on a 5-minute boundary
+        (MIDNIGHT, MIDNIGHT + HOUR, 7 * 60),  # nor is the step
+        (MIDNIGHT, MIDNIGHT + 1000, 300),  # not a whole number of steps
+        (MIDNIGHT, MIDNIGHT, 300),
+    ],
+)
 def test_overview_refuses_bounds_off_the_buckets(store, since, until, step):
     with pytest.raises(ValueError):
         store.overview(since, until, step)
@@ -973,42 +1147,51 @@ def test_overview_forgets_with_the_records_except_in_sqlite(backend):
     assert started == (1 if backend.kind == "sqlite" else 0)
 
 
-@pytest.mark.parametrize("query, expected", [
-    ({}, ["P8", "P7", "P6", "P5", "P4", "P3", "P2", "P1"]),
-    ({"text": "QAB1C2D3E4"}, ["P1"]),
-    ({"text": " qab1c2d3e4 "}, ["P1"]),                   # receipts: any case, trimmed
-    ({"text": "CART-1"}, ["P3", "P1"]),                   # references: any case
-    ({"text": "cart-2"}, ["P2"]),
-    ({"text": "678"}, ["P6", "P3", "P1"]),                # a phone's last digits
-    ({"text": "45678"}, ["P6", "P1"]),
-    ({"text": PHONE}, ["P6", "P1"]),
-    ({"text": "78"}, []),                                 # too few digits to mean a phone
-    ({"text": "P4"}, ["P4"]),                             # a CheckoutRequestID, exactly
-    ({"text": "p4"}, []),
-    ({"text": "nothing"}, []),
-    ({"status": "failed"}, ["P6", "P4", "P3"]),
-    ({"status": "pending"}, ["P5"]),
-    ({"reason": "cancelled"}, ["P3"]),
-    ({"reason": "timeout", "status": "failed"}, ["P4"]),
-    ({"reason": "timeout", "status": "completed"}, []),
-    ({"since": MIDNIGHT + HOUR, "until": MIDNIGHT + 196 * 60}, ["P6", "P5", "P4"]),
-    ({"since": MIDNIGHT + DAY}, ["P8"]),
-    ({"until": MIDNIGHT + 10 * 60}, ["P1"]),              # until is excluded
-    ({"text": "cart-1", "status": "completed"}, ["P1"]),
-    ({"text": OTHER_PHONE, "since": MIDNIGHT + HOUR}, ["P7"]),
-    ({"status": "failed", "since": MIDNIGHT + HOUR, "until": MIDNIGHT + 2 * HOUR}, ["P4"]),
-])
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        ({}, ["P8", "P7", "P6", "P5", "P4", "P3", "P2", "P1"]),
+        ({"text": "QAB1C2D3E4"}, ["P1"]),
+        ({"text": " qab1c2d3e4 "}, ["P1"]),  # receipts: any case, trimmed
+        ({"text": "CART-1"}, ["P3", "P1"]),  # references: any case
+        ({"text": "cart-2"}, ["P2"]),
+        ({"text": "678"}, ["P6", "P3", "P1"]),  # a phone's last digits
+        ({"text": "45678"}, ["P6", "P1"]),
+        ({"text": PHONE}, ["P6", "P1"]),
+        ({"text": "78"}, []),  # too few digits to mean a phone
+        ({"text": "P4"}, ["P4"]),  # a CheckoutRequestID, exactly
+        ({"text": "p4"}, []),
+        ({"text": "nothing"}, []),
+        ({"status": "failed"}, ["P6", "P4", "P3"]),
+        ({"status": "pending"}, ["P5"]),
+        ({"reason": "cancelled"}, ["P3"]),
+        ({"reason": "timeout", "status": "failed"}, ["P4"]),
+        ({"reason": "timeout", "status": "completed"}, []),
+        ({"since": MIDNIGHT + HOUR, "until": MIDNIGHT + 196 * 60}, ["P6", "P5", "P4"]),
+        ({"since": MIDNIGHT + DAY}, ["P8"]),
+        ({"until": MIDNIGHT + 10 * 60}, ["P1"]),  # until is excluded
+        ({"text": "cart-1", "status": "completed"}, ["P1"]),
+        ({"text": OTHER_PHONE, "since": MIDNIGHT + HOUR}, ["P7"]),
+        ({"status": "failed", "since": MIDNIGHT + HOUR, "until": MIDNIGHT + 2 * HOUR}, ["P4"]),
+    ],
+)
 def test_search_finds_by_every_field_and_filter(ledger, query, expected):
     page, total = ledger.search(**query)
     assert (ids(page), total) == (expected, len(expected))
 
 
-@pytest.mark.parametrize("limit, offset, expected", [
-    (2, 0, ["P8", "P7"]), (2, 1, ["P7", "P6"]), (3, 6, ["P2", "P1"]), (2, 8, []), (0, 0, []),
-])
+@pytest.mark.parametrize(
+    "limit, offset, expected",
+    [
+        (2, 0, ["P8", "P7"]),
+        (2, 1, ["P7", "P6"]),
+        (3, 6, ["P2", "P1"]),
+        (2, 8, []),
+        (0, 0, []),
+    ],
+)
 def test_search_paginates_and_counts_every_match(ledger, limit, offset, expected):
-    assert ledger.search(limit=limit, offset=offset) == (
-        [ledger.get(i) for i in expected], 8)
+    assert ledger.search(limit=limit, offset=offset) == ([ledger.get(i) for i in expected], 8)
     page, total = ledger.search("cart-1", limit=1, offset=1)
     assert (ids(page), total) == (["P1"], 2)
 
@@ -1036,8 +1219,7 @@ def test_search_refuses_an_unknown_status(store):
 
 def test_search_forgets_expired_records_except_in_sqlite(backend):
     store = backend.open(retention=0.6)
-    store.create(payment("P1", 5, status="completed", mpesa_receipt_number="QAB1C2D3E4",
-                         account_reference="CART-1"))
+    store.create(payment("P1", 5, status="completed", mpesa_receipt_number="QAB1C2D3E4", account_reference="CART-1"))
     backend.elapse(0.8)
     found = [store.search(text)[1] for text in ("QAB1C2D3E4", "cart-1", "678", "P1")]
     found += [store.search(status="completed")[1], store.search()[1]]
@@ -1051,16 +1233,22 @@ def test_sqlite_search_uses_its_indexes(tmp_path):
     def plan(sql: str, *params) -> str:
         return " ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
 
-    text = plan("SELECT record FROM transactions WHERE checkout_request_id = ? OR receipt_key = ?"
-                " OR reference_key = ? OR (phone_reversed >= ? AND phone_reversed < ?)",
-                "x", "X", "x", "876", "876:")
-    assert all(index in text for index in ("transactions_by_receipt", "transactions_by_reference",
-                                           "transactions_by_phone_end"))
+    text = plan(
+        "SELECT record FROM transactions WHERE checkout_request_id = ? OR receipt_key = ?"
+        " OR reference_key = ? OR (phone_reversed >= ? AND phone_reversed < ?)",
+        "x",
+        "X",
+        "x",
+        "876",
+        "876:",
+    )
+    assert all(
+        index in text for index in ("transactions_by_receipt", "transactions_by_reference", "transactions_by_phone_end")
+    )
     assert "transactions_by_reason" in plan(
-        "SELECT record FROM transactions WHERE status = 'failed' AND reason = ?"
-        " ORDER BY initiated_at DESC", "cancelled")
-    assert "SCAN" not in plan("SELECT bucket, name, value FROM tallies"
-                              " WHERE step = 3600 AND bucket BETWEEN 1 AND 24")
+        "SELECT record FROM transactions WHERE status = 'failed' AND reason = ? ORDER BY initiated_at DESC", "cancelled"
+    )
+    assert "SCAN" not in plan("SELECT bucket, name, value FROM tallies WHERE step = 3600 AND bucket BETWEEN 1 AND 24")
     store.close()
 
 
@@ -1073,12 +1261,13 @@ def test_sqlite_ledger_made_before_the_dashboard_is_upgraded_and_counted(tmp_pat
         CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL NOT NULL);
     """)
     for tx in DATA_SET:
-        db.execute("INSERT INTO transactions VALUES (?, ?, ?, ?, ?)",
-                   (tx.checkout_request_id, tx.status, tx.phone, tx.initiated_at,
-                    json.dumps(tx.to_dict())))
+        db.execute(
+            "INSERT INTO transactions VALUES (?, ?, ?, ?, ?)",
+            (tx.checkout_request_id, tx.status, tx.phone, tx.initiated_at, json.dumps(tx.to_dict())),
+        )
     db.commit()
     db.close()
-    for _ in range(2):   # the second opening finds everything in place and counts nothing twice
+    for _ in range(2):  # the second opening finds everything in place and counts nothing twice
         store = open_store(f"sqlite:///{path}")
         assert store.overview(MIDNIGHT, MIDNIGHT + 2 * DAY, DAY).total.started == 8
         assert ids(store.search("qab1c2d3e4")[0]) == ["P1"]
@@ -1096,8 +1285,7 @@ def test_memory_search_reads_only_what_its_indexes_name():
     assert ids(store.search("678", status="failed")[0]) == ["P6", "P3"]
     assert store.search(reason="cancelled")[1] == 1
     assert ids(store.search(limit=2, offset=1)[0]) == ["P7", "P6"]
-    assert records.visited == 4   # each search peeks at the oldest record for expiry, no more
+    assert records.visited == 4  # each search peeks at the oldest record for expiry, no more
     clock.advance(101)
-    store.get("P1")   # everything expires, and the index forgets it all
+    store.get("P1")  # everything expires, and the index forgets it all
     assert store._words == {} and store._sorted == {} and store._tallies == OrderedDict()
-

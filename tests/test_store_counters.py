@@ -1,4 +1,5 @@
 """Durable counters (stock held and sold), the same on every store."""
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """Merchant webhooks: signatures, events, and delivery over real HTTP to a shop's receiver."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,9 +27,23 @@ def checkout(n: int) -> str:
 
 
 CHECKOUT = checkout(1)
-DATA_FIELDS = {"checkoutRequestId", "merchantRequestId", "status", "reason", "resultCode",
-               "resultDesc", "amount", "currency", "receipt", "accountReference", "description",
-               "phone", "initiatedAt", "completedAt", "flags"}
+DATA_FIELDS = {
+    "checkoutRequestId",
+    "merchantRequestId",
+    "status",
+    "reason",
+    "resultCode",
+    "resultDesc",
+    "amount",
+    "currency",
+    "receipt",
+    "accountReference",
+    "description",
+    "phone",
+    "initiatedAt",
+    "completedAt",
+    "flags",
+}
 
 
 class Receiver:
@@ -41,7 +56,7 @@ class Receiver:
     def __init__(self, answers=(), delay: float = 0.0):
         self.answers = list(answers)
         self.delay = delay
-        self.calls: list[dict] = []   # {"headers", "raw", "body"} in arrival order
+        self.calls: list[dict] = []  # {"headers", "raw", "body"} in arrival order
         self._cond = threading.Condition()
         receiver = self
 
@@ -49,8 +64,7 @@ class Receiver:
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with receiver._cond:
-                    receiver.calls.append({"headers": dict(self.headers), "raw": raw,
-                                           "body": json.loads(raw)})
+                    receiver.calls.append({"headers": dict(self.headers), "raw": raw, "body": json.loads(raw)})
                     status = receiver.answers.pop(0) if receiver.answers else 200
                     receiver._cond.notify_all()
                 time.sleep(receiver.delay)
@@ -65,8 +79,7 @@ class Receiver:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_port}/shop/mpesa-events?key=shop-own-token"
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
-                         daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def wait(self, count: int = 1, timeout: float = 10.0) -> list[dict]:
         """The first `count` deliveries once they have arrived; fail after `timeout`."""
@@ -119,14 +132,21 @@ def wait_for(check, timeout: float = 5.0):
 
 
 def final_tx(checkout_id=CHECKOUT, status="completed", **fields) -> Transaction:
-    values = dict(merchant_request_id="29115-34620561-1", phone=WAITING, amount=150,
-                  account_reference="CART_12345", description="Order 12345",
-                  initiated_at=time.time() - 30, completed_at=time.time() - 20,
-                  status=status, settled_by="callback",
-                  result_code=0 if status == "completed" else 1032,
-                  result_desc="Processed" if status == "completed" else "Request cancelled by user",
-                  reason=None if status == "completed" else "cancelled",
-                  mpesa_receipt_number="NLJ7RT61SV" if status == "completed" else None)
+    values = dict(
+        merchant_request_id="29115-34620561-1",
+        phone=WAITING,
+        amount=150,
+        account_reference="CART_12345",
+        description="Order 12345",
+        initiated_at=time.time() - 30,
+        completed_at=time.time() - 20,
+        status=status,
+        settled_by="callback",
+        result_code=0 if status == "completed" else 1032,
+        result_desc="Processed" if status == "completed" else "Request cancelled by user",
+        reason=None if status == "completed" else "cancelled",
+        mpesa_receipt_number="NLJ7RT61SV" if status == "completed" else None,
+    )
     values.update(fields)
     return Transaction(checkout_request_id=checkout_id, **values)
 
@@ -137,6 +157,7 @@ def history(tx: Transaction | dict, name: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------ signatures
+
 
 def test_a_signature_verifies_and_follows_the_documented_formula():
     body = b'{"id":"evt_1","type":"payment.completed"}'
@@ -157,15 +178,15 @@ def test_a_wrong_secret_does_not_verify():
     assert not webhooks.verify(SECRET, header, b"{}", now=1_700_000_000)
 
 
-@pytest.mark.parametrize("age, accepted", [(0, True), (299, True), (301, False), (-301, False),
-                                           (86_400, False)])
+@pytest.mark.parametrize("age, accepted", [(0, True), (299, True), (301, False), (-301, False), (86_400, False)])
 def test_old_or_far_future_timestamps_are_refused_as_replays(age, accepted):
     header = webhooks.sign(SECRET, 1_700_000_000, b"{}")
     assert webhooks.verify(SECRET, header, b"{}", now=1_700_000_000 + age) is accepted
 
 
-@pytest.mark.parametrize("header", [None, "", "v1=00", "t=1700000000", "t=abc,v1=00",
-                                    "t=-5,v1=00", "garbage", "t=1700000000,v0=00"])
+@pytest.mark.parametrize(
+    "header", [None, "", "v1=00", "t=1700000000", "t=abc,v1=00", "t=-5,v1=00", "garbage", "t=1700000000,v0=00"]
+)
 def test_malformed_headers_do_not_verify(header):
     assert not webhooks.verify(SECRET, header, b"{}", now=1_700_000_000)
 
@@ -190,6 +211,7 @@ def test_an_empty_secret_is_a_configuration_error():
 
 # ---------------------------------------------------------------------- events
 
+
 def test_events_are_repeatable_and_a_late_result_gets_its_own_id():
     paid = final_tx()
     event = webhooks.event_for(paid)
@@ -210,6 +232,7 @@ def test_events_are_repeatable_and_a_late_result_gets_its_own_id():
 
 # ----------------------------------------------------- delivery, sender alone
 
+
 def test_notify_returns_at_once_while_the_shop_is_slow(receiver_factory, senders):
     receiver = receiver_factory(delay=1.0)
     store = open_store("memory://")
@@ -223,14 +246,12 @@ def test_notify_returns_at_once_while_the_shop_is_slow(receiver_factory, senders
     assert wait_for(lambda: store.get(CHECKOUT).extra["webhooks"][event]["delivered"])
 
 
-def test_a_shop_that_never_succeeds_is_retried_with_growing_delays_then_given_up(
-        receiver_factory, senders):
+def test_a_shop_that_never_succeeds_is_retried_with_growing_delays_then_given_up(receiver_factory, senders):
     receiver = receiver_factory(answers=[500] * 10)
     store = open_store("memory://")
     store.create(final_tx())
     delays: list[float] = []
-    sender = senders(receiver.url, store, max_attempts=4, base_delay=1.0, max_delay=3.0,
-                     sleep=delays.append)
+    sender = senders(receiver.url, store, max_attempts=4, base_delay=1.0, max_delay=3.0, sleep=delays.append)
     event = sender.notify(store.get(CHECKOUT))
     assert sender.flush(10)
     assert receiver.ids() == [event] * 4
@@ -244,14 +265,13 @@ def test_a_shop_that_never_succeeds_is_retried_with_growing_delays_then_given_up
     assert history(tx, "webhook_given_up")[0]["attempts"] == 4
     assert not history(tx, "webhook_delivered")
     assert tx.extra["webhooks"][event]["givenUp"] is True
-    assert sender.redeliver_pending() == 0   # given up stays given up
+    assert sender.redeliver_pending() == 0  # given up stays given up
 
 
 def test_an_unreachable_shop_is_recorded_as_a_connection_failure(senders):
     store = open_store("memory://")
     store.create(final_tx())
-    sender = senders(f"http://127.0.0.1:{free_port()}/hooks", store, max_attempts=2,
-                     base_delay=0.01)
+    sender = senders(f"http://127.0.0.1:{free_port()}/hooks", store, max_attempts=2, base_delay=0.01)
     event = sender.notify(store.get(CHECKOUT))
     assert sender.flush(10)
     attempts = history(store.get(CHECKOUT), "webhook_attempt")
@@ -259,13 +279,10 @@ def test_an_unreachable_shop_is_recorded_as_a_connection_failure(senders):
     assert store.get(CHECKOUT).extra["webhooks"][event]["givenUp"]
 
 
-def test_redeliver_pending_sends_what_a_crashed_process_left_and_nothing_delivered(
-        receiver_factory, senders, tmp_path):
+def test_redeliver_pending_sends_what_a_crashed_process_left_and_nothing_delivered(receiver_factory, senders, tmp_path):
     receiver = receiver_factory()
     store = open_store(f"sqlite:///{tmp_path / 'payments.db'}")
-    left, delivered, given_up = (final_tx(checkout(1)),
-                                 final_tx(checkout(2)),
-                                 final_tx(checkout(3), status="failed"))
+    left, delivered, given_up = (final_tx(checkout(1)), final_tx(checkout(2)), final_tx(checkout(3), status="failed"))
     for tx in (left, delivered, given_up):
         store.create(tx)
     sender = senders(receiver.url, store)
@@ -277,11 +294,13 @@ def test_redeliver_pending_sends_what_a_crashed_process_left_and_nothing_deliver
     def crashed(tx):
         webhooks.record_event(tx, left_event, time.time())
         tx.extra["webhooks"][left_event["id"]]["attempts"] = 2
+
     store.update(left.checkout_request_id, crashed)
 
     def gave_up(tx):
         webhooks.record_event(tx, webhooks.event_for(given_up), time.time())
         tx.extra["webhooks"][webhooks.event_id(given_up)]["givenUp"] = True
+
     store.update(given_up.checkout_request_id, gave_up)
 
     restarted = senders(receiver.url, open_store(f"sqlite:///{tmp_path / 'payments.db'}"))
@@ -296,15 +315,12 @@ def test_redeliver_pending_sends_what_a_crashed_process_left_and_nothing_deliver
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_two_senders_sharing_a_store_send_an_event_once(backend, receiver_factory, senders,
-                                                        tmp_path, request):
-    url = (f"sqlite:///{tmp_path / 'payments.db'}" if backend == "sqlite"
-           else request.getfixturevalue("clean_redis_url"))
+def test_two_senders_sharing_a_store_send_an_event_once(backend, receiver_factory, senders, tmp_path, request):
+    url = f"sqlite:///{tmp_path / 'payments.db'}" if backend == "sqlite" else request.getfixturevalue("clean_redis_url")
     store = open_store(url)
     tx = final_tx()
     store.create(tx)
-    store.update(tx.checkout_request_id,
-                 lambda t: webhooks.record_event(t, webhooks.event_for(tx), time.time()))
+    store.update(tx.checkout_request_id, lambda t: webhooks.record_event(t, webhooks.event_for(tx), time.time()))
     receiver = receiver_factory(delay=0.3)
     first, second = senders(receiver.url, store), senders(receiver.url, open_store(url))
     assert first.redeliver_pending() == 1 and second.redeliver_pending() == 1
@@ -329,6 +345,7 @@ def test_logs_name_the_event_but_never_the_secret_or_the_phone(receiver_factory,
 
 # ------------------------------------------------------------------ end to end
 
+
 def push(live, phone, amount=100, **extra):
     response = live.post("/stkpush", json={"phone": phone, "amount": amount, **extra})
     assert response.status_code == 200, response.text
@@ -336,16 +353,14 @@ def push(live, phone, amount=100, **extra):
 
 
 def admin(live, checkout_id) -> dict:
-    response = live.get(f"/transactions/{checkout_id}",
-                        headers={"Authorization": "Bearer admin-secret"})
+    response = live.get(f"/transactions/{checkout_id}", headers={"Authorization": "Bearer admin-secret"})
     assert response.status_code == 200, response.text
     return response.json()["transaction"]
 
 
 def delivered(live, checkout_id, count=1) -> dict:
     """The record once `count` webhook deliveries are in its history."""
-    tx = wait_for(lambda: (tx := admin(live, checkout_id))
-                  and len(history(tx, "webhook_delivered")) >= count and tx)
+    tx = wait_for(lambda: (tx := admin(live, checkout_id)) and len(history(tx, "webhook_delivered")) >= count and tx)
     assert tx, f"no {count} delivery(ies) recorded for {checkout_id}"
     return tx
 
@@ -353,18 +368,21 @@ def delivered(live, checkout_id, count=1) -> dict:
 @pytest.fixture
 def shop(live_server_factory, receiver_factory):
     """Start a payment server whose merchant webhooks go to a fresh receiver."""
+
     def start(answers=(), **env):
         receiver = receiver_factory(answers)
-        live = live_server_factory(MERCHANT_WEBHOOK_URL=receiver.url, WEBHOOK_SECRET=SECRET,
-                                   ADMIN_TOKEN="admin-secret", **env)
+        live = live_server_factory(
+            MERCHANT_WEBHOOK_URL=receiver.url, WEBHOOK_SECRET=SECRET, ADMIN_TOKEN="admin-secret", **env
+        )
         return live, receiver
+
     return start
 
 
 def test_a_paid_payment_is_delivered_once_signed_with_the_documented_fields(shop):
     live, receiver = shop()
     checkout_id = push(live, PAID, 150, description="Order 12345", accountReference="CART_12345")
-    call, = receiver.wait(1)
+    (call,) = receiver.wait(1)
     assert webhooks.verify(SECRET, call["headers"][webhooks.SIGNATURE_HEADER], call["raw"])
     assert call["headers"]["Content-Type"] == "application/json"
     event = call["body"]
@@ -401,13 +419,14 @@ def test_a_process_that_dies_just_after_settling_leaves_the_event_to_be_sent(sho
     live, receiver = shop()
     payments = live.app.extensions["payments"]
 
-    def dies_before_queueing(tx):   # as if the process were killed right after the write
+    def dies_before_queueing(tx):  # as if the process were killed right after the write
         raise RuntimeError("gone between the settling write and the webhook queue")
+
     payments.on_final = dies_before_queueing
     checkout_id = push(live, PAID)
     tx = wait_for(lambda: (tx := admin(live, checkout_id)) and tx["status"] == "completed" and tx)
     event_id = f"evt_{checkout_id}_completed"
-    assert tx["extra"]["webhooks"][event_id]["delivered"] is False   # saved with the verdict
+    assert tx["extra"]["webhooks"][event_id]["delivered"] is False  # saved with the verdict
     time.sleep(0.3)
     assert receiver.ids() == []
 
@@ -423,20 +442,20 @@ def test_a_failing_shop_gets_the_same_event_until_it_answers_2xx(shop):
     checkout_id = push(live, PAID)
     calls = receiver.wait(3)
     assert {call["body"]["id"] for call in calls} == {f"evt_{checkout_id}_completed"}
-    assert len({call["raw"] for call in calls}) == 1   # the same body every time
+    assert len({call["raw"] for call in calls}) == 1  # the same body every time
     for call in calls:
         assert webhooks.verify(SECRET, call["headers"][webhooks.SIGNATURE_HEADER], call["raw"])
     tx = delivered(live, checkout_id)
-    assert [(e["status"], e["attempt"]) for e in history(tx, "webhook_attempt")] == [
-        (500, 1), (500, 2), (200, 3)]
+    assert [(e["status"], e["attempt"]) for e in history(tx, "webhook_attempt")] == [(500, 1), (500, 2), (200, 3)]
     assert len(history(tx, "webhook_delivered")) == 1
     assert len(receiver.ids()) == 3
 
 
 def test_duplicate_callbacks_from_daraja_cause_no_second_delivery(shop):
     live, receiver = shop()
-    response = live.sim("POST", "/simulator/scenarios",
-                        json={"phone": WAITING, "resultCode": 0, "delay": 0.1, "callback": "duplicate"})
+    response = live.sim(
+        "POST", "/simulator/scenarios", json={"phone": WAITING, "resultCode": 0, "delay": 0.1, "callback": "duplicate"}
+    )
     assert response.status_code == 201, response.text
     checkout_id = push(live, WAITING)
     receiver.wait(1)
