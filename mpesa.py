@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import requests
@@ -268,7 +269,7 @@ def error_from_response(response: requests.Response) -> DarajaError:
     fault = body.get("fault") if isinstance(body.get("fault"), dict) else None
     code = str(body.get("errorCode") or body.get("resultCode") or "") or None
     message = str(body.get("errorMessage") or body.get("resultDesc") or (fault or {}).get("faultstring") or "").strip()
-    facts = {"status": response.status_code, "error_code": code, "request_id": body.get("requestId")}
+    facts: dict[str, Any] = {"status": response.status_code, "error_code": code, "request_id": body.get("requestId")}
     lowered = message.lower()
 
     if response.status_code == 429 or code in _RATE_LIMIT_ERRORS or "spike arrest" in lowered:
@@ -747,11 +748,11 @@ class Daraja:
         )
         if 200 <= response.status_code < 300:
             return response
-        error = error_from_response(response)
+        refusal = error_from_response(response)
         log.warning(
-            "daraja %s refused: HTTP %s %s %s", what, response.status_code, error.error_code or "-", error.message
+            "daraja %s refused: HTTP %s %s %s", what, response.status_code, refusal.error_code or "-", refusal.message
         )
-        raise error
+        raise refusal
 
 
 def _sent(error: requests.ConnectionError) -> bool:

@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import checkout
 import metrics
@@ -150,7 +151,7 @@ class Payments:
             self._release_stock(held)
             raise
         now = self.clock()
-        extra = {}
+        extra: dict[str, Any] = {}
         if request.order is not None:
             extra["order"] = request.order.to_dict()
         if held:
@@ -214,7 +215,7 @@ class Payments:
                 now=now,
             ),
         )
-        metrics.callback(outcome if tx is not None else "unknown_id")
+        metrics.callback(outcome or "unknown_id")
         if tx is None:
             log.warning(
                 "callback for unknown CheckoutRequestID %s (ResultCode %s) kept for matching",
@@ -252,9 +253,9 @@ class Payments:
         if settled is not None and settled.is_final:
             return settled
         now = self.clock()
-        tx, outcome = self.store.update(tx.checkout_request_id, lambda tx: self._time_out(tx, now))
-        self._log_outcome(tx, "timeout", outcome)
-        return tx
+        timed_out, outcome = self.store.update(tx.checkout_request_id, lambda tx: self._time_out(tx, now))
+        self._log_outcome(timed_out, "timeout", outcome)
+        return timed_out or tx
 
     def reconcile(self) -> list[Transaction]:
         """Settle every payment still pending past its TTL (after an outage, or on a schedule)."""
@@ -271,22 +272,23 @@ class Payments:
             result = metrics.timed("stk_query", self.daraja.stk_query)(tx.checkout_request_id)
         except mpesa.DarajaError as error:
             log.warning("stk query for %s failed: %s", mpesa.mask_checkout_id(tx.checkout_request_id), error)
-            tx, _ = self.store.update(
+            failure = str(error)
+            queried, _ = self.store.update(
                 tx.checkout_request_id,
-                lambda tx: tx.history.append(event("queried", now, result="error", error=str(error))),
+                lambda tx: tx.history.append(event("queried", now, result="error", error=failure)),
             )
-            return tx
+            return queried
         if result.pending:
-            tx, _ = self.store.update(
+            queried, _ = self.store.update(
                 tx.checkout_request_id, lambda tx: tx.history.append(event("queried", now, result="pending"))
             )
-            return tx
-        tx, outcome = self.store.update(
+            return queried
+        settled, outcome = self.store.update(
             tx.checkout_request_id,
             lambda tx: self._settle(tx, source="query", code=result.result_code, desc=result.result_desc, now=now),
         )
-        self._log_outcome(tx, "query", outcome)
-        return tx
+        self._log_outcome(settled, "query", outcome)
+        return settled
 
     # -- the state machine (runs inside store.update: touches only tx)
 
@@ -384,7 +386,7 @@ class Payments:
         """Hold the units of every limited item, all or nothing; SoldOut otherwise."""
         held: list[tuple[str, int]] = []
         for line in order.lines if order else ():
-            capacity = self.catalog.items[line.id].capacity
+            capacity = self._capacity(line.id)
             if capacity is None:
                 continue
             if self.store.adjust_counter(f"stock:{line.id}", line.quantity, maximum=capacity) is None:
@@ -393,26 +395,28 @@ class Payments:
             held.append((line.id, line.quantity))
         return held
 
+    def _capacity(self, item_id: str) -> int | None:
+        """How many units of the item exist; None when unlimited or no longer in the catalogue."""
+        item = self.catalog.items.get(item_id) if self.catalog else None
+        return item.capacity if item else None
+
     def _release_stock(self, held) -> None:
         for item_id, quantity in held:
             self.store.adjust_counter(f"stock:{item_id}", -quantity)
 
     def _limited_lines(self, tx: Transaction) -> list[tuple[str, int]]:
         lines = (tx.extra.get("order") or {}).get("items", [])
-        return [
-            (line["id"], line["quantity"])
-            for line in lines
-            if self.catalog and line["id"] in self.catalog.items and self.catalog.items[line["id"]].capacity is not None
-        ]
+        return [(line["id"], line["quantity"]) for line in lines if self._capacity(line["id"]) is not None]
 
     def _move_stock(self, tx: Transaction) -> None:
         """Carry out the stock move _finish recorded, exactly once (claimed in the store)."""
 
-        def claim(tx: Transaction):
+        def claim(tx: Transaction) -> str | None:
             move = {"to_release": ("released", "release"), "to_reclaim": ("sold", "reclaim")}
-            state, action = move.get(tx.extra.get("stock"), (None, None))
-            if action:
-                tx.extra["stock"] = state
+            state_action = move.get(tx.extra.get("stock") or "")
+            if state_action is None:
+                return None
+            tx.extra["stock"], action = state_action
             return action
 
         _, action = self.store.update(tx.checkout_request_id, claim)
@@ -421,12 +425,13 @@ class Payments:
         elif action == "reclaim":
             for item_id, quantity in self._limited_lines(tx):
                 sold = self.store.adjust_counter(f"stock:{item_id}", quantity)
-                if sold > self.catalog.items[item_id].capacity:
+                capacity = self._capacity(item_id)
+                if sold is not None and capacity is not None and sold > capacity:
                     log.error(
                         "item %s oversold (%s of %s): payment %s arrived after its timeout",
                         item_id,
                         sold,
-                        self.catalog.items[item_id].capacity,
+                        capacity,
                         mpesa.mask_checkout_id(tx.checkout_request_id),
                     )
                     self.store.update(tx.checkout_request_id, lambda tx: tx.flags.append("oversold"))
