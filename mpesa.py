@@ -591,8 +591,6 @@ class Daraja:
     def __repr__(self) -> str:
         return f"Daraja(base_url={self.base_url!r}, shortcode={self.shortcode!r})"
 
-    # -- token
-
     def fetch_token(self) -> tuple[str, int]:
         """Ask Daraja for a new token: (access_token, expires_in seconds)."""
         response = self._send(
@@ -611,8 +609,6 @@ class Daraja:
     def access_token(self) -> str:
         """A cached token, fetched when missing or about to expire."""
         return self.token_cache.get(self.fetch_token)
-
-    # -- STK push and query
 
     def stk_push(
         self,
@@ -688,8 +684,6 @@ class Daraja:
             result_desc=desc,
             merchant_request_id=body.get("MerchantRequestID"),
         )
-
-    # -- transport
 
     def _call(self, path: str, what: str, payload: dict, phone: str | None = None) -> dict:
         """POST JSON with a bearer token; refresh the token once, back off on rate limits."""

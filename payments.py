@@ -97,8 +97,6 @@ class Payments:
     def callback_url(self) -> str:
         return f"{self.settings.callback_url}/hooks/stk/{self.settings.callback_token}"
 
-    # -- start
-
     def prepare(self, body) -> PaymentRequest:
         """Check a /stkpush body and price it; raise mpesa.InvalidInput naming the bad field."""
         if not isinstance(body, dict):
@@ -195,8 +193,6 @@ class Payments:
             self.handle_callback(orphan["body"])
         return self.store.get(tx.checkout_request_id) or tx, accepted
 
-    # -- callback
-
     def handle_callback(self, body) -> Transaction | None:
         """Apply a Daraja callback; MalformedCallback propagates, unknown ids are kept aside."""
         result = mpesa.parse_callback(body)
@@ -228,8 +224,6 @@ class Payments:
             return None
         self._log_outcome(tx, "callback", outcome)
         return tx
-
-    # -- status
 
     def status(self, checkout_request_id: str) -> Transaction | None:
         """The stored record, after asking Daraja when a callback is overdue."""
@@ -290,8 +284,6 @@ class Payments:
         self._log_outcome(settled, "query", outcome)
         return settled
 
-    # -- the state machine (runs inside store.update: touches only tx)
-
     def _settle(
         self,
         tx: Transaction,
@@ -305,6 +297,7 @@ class Payments:
         transaction_date=None,
         raw=None,
     ) -> str:
+        """Apply a Daraja result to tx; runs inside store.update, so it touches nothing but tx."""
         tx.history.append(event(f"{source}_received", now, resultCode=code, resultDesc=desc, receipt=receipt, raw=raw))
         replaces_timeout = tx.settled_by == "timeout"
         if tx.is_final and not replaces_timeout:
@@ -379,8 +372,6 @@ class Payments:
         if self.on_settling is not None:
             self.on_settling(tx, now)
         return status
-
-    # -- stock and tickets (after the record is saved)
 
     def _hold_stock(self, order: checkout.Order | None) -> list[tuple[str, int]]:
         """Hold the units of every limited item, all or nothing; SoldOut otherwise."""
