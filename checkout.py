@@ -147,7 +147,7 @@ LINK_FIELDS = ("amount", "accountReference", "description", "expires")
 
 def link_message(amount, account_reference, description, expires) -> str:
     """The text a checkout link's signature covers: its fields as they are sent."""
-    values = dict(zip(LINK_FIELDS, (amount, account_reference, description, expires)))
+    values = dict(zip(LINK_FIELDS, (amount, account_reference, description, expires), strict=True))
     return "&".join(f"{name}={'' if values[name] is None else values[name]}" for name in LINK_FIELDS)
 
 

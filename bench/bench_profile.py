@@ -16,6 +16,7 @@ import re
 import subprocess
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 from bench.bench_memory import record
@@ -322,13 +323,13 @@ def _micro(ctx: Context) -> str:
                 best(lambda: server.jsonify(server.status_answer(tx))),
             ),
         ]
-    for name, app in apps.items():
+    for app in apps.values():
         store_ = app.extensions["store"]
         pieces.append(
             (
                 f"reading the record (`{type(store_).__name__}.get`; the first poll after "
                 "it settled only, later ones get the kept answer)",
-                best(lambda: store_.get(completed.checkout_request_id)),
+                best(partial(store_.get, completed.checkout_request_id)),
             )
         )
     whole = [("the bare app (bench/bare_app.py)", best(poll(bare.app)))]
@@ -353,19 +354,33 @@ def _micro(ctx: Context) -> str:
 
 # What to change when a concern takes a material share of a path (shown from 3%).
 PROPOSALS = {
-    "logging while answering (the request's own line is made by the request-log thread)": "lines logged while a request is answered (a push's `payment … started`, Daraja calls) "
-    "are made and formatted on the answering thread, where the request's own line no longer "
-    "is (`requestlog.defer`); the same hand-over would move them to a thread where that "
-    "work is cheaper",
-    "gunicorn access-log atoms, built then dropped": "gunicorn builds access-log fields nobody writes: check `AppLogger` in gunicorn.conf.py",
-    "request metrics (metrics.py, prometheus_client)": "with several workers each observation writes prometheus-client's multiprocess files; "
-    "fewer histogram buckets or labels would make it cheaper",
-    "store.py (reads, writes, encoding)": "the record is decoded whole from JSON on every read (callbacks, polls of pending "
-    "payments); most need a few fields",
-    "Flask-Limiter request check (limits off)": "Flask-Limiter is created although limits are off: check `NoRateLimits` in server.py",
-    "Flask-CORS after_request": "Flask-CORS (installed only when FRONTEND_URL is set) matches every request against its "
-    "resources; requests without an Origin header could skip it",
-    "requests reading proxy settings from the environment": "requests is reading the environment per call again: check `mpesa.pooled_session`",
+    "logging while answering (the request's own line is made by the request-log thread)": (
+        "lines logged while a request is answered (a push's `payment … started`, Daraja calls) "
+        "are made and formatted on the answering thread, where the request's own line no longer "
+        "is (`requestlog.defer`); the same hand-over would move them to a thread where that "
+        "work is cheaper"
+    ),
+    "gunicorn access-log atoms, built then dropped": (
+        "gunicorn builds access-log fields nobody writes: check `AppLogger` in gunicorn.conf.py"
+    ),
+    "request metrics (metrics.py, prometheus_client)": (
+        "with several workers each observation writes prometheus-client's multiprocess files; "
+        "fewer histogram buckets or labels would make it cheaper"
+    ),
+    "store.py (reads, writes, encoding)": (
+        "the record is decoded whole from JSON on every read (callbacks, polls of pending "
+        "payments); most need a few fields"
+    ),
+    "Flask-Limiter request check (limits off)": (
+        "Flask-Limiter is created although limits are off: check `NoRateLimits` in server.py"
+    ),
+    "Flask-CORS after_request": (
+        "Flask-CORS (installed only when FRONTEND_URL is set) matches every request against its "
+        "resources; requests without an Origin header could skip it"
+    ),
+    "requests reading proxy settings from the environment": (
+        "requests is reading the environment per call again: check `mpesa.pooled_session`"
+    ),
 }
 
 
