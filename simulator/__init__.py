@@ -36,7 +36,7 @@ The rooms, each importing only those above it (and mpesa's rules, never the serv
     scheduler.py  the timer thread
     engine.py     Simulator: tokens, pushes, queries, the prompt life cycle, callbacks
     app.py        the Flask app: Daraja's endpoints, the control API, fault injection
-    running.py    start() on a thread, main()
+    running.py    start() on a thread, start_process() in a child process, main()
     __main__.py   python -m simulator
 """
 
@@ -64,7 +64,7 @@ from simulator.engine import (
     Simulator,
 )
 from simulator.prompt import Prompt
-from simulator.running import RunningSimulator, main, start
+from simulator.running import RunningSimulator, SimulatorProcess, main, start, start_process
 from simulator.scheduler import Scheduler
 from simulator.wire import RESULT_DESCS, DarajaRefusal, result_desc
 
@@ -91,10 +91,12 @@ __all__ = [
     "Scheduler",
     "Simulator",
     "SimulatorConfig",
+    "SimulatorProcess",
     "create_app",
     "get_simulator",
     "main",
     "parse_result_code",
     "result_desc",
     "start",
+    "start_process",
 ]

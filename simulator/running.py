@@ -1,17 +1,23 @@
-"""Ways to run the simulator: on a thread of this process, or from the command line.
+"""Ways to run the simulator: on a thread of this process, in a child process, from the command line.
 
 start() serves it in-process on a daemon thread (the payment server's `python server.py` and the
-tests); main() is `python -m simulator`.
+tests); start_process() starts `python -m simulator` as a child process and waits until it
+answers (gunicorn's master, so every worker shares one simulator); main() is that command.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import requests
 from flask import Flask
 from werkzeug.serving import WSGIRequestHandler, make_server
 
@@ -19,6 +25,9 @@ from mpesa import SANDBOX_SHORTCODE
 from simulator.app import create_app
 from simulator.controls import SimulatorConfig
 from simulator.engine import Simulator
+
+# The directory `python -m simulator` must run from to import the package and mpesa.
+_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _base_url(host: str, port: int) -> str:
@@ -81,6 +90,64 @@ def start(
     )
     thread.start()
     return RunningSimulator(server, thread, app, host)
+
+
+class SimulatorProcess:
+    """A simulator in a child process (`python -m simulator`); stop() ends it."""
+
+    def __init__(self, process: subprocess.Popen, url: str):
+        self.process = process
+        self.url = url
+
+    def stop(self) -> None:
+        """Terminate the child, and kill it if it has not exited within five seconds."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> SimulatorProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def start_process(host: str = "127.0.0.1", port: int = 0, timeout: float = 10.0) -> SimulatorProcess:
+    """Start `python -m simulator` on host:port (0 = a free port) and return once it answers.
+
+    Raises RuntimeError, with the child ended, if it exits first or does not answer
+    GET /simulator/health within `timeout` seconds.
+    """
+    port = port or _free_port(host)
+    url = _base_url(host, port)
+    command = [sys.executable, "-m", "simulator", "--host", host, "--port", str(port)]
+    child = SimulatorProcess(subprocess.Popen(command, cwd=_ROOT), url)
+    deadline = time.monotonic() + timeout
+    while True:
+        code = child.process.poll()
+        if code is not None:
+            raise RuntimeError(f"the Daraja simulator exited with status {code} before answering at {url}")
+        try:
+            wait = min(0.5, max(deadline - time.monotonic(), 0.05))
+            if requests.get(url + "/simulator/health", timeout=wait).status_code == 200:
+                return child
+        except requests.RequestException:
+            pass  # not listening yet
+        if time.monotonic() >= deadline:
+            child.stop()
+            raise RuntimeError(f"the Daraja simulator did not answer at {url} within {timeout:g}s")
+        time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> None:
