@@ -947,6 +947,27 @@ def test_health(daraja):
     assert daraja.control("GET", "health").json() == {"status": "ok"}
 
 
+def test_start_process_serves_from_a_child_until_stopped():
+    child = sim.start_process(timeout=20)
+    try:
+        assert re.fullmatch(r"http://127\.0\.0\.1:[0-9]+", child.url)
+        assert requests.get(f"{child.url}/simulator/health", timeout=5).json() == {"status": "ok"}
+        assert child.process.poll() is None
+    finally:
+        child.stop()
+    assert child.process.poll() is not None
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{child.url}/simulator/health", timeout=5)
+
+
+def test_start_process_says_so_when_the_child_exits_before_answering():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="exited with status"):
+            sim.start_process(port=taken.getsockname()[1], timeout=20)
+
+
 def test_the_command_line_serves_until_interrupted():
     root = Path(__file__).resolve().parents[1]
     process = subprocess.Popen(
