@@ -71,8 +71,6 @@ class Simulator:
         self.scheduler = Scheduler()
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="simulator-callback")
 
-    # -- OAuth and tokens
-
     def issue_token(self, auth) -> tuple[str, int]:
         """Check HTTP Basic credentials and return (token, ttl)."""
         with self.lock:
@@ -109,8 +107,6 @@ class Simulator:
             self.tokens.clear()
         log.info("simulator: %d token(s) revoked", count)
         return count
-
-    # -- STK Push and Query
 
     def _authenticate_merchant(self, shortcode: str, timestamp: str, password: str) -> None:
         passkey = self.config.shortcodes.get(shortcode)
@@ -221,8 +217,6 @@ class Simulator:
             if self.prompts[checkout_id].status != "pending":
                 del self.prompts[checkout_id]
 
-    # -- the handset and outcomes
-
     def list_prompts(self, phone: str | None = None, status: str | None = None) -> list[dict]:
         """Prompts newest first, optionally for one phone (any format) and/or one status."""
         phone = checked_phone(phone) if phone else None
@@ -299,8 +293,6 @@ class Simulator:
         except (NotFound, Conflict):
             pass
 
-    # -- callbacks
-
     def _submit(self, url: str, bodies: list[dict], generation: int) -> None:
         with self.lock:
             if self._closed or generation != self.generation:
@@ -330,8 +322,6 @@ class Simulator:
                     {"url": url, "body": body, "status": status, "error": error, "at": iso(datetime.now(UTC))}
                 )
                 self.stats["callbacks_sent" if ok else "callbacks_failed"] += 1
-
-    # -- scenarios, faults, configuration, counters
 
     def add_rule(self, data: dict) -> dict:
         with self.lock:
