@@ -116,7 +116,7 @@ class Tally:
         if not sum(counts):
             return None
         rank, seen = max(1, math.ceil(share * sum(counts))), 0
-        for bound, count in zip(bounds, counts):
+        for bound, count in zip(bounds, counts, strict=True):
             seen += count
             if seen >= rank:
                 return bound
@@ -208,8 +208,8 @@ class Search(NamedTuple):
     """A search's filters, checked, with the text in each form it is compared in."""
 
     text: str | None
-    receipt: str | None
-    reference: str | None
+    receipt: str  # the text as receipt_key and reference_key fold theirs ("" without text)
+    reference: str
     digits: str | None  # the text, when it can be a phone's last digits
     status: str | None
     reason: str | None
@@ -217,7 +217,9 @@ class Search(NamedTuple):
     until: float | None
 
     @classmethod
-    def of(cls, text, status, reason, since, until) -> Search:
+    def of(
+        cls, text: str | None, status: str | None, reason: str | None, since: float | None, until: float | None
+    ) -> Search:
         """Check a search's arguments and return its criteria; raise ValueError for an unknown status."""
         if status is not None and status not in STATUSES:
             raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
@@ -225,8 +227,8 @@ class Search(NamedTuple):
         if not text:
             return cls(
                 None,
-                None,
-                None,
+                "",
+                "",
                 None,
                 status,
                 reason or None,

@@ -7,6 +7,7 @@ store, and a restart forgets everything. For development, tests and single-proce
 from __future__ import annotations
 
 import bisect
+import builtins
 import heapq
 import json
 import threading
@@ -30,6 +31,7 @@ from store.record import (
     DEFAULT_RETENTION,
     Clock,
     DuplicateTransaction,
+    Page,
     R,
     Transaction,
     apply,
@@ -154,9 +156,7 @@ class MemoryStore:
             self._count(tally_rows(before, tallied(tx)), now)
         return tx, result
 
-    def list(
-        self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0
-    ) -> tuple[list[Transaction], int]:
+    def list(self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0) -> Page:
         check_page(limit, offset)
         with self._lock:
             now = self._expire()
@@ -178,7 +178,7 @@ class MemoryStore:
         until: float | None = None,
         limit: int = 20,
         offset: int = 0,
-    ) -> tuple[list[Transaction], int]:
+    ) -> Page:
         check_page(limit, offset)
         criteria = Search.of(text, status, reason, since, until)
         if criteria.impossible:
@@ -203,7 +203,7 @@ class MemoryStore:
         matches.sort(reverse=True)
         return [decode(data) for _, _, data in matches[offset : offset + limit]], len(matches)
 
-    def _search_sorted(self, criteria: Search, limit: int, offset: int) -> tuple[list[Transaction], int]:
+    def _search_sorted(self, criteria: Search, limit: int, offset: int) -> Page:
         """Filters alone: one sorted list holds exactly the matches, as in Redis."""
         if criteria.reason is not None:
             name = f"reason:{criteria.reason}"
@@ -233,7 +233,7 @@ class MemoryStore:
                         found[index] = dict(entry[1])
         return assemble(since, until, step, plan, found)
 
-    def pending_before(self, cutoff: float) -> list[Transaction]:
+    def pending_before(self, cutoff: float) -> builtins.list[Transaction]:
         with self._lock:
             now = self._expire()
             matches = [
@@ -308,7 +308,7 @@ class MemoryStore:
             del tallies[oldest]
         return now
 
-    def _take_expired_records(self, now: float) -> list[tuple[str, _Record]]:
+    def _take_expired_records(self, now: float) -> builtins.list[tuple[str, _Record]]:
         """Remove the expired records from the front of the expiry order and return them."""
         records, expired = self._records, []
         while records and next(iter(records.values())).expires_at <= now:
@@ -346,7 +346,7 @@ class MemoryStore:
         for name in _sorted_lists(record):
             bisect.insort(self._sorted.setdefault(name, []), (record.initiated_at, key))
 
-    def _forget(self, records: list[tuple[str, _Record]]) -> None:
+    def _forget(self, records: builtins.list[tuple[str, _Record]]) -> None:
         """Take records out of the search indexes, changing each sorted list once."""
         leaving: dict[str, list[tuple[float, str]]] = {}
         for key, record in records:
@@ -365,7 +365,7 @@ class MemoryStore:
             else:
                 self._sorted.pop(name, None)
 
-    def _count(self, rows: list[tuple[int, int, str, int]], now: float) -> None:
+    def _count(self, rows: builtins.list[tuple[int, int, str, int]], now: float) -> None:
         """Apply counter changes; a bucket written to expires `retention` s later."""
         changes: dict[tuple[int, int], list[tuple[str, int]]] = {}
         for step, index, name, value in rows:

@@ -9,11 +9,12 @@ checks every backend makes first.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
     from store.dashboard import Overview
@@ -66,6 +67,10 @@ class Transaction:
         return cls(**{k: copy.deepcopy(v) for k, v in data.items() if k in known})
 
 
+# One page of records, and how many match in all.
+Page: TypeAlias = tuple[list[Transaction], int]
+
+
 class DuplicateTransaction(Exception):
     """A record with this CheckoutRequestID is already stored."""
 
@@ -92,12 +97,10 @@ class Store(Protocol):
         if it raises, nothing is saved and the exception propagates.
         """
 
-    def list(
-        self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0
-    ) -> tuple[list[Transaction], int]:
+    def list(self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0) -> Page:
         """Return one page of records, newest initiated_at first, and how many match."""
 
-    def pending_before(self, cutoff: float) -> list[Transaction]:
+    def pending_before(self, cutoff: float) -> builtins.list[Transaction]:
         """Return pending records initiated before cutoff, oldest first."""
 
     def search(
@@ -110,7 +113,7 @@ class Store(Protocol):
         until: float | None = None,
         limit: int = 20,
         offset: int = 0,
-    ) -> tuple[list[Transaction], int]:
+    ) -> Page:
         """Return one page of the records matching every filter, newest first, and the count.
 
         text matches a CheckoutRequestID exactly, a receipt number or an account reference

@@ -7,11 +7,13 @@ idempotency keys early. Records expire `retention` seconds after their last writ
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -22,6 +24,7 @@ from store.record import (
     STATUSES,
     Clock,
     DuplicateTransaction,
+    Page,
     R,
     Transaction,
     apply,
@@ -101,6 +104,8 @@ class RedisStore:
         retention: float = DEFAULT_RETENTION,
         clock: Clock = time.time,
     ):
+        # A client that decodes responses, as from_url's does: its replies are str where the
+        # client's types say bytes | str, hence the casts.
         self._redis = client
         self._prefix = prefix
         self._retention = retention
@@ -157,15 +162,16 @@ class RedisStore:
             self._save(pipe, tx, encode(tx), indexed, counted)
             return tx, result
 
-        return self._redis.transaction(load_mutate_save, key, value_from_callable=True)
+        # With value_from_callable, transaction() returns what the function returns, which
+        # its types (a function returning None; the EXEC replies back) do not allow for.
+        outcome = self._redis.transaction(load_mutate_save, key, value_from_callable=True)  # type: ignore[arg-type]
+        return cast("tuple[Transaction | None, R | None]", outcome)
 
-    def list(
-        self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0
-    ) -> tuple[list[Transaction], int]:
+    def list(self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0) -> Page:
         check_page(limit, offset)
         if phone is not None and status is not None:
             # One phone's records are few: read them all and filter by status here.
-            ids = self._redis.zrevrange(self._phone_key(phone), 0, -1)
+            ids = cast("list[str]", self._redis.zrevrange(self._phone_key(phone), 0, -1))
             matches = [tx for tx in self._load(ids, phone) if tx.status == status]
             return matches[offset : offset + limit], len(matches)
         if phone is not None:
@@ -186,13 +192,13 @@ class RedisStore:
         until: float | None = None,
         limit: int = 20,
         offset: int = 0,
-    ) -> tuple[list[Transaction], int]:
+    ) -> Page:
         check_page(limit, offset)
         criteria = Search.of(text, status, reason, since, until)
         if criteria.impossible:
             return [], 0
         if criteria.text is not None:
-            return self._search_text(criteria, limit, offset)
+            return self._search_text(criteria.text, criteria, limit, offset)
         # Without text one sorted set holds exactly the matches, scored by initiated_at.
         if criteria.reason is not None:
             index = self._reason_key(criteria.reason)
@@ -206,9 +212,10 @@ class RedisStore:
 
     def _page(
         self, index: str, limit: int, offset: int, low: str = "-inf", high: str = "+inf", phone: str | None = None
-    ) -> tuple[list[Transaction], int]:
+    ) -> Page:
         """One page of the records a sorted set lists, scored from low to high, newest first."""
-        self._forget_expired(self._redis.zrangebyscore(index, "-inf", self._maybe_expired()), phone, extra=[index])
+        maybe_expired = cast("list[str]", self._redis.zrangebyscore(index, "-inf", self._maybe_expired()))
+        self._forget_expired(maybe_expired, phone, extra=[index])
         with self._redis.pipeline() as pipe:  # MULTI: the page agrees with the total
             pipe.zcount(index, low, high)
             if limit:
@@ -216,7 +223,7 @@ class RedisStore:
             total, *page = pipe.execute()
         return self._load(page[0] if page else [], phone, extra=[index]), total
 
-    def _search_text(self, criteria: Search, limit: int, offset: int) -> tuple[list[Transaction], int]:
+    def _search_text(self, text: str, criteria: Search, limit: int, offset: int) -> Page:
         """Load the few records the text can name, then filter, sort and page them here."""
         sets = [self._receipt_key(criteria.receipt), self._reference_key(criteria.reference)]
         digits = criteria.digits
@@ -227,13 +234,11 @@ class RedisStore:
         elif digits is not None:
             sets += [self._tail_key(f"{n}{digits}") for n in range(10 ** (_TAIL - len(digits)))]
         with self._redis.pipeline(transaction=False) as pipe:
-            pipe.exists(self._tx_key(criteria.text))
+            pipe.exists(self._tx_key(text))
             for index in sets:
                 pipe.zrange(index, 0, -1)
             exists, *members = pipe.execute()
-        ids = list(
-            dict.fromkeys(([criteria.text] if exists else []) + [member for found in members for member in found])
-        )
+        ids = list(dict.fromkeys(([text] if exists else []) + [member for found in members for member in found]))
         matches = sorted(
             (tx for tx in self._load(ids, extra=sets) if criteria.admits_tx(tx)),
             key=lambda tx: (tx.initiated_at, tx.checkout_request_id),
@@ -249,13 +254,15 @@ class RedisStore:
                 pipe.hgetall(self._tally_key(resolution, index))
             found = {
                 index: {name: int(value) for name, value in counts.items()}
-                for index, counts in zip(indexes, pipe.execute())
+                for index, counts in zip(indexes, pipe.execute(), strict=True)
                 if counts
             }
         return assemble(since, until, step, plan, found)
 
-    def pending_before(self, cutoff: float) -> list[Transaction]:
-        return self._load(self._redis.zrangebyscore(self._status_key("pending"), "-inf", f"({cutoff!r}"))
+    def pending_before(self, cutoff: float) -> builtins.list[Transaction]:
+        return self._load(
+            cast("list[str]", self._redis.zrangebyscore(self._status_key("pending"), "-inf", f"({cutoff!r}"))
+        )
 
     def add(self, key: str, value: dict, ttl: float) -> bool:
         check_ttl(ttl)
@@ -314,7 +321,7 @@ class RedisStore:
     def _tally_key(self, step: int, index: int) -> str:
         return f"{self._prefix}tally:{step}:{index}"
 
-    def _index_keys(self, tx: Transaction) -> list[str]:
+    def _index_keys(self, tx: Transaction) -> builtins.list[str]:
         """The sorted sets that list tx."""
         keys = [self._all, self._status_key(tx.status), self._phone_key(tx.phone)]
         if len(tx.phone) >= _TAIL:
@@ -332,7 +339,7 @@ class RedisStore:
         pipe,
         tx: Transaction,
         data: str,
-        indexed: list[str] | None = None,
+        indexed: builtins.list[str] | None = None,
         counted: tuple[float, dict[str, int]] | None = None,
     ) -> None:
         """Start the MULTI and queue the record with its index and counter changes.
@@ -345,7 +352,7 @@ class RedisStore:
         self._index(pipe, tx, indexed)
         self._count(pipe, tally_rows(counted, tallied(tx)))
 
-    def _index(self, pipe, tx: Transaction, before: list[str] | None = None) -> None:
+    def _index(self, pipe, tx: Transaction, before: builtins.list[str] | None = None) -> None:
         """Queue the index writes for tx (moving it out of the sets that listed it before)."""
         member = tx.checkout_request_id
         keys = self._index_keys(tx)
@@ -359,7 +366,7 @@ class RedisStore:
             pipe.sadd(self._reasons, tx.reason)
             pipe.pexpire(self._reasons, self._retention_ms)
 
-    def _count(self, pipe, rows: list[tuple[int, int, str, int]]) -> None:
+    def _count(self, pipe, rows: builtins.list[tuple[int, int, str, int]]) -> None:
         """Queue counter changes; a bucket's hash expires `retention` s after its last write."""
         if not rows:
             return
@@ -384,7 +391,7 @@ class RedisStore:
             oldest, oldest_for_phone = pipe.execute()
         self._forget_expired(list(dict.fromkeys(oldest + oldest_for_phone)), phone)
 
-    def _forget_expired(self, ids: list[str], phone: str | None = None, extra: list[str] = ()) -> None:
+    def _forget_expired(self, ids: builtins.list[str], phone: str | None = None, extra: Sequence[str] = ()) -> None:
         """Remove from the indexes those of ids whose record no longer exists."""
         if not ids:
             return
@@ -392,9 +399,9 @@ class RedisStore:
             for member in ids:
                 pipe.exists(self._tx_key(member))
             alive = pipe.execute()
-        self._unindex([member for member, exists in zip(ids, alive) if not exists], phone, extra)
+        self._unindex([member for member, exists in zip(ids, alive, strict=True) if not exists], phone, extra)
 
-    def _unindex(self, ids: list[str], phone: str | None = None, extra: list[str] = ()) -> None:
+    def _unindex(self, ids: builtins.list[str], phone: str | None = None, extra: Sequence[str] = ()) -> None:
         if not ids:
             return
         # The phone of an expired record is gone with it; phone sets left holding such ids
@@ -404,7 +411,7 @@ class RedisStore:
             self._all,
             *(self._status_key(s) for s in STATUSES),
             *extra,
-            *(self._reason_key(r) for r in self._redis.smembers(self._reasons)),
+            *(self._reason_key(r) for r in cast("set[str]", self._redis.smembers(self._reasons))),
         ]
         if phone is not None:
             indexes.append(self._phone_key(phone))
@@ -413,12 +420,14 @@ class RedisStore:
                 pipe.zrem(index, *ids)
             pipe.execute()
 
-    def _load(self, ids: list[str], phone: str | None = None, extra: list[str] = ()) -> list[Transaction]:
+    def _load(
+        self, ids: builtins.list[str], phone: str | None = None, extra: Sequence[str] = ()
+    ) -> builtins.list[Transaction]:
         """Fetch records in the order of ids, dropping (and unindexing) expired ones."""
         if not ids:
             return []
         found = self._redis.mget([self._tx_key(member) for member in ids])
-        self._unindex([member for member, data in zip(ids, found) if data is None], phone, extra)
+        self._unindex([member for member, data in zip(ids, found, strict=True) if data is None], phone, extra)
         return [decode(data) for data in found if data is not None]
 
 

@@ -7,6 +7,7 @@ for thousands of writes a second.
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import json
 import logging
@@ -22,6 +23,7 @@ from store.dashboard import Overview, Search, assemble, overview_plan, tallied, 
 from store.record import (
     Clock,
     DuplicateTransaction,
+    Page,
     R,
     Transaction,
     apply,
@@ -231,9 +233,7 @@ class SQLiteStore:
             db.executemany(_COUNT, tally_rows(before, tallied(tx)))
         return tx, result
 
-    def list(
-        self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0
-    ) -> tuple[list[Transaction], int]:
+    def list(self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0) -> Page:
         check_page(limit, offset)
         conditions, params = [], []
         if status is not None:
@@ -263,12 +263,13 @@ class SQLiteStore:
         until: float | None = None,
         limit: int = 20,
         offset: int = 0,
-    ) -> tuple[list[Transaction], int]:
+    ) -> Page:
         check_page(limit, offset)
         criteria = Search.of(text, status, reason, since, until)
         if criteria.impossible:
             return [], 0
-        conditions, params = [], []
+        conditions: list[str] = []
+        params: list[str | float] = []
         if criteria.reason is not None:  # implies failed; and then its index is the one to use
             conditions.append("reason = ? AND status = 'failed'")
             params.append(criteria.reason)
@@ -314,7 +315,7 @@ class SQLiteStore:
             found.setdefault(bucket, {})[name] = value
         return assemble(since, until, step, plan, found)
 
-    def pending_before(self, cutoff: float) -> list[Transaction]:
+    def pending_before(self, cutoff: float) -> builtins.list[Transaction]:
         rows = (
             self._db()
             .execute(
