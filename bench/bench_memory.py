@@ -15,7 +15,8 @@ import tracemalloc
 
 from bench.harness import Context, fmt, median, table
 from payments import event
-from store import Transaction, _encode, open_store
+from store import Transaction, open_store
+from store.record import encode as _encode
 
 RETENTION = 86400.0
 

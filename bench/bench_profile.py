@@ -49,7 +49,7 @@ CONCERNS = [  # label, test on a frame's (file, function); none of them wraps th
         lambda f, fn: f == "gunicorn/glogging.py" and fn.startswith(("Logger.access", "Logger.atoms")),
     ),
     ("JSON encode/decode", lambda f, fn: f.startswith(("json/", "flask/json"))),
-    ("store.py (reads, writes, encoding)", lambda f, fn: f == "store.py"),
+    ("store.py (reads, writes, encoding)", lambda f, fn: f.startswith("store/")),
     ("copy.deepcopy", lambda f, fn: f == "copy.py"),
     ("dataclasses.asdict", lambda f, fn: f == "dataclasses.py" and "asdict" in fn),
     (

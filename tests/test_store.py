@@ -21,7 +21,6 @@ import pytest
 import redis
 
 from store import (
-    _FEW_LEAVING,
     DURATION_BOUNDS,
     DuplicateTransaction,
     MemoryStore,
@@ -30,12 +29,12 @@ from store import (
     Store,
     Tally,
     Transaction,
-    _decode,
-    _encode,
-    _without,
     open_store,
     tally,
 )
+from store.memory import _FEW_LEAVING, _without
+from store.record import decode as _decode
+from store.record import encode as _encode
 
 ROOT = Path(__file__).resolve().parent.parent
 PHONE = "254712345678"

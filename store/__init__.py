@@ -1,0 +1,113 @@
+"""Transaction records and where they are kept: memory, SQLite or Redis, chosen by one URL.
+
+    store = open_store("sqlite:///payments.db")
+    store.create(Transaction("ws_CO_1", "29115-1", "254712345678", 100, initiated_at=time.time()))
+    tx, changed = store.update("ws_CO_1", settle)   # load, settle(tx), save: atomically
+
+The interface. Every backend offers the same small `Store`: records keyed by Daraja's
+CheckoutRequestID with an atomic read-modify-write (`update`), newest-first listing, and a
+small key/value space with TTLs and an atomic set-if-absent (`add`) for idempotency keys,
+query throttles and locks, plus durable counters (`adjust_counter`) for stock.
+
+For the operator's dashboard, `search` finds records by what an operator has in hand (an id,
+a receipt, a reference, a phone's last digits) with filters, and `overview` adds up counters
+that every write keeps per time bucket (5 minutes, hours, Nairobi days): neither reads every
+record. SQLite indexes the searched fields; Redis keeps a sorted set per searched value.
+
+    URL                      keeps records                          shared by
+    memory://                `retention` s after their last write   one process's threads
+    sqlite:///relative.db    until deleted by hand (the ledger)     one machine's processes
+    sqlite:////absolute.db
+    redis://host:port/db     `retention` s after their last write   all who reach the server
+      (?prefix=name: ; default "mpesa:")
+
+Key/values expire after their own ttl in every backend (a ttl must be positive). Records
+travel as JSON in every backend, so a stored record is never aliased by the caller's
+object, and a value JSON cannot hold, or a status outside STATUSES, fails the same way
+everywhere: with an exception, before anything is saved.
+
+Which to choose. memory:// for development, tests and one-process demos; sqlite:// for one
+machine, gunicorn workers included, and wherever a permanent ledger is wanted; redis:// when
+several machines or dynos share the payments.
+
+What each does not guarantee:
+- memory: anything beyond one process; each worker has its own store, a restart forgets all.
+- SQLite: anything across machines; the file must be on a local disk (no NFS), and writes
+  are serialised (plenty for payments, not for thousands a second).
+- Redis: more than its configuration does; without AOF a restart loses records, and an
+  eviction policy other than noeviction may drop records, indexes or idempotency keys.
+
+The modules: `record` (Transaction, the Store protocol, the JSON codec), `dashboard`
+(counters per time bucket and search criteria, shared by the backends), then one module per
+backend: `memory`, `sqlite`, `redis`.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlsplit
+
+from store.dashboard import (
+    DURATION_BOUNDS,
+    MAX_OVERVIEW_BUCKETS,
+    PHONE_SUFFIX_MIN,
+    TALLY_STEPS,
+    TALLY_UTC_OFFSET,
+    Overview,
+    Tally,
+    duration_bound,
+    tally,
+)
+from store.memory import MemoryStore
+from store.record import DEFAULT_RETENTION, STATUSES, Clock, DuplicateTransaction, Store, Transaction
+from store.redis import RedisStore
+from store.sqlite import SQLiteStore
+
+__all__ = [
+    "DEFAULT_RETENTION",
+    "DURATION_BOUNDS",
+    "MAX_OVERVIEW_BUCKETS",
+    "PHONE_SUFFIX_MIN",
+    "STATUSES",
+    "TALLY_STEPS",
+    "TALLY_UTC_OFFSET",
+    "Clock",
+    "DuplicateTransaction",
+    "MemoryStore",
+    "Overview",
+    "RedisStore",
+    "SQLiteStore",
+    "Store",
+    "Tally",
+    "Transaction",
+    "duration_bound",
+    "open_store",
+    "tally",
+]
+
+
+def open_store(url: str = "memory://", *, retention: float = DEFAULT_RETENTION, clock: Clock = time.time) -> Store:
+    """Open the store a STORE_URL names: memory://, sqlite:///path.db or redis://host:port/db."""
+    if not retention > 0:
+        raise ValueError(f"retention must be a positive number of seconds, not {retention!r}")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "memory":
+        return MemoryStore(retention=retention, clock=clock)
+    if scheme == "sqlite":
+        return SQLiteStore(_sqlite_path(url), clock=clock)
+    if scheme in ("redis", "rediss"):
+        return RedisStore.from_url(url, retention=retention, clock=clock)
+    raise ValueError(
+        f"STORE_URL: unsupported scheme '{scheme}' (use memory://, sqlite:///path.db or redis://host:port/db)"
+    )
+
+
+def _sqlite_path(url: str) -> str:
+    prefix = "sqlite:///"
+    path = url[len(prefix) :] if url.lower().startswith(prefix) else ""
+    if not path or path == ":memory:" or "?" in path:
+        raise ValueError(
+            "STORE_URL: a SQLite store needs a file, as sqlite:///relative.db or "
+            "sqlite:////absolute.db (use memory:// for a store in memory)"
+        )
+    return path

@@ -1,0 +1,192 @@
+"""The record, the interface every backend offers, and the codec they share.
+
+A Transaction travels as JSON text in every backend (`encode`, `decode`), so a stored
+record is never aliased by the caller's object, and a value JSON cannot hold, or a status
+outside STATUSES, fails the same way everywhere: before anything is saved. `apply` runs an
+update's mutate and refuses a change of id; `check_ttl` and `check_page` are the argument
+checks every backend makes first.
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar, runtime_checkable
+
+if TYPE_CHECKING:
+    from store.dashboard import Overview
+
+R = TypeVar("R")
+Clock = Callable[[], float]
+
+STATUSES = ("pending", "completed", "failed")
+DEFAULT_RETENTION = 86400.0
+
+
+@dataclass
+class Transaction:
+    """One STK push and what became of it; snake_case here, camelCase only at the API edge."""
+
+    checkout_request_id: str
+    merchant_request_id: str
+    phone: str  # normalised 2547XXXXXXXX / 2541XXXXXXXX
+    amount: int  # whole KES
+    account_reference: str = ""
+    description: str = ""
+    currency: str = "KES"
+    status: str = "pending"  # pending | completed | failed
+    reason: str | None = None  # failed: cancelled|timeout|insufficient_funds|...
+    result_code: int | str | None = None
+    result_desc: str | None = None
+    mpesa_receipt_number: str | None = None
+    transaction_date: str | None = None  # ISO 8601
+    callback: dict | None = None  # raw body of the first final callback
+    initiated_at: float = 0.0  # epoch seconds
+    completed_at: float | None = None
+    settled_by: str | None = None  # callback | query | timeout
+    flags: list[str] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # [{"at": epoch, "event": "...", ...}]
+    extra: dict = field(default_factory=dict)  # room for later features
+
+    @property
+    def is_final(self) -> bool:
+        """True once the payment is completed or failed."""
+        return self.status != "pending"
+
+    def to_dict(self) -> dict:
+        """Return a JSON-safe deep copy of the record."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Transaction:
+        """Build a record from to_dict() output; keys this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: copy.deepcopy(v) for k, v in data.items() if k in known})
+
+
+# One page of records, and how many match in all.
+Page: TypeAlias = tuple[list[Transaction], int]
+
+
+class DuplicateTransaction(Exception):
+    """A record with this CheckoutRequestID is already stored."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where transactions and short-lived key/values live; see the store package's docstring."""
+
+    kind: str  # "memory" | "sqlite" | "redis"
+
+    def create(self, tx: Transaction) -> None:
+        """Save a new record; raise DuplicateTransaction if its id is already stored."""
+
+    def get(self, checkout_request_id: str) -> Transaction | None:
+        """Return a copy of the record, or None."""
+
+    def update(
+        self, checkout_request_id: str, mutate: Callable[[Transaction], R]
+    ) -> tuple[Transaction | None, R | None]:
+        """Atomically load, mutate(tx) in place, save; return (tx, mutate's result).
+
+        Returns (None, None) when the id is unknown. No update is lost between threads or
+        (SQLite, Redis) processes. mutate may run more than once, so it must only touch tx;
+        if it raises, nothing is saved and the exception propagates.
+        """
+
+    def list(self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0) -> Page:
+        """Return one page of records, newest initiated_at first, and how many match."""
+
+    def pending_before(self, cutoff: float) -> builtins.list[Transaction]:
+        """Return pending records initiated before cutoff, oldest first."""
+
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        status: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> Page:
+        """Return one page of the records matching every filter, newest first, and the count.
+
+        text matches a CheckoutRequestID exactly, a receipt number or an account reference
+        ignoring ASCII case, or, 3 digits or more, the end of the phone number. reason
+        matches failed records only. since and until bound initiated_at: [since, until).
+        """
+
+    def overview(self, since: float, until: float, step: float) -> Overview:
+        """Add up the counters of the payments initiated in [since, until), per step and in all.
+
+        since and step fall on 5-minute boundaries (hours and days: Nairobi's) and
+        until - since is a multiple of step. Memory and Redis forget a bucket `retention`
+        s after its last write, as they forget records; SQLite keeps every bucket.
+        """
+
+    def add(self, key: str, value: dict, ttl: float) -> bool:
+        """Store value under key for ttl seconds unless a live value is there; True if stored."""
+
+    def get_value(self, key: str) -> dict | None:
+        """Return the live value under key, or None."""
+
+    def set_value(self, key: str, value: dict, ttl: float) -> None:
+        """Store value under key for ttl seconds, replacing any value."""
+
+    def delete(self, key: str) -> None:
+        """Remove the value under key, if any."""
+
+    def adjust_counter(self, key: str, delta: int, maximum: int | None = None) -> int | None:
+        """Atomically add delta to a durable integer counter (missing counts as 0).
+
+        Returns the new value, or None (and changes nothing) when it would fall below 0
+        or rise above maximum. Counters never expire (stock held and sold).
+        """
+
+    def get_counter(self, key: str) -> int:
+        """Return the counter's value (0 when it was never set)."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+_FIELDS = tuple(f.name for f in fields(Transaction))
+
+
+def encode(tx: Transaction) -> str:
+    """The record as stored: the text json.dumps(tx.to_dict()) gives, without its deep copy."""
+    if tx.status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}, not {tx.status!r}")
+    return json.dumps({name: getattr(tx, name) for name in _FIELDS}, ensure_ascii=False, separators=(",", ":"))
+
+
+def decode(text: str | bytes) -> Transaction:
+    """A stored record; unlike from_dict it copies nothing, as json.loads made it all afresh."""
+    data = json.loads(text)
+    return Transaction(**{name: data[name] for name in _FIELDS if name in data})
+
+
+def apply(tx: Transaction, mutate: Callable[[Transaction], R]) -> R:
+    """Run mutate(tx) and return its result; raise ValueError if it changed the record's id."""
+    original = tx.checkout_request_id
+    result = mutate(tx)
+    if tx.checkout_request_id != original:
+        raise ValueError("mutate must not change checkout_request_id")
+    return result
+
+
+def check_ttl(ttl: float) -> None:
+    """Raise ValueError unless ttl is a positive number of seconds."""
+    if not ttl > 0:
+        raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+
+
+def check_page(limit: int, offset: int) -> None:
+    """Raise ValueError if a page's limit or offset is negative."""
+    if limit < 0 or offset < 0:
+        raise ValueError("limit and offset must not be negative")

@@ -1,0 +1,435 @@
+"""The Redis backend: records and values shared by every worker, dyno and machine that reaches it.
+
+Guarantees only what the Redis configuration does: without AOF persistence a restart loses
+records, and an eviction policy other than noeviction may drop records, indexes or
+idempotency keys early. Records expire `retention` seconds after their last write.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+
+from store.dashboard import Overview, Search, assemble, overview_plan, receipt_key, reference_key, tallied, tally_rows
+from store.record import (
+    DEFAULT_RETENTION,
+    STATUSES,
+    Clock,
+    DuplicateTransaction,
+    Page,
+    R,
+    Transaction,
+    apply,
+    check_page,
+    check_ttl,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+# Records initiated within the last (retention - slack) seconds are certainly alive, as
+# long as the application's and Redis's clocks agree within the slack.
+_CLOCK_SLACK = 60.0
+_SWEEP_BATCH = 20
+
+
+# Check and change in one step on the server: the counter never passes its bounds,
+# whichever worker or dyno adjusts it.
+_ADJUST_COUNTER = """
+local value = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[1])
+if value < 0 or (ARGV[2] ~= '' and value > tonumber(ARGV[2])) then return false end
+redis.call('SET', KEYS[1], value)
+return value
+"""
+
+
+_TAIL = 4  # Redis lists phones by their last 4 digits: a few records per set
+
+# KEYS: counter hashes; ARGV: their ttl in ms, then (key number, counter, change) triples.
+_COUNT_SCRIPT = """
+for i = 2, #ARGV, 3 do
+  redis.call('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
+end
+for i = 1, #KEYS do
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+"""
+
+
+class RedisStore:
+    """Records and values in Redis, shared by every worker, dyno and machine that reaches it.
+
+    Keys (all under the prefix, "mpesa:" by default)::
+
+        tx:<id>               the record as JSON, expiring `retention` s after its last write
+        idx:all               sorted sets of ids scored by initiated_at, for newest-first
+        idx:status:<status>   listing; a record and its index entries change in one MULTI
+        idx:phone:<phone>
+        idx:tail:<last 4>     sorted sets for search: phones ending so, failed records by
+        idx:reason:<reason>   reason (the names in the set idx:reasons), receipts and
+        idx:receipt:<RECEIPT> account references (ASCII case folded)
+        idx:ref:<reference>
+        tally:<step>:<index>  hashes of counters per time bucket, for overview; changed in
+                              the MULTI that writes the record
+        kv:<key>              key/values, SET NX PX for add
+
+    `update` is optimistic (WATCH/MULTI, retried when another writer got there first), so
+    mutate may run more than once. Index entries whose record has expired are removed
+    lazily: each create sweeps a few of the oldest, and listing removes those it meets.
+    Every index set and counter hash also expires `retention` s after its last write, so
+    an idle store empties itself completely.
+
+    Guarantees only what the Redis configuration does: without AOF persistence a restart
+    loses records, and an eviction policy other than noeviction may drop records, indexes
+    or idempotency keys early. Use a persistent, noeviction Redis for payments, and the
+    SQLite store where a permanent ledger is needed.
+    """
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "mpesa:",
+        retention: float = DEFAULT_RETENTION,
+        clock: Clock = time.time,
+    ):
+        # A client that decodes responses, as from_url's does: its replies are str where the
+        # client's types say bytes | str, hence the casts.
+        self._redis = client
+        self._prefix = prefix
+        self._retention = retention
+        self._retention_ms = _milliseconds(retention)
+        self._clock = clock
+        self._all = f"{prefix}idx:all"
+        self._reasons = f"{prefix}idx:reasons"
+
+    @classmethod
+    def from_url(cls, url: str, *, retention: float = DEFAULT_RETENTION, clock: Clock = time.time) -> RedisStore:
+        """Connect (lazily, through one pool) to redis://host:port/db[?prefix=name:]."""
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        prefix = next((value for name, value in query if name == "prefix"), "mpesa:")
+        rest = urlencode([(name, value) for name, value in query if name != "prefix"])
+        # Timeouts given in the URL win over these defaults.
+        client = redis.Redis.from_url(
+            urlunsplit(parts._replace(query=rest)), decode_responses=True, socket_timeout=5, socket_connect_timeout=5
+        )
+        return cls(client, prefix=prefix, retention=retention, clock=clock)
+
+    def create(self, tx: Transaction) -> None:
+        key = self._tx_key(tx.checkout_request_id)
+        data = encode(tx)
+
+        def save_unless_stored(pipe) -> None:
+            if pipe.exists(key):
+                raise DuplicateTransaction(tx.checkout_request_id)
+            self._save(pipe, tx, data)
+
+        # WATCH key, run the function, EXEC; all again if another writer changed key first.
+        self._redis.transaction(save_unless_stored, key)
+        try:
+            self._sweep(tx.phone)
+        except redis.RedisError as exc:  # housekeeping must not fail a saved payment
+            log.warning("redis store: index sweep failed: %s", exc)
+
+    def get(self, checkout_request_id: str) -> Transaction | None:
+        data = self._redis.get(self._tx_key(checkout_request_id))
+        return decode(data) if data is not None else None
+
+    def update(
+        self, checkout_request_id: str, mutate: Callable[[Transaction], R]
+    ) -> tuple[Transaction | None, R | None]:
+        key = self._tx_key(checkout_request_id)
+
+        def load_mutate_save(pipe) -> tuple[Transaction | None, R | None]:
+            data = pipe.get(key)
+            if data is None:
+                return None, None
+            tx = decode(data)
+            indexed, counted = self._index_keys(tx), tallied(tx)
+            result = apply(tx, mutate)
+            self._save(pipe, tx, encode(tx), indexed, counted)
+            return tx, result
+
+        # With value_from_callable, transaction() returns what the function returns, which
+        # its types (a function returning None; the EXEC replies back) do not allow for.
+        outcome = self._redis.transaction(load_mutate_save, key, value_from_callable=True)  # type: ignore[arg-type]
+        return cast("tuple[Transaction | None, R | None]", outcome)
+
+    def list(self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0) -> Page:
+        check_page(limit, offset)
+        if phone is not None and status is not None:
+            # One phone's records are few: read them all and filter by status here.
+            ids = cast("list[str]", self._redis.zrevrange(self._phone_key(phone), 0, -1))
+            matches = [tx for tx in self._load(ids, phone) if tx.status == status]
+            return matches[offset : offset + limit], len(matches)
+        if phone is not None:
+            index = self._phone_key(phone)
+        elif status is not None:
+            index = self._status_key(status)
+        else:
+            index = self._all
+        return self._page(index, limit, offset, phone=phone)
+
+    def search(
+        self,
+        text: str | None = None,
+        *,
+        status: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 20,
+        offset: int = 0,
+    ) -> Page:
+        check_page(limit, offset)
+        criteria = Search.of(text, status, reason, since, until)
+        if criteria.impossible:
+            return [], 0
+        if criteria.text is not None:
+            return self._search_text(criteria.text, criteria, limit, offset)
+        # Without text one sorted set holds exactly the matches, scored by initiated_at.
+        if criteria.reason is not None:
+            index = self._reason_key(criteria.reason)
+        elif criteria.status is not None:
+            index = self._status_key(criteria.status)
+        else:
+            index = self._all
+        low = "-inf" if criteria.since is None else repr(criteria.since)
+        high = "+inf" if criteria.until is None else f"({criteria.until!r}"
+        return self._page(index, limit, offset, low, high)
+
+    def _page(
+        self, index: str, limit: int, offset: int, low: str = "-inf", high: str = "+inf", phone: str | None = None
+    ) -> Page:
+        """One page of the records a sorted set lists, scored from low to high, newest first."""
+        maybe_expired = cast("list[str]", self._redis.zrangebyscore(index, "-inf", self._maybe_expired()))
+        self._forget_expired(maybe_expired, phone, extra=[index])
+        with self._redis.pipeline() as pipe:  # MULTI: the page agrees with the total
+            pipe.zcount(index, low, high)
+            if limit:
+                pipe.zrevrangebyscore(index, high, low, start=offset, num=limit)
+            total, *page = pipe.execute()
+        return self._load(page[0] if page else [], phone, extra=[index]), total
+
+    def _search_text(self, text: str, criteria: Search, limit: int, offset: int) -> Page:
+        """Load the few records the text can name, then filter, sort and page them here."""
+        sets = [self._receipt_key(criteria.receipt), self._reference_key(criteria.reference)]
+        digits = criteria.digits
+        if digits is not None and len(digits) >= 12:  # a whole number: its own set
+            sets.append(self._phone_key(digits))
+        elif digits is not None and len(digits) >= _TAIL:
+            sets.append(self._tail_key(digits))
+        elif digits is not None:
+            sets += [self._tail_key(f"{n}{digits}") for n in range(10 ** (_TAIL - len(digits)))]
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self._tx_key(text))
+            for index in sets:
+                pipe.zrange(index, 0, -1)
+            exists, *members = pipe.execute()
+        ids = list(dict.fromkeys(([text] if exists else []) + [member for found in members for member in found]))
+        matches = sorted(
+            (tx for tx in self._load(ids, extra=sets) if criteria.admits_tx(tx)),
+            key=lambda tx: (tx.initiated_at, tx.checkout_request_id),
+            reverse=True,
+        )
+        return matches[offset : offset + limit], len(matches)
+
+    def overview(self, since: float, until: float, step: float) -> Overview:
+        resolution, plan = overview_plan(since, until, step)
+        indexes = [index for _, group in plan for index in group]
+        with self._redis.pipeline(transaction=False) as pipe:
+            for index in indexes:
+                pipe.hgetall(self._tally_key(resolution, index))
+            found = {
+                index: {name: int(value) for name, value in counts.items()}
+                for index, counts in zip(indexes, pipe.execute(), strict=True)
+                if counts
+            }
+        return assemble(since, until, step, plan, found)
+
+    def pending_before(self, cutoff: float) -> builtins.list[Transaction]:
+        return self._load(
+            cast("list[str]", self._redis.zrangebyscore(self._status_key("pending"), "-inf", f"({cutoff!r}"))
+        )
+
+    def add(self, key: str, value: dict, ttl: float) -> bool:
+        check_ttl(ttl)
+        return bool(self._redis.set(self._kv_key(key), json.dumps(value), nx=True, px=_milliseconds(ttl)))
+
+    def get_value(self, key: str) -> dict | None:
+        data = self._redis.get(self._kv_key(key))
+        return json.loads(data) if data is not None else None
+
+    def set_value(self, key: str, value: dict, ttl: float) -> None:
+        check_ttl(ttl)
+        self._redis.set(self._kv_key(key), json.dumps(value), px=_milliseconds(ttl))
+
+    def delete(self, key: str) -> None:
+        self._redis.delete(self._kv_key(key))
+
+    def adjust_counter(self, key: str, delta: int, maximum: int | None = None) -> int | None:
+        value = self._redis.eval(
+            _ADJUST_COUNTER, 1, self._counter_key(key), int(delta), "" if maximum is None else int(maximum)
+        )
+        return None if value is None else int(value)
+
+    def get_counter(self, key: str) -> int:
+        return int(self._redis.get(self._counter_key(key)) or 0)
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def _tx_key(self, checkout_request_id: str) -> str:
+        return f"{self._prefix}tx:{checkout_request_id}"
+
+    def _status_key(self, status: str) -> str:
+        return f"{self._prefix}idx:status:{status}"
+
+    def _phone_key(self, phone: str) -> str:
+        return f"{self._prefix}idx:phone:{phone}"
+
+    def _kv_key(self, key: str) -> str:
+        return f"{self._prefix}kv:{key}"
+
+    def _counter_key(self, key: str) -> str:
+        return f"{self._prefix}counter:{key}"
+
+    def _tail_key(self, digits: str) -> str:
+        return f"{self._prefix}idx:tail:{digits[-_TAIL:]}"
+
+    def _reason_key(self, reason: str) -> str:
+        return f"{self._prefix}idx:reason:{reason}"
+
+    def _receipt_key(self, receipt: str) -> str:
+        return f"{self._prefix}idx:receipt:{receipt}"
+
+    def _reference_key(self, reference: str) -> str:
+        return f"{self._prefix}idx:ref:{reference}"
+
+    def _tally_key(self, step: int, index: int) -> str:
+        return f"{self._prefix}tally:{step}:{index}"
+
+    def _index_keys(self, tx: Transaction) -> builtins.list[str]:
+        """The sorted sets that list tx."""
+        keys = [self._all, self._status_key(tx.status), self._phone_key(tx.phone)]
+        if len(tx.phone) >= _TAIL:
+            keys.append(self._tail_key(tx.phone))
+        if tx.status == "failed" and tx.reason:
+            keys.append(self._reason_key(tx.reason))
+        if receipt_key(tx):
+            keys.append(self._receipt_key(receipt_key(tx)))
+        if reference_key(tx):
+            keys.append(self._reference_key(reference_key(tx)))
+        return keys
+
+    def _save(
+        self,
+        pipe,
+        tx: Transaction,
+        data: str,
+        indexed: builtins.list[str] | None = None,
+        counted: tuple[float, dict[str, int]] | None = None,
+    ) -> None:
+        """Start the MULTI and queue the record with its index and counter changes.
+
+        indexed and counted are what the record was listed in and counted as before this
+        write (None for a new record).
+        """
+        pipe.multi()
+        pipe.set(self._tx_key(tx.checkout_request_id), data, px=self._retention_ms)
+        self._index(pipe, tx, indexed)
+        self._count(pipe, tally_rows(counted, tallied(tx)))
+
+    def _index(self, pipe, tx: Transaction, before: builtins.list[str] | None = None) -> None:
+        """Queue the index writes for tx (moving it out of the sets that listed it before)."""
+        member = tx.checkout_request_id
+        keys = self._index_keys(tx)
+        for index in set(before or ()) - set(keys):
+            pipe.zrem(index, member)
+        # Each set outlives every record it holds: it is refreshed by each of their writes.
+        for index in keys:
+            pipe.zadd(index, {member: tx.initiated_at})
+            pipe.pexpire(index, self._retention_ms)
+        if tx.status == "failed" and tx.reason:
+            pipe.sadd(self._reasons, tx.reason)
+            pipe.pexpire(self._reasons, self._retention_ms)
+
+    def _count(self, pipe, rows: builtins.list[tuple[int, int, str, int]]) -> None:
+        """Queue counter changes; a bucket's hash expires `retention` s after its last write."""
+        if not rows:
+            return
+        keys: dict[str, int] = {}
+        args: list = [self._retention_ms]
+        for step, index, name, value in rows:
+            position = keys.setdefault(self._tally_key(step, index), len(keys) + 1)
+            args += [position, name, value]
+        # One command instead of one HINCRBY per counter: a write changes about 25.
+        pipe.eval(_COUNT_SCRIPT, len(keys), *keys, *args)
+
+    def _maybe_expired(self) -> float:
+        """The initiated_at at or before which a record may have expired."""
+        return self._clock() - self._retention + _CLOCK_SLACK
+
+    def _sweep(self, phone: str) -> None:
+        """Forget a few of the oldest expired ids, so indexes stay bounded without listing."""
+        cutoff = self._maybe_expired()
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(self._all, "-inf", cutoff, start=0, num=_SWEEP_BATCH)
+            pipe.zrangebyscore(self._phone_key(phone), "-inf", cutoff, start=0, num=_SWEEP_BATCH)
+            oldest, oldest_for_phone = pipe.execute()
+        self._forget_expired(list(dict.fromkeys(oldest + oldest_for_phone)), phone)
+
+    def _forget_expired(self, ids: builtins.list[str], phone: str | None = None, extra: Sequence[str] = ()) -> None:
+        """Remove from the indexes those of ids whose record no longer exists."""
+        if not ids:
+            return
+        with self._redis.pipeline(transaction=False) as pipe:
+            for member in ids:
+                pipe.exists(self._tx_key(member))
+            alive = pipe.execute()
+        self._unindex([member for member, exists in zip(ids, alive, strict=True) if not exists], phone, extra)
+
+    def _unindex(self, ids: builtins.list[str], phone: str | None = None, extra: Sequence[str] = ()) -> None:
+        if not ids:
+            return
+        # The phone of an expired record is gone with it; phone sets left holding such ids
+        # are cleaned when that phone is listed or swept, or expire with their last record.
+        # So are the search sets (tail, receipt, reference): when searched, or with time.
+        indexes = [
+            self._all,
+            *(self._status_key(s) for s in STATUSES),
+            *extra,
+            *(self._reason_key(r) for r in cast("set[str]", self._redis.smembers(self._reasons))),
+        ]
+        if phone is not None:
+            indexes.append(self._phone_key(phone))
+        with self._redis.pipeline(transaction=False) as pipe:
+            for index in dict.fromkeys(indexes):  # extra may repeat one of the others
+                pipe.zrem(index, *ids)
+            pipe.execute()
+
+    def _load(
+        self, ids: builtins.list[str], phone: str | None = None, extra: Sequence[str] = ()
+    ) -> builtins.list[Transaction]:
+        """Fetch records in the order of ids, dropping (and unindexing) expired ones."""
+        if not ids:
+            return []
+        found = self._redis.mget([self._tx_key(member) for member in ids])
+        self._unindex([member for member, data in zip(ids, found, strict=True) if data is None], phone, extra)
+        return [decode(data) for data in found if data is not None]
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
