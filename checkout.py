@@ -163,7 +163,8 @@ def check_link(secret: str, body: dict, now: float) -> None:
     if not isinstance(signature, str) or not signature:
         raise InvalidInput("signature", "This shop requires a signed checkout link")
     expires = body.get("expires")
-    expected = sign_link(secret, *(body.get(name, "") for name in LINK_FIELDS[:3]), expires)
+    amount, account_reference, description = (body.get(name, "") for name in LINK_FIELDS[:3])
+    expected = sign_link(secret, amount, account_reference, description, expires)
     if not hmac.compare_digest(signature.lower().encode(), expected.encode()):
         raise InvalidInput("signature", "The checkout link was changed or is invalid")
     try:
