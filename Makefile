@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 READY  := $(VENV)/.ready
 
-.PHONY: run test bench services clean
+.PHONY: run test bench docs services clean
 
 $(READY): requirements.txt requirements-dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,5 +26,8 @@ bench: $(READY)
 	@./scripts/ensure-packages.sh wrk redis-server valgrind
 	$(BIN)/python -m bench.run
 
+docs: $(READY)
+	$(BIN)/mkdocs serve
+
 clean:
-	rm -rf $(VENV) .pytest_cache test-artifacts
+	rm -rf $(VENV) .pytest_cache test-artifacts site
