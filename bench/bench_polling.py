@@ -129,7 +129,7 @@ def run(ctx: Context) -> str:
     errors: dict[str, int] = {name: 0 for name, _ in order}  # over every second run
     serving: dict[str, list] = {name: [] for name, _ in order}  # per round: workers that served each deal
     if not ctx.quick:
-        for name, (url, body) in order:  # warm up every worker and connection pool
+        for _name, (url, body) in order:  # warm up every worker and connection pool
             load(url, body, 1, CONNECTIONS, scratch)
     for round_number in range(rounds):
         deals: dict[str, list] = {name: [] for name, _ in order}
@@ -216,7 +216,8 @@ def run(ctx: Context) -> str:
     runs_text = "; ".join(
         f"{name}: "
         + ", ".join(
-            _run_text(r.rps, again, served) for r, again, served in zip(results[name], redealt[name], serving[name])
+            _run_text(r.rps, again, served)
+            for r, again, served in zip(results[name], redealt[name], serving[name], strict=True)
         )
         for name, _ in order
     )
@@ -390,7 +391,7 @@ def _second(server, url: str, body: dict, scratch) -> tuple[LoadResult, list[flo
     before = [cpu_seconds([pid]) for pid in workers]
     result = load(url, body, 1, CONNECTIONS, scratch)
     after = [cpu_seconds([pid]) for pid in workers]
-    used = [end - start for start, end in zip(before, after) if start is not None and end is not None]
+    used = [end - start for start, end in zip(before, after, strict=True) if start is not None and end is not None]
     return result, (used if used and len(used) == len(workers) and result.ok else None)
 
 
