@@ -11,7 +11,7 @@
     bench_profile.py  where a status poll and a push spend their time (py-spy)
 
 A benchmark module exposes `run(context) -> str`, returning its Markdown section; the
-context is a `harness.Context` (`quick`, `workdir`, `log()`, `start()` for processes that
+context is a `harness.Context` (`quick`, `baseline`, `workdir`, `log()`, `start()` for processes that
 are stopped when the module returns, even on failure or Ctrl-C). Everything sends traffic to
 127.0.0.1 only, and every request loop is bounded in count and in time.
 """

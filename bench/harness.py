@@ -24,7 +24,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +122,7 @@ class Context:
     """What a benchmark module gets: settings, a scratch folder and a process registry."""
 
     quick: bool = False
+    baseline: str | None = None  # a git revision whose server the polling benchmark counts too
     workdir: Path | None = None
     processes: list[Process] = field(default_factory=list)
     summary: list = field(default_factory=list)  # [benchmark, goal, result, met?] for the top table
@@ -172,6 +175,38 @@ class Context:
     def stop_all(self) -> None:
         while self.processes:
             self.processes.pop().stop()
+
+
+def revision_hash(revision: str) -> str | None:
+    """The short commit hash a git revision names in this repository, None if it names none."""
+    try:
+        found = subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", "--short", f"{revision}^{{commit}}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found.stdout.strip() if found.returncode == 0 else None
+
+
+@contextmanager
+def checkout(ctx: Context, revision: str) -> Iterator[Path]:
+    """The tree at a git revision, in a scratch worktree removed afterwards (even on Ctrl-C)."""
+    tree = ctx.scratch("checkouts") / re.sub(r"[^A-Za-z0-9_.-]", "_", revision)
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "worktree", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    added = git("add", "--detach", str(tree), revision)
+    if added.returncode != 0:
+        raise BenchError(f"git could not check out {revision}: {added.stderr.strip()[-500:]}")
+    try:
+        yield tree
+    finally:
+        git("remove", "--force", str(tree))
 
 
 def free_port() -> int:
@@ -705,15 +740,17 @@ def instructions_per_request(
     prepare=None,
     warm_up: int = 200,
     connections: int = 4,
+    cwd: Path = ROOT,
 ) -> float:
     """Machine instructions a gunicorn server executes per POST, counted by valgrind's callgrind.
 
     The server (`gunicorn -c gunicorn.conf.py app`, every process under callgrind, counting
     off until the load starts) gets `warm_up` requests, then `requests_counted` more from
     `connections` keep-alive connections while its processes count. prepare(url), when given,
-    runs first and returns the body to send. User-space instructions only: the kernel's work
-    (system calls, scheduling) is not counted. The count does not depend on what else the
-    machine is doing, and repeats to within about half a percent.
+    runs first and returns the body to send. The server starts in `cwd`, so gunicorn.conf.py and
+    the app are that tree's (another revision's checkout, say). User-space instructions only:
+    the kernel's work (system calls, scheduling) is not counted. The count does not depend on
+    what else the machine is doing, and repeats to within about half a percent.
     """
     import http.client
 
@@ -738,7 +775,9 @@ def instructions_per_request(
         f"{LOCAL}:{port}",
         app,
     ]
-    server = ctx.start(f"callgrind-{app}", command, env, ready_url=f"http://{LOCAL}:{port}/health", timeout=300)
+    server = ctx.start(
+        f"callgrind-{app}", command, env, ready_url=f"http://{LOCAL}:{port}/health", timeout=300, cwd=cwd
+    )
     try:
         url = f"http://{LOCAL}:{port}"
         payload = json.dumps(prepare(url) if prepare else body)

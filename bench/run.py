@@ -3,6 +3,9 @@
     python -m bench.run                  every bench/bench_*.py, full length (under ~10 minutes)
     python -m bench.run --quick          fewer and shorter runs, for development
     python -m bench.run --only polling,push
+    python -m bench.run --baseline main  the polling benchmark also counts the instructions per poll
+                                         of the server at a git revision, beside the current code's
+    python -m bench.run --output FILE    write FILE instead of BENCHMARKS.md
 
 Each bench_<name>.py exposes run(context) -> str, its Markdown section; a module added
 later is picked up by its name. Whatever a module starts is stopped when it returns,
@@ -26,7 +29,7 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.harness import ROOT, BenchError, Context, table, wrk_version
+from bench.harness import ROOT, BenchError, Context, revision_hash, table, wrk_version
 
 BENCH_DIR = Path(__file__).resolve().parent
 ORDER = ["polling", "push", "daraja_load", "memory", "peers", "profile"]
@@ -136,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer and shorter runs (for development)")
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(available)}")
     parser.add_argument("--output", default="BENCHMARKS.md", help="where to write (default %(default)s)")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="a git revision whose server code the polling benchmark also counts instructions per poll for, "
+        "beside the current code's (checked out in a scratch git worktree)",
+    )
     args = parser.parse_args(argv)
     names = available
     if args.only:
@@ -143,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [name for name in names if name not in available]
         if unknown:
             parser.error(f"unknown benchmark(s) {', '.join(unknown)}; have {', '.join(available)}")
+    if args.baseline is not None:
+        if "polling" not in names:
+            parser.error("--baseline compares instructions per poll, which only the polling benchmark counts")
+        if revision_hash(args.baseline) is None:
+            parser.error(f"--baseline {args.baseline}: no such commit in this repository")
 
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
@@ -151,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"[bench] == {name}", file=sys.stderr, flush=True)
         began = time.monotonic()
-        with Context(quick=args.quick) as ctx:
+        with Context(quick=args.quick, baseline=args.baseline) as ctx:
             workdirs.append(ctx.workdir)
             try:
                 module = importlib.import_module(f"bench.bench_{name}")
