@@ -41,9 +41,6 @@ CLIENTS = {
 }
 
 
-# --------------------------------------------------------------- the driver (any venv)
-
-
 def _client(name: str, base_url: str):
     """Return (push(phone) -> None, close()) for one client; errors raise."""
     if name == "ours":
@@ -184,9 +181,6 @@ def _main(argv: list[str]) -> None:
         print(json.dumps(drive(name, base_url, phones, threads)))
     elif command == "probe":
         print(json.dumps({"error": retry_probe(name, base_url, argv[3])}))
-
-
-# ------------------------------------------------------------ the benchmark (project venv)
 
 
 def run(ctx) -> str:

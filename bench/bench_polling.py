@@ -295,7 +295,7 @@ def run(ctx: Context) -> str:
         + f"), for {seconds_kept} kept; lopsided still after {REDEALS} more tries, and counted: {stayed}. "
         "The ratios with the lopsided seconds counted, each second as first drawn: "
         + (", ".join(as_drawn) or "—")
-        + " (README, Benchmarks).",
+        + ".",
     ]
     if redis_url:
         from redis.utils import HIREDIS_AVAILABLE

@@ -75,7 +75,7 @@ def run(ctx: Context) -> str:
     if not py_spy.exists():
         raise BenchError("py-spy is not in .bench-venv (bench/peers-requirements.txt)")
     seconds = 3.0 if ctx.quick else 6.0
-    own_files = {path.name for path in ROOT.glob("*.py")}
+    own_files = _own_files()
 
     sim = start_simulator(ctx)
     server = start_gunicorn(ctx, server_env(sim.url, "memory://", free_port()), name="server-profiled")
@@ -222,6 +222,13 @@ def _report(stacks: Counter, own_files: set[str]) -> tuple[str, dict]:
         table(["function", "share"], [[label, share(n)] for label, n in self_time.most_common(8)]),
     ]
     return "\n".join(parts), {name: n / total for name, n in concerns.items()}
+
+
+def _own_files() -> set[str]:
+    """The server's modules as py-spy names them: `server.py`, `store/memory.py`, ..."""
+    outside = {".venv", ".bench-venv", "bench", "tests", "examples", "node_modules"}
+    paths = (path.relative_to(ROOT) for path in ROOT.glob("**/*.py"))
+    return {str(path) for path in paths if path.parts[0] not in outside}
 
 
 def _component(file: str, own_files: set[str]) -> str:

@@ -46,9 +46,6 @@ class BenchError(Exception):
     """A benchmark could not run; the message says why (it goes into BENCHMARKS.md)."""
 
 
-# ------------------------------------------------------------------ processes
-
-
 class Process:
     """A child process in its own session, its output in a log file."""
 
@@ -442,9 +439,6 @@ def completed_payment(server_url: str, phone: str = "254700000000") -> str:
     return checkout_id
 
 
-# ----------------------------------------------------------------------- load
-
-
 @dataclass
 class LoadResult:
     """One load run: requests/s counting only 2xx answers, and what went wrong."""
@@ -663,9 +657,6 @@ def post_batch(
     return Batch(wall, latencies, statuses, failures)
 
 
-# -------------------------------------------------------------------- numbers
-
-
 def percentile(values: list[float], p: float) -> float | None:
     if not values:
         return None
@@ -695,9 +686,6 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------ the bench venv
 
 
 def bench_venv_python(ctx: Context) -> Path:

@@ -64,7 +64,7 @@ def machine() -> list[list[str]]:
             ", ".join(_versions("flask", "werkzeug", "gunicorn", "requests", "redis"))
             + f", wrk {wrk_version()}, {_redis_version()}",
         ],
-        ["code", _git_revision()],
+        ["code", _code_state()],
     ]
 
 
@@ -89,10 +89,11 @@ def _redis_version() -> str:
     return f"redis-server {match.group(1)}" if match else "redis-server"
 
 
-def _git_revision() -> str:
+def _code_state() -> str:
+    """When the measured code was committed (a date, so the document carries no commit id)."""
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+            ["git", "log", "-1", "--format=%cs"], cwd=ROOT, capture_output=True, text=True, timeout=5
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
@@ -103,7 +104,7 @@ def _git_revision() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return f"commit {head}" + (" with uncommitted changes" if dirty else "") if head else "unknown"
+    return f"as committed on {head}" + (", with uncommitted changes" if dirty else "") if head else "unknown"
 
 
 def command_line(argv: list[str]) -> str:
