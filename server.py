@@ -46,7 +46,6 @@ log = logging.getLogger("server")
 SERVICE_NAME = "M-Pesa Payment Server"
 MAX_BODY_BYTES = 64 * 1024
 IDEMPOTENCY_TTL = 24 * 3600
-CHECKOUT_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 TEXT_LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
@@ -422,7 +421,7 @@ def idempotent(key: str, body) -> tuple:
 
 
 def status_for(checkout_id):
-    if not isinstance(checkout_id, str) or not CHECKOUT_ID.match(checkout_id.strip()):
+    if not isinstance(checkout_id, str) or not mpesa.ID_PATTERN.match(checkout_id.strip()):
         raise ApiError(400, "checkoutRequestId is required", field="checkoutRequestId")
     checkout_id = checkout_id.strip()
     answers: FinalAnswers = current_app.extensions["final_answers"]
