@@ -30,6 +30,10 @@ Idempotency-Key works as Stripe's: the first request with a key claims it in the
 marked Idempotent-Replayed; the same key with another body is a 409. A push that timed out
 keeps its 504 too, since its prompt may still reach the phone. A poll of a payment settled
 for good is answered from FinalAnswers, per process, without reading the store.
+
+One module of some 580 lines because it is one room: the routes, their limits and the
+answers they write are read together, and what lies under them already has its own module
+(payments: the life cycle, store: the records, mpesa: Daraja, metrics: the counters).
 """
 
 from __future__ import annotations
