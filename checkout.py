@@ -10,15 +10,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 import secrets
 from dataclasses import asdict, dataclass, field
 
-from mpesa import InvalidInput
+from mpesa import ID_PATTERN, InvalidInput
 
 MAX_LINES = 20
 MAX_QUANTITY = 100
-_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 # Crockford-style alphabet: no 0/O or 1/I/L to misread at the door.
 _ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
 
@@ -127,7 +125,7 @@ def _item(raw, n: int) -> Item:
     if not isinstance(raw, dict):
         raise ValueError(f"{where} is not an object")
     item_id, name, price = raw.get("id"), raw.get("name"), raw.get("price")
-    if not isinstance(item_id, str) or not _ID.match(item_id):
+    if not isinstance(item_id, str) or not ID_PATTERN.match(item_id):
         raise ValueError(f"{where}: id must be 1-64 letters, digits, '-' or '_'")
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"{where} ({item_id}): name is required")

@@ -61,6 +61,10 @@ class InvalidInput(ValueError):
         self.message = message
 
 
+# Ids taken from outside (a CheckoutRequestID in a URL or a poll, a catalogue item's id) must
+# be safe in a URL path, a log line and a store key; Daraja's own ids fit well within this.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
 _PHONE_SEPARATORS = re.compile(r"[\s\-().]")
 # Safaricom numbers are 07XX XXX XXX and, since 2020, 010X/011X XXX XXX; "0123456789"
 # (seed 003's example of an invalid number) fits neither.

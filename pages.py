@@ -18,7 +18,6 @@ Reads only these settings from ``current_app.config``: ``MPESA_MODE``, ``SIMULAT
 from __future__ import annotations
 
 import logging
-import re
 
 import requests
 from flask import Blueprint, abort, current_app, jsonify, render_template, request, url_for
@@ -31,7 +30,6 @@ bp = Blueprint("pages", __name__, template_folder="templates")
 
 SIMULATOR_TIMEOUT = (2, 5)  # (connect, read) seconds: the handset polls every second
 HANDSET_ACTIONS = ("pin", "cancel", "timeout")
-_CHECKOUT_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _UNAVAILABLE = {"success": False, "message": "Simulator unavailable"}
 
 
@@ -164,7 +162,7 @@ def simulator_prompts():
 def simulator_act(checkout_id: str, action: str):
     """Answer a prompt as the phone's owner would: PIN, cancel, or let it time out."""
     base = _simulator_base()
-    if action not in HANDSET_ACTIONS or not _CHECKOUT_ID.match(checkout_id):
+    if action not in HANDSET_ACTIONS or not mpesa.ID_PATTERN.match(checkout_id):
         abort(404)
     if base is None:
         return jsonify(_UNAVAILABLE), 503

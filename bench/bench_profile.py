@@ -254,6 +254,7 @@ def _micro(ctx: Context) -> str:
     import os
     import timeit
 
+    import api
     import bench.bare_app as bare
     import metrics
     import requestlog
@@ -324,10 +325,10 @@ def _micro(ctx: Context) -> str:
                 "gunicorn the request-log thread observes its batch at once)",
                 best(lambda: metrics.requests_served([("POST", "/stkpush/status", 200, 0.001)])),
             ),
-            ("reading the body (`read_json`)", best(server.read_json)),
+            ("reading the body (`read_json`)", best(api.read_json)),
             (
                 "building and encoding the answer (`status_answer` + `jsonify`; first poll after settling only)",
-                best(lambda: server.jsonify(server.status_answer(tx))),
+                best(lambda: api.jsonify(api.status_answer(tx))),
             ),
         ]
     for app in apps.values():

@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 import requests
 
+from api import FinalAnswers
 from payments import settled_for_good
-from server import FinalAnswers
 from store import Transaction
 
 PAID, CANCELLED, WRONG_PIN, BROKE, UNREACHABLE = (

@@ -1,0 +1,585 @@
+"""The JSON API (API.md, static/openapi.json) as a Flask blueprint, registered by init_app().
+
+    POST /stkpush                      start a payment; an Idempotency-Key makes a retry safe
+    POST /stkpush/status               poll one payment: {"checkoutRequestId": ...}
+    GET  /stkpush/status/<id>          the same poll as a GET
+    POST /hooks/stk/<token>            Daraja's callback (CALLBACK_TOKEN, CALLBACK_ALLOWED_IPS)
+    GET  /health                       liveness; ?deep=1 also fetches a Daraja token
+    GET  /metrics, GET /stats          monitoring (metrics.py); admin token, /stats open in simulator mode
+    GET  /catalog                      the shop's items and what is left of each
+    GET  /tickets/<number>/qr.svg      a ticket's QR code
+    POST /tickets/<number>/check-in    admin: let a ticket in once
+    GET  /openapi.json                 the contract itself
+    GET  /transactions[/<id>]          admin: list and read payments, phones unmasked
+
+Rate limits (Flask-Limiter, per client address unless said): a push counts against its
+address and its phone only once a prompt was sent (a 200 that is not a replay), and a retry
+of a finished Idempotency-Key is never limited; polls, the catalogue and QR codes share the
+looser status limit, each route its own bucket; callbacks, health, monitoring and the
+contract are exempt. The limits are the app's settings and each app has its own Limiter
+(one Flask-Limiter instance keeps one app's storage), so init_app builds the blueprint for
+that app and puts each limit on its view there. Under RATELIMIT_ENABLED=false the server
+passes server.NoRateLimits, whose decorators change nothing.
+
+A view refuses with ApiError (HTTP status, JSON body, headers); server.py's error handler
+writes it, like the 400 of mpesa.InvalidInput. A Daraja failure becomes 502, 503 or 504
+(daraja_error) with a message safe to show a customer.
+
+Idempotency-Key works as Stripe's: the first request with a key claims it in the store
+(`add`, atomic), its answer is kept for a day and replayed to a retry with the same body,
+marked Idempotent-Replayed; the same key with another body is a 409. A push that timed out
+keeps its 504 too, since its prompt may still reach the phone. A poll of a payment settled
+for good is answered from FinalAnswers, per process, without reading the store.
+
+One module of some 580 lines because it is one room: the routes, their limits and the
+answers they write are read together, and what lies under them already has its own module
+(payments: the life cycle, store: the records, mpesa: Daraja, metrics: the counters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import ipaddress
+import json
+import logging
+import re
+import threading
+import time
+from datetime import UTC, datetime
+
+import segno
+from flask import Blueprint, Flask, current_app, jsonify, request
+
+import metrics
+import mpesa
+from config import Settings
+from payments import Payments, SoldOut, settled_for_good
+from store import Store, Transaction
+
+# These lines have always been the server's: log filters and dashboards look for that name.
+log = logging.getLogger("server")
+
+SERVICE_NAME = "M-Pesa Payment Server"
+IDEMPOTENCY_TTL = 24 * 3600
+
+
+class ApiError(Exception):
+    """An answer other than success, with its HTTP status and JSON body."""
+
+    def __init__(self, http_status: int, message: str, headers: dict | None = None, **fields):
+        super().__init__(message)
+        self.status = http_status
+        self.body = {"success": False, "message": message, **fields}
+        self.headers = headers or {}
+
+
+def get_payments() -> Payments:
+    return current_app.extensions["payments"]
+
+
+def get_store() -> Store:
+    return current_app.extensions["store"]
+
+
+def get_settings() -> Settings:
+    return current_app.extensions["settings"]
+
+
+def init_app(app: Flask, limiter, settings: Settings) -> None:
+    """Register the API on app, each route with its rate limits, and its store of final answers."""
+    payments = app.extensions["payments"]
+    app.extensions["final_answers"] = FinalAnswers(settings.retention_seconds, clock=payments.clock)
+    metrics.preset_labels()
+    push_limits = (
+        limiter.limit(settings.rate_limit_push_per_ip, deduct_when=counts_as_prompt, exempt_when=is_replay),
+        limiter.limit(
+            settings.rate_limit_push_per_phone, key_func=phone_key, deduct_when=counts_as_prompt, exempt_when=is_replay
+        ),
+    )
+
+    def status_limit():
+        return limiter.limit(settings.rate_limit_status_per_ip)
+
+    routes = (
+        ("POST", "/stkpush", stkpush, push_limits),
+        ("POST", "/stkpush/status", status_post, (status_limit(),)),
+        ("GET", "/stkpush/status/<checkout_id>", status_get, (status_limit(),)),
+        ("POST", "/hooks/stk/<token>", daraja_callback, (limiter.exempt,)),
+        ("GET", "/metrics", prometheus_metrics, (limiter.exempt,)),
+        ("GET", "/stats", stats, (limiter.exempt,)),
+        ("GET", "/health", health, (limiter.exempt,)),
+        ("GET", "/catalog", catalog, (status_limit(),)),
+        ("GET", "/tickets/<number>/qr.svg", ticket_qr, (status_limit(),)),
+        ("POST", "/tickets/<number>/check-in", ticket_check_in, ()),
+        ("GET", "/openapi.json", openapi, (limiter.exempt,)),
+        ("GET", "/transactions", transactions, ()),
+        ("GET", "/transactions/<checkout_id>", transaction, ()),
+    )
+    bp = Blueprint("api", __name__)
+    for method, rule, view, limits in routes:
+        for limit in reversed(limits):  # the last one innermost, as stacked decorators
+            view = limit(view)
+        bp.add_url_rule(rule, view_func=view, methods=[method])
+    app.register_blueprint(bp)
+
+
+def phone_key() -> str:
+    """The per-phone limit's key: the normalised phone of the push."""
+    body = read_json()
+    try:
+        return "phone:" + mpesa.normalize_phone((body or {}).get("phone"))
+    except (mpesa.InvalidInput, AttributeError):
+        return "phone:invalid"
+
+
+def counts_as_prompt(response) -> bool:
+    """A push counts against its limits only when it sent a prompt."""
+    return response.status_code == 200 and not response.headers.get("Idempotent-Replayed")
+
+
+def is_replay() -> bool:
+    """A retry of a finished Idempotency-Key sends no prompt: it is never limited."""
+    key = request.headers.get("Idempotency-Key", "").strip()
+    first = get_store().get_value(idempotency_slot(key)) if key else None
+    return bool(first) and first.get("state") == "done"
+
+
+def stkpush():
+    """Start a payment: validate, price, push, record."""
+    body = read_json()
+    if body is None:
+        raise ApiError(400, "Request body must be JSON", field="body")
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        answer, status = start_payment(body)
+        return jsonify(answer), status
+    return idempotent(key.strip(), body)
+
+
+def status_post():
+    """Poll one payment by the checkout request id in the body."""
+    body = read_json() or {}
+    checkout_id = None
+    if isinstance(body, dict):
+        checkout_id = next(
+            (body[k] for k in ("checkoutRequestId", "checkoutRequestID", "CheckoutRequestID") if k in body), None
+        )
+    return status_for(checkout_id)
+
+
+def status_get(checkout_id):
+    """Poll one payment by the checkout request id in the path."""
+    return status_for(checkout_id)
+
+
+def daraja_callback(token):
+    """Take Daraja's result for a payment, from Daraja only."""
+    settings = get_settings()
+    if not hmac.compare_digest(token.encode(), settings.callback_token.encode()):
+        log.warning("callback with a wrong token from %s refused", request.remote_addr)
+        metrics.callback("bad_token")
+        raise ApiError(403, "Forbidden")
+    if settings.callback_allowed_ips and not address_allowed(request.remote_addr, settings.callback_allowed_ips):
+        log.warning("callback from %s refused: not in CALLBACK_ALLOWED_IPS", request.remote_addr)
+        metrics.callback("not_allowed")
+        raise ApiError(403, "Forbidden")
+    body = read_json()
+    try:
+        get_payments().handle_callback(body)
+    except mpesa.MalformedCallback as error:
+        log.warning("malformed callback refused: %s", error)
+        metrics.callback("malformed")
+        return jsonify({"ResultCode": 1, "ResultDesc": f"Rejected: {error}"}), 400
+    return jsonify({"ResultCode": 0, "ResultDesc": "Accepted"})
+
+
+def prometheus_metrics():
+    """The metrics in Prometheus' (or OpenMetrics') text format, for the admin token."""
+    require_admin()
+    body, content_type = metrics.render(request.headers.get("Accept"))
+    return current_app.response_class(body, content_type=content_type)
+
+
+def stats():
+    """The counters as JSON: open in simulator mode, for the admin token otherwise."""
+    if not get_settings().simulator:
+        require_admin()
+    return jsonify({"success": True, **metrics.stats()})
+
+
+def health():
+    """Liveness, and with ?deep=1 whether Daraja gives this server a token."""
+    answer = {
+        "status": "ok",
+        "timestamp": iso_utc(time.time()),
+        "service": SERVICE_NAME,
+        "mode": get_settings().mpesa_env,
+        "store": get_store().kind,
+    }
+    if request.args.get("deep") not in (None, "", "0", "false"):
+        try:
+            metrics.timed("token", get_payments().daraja.access_token)()
+            answer["daraja"] = "ok"
+        except mpesa.DarajaError as error:
+            answer.update(status="error", daraja="error", message=daraja_error(error).body["message"])
+            return jsonify(answer), 503
+    return jsonify(answer)
+
+
+def catalog():
+    """The shop's items, each with what is left to sell."""
+    payments = get_payments()
+    if payments.catalog is None:
+        raise ApiError(404, "This shop has no catalogue")
+    items = [
+        {
+            "id": item.id,
+            "name": item.name,
+            "price": item.price,
+            "description": item.description,
+            "kind": item.kind,
+            "capacity": item.capacity,
+            "available": payments.available(item),
+        }
+        for item in payments.catalog.items.values()
+    ]
+    return jsonify({"success": True, "currency": "KES", "items": items})
+
+
+def ticket_qr(number):
+    """A sold ticket's number as a QR code (SVG)."""
+    if get_payments().ticket(number) is None:
+        raise ApiError(404, "Ticket not found")
+    svg = io.BytesIO()
+    segno.make_qr(number, error="m").save(svg, kind="svg", scale=6, border=2, title=f"Ticket {number}")
+    return current_app.response_class(
+        svg.getvalue(), mimetype="image/svg+xml", headers={"Cache-Control": "private, max-age=86400"}
+    )
+
+
+def ticket_check_in(number):
+    """Let a ticket in once; a second time is a 409 that says when it was used."""
+    require_admin()
+    ticket, first = get_payments().check_in(number)
+    if ticket is None:
+        raise ApiError(404, "Ticket not found")
+    if first is not None:
+        raise ApiError(
+            409,
+            f"Ticket already used at {nairobi_time(first['at'])}",
+            ticket=ticket,
+            checkedInAt=iso_utc(first["at"]),
+        )
+    return jsonify({"success": True, "message": "Ticket checked in", "ticket": ticket})
+
+
+def openapi():
+    """The OpenAPI document of this API."""
+    return current_app.send_static_file("openapi.json")
+
+
+def transactions():
+    """Payments, newest first, filtered by status and phone, a page at a time."""
+    require_admin()
+    status = request.args.get("status") or None
+    if status not in (None, "pending", "completed", "failed"):
+        raise ApiError(400, "status must be pending, completed or failed", field="status")
+    phone = request.args.get("phone") or None
+    if phone:
+        phone = mpesa.normalize_phone(phone)
+    limit = _positive_int("limit", 20, maximum=100)
+    page = _positive_int("page", 1, maximum=100_000)
+    items, total = get_store().list(status=status, phone=phone, limit=limit, offset=(page - 1) * limit)
+    return jsonify(
+        {
+            "success": True,
+            "total": total,
+            "page": page,
+            "limit": limit,
+            "transactions": [admin_view(tx) for tx in items],
+        }
+    )
+
+
+def transaction(checkout_id):
+    """One payment's whole record."""
+    require_admin()
+    tx = get_store().get(checkout_id)
+    if tx is None:
+        raise ApiError(404, "Transaction not found", status="not_found")
+    return jsonify({"success": True, "transaction": admin_view(tx)})
+
+
+def nairobi_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, mpesa.NAIROBI).strftime("%Y-%m-%d %H:%M:%S EAT")
+
+
+def iso_utc(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def order_fields(tx: Transaction) -> dict:
+    """The order number, lines and (once paid) tickets of a payment made for items."""
+    order = tx.extra.get("order")
+    if not order:
+        return {}
+    fields = {"orderNumber": order["number"], "items": order["items"]}
+    if tx.status == "completed":
+        fields["tickets"] = [
+            {**ticket, "qr": f"/tickets/{ticket['number']}/qr.svg"} for ticket in tx.extra.get("tickets", [])
+        ]
+    return fields
+
+
+def status_answer(tx: Transaction) -> dict:
+    """The poll answer for one payment (phone masked: anyone with the id may poll)."""
+    base = {
+        "checkoutRequestId": tx.checkout_request_id,
+        "status": tx.status,
+        "amount": tx.amount,
+        "currency": tx.currency,
+        "phone": mpesa.mask_phone(tx.phone),
+        "accountReference": tx.account_reference,
+        **order_fields(tx),
+    }
+    if tx.status == "completed":
+        return {
+            "success": True,
+            **base,
+            "transaction_id": tx.mpesa_receipt_number,
+            "MpesaReceiptNumber": tx.mpesa_receipt_number,
+            "description": tx.description,
+            "completedAt": iso_utc(tx.completed_at),
+            "transactionDate": tx.transaction_date,
+            "message": "Payment completed",
+        }
+    if tx.status == "failed":
+        if "amount_mismatch" in tx.flags:
+            message = "The amount paid does not match the amount asked; contact the shop"
+        elif tx.reason == "timeout" and tx.settled_by == "timeout":
+            message = "The payment timed out: no answer from the phone"
+        else:
+            message = mpesa.result_reason(tx.result_code)[1]
+        return {"success": False, **base, "reason": tx.reason, "resultCode": tx.result_code, "message": message}
+    return {"success": True, **base, "message": "Waiting for user to complete payment"}
+
+
+def admin_view(tx: Transaction) -> dict:
+    data = tx.to_dict()
+    data["initiatedAt"] = iso_utc(tx.initiated_at)
+    data["completedAtIso"] = iso_utc(tx.completed_at)
+    return data
+
+
+DARAJA_ANSWERS = {
+    mpesa.DarajaTimeout: (
+        504,
+        "M-Pesa did not answer in time. The prompt may still reach the phone: wait a minute before trying again",
+    ),
+    mpesa.DarajaRateLimited: (503, "M-Pesa is busy; try again in a minute"),
+    mpesa.DarajaUnavailable: (503, "M-Pesa cannot be reached right now; try again shortly"),
+    mpesa.DarajaBadResponse: (502, "M-Pesa sent an unexpected answer; try again shortly"),
+    mpesa.DarajaAuthError: (502, "M-Pesa refused this server's credentials or configuration"),
+    mpesa.DarajaRequestError: (502, "M-Pesa refused the request"),
+}
+
+
+def daraja_error(error: mpesa.DarajaError) -> ApiError:
+    """Map a Daraja failure to 502/503/504 with a message safe to show a customer."""
+    # A DarajaError of no listed kind is answered as a refused request.
+    status, message = next(
+        (answer for kind, answer in DARAJA_ANSWERS.items() if isinstance(error, kind)),
+        DARAJA_ANSWERS[mpesa.DarajaRequestError],
+    )
+    if isinstance(error, mpesa.DarajaRequestError) and error.message:
+        message = f"{message}: {_printable(error.message)}"
+    headers = {}
+    if isinstance(error, mpesa.DarajaRateLimited):
+        headers["Retry-After"] = str(int(error.retry_after or 30))
+    fields = {"errorCode": error.error_code} if error.error_code else {}
+    return ApiError(status, message, headers=headers, **fields)
+
+
+def _printable(text: str) -> str:
+    return re.sub(r"[^\w .,:;'()\-/]", "", text)[:160]
+
+
+def start_payment(body) -> tuple[dict, int]:
+    """Validate, price, push, record; return the JSON answer and its status (errors raise)."""
+    payments = get_payments()
+    payment = payments.prepare(body)
+    try:
+        tx, accepted = payments.start(payment)
+    except SoldOut as sold_out:
+        raise ApiError(409, str(sold_out), field="items", itemId=sold_out.item.id) from None
+    except mpesa.DarajaError as error:
+        raise daraja_error(error) from None
+    answer = {
+        "success": True,
+        "checkoutRequestId": tx.checkout_request_id,
+        "merchantRequestId": tx.merchant_request_id,
+        "status": tx.status,
+        "message": "STK push sent successfully",
+        "customerMessage": accepted.customer_message,
+        "amount": tx.amount,
+    }
+    return {**answer, **order_fields(tx)}, 200
+
+
+def idempotency_slot(key: str) -> str:
+    return "idem:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def idempotent(key: str, body) -> tuple:
+    """Stripe-style Idempotency-Key: a retry gets the first answer and sends no prompt."""
+    if not key or len(key) > 255:
+        raise ApiError(400, "Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
+    store = get_store()
+    slot = idempotency_slot(key)
+    fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    if not store.add(slot, {"fingerprint": fingerprint, "state": "started"}, IDEMPOTENCY_TTL):
+        first = store.get_value(slot) or {}
+        if first.get("fingerprint") != fingerprint:
+            raise ApiError(
+                409, "This Idempotency-Key was already used with a different request", field="Idempotency-Key"
+            )
+        if first.get("state") != "done":
+            raise ApiError(409, "A request with this Idempotency-Key is still in progress", field="Idempotency-Key")
+        response = jsonify(first["answer"])
+        response.status_code = first["status"]
+        response.headers["Idempotent-Replayed"] = "true"
+        return response
+    try:
+        answer, status = start_payment(body)
+    except ApiError as error:
+        if error.status == 504:
+            # The prompt may be on its way: a retry must not send a second one.
+            store.set_value(
+                slot,
+                {"fingerprint": fingerprint, "state": "done", "status": error.status, "answer": error.body},
+                IDEMPOTENCY_TTL,
+            )
+        else:
+            store.delete(slot)  # nothing reached the phone; the same key may try again
+        raise
+    except Exception:
+        store.delete(slot)
+        raise
+    store.set_value(
+        slot, {"fingerprint": fingerprint, "state": "done", "status": status, "answer": answer}, IDEMPOTENCY_TTL
+    )
+    return jsonify(answer), status
+
+
+def status_for(checkout_id):
+    """The poll answer for checkout_id: kept bytes once settled for good, else from the store."""
+    if not isinstance(checkout_id, str) or not mpesa.ID_PATTERN.match(checkout_id.strip()):
+        raise ApiError(400, "checkoutRequestId is required", field="checkoutRequestId")
+    checkout_id = checkout_id.strip()
+    answers: FinalAnswers = current_app.extensions["final_answers"]
+    body = answers.get(checkout_id)
+    if body is not None:
+        return current_app.response_class(body, mimetype="application/json")
+    tx = get_payments().status(checkout_id)
+    if tx is None:
+        raise ApiError(404, "Transaction not found", status="not_found")
+    response = jsonify(status_answer(tx))
+    if settled_for_good(tx):
+        answers.keep(tx, response.get_data())
+    return response
+
+
+class FinalAnswers:
+    """The encoded poll answers of payments settled for good, kept by each process.
+
+    Most polls ask about a payment that is already settled: a page or a shop's back end
+    polls until it sees the verdict. Once payments.settled_for_good(tx) nothing changes that
+    answer until the store forgets the record, `retention` seconds after its last write, so
+    never before completed_at + retention: an answer is kept until then, and the oldest go
+    first past `size` answers. The poll skips the store read and the encoding.
+    """
+
+    def __init__(self, retention: float, clock=time.time, size: int = 10_000):
+        self._retention = retention
+        self._clock = clock
+        self._size = size
+        self._answers: dict[str, tuple[bytes, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, checkout_id: str) -> bytes | None:
+        kept = self._answers.get(checkout_id)
+        if kept is None:
+            return None
+        body, until = kept
+        if self._clock() >= until:
+            self._answers.pop(checkout_id, None)
+            return None
+        return body
+
+    def keep(self, tx: Transaction, body: bytes) -> None:
+        if tx.completed_at is None:
+            return
+        until = tx.completed_at + self._retention
+        if self._clock() >= until:
+            return
+        with self._lock:
+            self._answers[tx.checkout_request_id] = (body, until)
+            while len(self._answers) > self._size:
+                del self._answers[next(iter(self._answers))]
+
+
+def address_allowed(address: str | None, networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def require_admin() -> None:
+    token = current_app.config["ADMIN_TOKEN"]
+    if not token:
+        raise ApiError(404, "Not found")
+    given = request.headers.get("Authorization", "")
+    expected = f"Bearer {token}"
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise ApiError(401, "Admin token required", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def read_json():
+    """The JSON body, or None when it is not JSON (strict: no NaN/Infinity, bounded nesting)."""
+    if not request.is_json:
+        return None
+    try:
+        data = request.get_data()
+        # What json.loads does with bytes, with one decoder made once instead of per call.
+        return _STRICT_JSON.decode(data.decode(json.detect_encoding(data), "surrogatepass"))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _positive_int(name: str, default: int, maximum: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    if not re.fullmatch(r"[0-9]{1,9}", raw) or not 1 <= int(raw) <= maximum:
+        raise ApiError(400, f"{name} must be a whole number from 1 to {maximum}", field=name)
+    return int(raw)
