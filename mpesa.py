@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import requests
@@ -268,7 +268,7 @@ def error_from_response(response: requests.Response) -> DarajaError:
     fault = body.get("fault") if isinstance(body.get("fault"), dict) else None
     code = str(body.get("errorCode") or body.get("resultCode") or "") or None
     message = str(body.get("errorMessage") or body.get("resultDesc") or (fault or {}).get("faultstring") or "").strip()
-    facts = {"status": response.status_code, "error_code": code, "request_id": body.get("requestId")}
+    facts: dict[str, Any] = {"status": response.status_code, "error_code": code, "request_id": body.get("requestId")}
     lowered = message.lower()
 
     if response.status_code == 429 or code in _RATE_LIMIT_ERRORS or "spike arrest" in lowered:
@@ -524,10 +524,9 @@ def pooled_session(url: str, adapter: HTTPAdapter) -> requests.Session:
     session = requests.Session()
     session.mount("https://", adapter)
     session.mount("http://", adapter)
-    session.proxies.update(requests.utils.get_environ_proxies(url))
-    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if bundle:
-        session.verify = bundle
+    found = session.merge_environment_settings(url, {}, None, None, None)  # requests reads its own variables
+    session.proxies.update(found["proxies"])
+    session.verify = found["verify"]
     session.trust_env = False
     return session
 
@@ -747,11 +746,11 @@ class Daraja:
         )
         if 200 <= response.status_code < 300:
             return response
-        error = error_from_response(response)
+        refusal = error_from_response(response)
         log.warning(
-            "daraja %s refused: HTTP %s %s %s", what, response.status_code, error.error_code or "-", error.message
+            "daraja %s refused: HTTP %s %s %s", what, response.status_code, refusal.error_code or "-", refusal.message
         )
-        raise error
+        raise refusal
 
 
 def _sent(error: requests.ConnectionError) -> bool:
