@@ -167,7 +167,7 @@ def _store():
 
 
 def _token() -> str | None:
-    return current_app.config.get("ADMIN_TOKEN")
+    return current_app.extensions["settings"].admin_token
 
 
 @bp.before_request
@@ -929,7 +929,7 @@ def _duration(seconds: float | None, rough: bool = False) -> str:
 
 def _context(**values) -> dict:
     settings = current_app.extensions["settings"]
-    mode = current_app.config.get("MPESA_MODE") or "simulator"
+    mode = settings.mpesa_env
     return {
         "mode": mode,
         "simulator_mode": mode == "simulator",

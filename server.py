@@ -486,7 +486,7 @@ def address_allowed(address: str | None, networks) -> bool:
 
 
 def require_admin() -> None:
-    token = current_app.config["ADMIN_TOKEN"]
+    token = current_app.extensions["settings"].admin_token
     if not token:
         raise ApiError(404, "Not found")
     given = request.headers.get("Authorization", "")
@@ -574,12 +574,6 @@ def create_app(
     app.config.update(
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         JSON_SORT_KEYS=False,
-        MPESA_MODE=settings.mpesa_env,
-        MAX_AMOUNT=settings.max_amount,
-        USD_TO_KES_RATE=settings.usd_to_kes_rate,
-        BUSINESS_SHORTCODE=settings.shortcode,
-        ADMIN_TOKEN=settings.admin_token,
-        SIMULATOR_URL=None,
         RATELIMIT_ENABLED=settings.ratelimit_enabled,
         RATELIMIT_HEADERS_ENABLED=True,
         RATELIMIT_STORAGE_URI=limiter_storage(settings.store_url),
@@ -599,8 +593,8 @@ def create_app(
         daraja, sim = build_daraja(settings, tokens)
         if sim is not None:
             app.extensions["simulator"] = sim
-    if settings.simulator:
-        app.config["SIMULATOR_URL"] = daraja.base_url
+    if settings.simulator:  # the simulator in use, for the handset page and the banner
+        settings = replace(settings, base_url=daraja.base_url)
 
     app.extensions["settings"] = settings
     app.extensions["store"] = store
@@ -727,7 +721,7 @@ def banner(app: Flask) -> str:
         f"  Test page:  {base}/test.html",
         f"  Shortcode:  {settings.shortcode} ({settings.transaction_type})",
         f"  Mode:       {settings.mpesa_env}"
-        + (f" (Daraja simulator at {app.config['SIMULATOR_URL']})" if settings.simulator else ""),
+        + (f" (Daraja simulator at {settings.base_url})" if settings.simulator else ""),
         f"  Store:      {app.extensions['store'].kind}",
     ]
     if settings.simulator:
