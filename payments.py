@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import checkout
-import metrics
 import mpesa
 from config import Settings
 from store import DuplicateTransaction, Store, Transaction
+from telemetry import metrics
 
 log = logging.getLogger(__name__)
 
@@ -271,9 +271,10 @@ class Payments:
             result = metrics.timed("stk_query", self.daraja.stk_query)(tx.checkout_request_id)
         except mpesa.DarajaError as error:
             log.warning("stk query for %s failed: %s", mpesa.mask_checkout_id(tx.checkout_request_id), error)
+            failure = str(error)
             tx, _ = self.store.update(
                 tx.checkout_request_id,
-                lambda tx: tx.history.append(event("queried", now, result="error", error=str(error))),
+                lambda tx: tx.history.append(event("queried", now, result="error", error=failure)),
             )
             return tx
         if result.pending:

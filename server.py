@@ -2,7 +2,7 @@
 
 Routes (API.md): POST /stkpush, POST /stkpush/status, GET /stkpush/status/<id>,
 GET /health, POST /hooks/stk/<token> (Daraja's callback), GET /transactions[/<id>]
-(admin), GET /metrics and /stats (monitoring, see metrics.py), and the pages from
+(admin), GET /metrics and /stats (monitoring, see telemetry/metrics.py), and the pages from
 pages.py. `python server.py` runs the development server; the Procfile runs gunicorn
 with gunicorn.conf.py.
 """
@@ -15,7 +15,6 @@ import io
 import ipaddress
 import json
 import logging
-import os
 import re
 import sys
 import threading
@@ -32,14 +31,14 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import checkout
-import metrics
 import mpesa
 import pages
-import requestlog
 import simulator
 from config import ConfigError, Settings, load_settings
 from payments import Payments, SoldOut, settled_for_good
 from store import Store, Transaction, open_store
+from telemetry import metrics, requestlog
+from telemetry.logs import configure_logging
 
 log = logging.getLogger("server")
 
@@ -47,7 +46,6 @@ SERVICE_NAME = "M-Pesa Payment Server"
 MAX_BODY_BYTES = 64 * 1024
 IDEMPOTENCY_TTL = 24 * 3600
 CHECKOUT_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-TEXT_LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
 class ApiError(Exception):
@@ -149,9 +147,10 @@ DARAJA_ANSWERS = {
 
 def daraja_error(error: mpesa.DarajaError) -> ApiError:
     """Map a Daraja failure to 502/503/504 with a message safe to show a customer."""
-    for kind, (status, message) in DARAJA_ANSWERS.items():
-        if isinstance(error, kind):
-            break
+    status, message = next(
+        (answer for kind, answer in DARAJA_ANSWERS.items() if isinstance(error, kind)),
+        DARAJA_ANSWERS[mpesa.DarajaRequestError],  # any other DarajaError: a refused request
+    )
     if isinstance(error, mpesa.DarajaRequestError) and error.message:
         message = f"{message}: {_printable(error.message)}"
     headers = {}
@@ -243,7 +242,7 @@ def register_api(app: Flask, limiter: Limiter | NoRateLimits, settings: Settings
     @limiter.exempt
     def prometheus_metrics():
         require_admin()
-        body, content_type = metrics.render(request.headers.get("Accept"))
+        body, content_type = metrics.render(request.headers.get("Accept"), settings.metrics_dir)
         return current_app.response_class(body, content_type=content_type)
 
     @app.get("/stats")
@@ -251,7 +250,7 @@ def register_api(app: Flask, limiter: Limiter | NoRateLimits, settings: Settings
     def stats():
         if not settings.simulator:
             require_admin()
-        return jsonify({"success": True, **metrics.stats()})
+        return jsonify({"success": True, **metrics.stats(settings.metrics_dir)})
 
     @app.get("/health")
     @limiter.exempt
@@ -729,41 +728,15 @@ def banner(app: Flask) -> str:
     return "\n".join(lines)
 
 
-def log_format() -> str:
-    """LOG_FORMAT: text (python server.py's default) or json (gunicorn.conf.py's default)."""
-    value = (os.environ.get("LOG_FORMAT") or "text").strip().lower()
-    if value not in ("text", "json"):
-        sys.exit(f"Configuration error: LOG_FORMAT must be text or json (got {value!r})")
-    return value
-
-
-def configure_logging() -> None:
-    """Log to stdout as text or JSON lines (LOG_FORMAT), with the request id on each JSON line."""
-    root = logging.getLogger()
-    if not root.handlers:  # under gunicorn, gunicorn.conf.py has set up the handler already
-        logging.basicConfig(level=logging.INFO, format=TEXT_LOG_FORMAT, handlers=[metrics.LineHandler(sys.stdout)])
-    json_lines = log_format() == "json"
-    for handler in root.handlers:
-        if json_lines:
-            handler.setFormatter(metrics.JsonFormatter())
-        if not any(isinstance(f, requestlog.RequestIdFilter) for f in handler.filters):
-            handler.addFilter(requestlog.RequestIdFilter())
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    # No format here shows the caller's file and line or the thread and process names: skip
-    # collecting them for every line (the logging HOWTO's "Optimization" section).
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-
-
 def app_from_environment() -> Flask:
     """Load .env, read the settings, build the app; a bad setting exits with one line."""
     from dotenv import load_dotenv
 
     load_dotenv()
-    configure_logging()
     try:
-        return create_app()
+        settings = load_settings()
+        configure_logging(settings.log_format)
+        return create_app(settings)
     except ConfigError as error:
         sys.exit(f"Configuration error: {error}")
 
@@ -785,13 +758,19 @@ def __getattr__(name):
 if __name__ == "__main__":
     application = app_from_environment()
     settings = application.extensions["settings"]
-    if log_format() == "json":
+    # A simulator shared with other processes (SIMULATOR_PORT) is started by whoever starts the server.
+    shared = simulator.start_process(port=settings.simulator_port) if settings.simulator_port else None
+    if settings.log_format == "json":
         log.info(banner(application))
     else:
         print(banner(application), flush=True)
-    application.run(
-        host="0.0.0.0" if settings.mpesa_env != "simulator" else "127.0.0.1",
-        port=settings.port,
-        threaded=True,
-        use_reloader=False,
-    )
+    try:
+        application.run(
+            host="0.0.0.0" if settings.mpesa_env != "simulator" else "127.0.0.1",
+            port=settings.port,
+            threaded=True,
+            use_reloader=False,
+        )
+    finally:
+        if shared is not None:
+            shared.stop()

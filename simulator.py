@@ -38,9 +38,13 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import re
 import secrets
+import socket
 import string
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -1275,6 +1279,48 @@ def main(argv: list[str] | None = None) -> None:
         running.wait()
     except KeyboardInterrupt:
         running.stop()
+
+
+class SimulatorProcess:
+    """A simulator serving from a process of its own (`python -m simulator`); stop() ends it."""
+
+    def __init__(self, process: subprocess.Popen, url: str):
+        self.process = process
+        self.url = url
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_process(host: str = "127.0.0.1", port: int = 0, timeout: float = 10.0) -> SimulatorProcess:
+    """Serve a new simulator on host:port (0 = a free port) from a child process, once it answers."""
+    if port == 0:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simulator", "--host", host, "--port", str(port)],
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the simulator exited (code {process.returncode}) before answering on {url}")
+        try:
+            requests.get(url + "/simulator/health", timeout=0.5)
+            return SimulatorProcess(process, url)
+        except requests.RequestException:
+            if time.monotonic() >= deadline:
+                process.kill()
+                process.wait()
+                raise RuntimeError(f"the simulator did not answer on {url} within {timeout:g} s") from None
+            time.sleep(0.1)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ CONCERNS = [  # label, test on a frame's (file, function); none of them wraps th
     ("Flask-CORS after_request", lambda f, fn: f.startswith("flask_cors/") and "after_request" in fn),
     (
         "request metrics (metrics.py, prometheus_client)",
-        lambda f, fn: f.startswith("prometheus_client/") or (f == "metrics.py" and fn == "requests_served"),
+        lambda f, fn: f.startswith("prometheus_client/") or (f == "telemetry/metrics.py" and fn == "requests_served"),
     ),
     ("outgoing HTTP to Daraja (requests, urllib3)", lambda f, fn: f.startswith(("requests/", "urllib3/"))),
     (
@@ -74,7 +74,7 @@ def run(ctx: Context) -> str:
     if not py_spy.exists():
         raise BenchError("py-spy is not in .bench-venv (bench/peers-requirements.txt)")
     seconds = 3.0 if ctx.quick else 6.0
-    own_files = {path.name for path in ROOT.glob("*.py")}
+    own_files = {path.relative_to(ROOT).as_posix() for path in [*ROOT.glob("*.py"), *ROOT.glob("telemetry/*.py")]}
 
     sim = start_simulator(ctx)
     server = start_gunicorn(ctx, server_env(sim.url, "memory://", free_port()), name="server-profiled")
@@ -247,16 +247,15 @@ def _micro(ctx: Context) -> str:
     import timeit
 
     import bench.bare_app as bare
-    import metrics
-    import requestlog
     import server
+    from telemetry import logs, metrics, requestlog
 
     repeat = 1000 if ctx.quick else 3000
-    server.configure_logging()
+    logs.configure_logging("json")
     sink = open(os.devnull, "w")
     for handler in logging.getLogger().handlers:
         handler.setStream(sink)
-        handler.setFormatter(metrics.JsonFormatter())
+        handler.setFormatter(logs.JsonFormatter())
     scratch = ctx.scratch("profile-micro")
     redis_url, _ = start_redis(ctx)
     sim = start_simulator(ctx)
