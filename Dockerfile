@@ -4,10 +4,13 @@
 # With none, the server runs its Daraja simulator demo.
 FROM python:3.11-slim
 
+# PROMETHEUS_MULTIPROC_DIR: where gunicorn's workers add up their metrics, set before anything
+# imports prometheus-client (the Procfile makes a fresh one; a container is one server).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PORT=3001
+    PORT=3001 \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/mpesa-metrics
 
 WORKDIR /app
 

@@ -52,11 +52,11 @@ from datetime import UTC, datetime
 import segno
 from flask import Blueprint, Flask, current_app, jsonify, request
 
-import metrics
 import mpesa
 from config import Settings
 from payments import Payments, SoldOut, settled_for_good
 from store import Store, Transaction
+from telemetry import metrics
 
 # These lines have always been the server's: log filters and dashboards look for that name.
 log = logging.getLogger("server")
@@ -198,7 +198,7 @@ def daraja_callback(token):
 def prometheus_metrics():
     """The metrics in Prometheus' (or OpenMetrics') text format, for the admin token."""
     require_admin()
-    body, content_type = metrics.render(request.headers.get("Accept"))
+    body, content_type = metrics.render(request.headers.get("Accept"), current_app.extensions["settings"].metrics_dir)
     return current_app.response_class(body, content_type=content_type)
 
 
@@ -206,7 +206,7 @@ def stats():
     """The counters as JSON: open in simulator mode, for the admin token otherwise."""
     if not get_settings().simulator:
         require_admin()
-    return jsonify({"success": True, **metrics.stats()})
+    return jsonify({"success": True, **metrics.stats(current_app.extensions["settings"].metrics_dir)})
 
 
 def health():
@@ -541,7 +541,7 @@ def address_allowed(address: str | None, networks) -> bool:
 
 
 def require_admin() -> None:
-    token = current_app.config["ADMIN_TOKEN"]
+    token = current_app.extensions["settings"].admin_token
     if not token:
         raise ApiError(404, "Not found")
     given = request.headers.get("Authorization", "")

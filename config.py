@@ -1,8 +1,14 @@
 """Settings: read once from the environment (and .env) into one immutable object.
 
-Names follow API.md; seed 000's spellings are accepted as aliases. A missing or
-malformed setting raises ConfigError with one line naming it, so start-up stops
-with that line instead of a stack trace at the first payment.
+The only module that reads the environment. Names follow API.md; seed 000's spellings are
+accepted as aliases. A missing or malformed setting raises ConfigError with one line naming
+it, so start-up stops with that line instead of a stack trace at the first payment.
+
+Two settings are read by libraries as well, under their documented names: WEB_CONCURRENCY
+(gunicorn's worker count) and PROMETHEUS_MULTIPROC_DIR, which switches prometheus-client's
+multiprocess mode on only if it is in the environment before prometheus_client is imported.
+So the command that starts the server sets it (Procfile, Dockerfile), never the code, and
+this module checks it.
 """
 
 from __future__ import annotations
@@ -11,12 +17,16 @@ import ipaddress
 import os
 import re
 import secrets
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import mpesa
 
 MODES = ("simulator", "sandbox", "production")
+LOG_FORMATS = ("text", "json")
 EXAMPLE_CATALOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "catalog.example.json")
 # Addresses Daraja's callbacks are reported to come from (daraja-reference §4.5: the
 # union of the two lists in circulation). Used only when CALLBACK_ALLOWED_IPS asks.
@@ -82,6 +92,16 @@ class Settings:
     pricing: str = "open"  # "open": amounts or items; "catalog": items only
     checkout_secret: str | None = field(default=None, repr=False)
     callback_allowed_ips: tuple = ()  # ip_network objects; empty: any source address
+    # A Daraja simulator shared by the server's processes, which base_url then points at; the
+    # command that starts the server starts it there (gunicorn.conf.py, python server.py).
+    simulator_port: int | None = None
+    log_format: str = "text"  # text | json
+    workers: int = 1  # gunicorn worker processes (WEB_CONCURRENCY)
+    threads: int = 8  # threads per gunicorn worker
+    metrics_dir: str | None = None  # prometheus-client's multiprocess directory; None: each process counts alone
+    admin_login_free_tries: int = 3  # wrong /admin tokens from one address before each try must wait
+    admin_login_delay: float = 1.0  # the first wait, in seconds; it doubles with each wrong token
+    admin_login_max_delay: float = 300.0
 
     @property
     def simulator(self) -> bool:
@@ -109,7 +129,10 @@ def _int(env, name: str, default: int, minimum: int = 0) -> int:
     return int(raw)
 
 
-def _float(env, name: str, default: float | None, allow_zero: bool = False) -> float | None:
+_Default = TypeVar("_Default", float, None)
+
+
+def _float(env, name: str, default: _Default, allow_zero: bool = False) -> float | _Default:
     raw = _get(env, name)
     if raw is None:
         return default
@@ -135,7 +158,7 @@ def _bool(env, name: str, default: bool) -> bool:
 
 def parse_allowed_ips(raw: str | None) -> tuple:
     """'safaricom' and/or comma-separated addresses and CIDR ranges -> ip_network objects."""
-    networks = []
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for part in (raw or "").split(","):
         part = part.strip()
         if not part:
@@ -165,7 +188,35 @@ def check_callback_url(url: str, mode: str) -> str:
     return url
 
 
-def load_settings(environ=None, **overrides) -> Settings:
+def _directory(env, name: str) -> str | None:
+    """A directory setting: made when missing, and writable. Set but blank is refused, not taken
+    as unset: prometheus-client, which reads PROMETHEUS_MULTIPROC_DIR too, would take it for the
+    working directory."""
+    path = env.get(name)
+    if path is None:
+        return None
+    if not path.strip():
+        raise ConfigError(f"{name} is set but empty: unset it, or name a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{name}: cannot make the directory {path!r} ({error.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name}: the directory {path!r} is not writable")
+    return path
+
+
+def default_log_format() -> str:
+    """LOG_FORMAT when unset: text lines for a person at a terminal, JSON lines for whatever collects them."""
+    return "text" if sys.stdout is not None and sys.stdout.isatty() else "json"
+
+
+def default_workers(store_url: str) -> int:
+    """WEB_CONCURRENCY when unset: one for a memory store, which cannot be shared; else two per core and one."""
+    return 1 if store_url.startswith("memory:") else (os.cpu_count() or 1) * 2 + 1
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Settings:
     """Read the settings from environ (default os.environ), then apply overrides."""
     env = dict(os.environ if environ is None else environ)
     consumer_key = _get(env, "MPESA_CONSUMER_KEY") or ""
@@ -214,7 +265,8 @@ def load_settings(environ=None, **overrides) -> Settings:
     callback_token = _get(env, "CALLBACK_TOKEN")
     if callback_token is None and mode != "simulator":
         raise ConfigError(
-            f"CALLBACK_TOKEN is required when MPESA_ENV={mode} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            f"CALLBACK_TOKEN is required when MPESA_ENV={mode} "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
     if callback_token is not None and not re.fullmatch(r"[A-Za-z0-9_\-]{16,}", callback_token):
         raise ConfigError("CALLBACK_TOKEN must be at least 16 characters of letters, digits, '-' or '_'")
@@ -226,6 +278,34 @@ def load_settings(environ=None, **overrides) -> Settings:
     store_url = _get(env, "STORE_URL") or "memory://"
     if store_url.split(":", 1)[0] not in ("memory", "sqlite", "redis", "rediss"):
         raise ConfigError(f"STORE_URL must start with memory://, sqlite:/// or redis:// (got {store_url!r})")
+
+    workers = _int(env, "WEB_CONCURRENCY", default_workers(store_url), minimum=1)
+    if workers > 1 and store_url.startswith("memory:"):
+        raise ConfigError(
+            f"WEB_CONCURRENCY must be 1 with STORE_URL=memory:// (got {workers}): a memory store cannot be "
+            "shared by several workers; use sqlite:/// or redis:// for more"
+        )
+    port = _int(env, "PORT", 3001, minimum=0)
+    simulator_port = _int(env, "SIMULATOR_PORT", 0, minimum=1) or None
+    if simulator_port is not None and (simulator_port > 65535 or simulator_port == port):
+        raise ConfigError(f"SIMULATOR_PORT must be a free port from 1 to 65535 other than PORT (got {simulator_port})")
+    if mode != "simulator":
+        simulator_port = None  # no simulator outside the demo
+    elif base_url is not None:
+        if simulator_port is not None:
+            raise ConfigError("MPESA_BASE_URL and SIMULATOR_PORT both say where Daraja is: set one of them")
+    else:
+        if simulator_port is None and workers > 1:
+            # One simulator for every worker: a prompt must be answered where it was sent.
+            if not 0 < port < 65535:
+                raise ConfigError(f"SIMULATOR_PORT is required with WEB_CONCURRENCY={workers} and PORT={port}")
+            simulator_port = port + 1
+        if simulator_port is not None:
+            base_url = f"http://127.0.0.1:{simulator_port}"
+
+    log_format = (_get(env, "LOG_FORMAT") or default_log_format()).lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"LOG_FORMAT must be text or json (got {log_format!r})")
 
     webhook_url = _get(env, "MERCHANT_WEBHOOK_URL")
     webhook_secret = _get(env, "WEBHOOK_SECRET")
@@ -250,7 +330,7 @@ def load_settings(environ=None, **overrides) -> Settings:
     if checkout_secret is not None and len(checkout_secret) < 16:
         raise ConfigError("CHECKOUT_SECRET must be at least 16 characters")
 
-    values = dict(
+    settings = Settings(
         mpesa_env=mode,
         base_url=base_url,
         consumer_key=consumer_key,
@@ -260,6 +340,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         transaction_type=transaction_type,
         party_b=party_b,
         callback_url=callback_url,
+        callback_token=callback_token or secrets.token_urlsafe(24),
         max_amount=max_amount,
         store_url=store_url,
         transaction_ttl=_int(env, "TRANSACTION_TTL", 120, minimum=1),
@@ -272,7 +353,7 @@ def load_settings(environ=None, **overrides) -> Settings:
         webhook_max_attempts=_int(env, "WEBHOOK_MAX_ATTEMPTS", 12, minimum=1),
         webhook_base_delay=_float(env, "WEBHOOK_BASE_DELAY", 1.0),
         webhook_max_delay=_float(env, "WEBHOOK_MAX_DELAY", 300.0),
-        port=_int(env, "PORT", 3001, minimum=0),
+        port=port,
         rate_limit_push_per_phone=_get(env, "RATE_LIMIT_PUSH_PER_PHONE") or "3/minute;10/hour",
         rate_limit_push_per_ip=_get(env, "RATE_LIMIT_PUSH_PER_IP") or "10/minute;100/hour",
         rate_limit_status_per_ip=_get(env, "RATE_LIMIT_STATUS_PER_IP") or "120/minute",
@@ -287,8 +368,13 @@ def load_settings(environ=None, **overrides) -> Settings:
         catalog_file=catalog_file,
         pricing=pricing,
         checkout_secret=checkout_secret,
+        simulator_port=simulator_port,
+        log_format=log_format,
+        workers=workers,
+        threads=_int(env, "GUNICORN_THREADS", 8, minimum=1),
+        metrics_dir=_directory(env, "PROMETHEUS_MULTIPROC_DIR"),
+        admin_login_free_tries=_int(env, "ADMIN_LOGIN_FREE_TRIES", 3),
+        admin_login_delay=_float(env, "ADMIN_LOGIN_DELAY", 1.0),
+        admin_login_max_delay=_float(env, "ADMIN_LOGIN_MAX_DELAY", 300.0),
     )
-    if callback_token is not None:
-        values["callback_token"] = callback_token
-    values.update(overrides)
-    return Settings(**values)
+    return replace(settings, **overrides)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import re
 import threading
 import time
@@ -529,10 +528,9 @@ def pooled_session(url: str, adapter: HTTPAdapter) -> requests.Session:
     session = requests.Session()
     session.mount("https://", adapter)
     session.mount("http://", adapter)
-    session.proxies.update(requests.utils.get_environ_proxies(url))
-    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if bundle:
-        session.verify = bundle
+    found = session.merge_environment_settings(url, {}, None, None, None)  # requests reads its own variables
+    session.proxies.update(found["proxies"])
+    session.verify = found["verify"]
     session.trust_env = False
     return session
 

@@ -11,8 +11,9 @@ relay its calls: ``GET /simulator/prompts?phone=`` and
 ``POST /simulator/prompts/<checkout_id>/<pin|cancel|timeout>``. A simulator that cannot be
 reached answers 503 ``{"success": false, "message": "Simulator unavailable"}``.
 
-Reads only these settings from ``current_app.config``: ``MPESA_MODE``, ``SIMULATOR_URL``,
-``MAX_AMOUNT``, ``USD_TO_KES_RATE`` and ``BUSINESS_SHORTCODE``.
+Reads only these fields of the settings (``current_app.extensions["settings"]``): ``mpesa_env``,
+``base_url`` (the simulator's URL in simulator mode), ``max_amount``, ``usd_to_kes_rate`` and
+``shortcode``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import requests
 from flask import Blueprint, abort, current_app, jsonify, render_template, request, url_for
 
 import mpesa
+from config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +35,28 @@ HANDSET_ACTIONS = ("pin", "cancel", "timeout")
 _UNAVAILABLE = {"success": False, "message": "Simulator unavailable"}
 
 
+def _settings() -> Settings:
+    return current_app.extensions["settings"]
+
+
 def _simulator_mode() -> bool:
-    return current_app.config.get("MPESA_MODE") == "simulator"
+    return _settings().simulator
 
 
 def _max_amount() -> int:
-    return int(current_app.config.get("MAX_AMOUNT") or 150_000)
+    return _settings().max_amount
 
 
 def _page_config() -> dict:
     """What every page script needs to know: mode, limits and the URLs it calls."""
     root = request.script_root
-    rate = current_app.config.get("USD_TO_KES_RATE")
+    settings = _settings()
+    rate = settings.usd_to_kes_rate
     config = {
-        "mode": current_app.config.get("MPESA_MODE") or "simulator",
+        "mode": settings.mpesa_env,
         "maxAmount": _max_amount(),
         "usdToKesRate": float(rate) if rate else None,
-        "shortcode": str(current_app.config.get("BUSINESS_SHORTCODE") or ""),
+        "shortcode": settings.shortcode,
         "urls": {
             # The API lives in server.py; its paths are part of the contract (API.md).
             "stkpush": root + "/stkpush",
@@ -70,7 +77,7 @@ def _render(template: str, **context):
     return render_template(
         template,
         simulator_mode=_simulator_mode(),
-        mode=current_app.config.get("MPESA_MODE") or "simulator",
+        mode=_settings().mpesa_env,
         page_config=_page_config(),
         **context,
     )
@@ -123,7 +130,7 @@ def handset():
 def _simulator_base() -> str | None:
     if not _simulator_mode():
         abort(404)
-    base = current_app.config.get("SIMULATOR_URL")
+    base = _settings().base_url
     return base.rstrip("/") if base else None
 
 

@@ -20,10 +20,10 @@ from decimal import Decimal
 from typing import Any
 
 import checkout
-import metrics
 import mpesa
 from config import Settings
 from store import DuplicateTransaction, Store, Transaction
+from telemetry import metrics
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ with gunicorn.conf.py.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import replace
 
@@ -22,20 +21,19 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import api
 import checkout
-import metrics
 import mpesa
 import pages
-import requestlog
 import simulator
 from api import SERVICE_NAME, ApiError, get_payments
 from config import ConfigError, Settings, load_settings
 from payments import Payments
 from store import Store, open_store
+from telemetry import requestlog
+from telemetry.logs import configure_logging
 
 log = logging.getLogger("server")
 
 MAX_BODY_BYTES = 64 * 1024
-TEXT_LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
 # ---------------------------------------------------------- errors and logs
@@ -82,12 +80,6 @@ def create_app(
     app.config.update(
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         JSON_SORT_KEYS=False,
-        MPESA_MODE=settings.mpesa_env,
-        MAX_AMOUNT=settings.max_amount,
-        USD_TO_KES_RATE=settings.usd_to_kes_rate,
-        BUSINESS_SHORTCODE=settings.shortcode,
-        ADMIN_TOKEN=settings.admin_token,
-        SIMULATOR_URL=None,
         RATELIMIT_ENABLED=settings.ratelimit_enabled,
         RATELIMIT_HEADERS_ENABLED=True,
         RATELIMIT_STORAGE_URI=limiter_storage(settings.store_url),
@@ -107,8 +99,8 @@ def create_app(
         daraja, sim = build_daraja(settings, tokens)
         if sim is not None:
             app.extensions["simulator"] = sim
-    if settings.simulator:
-        app.config["SIMULATOR_URL"] = daraja.base_url
+    if settings.simulator:  # the simulator in use, for the handset page and the banner
+        settings = replace(settings, base_url=daraja.base_url)
 
     app.extensions["settings"] = settings
     app.extensions["store"] = store
@@ -234,7 +226,7 @@ def banner(app: Flask) -> str:
         f"  Test page:  {base}/test.html",
         f"  Shortcode:  {settings.shortcode} ({settings.transaction_type})",
         f"  Mode:       {settings.mpesa_env}"
-        + (f" (Daraja simulator at {app.config['SIMULATOR_URL']})" if settings.simulator else ""),
+        + (f" (Daraja simulator at {settings.base_url})" if settings.simulator else ""),
         f"  Store:      {app.extensions['store'].kind}",
     ]
     if settings.simulator:
@@ -242,41 +234,15 @@ def banner(app: Flask) -> str:
     return "\n".join(lines)
 
 
-def log_format() -> str:
-    """LOG_FORMAT: text (python server.py's default) or json (gunicorn.conf.py's default)."""
-    value = (os.environ.get("LOG_FORMAT") or "text").strip().lower()
-    if value not in ("text", "json"):
-        sys.exit(f"Configuration error: LOG_FORMAT must be text or json (got {value!r})")
-    return value
-
-
-def configure_logging() -> None:
-    """Log to stdout as text or JSON lines (LOG_FORMAT), with the request id on each JSON line."""
-    root = logging.getLogger()
-    if not root.handlers:  # under gunicorn, gunicorn.conf.py has set up the handler already
-        logging.basicConfig(level=logging.INFO, format=TEXT_LOG_FORMAT, handlers=[metrics.LineHandler(sys.stdout)])
-    json_lines = log_format() == "json"
-    for handler in root.handlers:
-        if json_lines:
-            handler.setFormatter(metrics.JsonFormatter())
-        if not any(isinstance(f, requestlog.RequestIdFilter) for f in handler.filters):
-            handler.addFilter(requestlog.RequestIdFilter())
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    # No format here shows the caller's file and line or the thread and process names: skip
-    # collecting them for every line (the logging HOWTO's "Optimization" section).
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-
-
 def app_from_environment() -> Flask:
     """Load .env, read the settings, build the app; a bad setting exits with one line."""
     from dotenv import load_dotenv
 
     load_dotenv()
-    configure_logging()
     try:
-        return create_app()
+        settings = load_settings()
+        configure_logging(settings.log_format)
+        return create_app(settings)
     except ConfigError as error:
         sys.exit(f"Configuration error: {error}")
 
@@ -298,13 +264,19 @@ def __getattr__(name):
 if __name__ == "__main__":
     application = app_from_environment()
     settings = application.extensions["settings"]
-    if log_format() == "json":
+    # A simulator shared with other processes (SIMULATOR_PORT) is started by whoever starts the server.
+    shared = simulator.start_process(port=settings.simulator_port) if settings.simulator_port else None
+    if settings.log_format == "json":
         log.info(banner(application))
     else:
         print(banner(application), flush=True)
-    application.run(
-        host="0.0.0.0" if settings.mpesa_env != "simulator" else "127.0.0.1",
-        port=settings.port,
-        threaded=True,
-        use_reloader=False,
-    )
+    try:
+        application.run(
+            host="0.0.0.0" if settings.mpesa_env != "simulator" else "127.0.0.1",
+            port=settings.port,
+            threaded=True,
+            use_reloader=False,
+        )
+    finally:
+        if shared is not None:
+            shared.stop()

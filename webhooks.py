@@ -53,9 +53,9 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-import metrics
 from mpesa import mask_checkout_id, mask_phone, pooled_session
 from store import Transaction
+from telemetry import metrics
 
 log = logging.getLogger(__name__)
 

@@ -61,7 +61,7 @@ def _private(response):
 def _frame() -> dict:
     """What every dashboard template is drawn with, besides its own values."""
     settings = current_app.extensions["settings"]
-    mode = current_app.config.get("MPESA_MODE") or "simulator"
+    mode = current_app.extensions["settings"].mpesa_env
     return {
         "mode": mode,
         "simulator_mode": mode == "simulator",

@@ -46,8 +46,6 @@ def init_app(app, settings) -> None:
         SESSION_COOKIE_SAMESITE="Strict",
         PERMANENT_SESSION_LIFETIME=timedelta(seconds=SESSION_SECONDS),
     )
-    for name, value in (("ADMIN_LOGIN_FREE_TRIES", 3), ("ADMIN_LOGIN_DELAY", 1.0), ("ADMIN_LOGIN_MAX_DELAY", 300.0)):
-        app.config.setdefault(name, value)
     app.session_interface = SessionInterface()
 
 
@@ -76,7 +74,7 @@ def _store():
 
 def admin_token() -> str | None:
     """ADMIN_TOKEN: the dashboard is off while it is unset."""
-    return current_app.config.get("ADMIN_TOKEN")
+    return current_app.extensions["settings"].admin_token
 
 
 def _digest(text: str) -> bytes:
@@ -156,11 +154,11 @@ def _wait_left(state: dict | None, now: float) -> float:
 
 def _record_failure(state: dict | None, now: float) -> dict:
     failures = (state or {}).get("failures", 0) + 1
-    config = current_app.config
-    over = failures - int(config["ADMIN_LOGIN_FREE_TRIES"])
+    settings = current_app.extensions["settings"]
+    over = failures - settings.admin_login_free_tries
     until = 0.0
     if over >= 0:
-        until = now + min(float(config["ADMIN_LOGIN_DELAY"]) * 2**over, float(config["ADMIN_LOGIN_MAX_DELAY"]))
+        until = now + min(settings.admin_login_delay * 2**over, settings.admin_login_max_delay)
     state = {"failures": failures, "until": until}
     _store().set_value(_throttle_slot(), state, LOGIN_MEMORY + max(0.0, until - now))
     return state

@@ -59,7 +59,7 @@ CONCERNS = [  # label, test on a frame's (file, function); none of them wraps th
     ("Flask-CORS after_request", lambda f, fn: f.startswith("flask_cors/") and "after_request" in fn),
     (
         "request metrics (metrics.py, prometheus_client)",
-        lambda f, fn: f.startswith("prometheus_client/") or (f == "metrics.py" and fn == "requests_served"),
+        lambda f, fn: f.startswith("prometheus_client/") or (f == "telemetry/metrics.py" and fn == "requests_served"),
     ),
     ("outgoing HTTP to Daraja (requests, urllib3)", lambda f, fn: f.startswith(("requests/", "urllib3/"))),
     (
@@ -256,16 +256,15 @@ def _micro(ctx: Context) -> str:
 
     import api
     import bench.bare_app as bare
-    import metrics
-    import requestlog
     import server
+    from telemetry import logs, metrics, requestlog
 
     repeat = 1000 if ctx.quick else 3000
-    server.configure_logging()
+    logs.configure_logging("json")
     sink = open(os.devnull, "w")
     for handler in logging.getLogger().handlers:
         handler.setStream(sink)
-        handler.setFormatter(metrics.JsonFormatter())
+        handler.setFormatter(logs.JsonFormatter())
     scratch = ctx.scratch("profile-micro")
     redis_url, _ = start_redis(ctx)
     sim = start_simulator(ctx)

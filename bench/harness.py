@@ -305,8 +305,11 @@ def start_simulator(
 
 
 def start_gunicorn(ctx: Context, env: dict, app: str = "server:app", name: str = "server") -> Process:
-    """The Procfile's `gunicorn -c gunicorn.conf.py <app>`, bound to loopback only."""
+    """The Procfile's `gunicorn -c gunicorn.conf.py <app>`, bound to loopback only; with several
+    workers (a SQLite or Redis store) in a fresh metrics directory, as the Procfile gives it."""
     port = int(env["PORT"])
+    if not env.get("STORE_URL", "memory://").startswith("memory:") and "PROMETHEUS_MULTIPROC_DIR" not in env:
+        env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(ctx.scratch(f"metrics-{name}-{port}"))}
     command = [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"{LOCAL}:{port}", app]
     process = ctx.start(name, command, env, ready_url=f"http://{LOCAL}:{port}/health", timeout=60)
     process.url = f"http://{LOCAL}:{port}"

@@ -367,10 +367,8 @@ def test_a_wrong_token_is_refused(live):
 def test_repeated_wrong_tokens_slow_the_next_try_on_every_worker(live_server_factory, tmp_path):
     # Two servers on one SQLite store stand for two workers.
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    first = live_server_factory(ADMIN_TOKEN=TOKEN, STORE_URL=url)
-    second = live_server_factory(ADMIN_TOKEN=TOKEN, STORE_URL=url)
-    for live in (first, second):
-        live.app.config["ADMIN_LOGIN_DELAY"] = 0.4
+    first = live_server_factory(ADMIN_TOKEN=TOKEN, STORE_URL=url, ADMIN_LOGIN_DELAY="0.4")
+    second = live_server_factory(ADMIN_TOKEN=TOKEN, STORE_URL=url, ADMIN_LOGIN_DELAY="0.4")
     http = requests.Session()
 
     def try_token(live, token):

@@ -1,9 +1,9 @@
 """The one-click deploy files: app.json (Heroku), Dockerfile, .dockerignore and compose.yaml.
 
-No Docker daemon is needed. The files are checked against what the server reads (config.py and
-gunicorn.conf.py, parsed with ast) and against the Procfile; then the image's command is run as a
-subprocess from a copy of the build context, with the image's environment, and the Heroku deploy
-with app.json's values, to prove that both serve /health in simulator mode.
+No Docker daemon is needed. The files are checked against what the server reads (config.py,
+parsed with ast) and against the Procfile; then the image's command is run as a subprocess from a
+copy of the build context, with the image's environment, and the Procfile's command through bash
+(as Heroku runs it) with app.json's values, to prove that both serve /health in simulator mode.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ import requests
 from config import ConfigError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTING_READERS = {"_get", "_int", "_float", "_bool"}
+SETTING_READERS = {"_get", "_int", "_float", "_bool", "_directory"}
 # Read (or, for REDIS_URL, possibly read) by the server but set by Heroku, never by app.json.
 PLATFORM_SET = {"PORT": "Heroku sets it on every web dyno", "REDIS_URL": "the heroku-redis add-on sets and rotates it"}
+# Read by the server but set by the command that starts it (the Procfile, the image's ENV).
+COMMAND_SET = {"PROMETHEUS_MULTIPROC_DIR": "prometheus-client reads it at import: the Procfile and the image set it"}
 # The smallest production environment config.py accepts (test_required_settings_...).
 PRODUCTION = {
     "MPESA_ENV": "production",
@@ -65,20 +67,14 @@ def settings_read() -> dict[str, tuple[str, ...]]:
     return names
 
 
-def gunicorn_settings_read() -> set[str]:
-    """The variables gunicorn.conf.py reads with os.environ.get(NAME, ...)."""
-    names = set()
-    for node in ast.walk(ast.parse((ROOT / "gunicorn.conf.py").read_text())):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == "get"
-            and ast.unparse(node.func.value) == "os.environ"
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-        ):
-            names.add(node.args[0].value)
-    return names
+def procfile_web() -> tuple[dict[str, str], list[str]]:
+    """The Procfile's web command: its leading NAME=value assignments, and the command itself."""
+    words = shlex.split(re.search(r"^web:\s*(.+)$", (ROOT / "Procfile").read_text(), re.M).group(1))
+    assignments = {}
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+        name, _, value = words.pop(0).partition("=")
+        assignments[name] = value
+    return assignments, words
 
 
 def app_json() -> dict:
@@ -184,9 +180,9 @@ def build_context() -> list[str]:
     ignored, files = dockerignored(), []
     for folder, dirs, names in os.walk(ROOT):
         rel_folder = os.path.relpath(folder, ROOT)
-        rel = (lambda name: name) if rel_folder == "." else (lambda name: f"{rel_folder}/{name}")
-        dirs[:] = [d for d in dirs if not ignored(rel(d))]
-        files += [rel(name) for name in names if not ignored(rel(name))]
+        prefix = "" if rel_folder == "." else f"{rel_folder}/"
+        dirs[:] = [d for d in dirs if not ignored(prefix + d)]
+        files += [prefix + name for name in names if not ignored(prefix + name)]
     return files
 
 
@@ -215,13 +211,13 @@ def compose() -> list[str]:
 def test_app_json_describes_every_setting_the_server_reads():
     entries = app_json()["env"]
     read = settings_read()
-    wanted = (set(read) | gunicorn_settings_read()) - set(PLATFORM_SET)
+    wanted = set(read) - set(PLATFORM_SET) - set(COMMAND_SET)
     assert not wanted - set(entries), (
         f"settings the server reads but app.json does not describe: {sorted(wanted - set(entries))}"
     )
     assert not set(entries) - wanted, f"app.json entries nothing reads: {sorted(set(entries) - wanted)}"
-    for name in PLATFORM_SET:
-        assert name not in entries, f"{name}: {PLATFORM_SET[name]}"
+    for name, why in {**PLATFORM_SET, **COMMAND_SET}.items():
+        assert name not in entries, f"{name}: {why}"
     for name, aliases in read.items():
         for alias in aliases:  # old spellings are named in the description, not offered twice
             assert alias not in entries and alias in entries[name]["description"], alias
@@ -293,9 +289,11 @@ def test_app_json_defaults_give_the_simulator_demo(blank_as_unset):
 def test_dockerfile_runs_the_procfile_command_on_slim_python_311():
     base = [args for keyword, args in dockerfile() if keyword == "FROM"]
     assert len(base) == 1 and re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?(@sha256:\w+)?", base[0])
-    procfile = (ROOT / "Procfile").read_text()
-    web = re.search(r"^web:\s*(.+)$", procfile, re.M).group(1)
-    assert exec_form("CMD") == shlex.split(web)
+    assignments, command = procfile_web()
+    assert exec_form("CMD") == command
+    assert set(assignments) == set(COMMAND_SET), "what the Procfile sets for the command, and why"
+    for name in COMMAND_SET:
+        assert docker_env().get(name), f"the image sets {name} too"
     assert "PORT" in docker_env(), "gunicorn.conf.py binds $PORT; the image says its default"
     assert "MPESA_ENV" not in docker_env(), "no credentials: the image must start the demo"
 
@@ -360,6 +358,7 @@ def test_dockerignore_keeps_out_local_state_and_keeps_in_the_server():
         assert ignored(path), path
     context = set(build_context())
     needed = {path for path in os.listdir(ROOT) if path.endswith(".py")}
+    needed |= {path.relative_to(ROOT).as_posix() for path in ROOT.glob("telemetry/*.py")}
     needed |= {"requirements.txt", "gunicorn.conf.py"}
     assert not needed - context, sorted(needed - context)
     assert any(path.startswith("templates/") for path in context)
@@ -457,24 +456,26 @@ class Server:
 
 
 def image_server(tmp: Path) -> Server:
-    """The container's CMD, from a copy of the build context, with the image's ENV and a PORT."""
+    """The container's CMD, from a copy of the build context, with the image's ENV, and a PORT
+    and a metrics directory of its own (a container has the machine to itself; tests do not)."""
     app = tmp / "app"  # WORKDIR /app after COPY . .
     for rel in build_context():
         (app / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, app / rel, follow_symlinks=False)
     port = free_port()
-    env = {**base_env(tmp), **docker_env(), "PORT": str(port)}
+    env = {**base_env(tmp), **docker_env(), "PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(tmp / "metrics")}
     return Server(exec_form("CMD"), env, app, tmp / "image.log", port)
 
 
 def heroku_server(tmp: Path) -> Server:
-    """The Procfile's command with app.json's config vars, Heroku's PORT and DYNO, and the
-    Python buildpack's WEB_CONCURRENCY (2 on a basic dyno unless app.json sets it)."""
+    """The Procfile's command run by bash, as Heroku runs it, with app.json's config vars, Heroku's
+    PORT and DYNO, and the Python buildpack's WEB_CONCURRENCY (2 on a basic dyno unless app.json
+    sets it); TMPDIR keeps what the command makes in the test's folder."""
     port = free_port()
-    env = {**base_env(tmp), **heroku_env(), "PORT": str(port), "DYNO": "web.1"}
+    env = {**base_env(tmp), **heroku_env(), "PORT": str(port), "DYNO": "web.1", "TMPDIR": str(tmp)}
     env.setdefault("WEB_CONCURRENCY", "2")
     web = re.search(r"^web:\s*(.+)$", (ROOT / "Procfile").read_text(), re.M).group(1)
-    return Server(shlex.split(web), env, ROOT, tmp / "heroku.log", port)
+    return Server(["bash", "-c", web], env, ROOT, tmp / "heroku.log", port)
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,11 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-import requestlog
 import simulator as sim_module
-from metrics import JsonFormatter, LineHandler
 from mpesa import mask_checkout_id
-from requestlog import RequestRecord
-from server import TEXT_LOG_FORMAT
+from telemetry import requestlog
+from telemetry.logs import TEXT_LOG_FORMAT, JsonFormatter, LineHandler
+from telemetry.requestlog import RequestRecord
 from tests.server_fixtures import free_port
 from tests.test_durability import ServerProcess, wait_until
 
@@ -297,9 +296,9 @@ def test_deferred_requests_are_recorded_by_the_request_log_thread(live_server_fa
 
 DEFERRED_AT_EXIT = """
 import logging, sys
-import metrics, requestlog
-handler = metrics.LineHandler(sys.stdout)
-handler.setFormatter(metrics.JsonFormatter())
+from telemetry import logs, requestlog
+handler = logs.LineHandler(sys.stdout)
+handler.setFormatter(logs.JsonFormatter())
 logging.basicConfig(level=logging.INFO, handlers=[handler])
 requestlog.defer(3600)   # the thread sleeps past the exit: the exit records what waits
 
@@ -325,7 +324,7 @@ def test_requests_still_waiting_are_recorded_at_exit():
         capture_output=True,
         text=True,
         timeout=30,
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": ""},
+        env={name: value for name, value in os.environ.items() if name != "PROMETHEUS_MULTIPROC_DIR"},
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -412,8 +411,8 @@ def test_json_request_logs_carry_the_request_fields_and_no_secrets(process_env, 
     assert_private(text, checkout_id)
 
 
-def test_python_server_logs_text_by_default(process_env, tmp_path):
-    server, checkout_id = pay_and_spoof_on_python_server(process_env, tmp_path / "server.log", "")
+def test_python_server_logs_text_when_asked(process_env, tmp_path):
+    server, checkout_id = pay_and_spoof_on_python_server(process_env, tmp_path / "server.log", "text")
     text = server.log_path.read_text()
     assert re.search(rf"\[{server.process.pid}\] INFO server: POST /stkpush 200 [\d.]+ms", text)
     assert "/hooks/stk/*** 403" in text
@@ -440,9 +439,10 @@ def test_gunicorn_workers_numbers_add_up(process_env, tmp_path, simulator):
         "STORE_URL": f"sqlite:///{tmp_path / 'payments.db'}",
         "WEB_CONCURRENCY": "3",
         "GUNICORN_THREADS": "4",
-        "LOG_FORMAT": "",  # gunicorn's default: JSON
-        "PROMETHEUS_MULTIPROC_DIR": "",
-    }  # gunicorn.conf.py makes a fresh one
+        "LOG_FORMAT": "",  # JSON: the output is not a terminal
+        # Set by the command that starts gunicorn (the Procfile makes a fresh one), as here.
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+    }
     server = ServerProcess(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"], env, port, tmp_path / "gunicorn.log"
     )
@@ -498,7 +498,7 @@ def test_gunicorn_workers_numbers_add_up(process_env, tmp_path, simulator):
 @pytest.mark.parametrize("access_log", [False, True])
 def test_gunicorn_with_one_worker_counts_and_logs_each_request(process_env, tmp_path, access_log):
     port, env = process_env
-    env = {**env, "LOG_FORMAT": "", "PROMETHEUS_MULTIPROC_DIR": ""}  # memory store: one worker
+    env = {**env, "LOG_FORMAT": ""}  # memory store: one worker, counting in memory
     extra = ["--access-logfile", "-"] if access_log else []
     server = ServerProcess(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *extra, "server:app"],
@@ -531,27 +531,33 @@ def test_gunicorn_with_one_worker_counts_and_logs_each_request(process_env, tmp_
     assert any('"message":"Worker exiting' in line for line in lines)
 
 
-def test_a_blank_metrics_directory_setting_counts_in_memory(process_env, tmp_path):
-    # An empty config var (PROMETHEUS_MULTIPROC_DIR=) must not switch on multiprocess mode.
-    port, env = process_env
-    server = ServerProcess(
-        [sys.executable, "server.py"], {**env, "PROMETHEUS_MULTIPROC_DIR": ""}, port, tmp_path / "server.log"
-    )
-    try:
-        checkout_id = push(server.url, "0700 000 000").json()["checkoutRequestId"]
-        assert settled(server.url, checkout_id)["status"] == "completed"
-        assert total(scrape(server.url), "mpesa_payments_total", status="completed") == 1
-    finally:
-        server.kill(signal.SIGTERM)
+def test_a_blank_metrics_directory_setting_stops_start_up(process_env):
+    # prometheus-client would take an empty PROMETHEUS_MULTIPROC_DIR for the working directory.
+    import subprocess
+
+    _, env = process_env
     root = Path(__file__).resolve().parent.parent
-    assert not list(root.glob(f"*_{server.process.pid}.db")), "metrics files written to the working directory"
+    before = set(root.glob("*.db"))
+    out = subprocess.run(
+        [sys.executable, "server.py"],
+        cwd=root,
+        env={**os.environ, **env, "PROMETHEUS_MULTIPROC_DIR": ""},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "Configuration error: PROMETHEUS_MULTIPROC_DIR is set but empty: unset it, or name a directory"
+    ]
+    assert set(root.glob("*.db")) == before, "metrics files written to the working directory"
 
 
 # ------------------------------------------------------------------- the log handler
 
 
 def line_logger(stream) -> logging.Logger:
-    """A logger of its own writing JSON lines through metrics.LineHandler to stream."""
+    """A logger of its own writing JSON lines through LineHandler to stream."""
     handler = LineHandler(stream)
     handler.setFormatter(JsonFormatter())
     logger = logging.getLogger(f"test-lines-{id(stream)}")
@@ -915,7 +921,7 @@ def test_a_handler_that_is_not_gathering_gets_each_line_through_logging(monkeypa
 def test_a_batch_of_requests_is_observed_as_each_request_would_be():
     from prometheus_client import CollectorRegistry, Histogram
 
-    import metrics
+    from telemetry import metrics
 
     route = f"/batch-{os.getpid()}-{time.monotonic_ns()}"
     # On the bounds, between them, past the last, and nothing at all.

@@ -1,6 +1,6 @@
 """The pages blueprint on its own: every page served, CSP-clean markup, the handset proxy.
 
-The blueprint is mounted on a bare Flask app with only the settings it reads, so these
+The blueprint is mounted on a bare Flask app with only the settings object it reads, so these
 tests need neither the payment server nor its store; the proxy talks over loopback HTTP
 to a real simulator.
 """
@@ -19,23 +19,18 @@ from flask import Flask
 import mpesa
 import pages
 import simulator as sim_module
+from config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["/", "/pay.html", "/confirmation.html", "/test.html", "/handset.html"]
 HANDSET_PHONE = "254712345678"  # not a built-in test number: it waits for the handset
 
 
-def make_app(**config) -> Flask:
+def make_app(**settings) -> Flask:
+    """The blueprint on a bare app; settings are Settings fields (base_url: the simulator's URL)."""
     app = Flask("pages_test", root_path=str(ROOT))
-    app.config.update(
-        TESTING=True,
-        MPESA_MODE="simulator",
-        SIMULATOR_URL=None,
-        MAX_AMOUNT=150_000,
-        USD_TO_KES_RATE=None,
-        BUSINESS_SHORTCODE="174379",
-    )
-    app.config.update(config)
+    app.config.update(TESTING=True)
+    app.extensions["settings"] = Settings(**{"mpesa_env": "simulator", "shortcode": "174379", **settings})
     app.register_blueprint(pages.bp)
     return app
 
@@ -53,7 +48,7 @@ def sim(simulator):
 
 @pytest.fixture
 def sim_client(sim):
-    return make_app(SIMULATOR_URL=sim.url).test_client()
+    return make_app(base_url=sim.url).test_client()
 
 
 def push(sim, phone=HANDSET_PHONE, amount=100, reference="CART-12345") -> str:
@@ -189,7 +184,7 @@ def page_config(client, path: str) -> dict:
 
 
 def test_page_config_carries_the_servers_settings():
-    app = make_app(MAX_AMOUNT=5000, USD_TO_KES_RATE=129.5, BUSINESS_SHORTCODE="600999")
+    app = make_app(max_amount=5000, usd_to_kes_rate=129.5, shortcode="600999")
     config = page_config(app.test_client(), "/pay.html")
     assert config["maxAmount"] == 5000
     assert config["usdToKesRate"] == 129.5
@@ -200,7 +195,7 @@ def test_page_config_carries_the_servers_settings():
 
 
 def test_page_config_cannot_break_out_of_its_script_block():
-    app = make_app(BUSINESS_SHORTCODE="</script><script>alert(1)</script>")
+    app = make_app(shortcode="</script><script>alert(1)</script>")
     html = app.test_client().get("/pay.html").get_data(as_text=True)
     assert "<script>alert(1)" not in html
     assert page_config(app.test_client(), "/pay.html")["shortcode"].startswith("</script>")
@@ -252,7 +247,7 @@ def test_simulator_mode_shows_the_demo_note_and_handset_link(client):
 
 @pytest.mark.parametrize("mode", ["sandbox", "production"])
 def test_handset_and_its_proxy_are_hidden_outside_simulator_mode(mode):
-    client = make_app(MPESA_MODE=mode, SIMULATOR_URL="http://127.0.0.1:9").test_client()
+    client = make_app(mpesa_env=mode, base_url="http://127.0.0.1:9").test_client()
     assert client.get("/handset.html").status_code == 404
     assert client.get("/simulator/prompts?phone=0712345678").status_code == 404
     assert client.post("/simulator/prompts/ws_CO_1/pin", json={"pin": "1234"}).status_code == 404
@@ -262,7 +257,7 @@ def test_handset_and_its_proxy_are_hidden_outside_simulator_mode(mode):
 
 
 def test_production_test_page_warns_that_pushes_are_real():
-    client = make_app(MPESA_MODE="production").test_client()
+    client = make_app(mpesa_env="production").test_client()
     assert "real payment request" in client.get("/test.html").get_data(as_text=True)
 
 
@@ -312,11 +307,11 @@ def test_proxy_refuses_unknown_actions_and_bad_phones(sim_client):
 
 
 def test_proxy_says_simulator_unavailable_when_it_cannot_be_reached():
-    client = make_app(SIMULATOR_URL=unused_port_url()).test_client()
+    client = make_app(base_url=unused_port_url()).test_client()
     expected = {"success": False, "message": "Simulator unavailable"}
     listed = client.get("/simulator/prompts?phone=0712345678")
     assert (listed.status_code, listed.get_json()) == (503, expected)
     acted = client.post("/simulator/prompts/ws_CO_1/pin", json={"pin": "1234"})
     assert (acted.status_code, acted.get_json()) == (503, expected)
-    unset = make_app(SIMULATOR_URL=None).test_client().get("/simulator/prompts?phone=0712345678")
+    unset = make_app(base_url=None).test_client().get("/simulator/prompts?phone=0712345678")
     assert (unset.status_code, unset.get_json()) == (503, expected)

@@ -24,14 +24,12 @@ import threading
 import time
 from collections import deque
 
-from flask import has_request_context, request
-
-import metrics
 from mpesa import mask_checkout_id
+from telemetry import logs, metrics
+from telemetry.logs import ENVIRON_KEY, RequestIdFilter
 
 log = logging.getLogger("server")
 
-ENVIRON_KEY = "mpesa.request_id"
 REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")  # an incoming X-Request-ID we reuse
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; "
@@ -186,7 +184,7 @@ def _loggable(path: str, route: str | None) -> str:
     return path if path == route else loggable_path(path)
 
 
-def _sole_json_handler() -> metrics.LineHandler | None:
+def _sole_json_handler() -> logs.LineHandler | None:
     """The handler request lines go to, when they go to it alone and nothing on the way can
     change or drop them: then record_requests makes the lines JsonFormatter would make of
     their records, without the records. None otherwise (a filter or another handler added,
@@ -197,28 +195,14 @@ def _sole_json_handler() -> metrics.LineHandler | None:
         return None
     handler = logging.root.handlers[0]
     if (
-        type(handler) is not metrics.LineHandler
+        type(handler) is not logs.LineHandler
         or not handler.gathering
         or handler.level > logging.INFO
-        or type(handler.formatter) is not metrics.JsonFormatter
+        or type(handler.formatter) is not logs.JsonFormatter
         or any(type(kept) is not RequestIdFilter for kept in handler.filters)
     ):
         return None
     return handler
-
-
-class RequestIdFilter(logging.Filter):
-    """Tags each record made while serving a request with that request's id.
-
-    Records made elsewhere (the request-log thread's) pass unchanged.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if has_request_context():
-            request_id = request.environ.get(ENVIRON_KEY)
-            if request_id:
-                record.request_id = request_id
-        return True
 
 
 _served: deque | None = None  # facts of requests waiting for the request-log thread, once deferred
@@ -297,7 +281,7 @@ class RequestRecord(logging.LogRecord):
         self.remote_addr, self.request_id = remote_addr, request_id
 
     def json_line(self) -> str | None:
-        """The line metrics.JsonFormatter makes of this record, made directly at a third of the cost.
+        """The line logs.JsonFormatter makes of this record, made directly at a third of the cost.
 
         None once a filter has added a field: the formatter then writes the record out in full.
         """
@@ -331,11 +315,11 @@ def _json_line(
     duration_ms: str,
     remote_addr: str | None,
 ) -> str:
-    """A request's line as metrics.JsonFormatter writes a RequestRecord: the same fields, in order.
+    """A request's line as logs.JsonFormatter writes a RequestRecord: the same fields, in order.
     head is _line_head()'s; request_id, message, method and path come JSON-encoded, and
     duration_ms as the number's text."""
     return (
-        f'{{"time":"{metrics.log_time(created)}{head}{request_id},"message":{message},'
+        f'{{"time":"{logs.log_time(created)}{head}{request_id},"message":{message},'
         f'"method":{method},"path":{path},"status":{status},"duration_ms":{duration_ms},'
         f'"remote_addr":{"null" if remote_addr is None else _json_text(remote_addr)}}}'
     )
@@ -351,7 +335,7 @@ _REQUEST_RECORD = {
     "levelname": _LEVEL,
     "pathname": __file__,
     "filename": os.path.basename(__file__),
-    "module": __name__,
+    "module": os.path.splitext(os.path.basename(__file__))[0],  # as LogRecord derives it
     "funcName": "RequestLog",
     "lineno": 0,
     "exc_info": None,

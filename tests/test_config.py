@@ -1,0 +1,182 @@
+"""config.py: the one reader of the environment, and the settings it checks at start-up."""
+
+from __future__ import annotations
+
+import ast
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+ENVIRONMENT_FUNCTIONS = {"getenv", "getenvb", "putenv", "unsetenv"}
+
+
+def environment_reads(path: Path) -> list[str]:
+    """Where a module touches the process environment: os.environ, os.getenv and the like."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute) and node.attr in {"environ", "environb"} | ENVIRONMENT_FUNCTIONS:
+            if isinstance(node.value, ast.Name) and node.value.id == "os":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} os.{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module == "os":
+            for alias in node.names:
+                if alias.name in {"environ", "environb"} | ENVIRONMENT_FUNCTIONS:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} from os import {alias.name}")
+    return found
+
+
+def project_modules() -> list[Path]:
+    """Every Python file of the server: all but the tests, the benchmarks and installed packages."""
+    skipped = {"tests", "bench", "examples", "node_modules", "__pycache__"}
+    return [
+        path
+        for path in ROOT.rglob("*.py")
+        if not skipped & set(path.relative_to(ROOT).parts) and not path.relative_to(ROOT).parts[0].startswith(".")
+    ]
+
+
+def test_config_is_the_only_module_that_reads_the_environment():
+    modules = project_modules()
+    assert ROOT / "config.py" in modules and ROOT / "gunicorn.conf.py" in modules
+    assert environment_reads(ROOT / "config.py"), "the scan finds config.py's reads"
+    elsewhere = [read for path in modules if path.name != "config.py" for read in environment_reads(path)]
+    assert not elsewhere, elsewhere
+
+
+@pytest.mark.parametrize(
+    "environ, setting",
+    [
+        ({"LOG_FORMAT": "yaml"}, "LOG_FORMAT"),
+        ({"WEB_CONCURRENCY": "2"}, "WEB_CONCURRENCY"),  # memory:// by default
+        ({"STORE_URL": "memory://", "WEB_CONCURRENCY": "3"}, "WEB_CONCURRENCY"),
+        ({"STORE_URL": "sqlite:///x.db", "WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
+        ({"GUNICORN_THREADS": "0"}, "GUNICORN_THREADS"),
+        ({"GUNICORN_THREADS": "eight"}, "GUNICORN_THREADS"),
+        ({"PROMETHEUS_MULTIPROC_DIR": ""}, "PROMETHEUS_MULTIPROC_DIR"),
+        ({"PROMETHEUS_MULTIPROC_DIR": "  "}, "PROMETHEUS_MULTIPROC_DIR"),
+        ({"SIMULATOR_PORT": "70000"}, "SIMULATOR_PORT"),
+        ({"SIMULATOR_PORT": "3001", "PORT": "3001"}, "SIMULATOR_PORT"),
+        ({"SIMULATOR_PORT": "3002", "MPESA_BASE_URL": "http://127.0.0.1:9"}, "SIMULATOR_PORT"),
+        ({"STORE_URL": "sqlite:///x.db", "WEB_CONCURRENCY": "3", "PORT": "0"}, "SIMULATOR_PORT"),
+        ({"ADMIN_LOGIN_FREE_TRIES": "-1"}, "ADMIN_LOGIN_FREE_TRIES"),
+        ({"ADMIN_LOGIN_DELAY": "0"}, "ADMIN_LOGIN_DELAY"),
+        ({"ADMIN_LOGIN_MAX_DELAY": "soon"}, "ADMIN_LOGIN_MAX_DELAY"),
+    ],
+)
+def test_a_bad_setting_is_refused_with_one_line_naming_it(environ, setting):
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ)
+    message = str(refused.value)
+    assert setting in message and "\n" not in message
+
+
+def test_a_metrics_directory_is_made_when_missing(tmp_path):
+    wanted = tmp_path / "metrics" / "server"
+    assert load_settings({"PROMETHEUS_MULTIPROC_DIR": str(wanted)}).metrics_dir == str(wanted)
+    assert wanted.is_dir()
+
+
+def test_a_metrics_directory_that_cannot_be_made_is_refused(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match=r"^PROMETHEUS_MULTIPROC_DIR: cannot make the directory"):
+        load_settings({"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "a-file" / "metrics")})
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_metrics_directory_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(ConfigError, match=r"^PROMETHEUS_MULTIPROC_DIR: .* is not writable"):
+            load_settings({"PROMETHEUS_MULTIPROC_DIR": str(locked)})
+    finally:
+        locked.chmod(0o700)
+
+
+def test_without_a_metrics_directory_each_process_counts_alone():
+    assert load_settings({}).metrics_dir is None
+
+
+@pytest.mark.parametrize("terminal, expected", [(True, "text"), (False, "json")])
+def test_the_log_format_is_text_on_a_terminal_and_json_otherwise(monkeypatch, terminal, expected):
+    class Stdout(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    monkeypatch.setattr(sys, "stdout", Stdout())
+    assert load_settings({}).log_format == expected
+    assert load_settings({"LOG_FORMAT": ""}).log_format == expected  # blank is unset
+    assert load_settings({"LOG_FORMAT": "TEXT"}).log_format == "text"
+    assert load_settings({"LOG_FORMAT": "json"}).log_format == "json"
+
+
+def test_workers_default_to_one_for_memory_and_two_per_core_and_one_otherwise():
+    assert load_settings({}).workers == 1
+    assert load_settings({"WEB_CONCURRENCY": "1"}).workers == 1
+    shared = {"STORE_URL": "sqlite:///x.db", "MPESA_BASE_URL": "http://127.0.0.1:9"}
+    assert load_settings(shared).workers == (os.cpu_count() or 1) * 2 + 1
+    assert load_settings({**shared, "WEB_CONCURRENCY": "4", "GUNICORN_THREADS": "2"}).workers == 4
+    assert load_settings({**shared, "GUNICORN_THREADS": "2"}).threads == 2
+    assert load_settings({}).threads == 8
+
+
+def test_several_workers_share_one_simulator_and_one_runs_its_own():
+    alone = load_settings({"PORT": "4000"})
+    assert alone.simulator_port is None and alone.base_url is None  # the process starts its own
+    several = load_settings({"PORT": "4000", "STORE_URL": "sqlite:///x.db", "WEB_CONCURRENCY": "3"})
+    assert several.simulator_port == 4001 and several.base_url == "http://127.0.0.1:4001"
+    chosen = load_settings({"PORT": "4000", "SIMULATOR_PORT": "5000"})
+    assert chosen.simulator_port == 5000 and chosen.base_url == "http://127.0.0.1:5000"
+    elsewhere = load_settings({"STORE_URL": "sqlite:///x.db", "WEB_CONCURRENCY": "3", "MPESA_BASE_URL": "http://d:9"})
+    assert elsewhere.simulator_port is None and elsewhere.base_url == "http://d:9"
+
+
+def test_the_simulator_port_means_nothing_outside_simulator_mode():
+    sandbox = {
+        "MPESA_ENV": "sandbox",
+        "MPESA_CONSUMER_KEY": "key",
+        "MPESA_CONSUMER_SECRET": "secret",
+        "CALLBACK_URL": "https://shop.example.com",
+        "CALLBACK_TOKEN": "callback-token-0123456789",
+        "SIMULATOR_PORT": "5000",
+    }
+    settings = load_settings(sandbox)
+    assert settings.simulator_port is None and settings.base_url is None
+
+
+def test_admin_sign_in_limits_are_settings():
+    defaults = load_settings({})
+    assert (defaults.admin_login_free_tries, defaults.admin_login_delay, defaults.admin_login_max_delay) == (3, 1, 300)
+    given = load_settings({"ADMIN_LOGIN_FREE_TRIES": "0", "ADMIN_LOGIN_DELAY": "0.5", "ADMIN_LOGIN_MAX_DELAY": "10"})
+    assert (given.admin_login_free_tries, given.admin_login_delay, given.admin_login_max_delay) == (0, 0.5, 10)
+
+
+@pytest.mark.parametrize(
+    "command, environ, setting",
+    [
+        ([sys.executable, "server.py"], {"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        (
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"],
+            {"WEB_CONCURRENCY": "2", "STORE_URL": "memory://"},
+            "WEB_CONCURRENCY",
+        ),
+        (
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"],
+            {"PROMETHEUS_MULTIPROC_DIR": "/proc/no-metrics-here"},
+            "PROMETHEUS_MULTIPROC_DIR",
+        ),
+    ],
+    ids=["server.py-log-format", "gunicorn-memory-workers", "gunicorn-metrics-directory"],
+)
+def test_a_bad_setting_stops_start_up_with_one_line(command, environ, setting):
+    env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "PORT": "0", "PYTHONUNBUFFERED": "1", **environ}
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Configuration error: ") and setting in lines[0], lines
