@@ -263,7 +263,7 @@ def nairobi_date(minutes_ago: float) -> str:
     return datetime.fromtimestamp(NOW - minutes_ago * 60, mpesa.NAIROBI).date().isoformat()
 
 
-# ------------------------------------------------------------ signing in
+# Signing in.
 
 
 def test_dashboard_is_off_without_an_admin_token(live_server_factory):
@@ -406,7 +406,7 @@ def test_a_new_admin_token_signs_everyone_out(live_server_factory, tmp_path):
     Admin(after, "a-brand-new-token")
 
 
-# ------------------------------------------------------------------ CSRF
+# CSRF.
 
 
 def test_state_changing_posts_need_the_csrf_token(live):
@@ -429,7 +429,7 @@ def test_the_sign_in_form_needs_its_csrf_token_too(live):
     assert answer.status_code == 400 and "expired" in answer.text
 
 
-# ---------------------------------------------------------- the numbers
+# The numbers.
 
 
 def test_overview_of_the_last_hour_matches_the_hand_count(operator):
@@ -494,7 +494,7 @@ def test_reconcile_settles_stale_payments_and_shows_them(live_server_factory):
     assert live.app.extensions["store"].get(checkout_id).settled_by == "timeout"
 
 
-# ------------------------------------------------------- finding payments
+# Finding payments.
 
 
 @pytest.mark.parametrize(
@@ -595,7 +595,7 @@ def test_unknown_payment_page_is_a_404(live):
     assert answer.status_code == 404 and "No such payment" in answer.text
 
 
-# ------------------------------------------------------------- the CSV
+# The CSV.
 
 
 def export(admin: Admin, **params) -> list[dict]:

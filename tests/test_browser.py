@@ -343,8 +343,8 @@ def test_the_pages_phone_and_amount_rules_match_the_servers(open_page, server):
         except mpesa.InvalidInput:
             return None
 
-    assert dict(zip(PHONES, results["phones"])) == {p: server_phone(p) for p in PHONES}
-    assert dict(zip(AMOUNTS, results["amounts"])) == {a: server_amount(a) for a in AMOUNTS}
+    assert dict(zip(PHONES, results["phones"], strict=True)) == {p: server_phone(p) for p in PHONES}
+    assert dict(zip(AMOUNTS, results["amounts"], strict=True)) == {a: server_amount(a) for a in AMOUNTS}
 
 
 def test_test_page_checks_the_connection_and_follows_a_test_push(open_page, server):

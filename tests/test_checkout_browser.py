@@ -77,7 +77,7 @@ def run_checkout(page, options: dict, abort_after_ms: int | None = None) -> dict
     )
 
 
-# ------------------------------------------------------------------ the module on its own
+# The module on its own.
 
 
 def test_module_pays_and_reports_progress_on_the_way(open_page, live_server_factory, simulator):
@@ -153,7 +153,7 @@ def test_module_gives_up_after_max_polls_with_a_timeout(open_page, live_server_f
     assert [p["pollsLeft"] for p in outcome["progress"]] == [3, 3, 2, 1, 0]
 
 
-# ------------------------------------------------------------------ the pay page
+# The pay page.
 
 
 def test_pay_page_loads_the_checkout_module_and_pays(open_page, live_server_factory, simulator):

@@ -43,7 +43,7 @@ PRODUCTION = {
 }
 
 
-# --- what the server reads -------------------------------------------------------------------
+# What the server reads.
 
 
 def settings_read() -> dict[str, tuple[str, ...]]:
@@ -100,7 +100,7 @@ def heroku_env(blank_as_unset: bool = False) -> dict[str, str]:
     return env
 
 
-# --- the Dockerfile, .dockerignore and compose.yaml, read without Docker -----------------------
+# The Dockerfile, .dockerignore and compose.yaml, read without Docker.
 
 
 def dockerfile() -> list[tuple[str, str]]:
@@ -184,9 +184,9 @@ def build_context() -> list[str]:
     ignored, files = dockerignored(), []
     for folder, dirs, names in os.walk(ROOT):
         rel_folder = os.path.relpath(folder, ROOT)
-        rel = (lambda name: name) if rel_folder == "." else (lambda name: f"{rel_folder}/{name}")
-        dirs[:] = [d for d in dirs if not ignored(rel(d))]
-        files += [rel(name) for name in names if not ignored(rel(name))]
+        prefix = "" if rel_folder == "." else f"{rel_folder}/"
+        dirs[:] = [d for d in dirs if not ignored(prefix + d)]
+        files += [prefix + name for name in names if not ignored(prefix + name)]
     return files
 
 
@@ -209,7 +209,7 @@ def compose() -> list[str]:
     return (ROOT / "compose.yaml").read_text().splitlines()
 
 
-# --- app.json ---------------------------------------------------------------------------------
+# app.json.
 
 
 def test_app_json_describes_every_setting_the_server_reads():
@@ -287,7 +287,7 @@ def test_app_json_defaults_give_the_simulator_demo(blank_as_unset):
     assert settings.trusted_proxies == 1
 
 
-# --- Dockerfile, .dockerignore, compose.yaml --------------------------------------------------
+# Dockerfile, .dockerignore, compose.yaml.
 
 
 def test_dockerfile_runs_the_procfile_command_on_slim_python_311():
@@ -385,7 +385,7 @@ def test_compose_runs_the_server_on_a_durable_redis():
     )
 
 
-# --- the commands themselves ------------------------------------------------------------------
+# The commands themselves.
 
 
 def free_port() -> int:

@@ -201,7 +201,7 @@ def test_killing_a_worker_under_load_loses_nothing(server_env, shared_store_url,
             requests.post(f"{simulator.url}/simulator/prompts/{checkout_id}/pin", json={"pin": "1234"}, timeout=5)
         for checkout_id in ids:
             # Completed by callback, or by query first and then given its receipt by the callback.
-            wait_until(lambda: status(server.url, checkout_id).get("MpesaReceiptNumber"))
+            wait_until(lambda checkout_id=checkout_id: status(server.url, checkout_id).get("MpesaReceiptNumber"))
         receipts = [status(server.url, checkout_id)["MpesaReceiptNumber"] for checkout_id in ids]
         assert len(set(receipts)) == len(ids)
         callbacks = requests.get(simulator.url + "/simulator/callbacks", timeout=5).json()["callbacks"]

@@ -127,7 +127,7 @@ def parse(html: str) -> Markup:
     return markup
 
 
-# ------------------------------------------------------------------ pages
+# Pages.
 
 
 @pytest.mark.parametrize("path", PAGES)
@@ -266,7 +266,7 @@ def test_production_test_page_warns_that_pushes_are_real():
     assert "real payment request" in client.get("/test.html").get_data(as_text=True)
 
 
-# ------------------------------------------------------------------ handset proxy
+# Handset proxy.
 
 
 def test_proxy_lists_the_phones_pending_prompts(sim, sim_client):

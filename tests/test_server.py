@@ -65,7 +65,7 @@ def live(live_server_factory, simulator):
     return live_server_factory(ADMIN_TOKEN="admin-secret")
 
 
-# ----------------------------------------------------------------- outcomes
+# Outcomes.
 
 
 def test_paid_payment_completes_with_its_receipt(live):
@@ -140,7 +140,7 @@ def test_a_real_result_after_our_timeout_still_counts(live_server_factory, simul
     assert "late_result" in admin(live, checkout_id)["flags"]
 
 
-# -------------------------------------------------------- callbacks and query
+# Callbacks and query.
 
 
 def test_lost_callback_is_settled_by_query(live_server_factory, simulator):
@@ -255,7 +255,7 @@ def test_callback_result_is_visible_to_the_next_poll(live):
     assert poll(live, checkout_id, timeout=0)["reason"] == "cancelled"
 
 
-# ---------------------------------------------------------------- idempotency
+# Idempotency.
 
 
 def test_retry_with_the_same_key_sends_no_second_prompt(live):
@@ -284,7 +284,7 @@ def test_a_key_whose_request_was_refused_can_be_used_again(live):
     assert live.post("/stkpush", json={"phone": "123", "amount": 100}, headers=headers).status_code == 400
 
 
-# ------------------------------------------------------------- Daraja trouble
+# Daraja trouble.
 
 
 def test_daraja_unreachable_is_503(live_server_factory):
@@ -322,7 +322,7 @@ def test_daraja_errors_never_leak_as_500(live, mode, status):
     assert "<html" not in response.text.lower() and "Traceback" not in response.text
 
 
-# ----------------------------------------------------------------- validation
+# Validation.
 
 
 @pytest.mark.parametrize(
@@ -389,7 +389,7 @@ def test_max_amount_is_configurable(live_server_factory):
     assert push(live, WAITING, 1001).json()["message"] == "Amount must not exceed 1,000 KES"
 
 
-# -------------------------------------------------------------------- status
+# Status.
 
 
 def test_unknown_transaction_is_404(live):
@@ -473,7 +473,7 @@ def test_kept_answers_are_bounded_oldest_first():
     assert [answers.get(f"ws_CO_{n}") for n in range(3)] == [None, b"1", b"2"]
 
 
-# -------------------------------------------------------------------- health
+# Health.
 
 
 def test_health_names_mode_and_store(live):
@@ -489,7 +489,7 @@ def test_deep_health_fetches_a_token(live, live_server_factory):
     assert response.status_code == 503 and response.json()["status"] == "error"
 
 
-# --------------------------------------------------------------- admin API
+# Admin API.
 
 
 def test_transactions_api_is_off_without_a_token(live_server_factory):
@@ -524,7 +524,7 @@ def test_unknown_transaction_detail_is_404(live):
     assert response.status_code == 404
 
 
-# ---------------------------------------------------------- errors and logs
+# Errors and logs.
 
 
 def test_unknown_paths_and_methods_answer_json(live):

@@ -128,7 +128,7 @@ def assert_error(response, status: int, code: str, message: str) -> None:
     assert isinstance(body["requestId"], str) and body["requestId"]
 
 
-# ------------------------------------------------------------------- OAuth
+# OAuth.
 
 
 def test_oauth_issues_a_28_character_token_with_expires_in_as_a_string(daraja):
@@ -211,7 +211,7 @@ def test_push_without_a_valid_bearer_token_is_refused(daraja, headers):
     assert_error(response, 404, "404.001.03", "Invalid Access Token")
 
 
-# ------------------------------------------------------------------ STK Push
+# STK Push.
 
 
 def test_push_is_acknowledged_in_darajas_shape(daraja):
@@ -397,7 +397,7 @@ def test_unknown_paths_and_methods_answer_like_daraja(daraja):
     )
 
 
-# ------------------------------------------------------------------ STK Query
+# STK Query.
 
 
 def test_query_says_pending_then_gives_the_result_code_as_a_string(daraja):
@@ -448,7 +448,7 @@ def test_querying_the_same_push_too_often_is_a_spike_arrest(daraja):
     assert daraja.query(other).json()["errorMessage"] == "The transaction is being processed"
 
 
-# ------------------------------------------------------------------ callbacks
+# Callbacks.
 
 
 def assert_failure_callback(body: dict, ack: dict, code, desc: str) -> None:
@@ -545,7 +545,7 @@ def test_a_receiver_answering_500_is_counted_as_a_failed_callback(daraja, callba
     assert daraja.control("GET", "stats").json()["callbacks_failed"] == 1
 
 
-# -------------------------------------------------------------- the handset
+# The handset.
 
 
 @pytest.mark.parametrize(
@@ -646,7 +646,7 @@ def test_prompts_are_listed_newest_first_and_filtered(daraja):
     assert daraja.control("GET", "prompts", params={"phone": "12"}).status_code == 400
 
 
-# ------------------------------------------------------------------ scenarios
+# Scenarios.
 
 
 def test_a_rule_on_amount_decides_the_result(daraja, callback_receiver):
@@ -756,7 +756,7 @@ def test_rules_are_listed_and_cleared(daraja):
     assert daraja.control("GET", "scenarios").json() == {"scenarios": []}
 
 
-# --------------------------------------------------------------------- faults
+# Faults.
 
 
 def oauth_answer(daraja):
@@ -878,7 +878,7 @@ def test_invalid_faults_are_refused(daraja, fault):
     assert daraja.control("POST", "faults", json=fault).status_code == 400
 
 
-# ---------------------------------------------------- configuration and stats
+# Configuration and stats.
 
 
 def test_config_hides_secrets_and_changes_at_run_time(daraja):

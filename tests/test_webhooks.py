@@ -156,7 +156,7 @@ def history(tx: Transaction | dict, name: str) -> list[dict]:
     return [entry for entry in entries if entry["event"] == name]
 
 
-# ------------------------------------------------------------------ signatures
+# Signatures.
 
 
 def test_a_signature_verifies_and_follows_the_documented_formula():
@@ -209,7 +209,7 @@ def test_an_empty_secret_is_a_configuration_error():
         webhooks.verify([], "t=1,v1=00", b"{}")
 
 
-# ---------------------------------------------------------------------- events
+# Events.
 
 
 def test_events_are_repeatable_and_a_late_result_gets_its_own_id():
@@ -230,7 +230,7 @@ def test_events_are_repeatable_and_a_late_result_gets_its_own_id():
         webhooks.event_for(final_tx(status="pending"))
 
 
-# ----------------------------------------------------- delivery, sender alone
+# Delivery, sender alone.
 
 
 def test_notify_returns_at_once_while_the_shop_is_slow(receiver_factory, senders):
@@ -257,7 +257,7 @@ def test_a_shop_that_never_succeeds_is_retried_with_growing_delays_then_given_up
     assert receiver.ids() == [event] * 4
     # base * 2**(n-1), capped at max_delay, jittered into its upper half
     assert len(delays) == 3
-    for delay, (low, high) in zip(delays, [(0.5, 1.0), (1.0, 2.0), (1.5, 3.0)]):
+    for delay, (low, high) in zip(delays, [(0.5, 1.0), (1.0, 2.0), (1.5, 3.0)], strict=True):
         assert low <= delay <= high
     tx = store.get(CHECKOUT)
     assert [e["status"] for e in history(tx, "webhook_attempt")] == [500] * 4
@@ -343,7 +343,7 @@ def test_logs_name_the_event_but_never_the_secret_or_the_phone(receiver_factory,
         assert secret not in caplog.text
 
 
-# ------------------------------------------------------------------ end to end
+# End to end.
 
 
 def push(live, phone, amount=100, **extra):
