@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import re
-import threading
 import time
 from datetime import datetime, timedelta
 from html import unescape
@@ -19,14 +18,10 @@ from html.parser import HTMLParser
 import pytest
 import requests
 from flask import request
-from werkzeug.serving import make_server
 
 import mpesa
-from config import load_settings
-from server import create_app
 from store import Transaction
-from tests.server_fixtures import SERVER_DEFAULTS, LiveServer, free_port
-from tests.test_server import CANCELLED, PAID, WAITING, poll, started
+from tests.helpers import CANCELLED, PAID, WAITING, poll, start_live_server, started
 
 TOKEN = "admin-secret"
 NOW = time.time()
@@ -233,23 +228,9 @@ OLDER_SET = [
 @pytest.fixture(scope="module")
 def stocked(simulator_session):
     """One server for the tests that only read: the hand-counted records in its store."""
-    port = free_port()
-    app = create_app(
-        load_settings(
-            {
-                **SERVER_DEFAULTS,
-                "MPESA_BASE_URL": simulator_session.url,
-                "PORT": str(port),
-                "ADMIN_TOKEN": TOKEN,
-                "CALLBACK_URL": f"http://127.0.0.1:{port}",
-            }
-        )
-    )
+    live = start_live_server(simulator_session.url, ADMIN_TOKEN=TOKEN)
     for tx in HOUR_SET + OLDER_SET:
-        app.extensions["store"].create(tx)
-    server = make_server("127.0.0.1", port, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    live = LiveServer(f"http://127.0.0.1:{port}", simulator_session.url, app, server)
+        live.app.extensions["store"].create(tx)
     yield live
     live.stop()
 

@@ -16,7 +16,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,8 +26,8 @@ import pytest
 import requests
 
 from config import ConfigError, load_settings
+from tests.helpers import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 SETTING_READERS = {"_get", "_int", "_float", "_bool"}
 # Read (or, for REDIS_URL, possibly read) by the server but set by Heroku, never by app.json.
 PLATFORM_SET = {"PORT": "Heroku sets it on every web dyno", "REDIS_URL": "the heroku-redis add-on sets and rotates it"}
@@ -386,12 +385,6 @@ def test_compose_runs_the_server_on_a_durable_redis():
 
 
 # The commands themselves.
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def base_env(home: Path) -> dict[str, str]:

@@ -33,8 +33,7 @@ from metrics import JsonFormatter, LineHandler
 from mpesa import mask_checkout_id
 from requestlog import RequestRecord
 from server import TEXT_LOG_FORMAT
-from tests.server_fixtures import free_port
-from tests.test_durability import ServerProcess, wait_until
+from tests.helpers import ServerProcess, free_port, wait_until
 
 ADMIN = "admin-secret"
 TOKEN = "test-callback-token-0123456789"

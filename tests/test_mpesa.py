@@ -13,6 +13,7 @@ import requests
 
 import mpesa
 import simulator as sim
+from tests.helpers import FakeClock
 
 PHONE = "254712345678"
 CALLBACK = "http://127.0.0.1:9/hooks/stk/token"
@@ -321,12 +322,12 @@ def test_a_hundred_threads_at_cold_start_fetch_one_token(simulator, daraja):
 
 
 def test_token_is_refreshed_a_minute_before_it_expires(simulator):
-    now = [1000.0]
-    with client_for(simulator.url, token_cache=mpesa.TokenCache(clock=lambda: now[0])) as client:
+    clock = FakeClock()
+    with client_for(simulator.url, token_cache=mpesa.TokenCache(clock=clock)) as client:
         first = client.access_token()
-        now[0] += 3599 - 61
+        clock.advance(3599 - 61)
         assert client.access_token() == first
-        now[0] += 2
+        clock.advance(2)
         assert client.access_token() != first
     assert stats(simulator)["tokens_issued"] == 2
 

@@ -29,7 +29,6 @@ import os
 import re
 import string
 import time
-from pathlib import Path
 from urllib.parse import quote, unquote
 
 import pytest
@@ -41,13 +40,12 @@ from openapi_spec_validator import validate as validate_spec
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
-from tests.server_fixtures import SERVER_DEFAULTS
+from tests.helpers import CALLBACK_TOKEN, ROOT
 
-SPEC_FILE = Path(__file__).resolve().parent.parent / "static" / "openapi.json"
+SPEC_FILE = ROOT / "static" / "openapi.json"
 SPEC = json.loads(SPEC_FILE.read_text(encoding="utf-8"))
 
 ADMIN_TOKEN = "fuzz-admin-token-0123456789"
-CALLBACK_TOKEN = SERVER_DEFAULTS["CALLBACK_TOKEN"]
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 MAX_AMOUNT = 150_000
 CHECKOUT_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -19,8 +17,8 @@ from flask import Flask
 import mpesa
 import pages
 import simulator as sim_module
+from tests.helpers import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["/", "/pay.html", "/confirmation.html", "/test.html", "/handset.html"]
 HANDSET_PHONE = "254712345678"  # not a built-in test number: it waits for the handset
 
@@ -47,7 +45,7 @@ def client():
 
 @pytest.fixture
 def sim(simulator):
-    """The shared test simulator (tests/sim_fixtures.py), freshly reset."""
+    """The shared test simulator (tests/conftest.py), freshly reset."""
     return simulator
 
 
@@ -72,9 +70,7 @@ def push(sim, phone=HANDSET_PHONE, amount=100, reference="CART-12345") -> str:
 
 
 def unused_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 class Markup(HTMLParser):

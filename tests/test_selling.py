@@ -10,7 +10,7 @@ import pytest
 import requests
 
 import checkout
-from tests.test_server import admin, callback_body, hook, poll
+from tests.helpers import admin, callback_body, hook, poll
 
 CATALOG = {
     "items": [

@@ -13,41 +13,24 @@ import requests
 from payments import settled_for_good
 from server import FinalAnswers
 from store import Transaction
-
-PAID, CANCELLED, WRONG_PIN, BROKE, UNREACHABLE = (
-    "254700000000",
-    "254700001032",
-    "254700002001",
-    "254700000001",
-    "254700001037",
+from tests.helpers import (
+    BROKE,
+    CANCELLED,
+    PAID,
+    UNREACHABLE,
+    WAITING,
+    WRONG_PIN,
+    FakeClock,
+    admin,
+    callback_body,
+    hook,
+    poll,
+    started,
 )
-WAITING = "254712345678"  # not a test number: waits for the simulated handset
 
 
 def push(live, phone=PAID, amount=100, **extra):
     return live.post("/stkpush", json={"phone": phone, "amount": amount, **extra}, headers=extra.pop("headers", None))
-
-
-def started(live, phone=WAITING, amount=100, **extra) -> str:
-    response = push(live, phone, amount, **extra)
-    assert response.status_code == 200, response.text
-    return response.json()["checkoutRequestId"]
-
-
-def poll(live, checkout_id, until=lambda a: a["status"] != "pending", timeout=10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        response = live.post("/stkpush/status", json={"checkoutRequestId": checkout_id})
-        answer = response.json()
-        if until(answer) or time.monotonic() > deadline:
-            return answer
-        time.sleep(0.1)
-
-
-def admin(live, checkout_id) -> dict:
-    response = live.get(f"/transactions/{checkout_id}", headers={"Authorization": "Bearer admin-secret"})
-    assert response.status_code == 200, response.text
-    return response.json()["transaction"]
 
 
 def events(tx) -> list[str]:
@@ -193,30 +176,6 @@ def test_contradicting_late_callback_is_ignored(live):
         time.sleep(0.1)
     assert "contradiction_ignored" in events(admin(live, checkout_id))
     assert poll(live, checkout_id)["reason"] == "cancelled"
-
-
-def callback_body(checkout_id, code=0, amount=100.0, receipt="SIM0000001"):
-    body = {
-        "MerchantRequestID": "1-2-3",
-        "CheckoutRequestID": checkout_id,
-        "ResultCode": code,
-        "ResultDesc": "The service request is processed successfully.",
-    }
-    if code == 0:
-        body["CallbackMetadata"] = {
-            "Item": [
-                {"Name": "Amount", "Value": amount},
-                {"Name": "MpesaReceiptNumber", "Value": receipt},
-                {"Name": "Balance"},
-                {"Name": "TransactionDate", "Value": 20261123103000},
-                {"Name": "PhoneNumber", "Value": 254712345678},
-            ]
-        }
-    return {"Body": {"stkCallback": body}}
-
-
-def hook(live, token="test-callback-token-0123456789"):
-    return f"/hooks/stk/{token}"
 
 
 def test_spoofed_callback_is_refused_and_changes_nothing(live):
@@ -455,19 +414,19 @@ def test_only_answers_nothing_can_change_are_kept(tx, for_good):
 
 
 def test_kept_answers_go_when_the_store_may_forget_the_payment():
-    now = [1000.0]
-    answers = FinalAnswers(retention=60, clock=lambda: now[0])
+    clock = FakeClock(1000.0)
+    answers = FinalAnswers(retention=60, clock=clock)
     answers.keep(settled_tx(completed_at=1000.0), b"paid")
-    now[0] = 1059.9
+    clock.now = 1059.9
     assert answers.get("ws_CO_1") == b"paid"
-    now[0] = 1060.0
+    clock.now = 1060.0
     assert answers.get("ws_CO_1") is None
     answers.keep(settled_tx(completed_at=990.0), b"paid")  # already past its retention
     assert answers.get("ws_CO_1") is None
 
 
 def test_kept_answers_are_bounded_oldest_first():
-    answers = FinalAnswers(retention=60, clock=lambda: 1000.0, size=2)
+    answers = FinalAnswers(retention=60, clock=FakeClock(1000.0), size=2)
     for n in range(3):
         answers.keep(replace(settled_tx(), checkout_request_id=f"ws_CO_{n}"), b"%d" % n)
     assert [answers.get(f"ws_CO_{n}") for n in range(3)] == [None, b"1", b"2"]

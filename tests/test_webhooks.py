@@ -15,10 +15,9 @@ import pytest
 
 import webhooks
 from store import Transaction, open_store
-from tests.server_fixtures import free_port
+from tests.helpers import CANCELLED, PAID, WAITING, free_port, wait_until
 
 SECRET = "whsec_test_0123456789abcdef"
-PAID, CANCELLED, WAITING = "254700000000", "254700001032", "254712345678"
 
 
 def checkout(n: int) -> str:
@@ -122,13 +121,6 @@ def senders():
     yield build
     for sender in built:
         sender.close()
-
-
-def wait_for(check, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while not (result := check()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return result
 
 
 def final_tx(checkout_id=CHECKOUT, status="completed", **fields) -> Transaction:
@@ -243,7 +235,7 @@ def test_notify_returns_at_once_while_the_shop_is_slow(receiver_factory, senders
     assert time.monotonic() - started < 0.3
     assert store.get(CHECKOUT).extra["webhooks"][event]["delivered"] is False
     receiver.wait(1)
-    assert wait_for(lambda: store.get(CHECKOUT).extra["webhooks"][event]["delivered"])
+    assert wait_until(lambda: store.get(CHECKOUT).extra["webhooks"][event]["delivered"])
 
 
 def test_a_shop_that_never_succeeds_is_retried_with_growing_delays_then_given_up(receiver_factory, senders):
@@ -360,7 +352,7 @@ def admin(live, checkout_id) -> dict:
 
 def delivered(live, checkout_id, count=1) -> dict:
     """The record once `count` webhook deliveries are in its history."""
-    tx = wait_for(lambda: (tx := admin(live, checkout_id)) and len(history(tx, "webhook_delivered")) >= count and tx)
+    tx = wait_until(lambda: (tx := admin(live, checkout_id)) and len(history(tx, "webhook_delivered")) >= count and tx)
     assert tx, f"no {count} delivery(ies) recorded for {checkout_id}"
     return tx
 
@@ -424,7 +416,7 @@ def test_a_process_that_dies_just_after_settling_leaves_the_event_to_be_sent(sho
 
     payments.on_final = dies_before_queueing
     checkout_id = push(live, PAID)
-    tx = wait_for(lambda: (tx := admin(live, checkout_id)) and tx["status"] == "completed" and tx)
+    tx = wait_until(lambda: (tx := admin(live, checkout_id)) and tx["status"] == "completed" and tx)
     event_id = f"evt_{checkout_id}_completed"
     assert tx["extra"]["webhooks"][event_id]["delivered"] is False  # saved with the verdict
     time.sleep(0.3)
@@ -459,7 +451,7 @@ def test_duplicate_callbacks_from_daraja_cause_no_second_delivery(shop):
     assert response.status_code == 201, response.text
     checkout_id = push(live, WAITING)
     receiver.wait(1)
-    assert wait_for(lambda: history(admin(live, checkout_id), "duplicate_ignored"))
+    assert wait_until(lambda: history(admin(live, checkout_id), "duplicate_ignored"))
     time.sleep(0.3)
     assert receiver.ids() == [f"evt_{checkout_id}_completed"]
 
