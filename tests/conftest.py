@@ -1,7 +1,176 @@
-"""Shared fixtures, one plugin module per concern."""
+"""The fixtures test modules share; the plain helpers behind them are in tests/helpers.py.
 
-pytest_plugins = [
-    "tests.redis_fixtures",
-    "tests.sim_fixtures",
-    "tests.server_fixtures",
-]
+- `simulator`: one Daraja simulator per session (`simulator_session`) on a free loopback
+  port, reset and given the fast TEST_SETTINGS before each test (issued tokens stay valid).
+- `callback_receiver`: a real HTTP server in a thread recording the JSON POSTed to it.
+- `live_server_factory`: start payment servers talking to the simulator, with settings given
+  as environment strings (`factory(TRANSACTION_TTL="3")`); `live_server`: one with defaults.
+- `redis_url` (session): database 15 of a throwaway redis-server on a free port with
+  persistence off, else redis://127.0.0.1:6379/15 if something answers there, else a loud
+  skip; `clean_redis_url` empties that database first.
+- `backend` and `store`: each test that asks runs on memory, SQLite and Redis in turn.
+- `browser` (per module): headless Chromium, or a loud skip without it; `open_page`: pages in
+  one desktop-sized context, any console error failing the test.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+import redis
+
+import simulator as sim
+from tests.helpers import (
+    CHROMIUM_ARGS,
+    TEST_SETTINGS,
+    Backend,
+    CallbackReceiver,
+    FakeClock,
+    LiveServer,
+    Watched,
+    chromium_path,
+    redis_answers,
+    start_live_server,
+    start_redis,
+    stop_process,
+)
+
+FALLBACK_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+@pytest.fixture(scope="session")
+def simulator_session():
+    running = sim.start("127.0.0.1", 0)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def simulator(simulator_session):
+    """A running simulator (`.url`, `.app`, `.port`), freshly reset with TEST_SETTINGS."""
+    state = simulator_session.state  # in-process: the same calls as POST /simulator/reset and PATCH /config
+    state.reset()
+    state.update_config(TEST_SETTINGS)
+    yield simulator_session
+    state.reset()  # cancels timers, so nothing fires into the next test
+
+
+@pytest.fixture
+def callback_receiver():
+    receiver = CallbackReceiver()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture
+def live_server_factory(simulator):
+    """Start servers with settings given as environment strings: factory(TRANSACTION_TTL="3")."""
+    started: list[LiveServer] = []
+
+    def start(**env) -> LiveServer:
+        started.append(start_live_server(simulator.url, **env))
+        return started[-1]
+
+    yield start
+    for live in started:
+        live.stop()
+
+
+@pytest.fixture
+def live_server(live_server_factory) -> LiveServer:
+    return live_server_factory()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """URL of a Redis database the test session may flush at will."""
+    binary = shutil.which("redis-server")
+    problem = "redis-server is not installed"
+    if binary:
+        try:
+            process, url = start_redis(binary, tmp_path_factory.mktemp("redis"))
+        except RuntimeError as exc:
+            problem = str(exc)
+        else:
+            try:
+                yield url
+            finally:
+                stop_process(process)
+            return
+    if redis_answers(FALLBACK_REDIS_URL):
+        redis.Redis.from_url(FALLBACK_REDIS_URL).flushdb()
+        yield FALLBACK_REDIS_URL
+        return
+    pytest.skip(
+        f"!!! REDIS TESTS NOT RUN: {problem} and nothing answers PING at "
+        f"{FALLBACK_REDIS_URL}. Install redis-server (`make services`) to run them. !!!"
+    )
+
+
+@pytest.fixture
+def clean_redis_url(redis_url):
+    """The session's Redis URL, its database emptied for this test."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return redis_url
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def backend(request, tmp_path):
+    """Each store backend in turn; memory and SQLite on a FakeClock, Redis on its own time."""
+    if request.param == "redis":
+        backend = Backend("redis", request.getfixturevalue("clean_redis_url"), time.time)
+    elif request.param == "sqlite":
+        backend = Backend("sqlite", f"sqlite:///{tmp_path / 'store.db'}", FakeClock())
+    else:
+        backend = Backend("memory", "memory://", FakeClock())
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def store(backend):
+    return backend.open()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    executable = chromium_path()
+    if executable is None:
+        message = (
+            "!!! BROWSER TESTS SKIPPED: no chromium found (install Debian's chromium "
+            "with `make services`, or set CHROMIUM to its path) !!!"
+        )
+        print("\n" + message)
+        pytest.skip(message)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser, live_server_factory):
+    """Open pages in one desktop-sized browser context; any console error fails the test.
+
+    Depends on the server factory so that the pages close before the servers stop
+    (the handset would otherwise log its failed polls).
+    """
+    context = browser.new_context(viewport={"width": 1024, "height": 800}, locale="en-KE")
+    watched: list[Watched] = []
+
+    def open_page(allow: tuple[str, ...] = ()):
+        page = Watched(context.new_page(), allow)
+        watched.append(page)
+        return page.page
+
+    yield open_page
+    context.close()
+    problems = [p for page in watched for p in page.problems]
+    assert not problems, f"browser console errors: {problems}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import re
-import threading
 import time
 from datetime import datetime, timedelta
 from html import unescape
@@ -19,14 +18,10 @@ from html.parser import HTMLParser
 import pytest
 import requests
 from flask import request
-from werkzeug.serving import make_server
 
 import mpesa
-from config import load_settings
-from server import create_app
 from store import Transaction
-from tests.server_fixtures import SERVER_DEFAULTS, LiveServer, free_port
-from tests.test_server import CANCELLED, PAID, WAITING, poll, started
+from tests.helpers import CANCELLED, PAID, WAITING, poll, start_live_server, started
 
 TOKEN = "admin-secret"
 NOW = time.time()
@@ -233,23 +228,9 @@ OLDER_SET = [
 @pytest.fixture(scope="module")
 def stocked(simulator_session):
     """One server for the tests that only read: the hand-counted records in its store."""
-    port = free_port()
-    app = create_app(
-        load_settings(
-            {
-                **SERVER_DEFAULTS,
-                "MPESA_BASE_URL": simulator_session.url,
-                "PORT": str(port),
-                "ADMIN_TOKEN": TOKEN,
-                "CALLBACK_URL": f"http://127.0.0.1:{port}",
-            }
-        )
-    )
+    live = start_live_server(simulator_session.url, ADMIN_TOKEN=TOKEN)
     for tx in HOUR_SET + OLDER_SET:
-        app.extensions["store"].create(tx)
-    server = make_server("127.0.0.1", port, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    live = LiveServer(f"http://127.0.0.1:{port}", simulator_session.url, app, server)
+        live.app.extensions["store"].create(tx)
     yield live
     live.stop()
 
@@ -263,7 +244,7 @@ def nairobi_date(minutes_ago: float) -> str:
     return datetime.fromtimestamp(NOW - minutes_ago * 60, mpesa.NAIROBI).date().isoformat()
 
 
-# ------------------------------------------------------------ signing in
+# Signing in.
 
 
 def test_dashboard_is_off_without_an_admin_token(live_server_factory):
@@ -404,7 +385,7 @@ def test_a_new_admin_token_signs_everyone_out(live_server_factory, tmp_path):
     Admin(after, "a-brand-new-token")
 
 
-# ------------------------------------------------------------------ CSRF
+# CSRF.
 
 
 def test_state_changing_posts_need_the_csrf_token(live):
@@ -427,7 +408,7 @@ def test_the_sign_in_form_needs_its_csrf_token_too(live):
     assert answer.status_code == 400 and "expired" in answer.text
 
 
-# ---------------------------------------------------------- the numbers
+# The numbers.
 
 
 def test_overview_of_the_last_hour_matches_the_hand_count(operator):
@@ -492,7 +473,7 @@ def test_reconcile_settles_stale_payments_and_shows_them(live_server_factory):
     assert live.app.extensions["store"].get(checkout_id).settled_by == "timeout"
 
 
-# ------------------------------------------------------- finding payments
+# Finding payments.
 
 
 @pytest.mark.parametrize(
@@ -593,7 +574,7 @@ def test_unknown_payment_page_is_a_404(live):
     assert answer.status_code == 404 and "No such payment" in answer.text
 
 
-# ------------------------------------------------------------- the CSV
+# The CSV.
 
 
 def export(admin: Admin, **params) -> list[dict]:

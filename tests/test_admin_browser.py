@@ -14,8 +14,7 @@ import time
 import pytest
 
 from store import Transaction
-from tests.test_browser import Watched, browser, shot, visible  # noqa: F401 - the browser fixture
-from tests.test_server import CANCELLED, PAID, poll, started
+from tests.helpers import CANCELLED, PAID, Watched, poll, shot, started, visible
 
 TOKEN = "admin-secret"
 

@@ -9,97 +9,13 @@ skip, loudly.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import HANDSET_PHONE, PAID_AT_ONCE, WAIT, Watched, shot, visible
+
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-
-ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-HANDSET_PHONE = "0712 345 678"  # not a simulator test number: it waits for the handset
-PAID_AT_ONCE = "0700 000 000"  # the simulator pays this one by itself
-WAIT = 15_000  # ms: a status poll comes every 3 s
-
-
-def chromium_path() -> str | None:
-    for candidate in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser"):
-        if candidate and shutil.which(candidate):
-            return shutil.which(candidate)
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = chromium_path()
-    if executable is None:
-        message = (
-            "!!! BROWSER TESTS SKIPPED: no chromium found (install Debian's chromium "
-            "with `make services`, or set CHROMIUM to its path) !!!"
-        )
-        print("\n" + message)
-        pytest.skip(message)
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-class Watched:
-    """A page whose console errors, CSP reports and uncaught exceptions are collected."""
-
-    def __init__(self, page, allow: tuple[str, ...] = ()):
-        self.page = page
-        self.allow = allow  # console errors the test provokes on purpose
-        self.problems: list[str] = []
-        page.on("console", self._console)
-        page.on("pageerror", lambda e: self.problems.append(f"uncaught: {e}"))
-        page.set_default_timeout(WAIT)
-
-    def _console(self, message) -> None:
-        if message.type != "error":
-            return
-        where = (message.location or {}).get("url", "")
-        # Chromium logs every 4xx fetch; an unknown payment's 404 is an answer the page expects.
-        if "/stkpush/status/" in where and "status of 404" in message.text:
-            return
-        if any(allowed in message.text for allowed in self.allow):
-            return
-        self.problems.append(f"{message.text} ({where})")
-
-
-@pytest.fixture
-def open_page(browser, live_server_factory):
-    """Open pages in one desktop-sized browser context; any console error fails the test.
-
-    Depends on the server factory so that the pages close before the servers stop
-    (the handset would otherwise log its failed polls).
-    """
-    context = browser.new_context(viewport={"width": 1024, "height": 800}, locale="en-KE")
-    watched: list[Watched] = []
-
-    def open_page(allow: tuple[str, ...] = ()):
-        page = Watched(context.new_page(), allow)
-        watched.append(page)
-        return page.page
-
-    yield open_page
-    context.close()
-    problems = [p for page in watched for p in page.problems]
-    assert not problems, f"browser console errors: {problems}"
 
 
 @pytest.fixture
@@ -107,15 +23,6 @@ def server(live_server, simulator):
     # Time enough for a person on the handset (the test settings expire prompts in 5 s).
     live_server.sim("PATCH", "/simulator/config", json={"prompt_timeout": 60}).raise_for_status()
     return live_server
-
-
-def shot(page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
-
-
-def visible(page, selector: str) -> None:
-    page.wait_for_selector(selector, state="visible")
 
 
 def start_payment(
@@ -343,8 +250,8 @@ def test_the_pages_phone_and_amount_rules_match_the_servers(open_page, server):
         except mpesa.InvalidInput:
             return None
 
-    assert dict(zip(PHONES, results["phones"])) == {p: server_phone(p) for p in PHONES}
-    assert dict(zip(AMOUNTS, results["amounts"])) == {a: server_amount(a) for a in AMOUNTS}
+    assert dict(zip(PHONES, results["phones"], strict=True)) == {p: server_phone(p) for p in PHONES}
+    assert dict(zip(AMOUNTS, results["amounts"], strict=True)) == {a: server_amount(a) for a in AMOUNTS}
 
 
 def test_test_page_checks_the_connection_and_follows_a_test_push(open_page, server):

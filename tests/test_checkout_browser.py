@@ -9,53 +9,23 @@ states go to test-artifacts/screenshots/.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import re
 import time
-from urllib.parse import urlencode
 
 import pytest
 
-from tests.test_browser import (  # noqa: F401  (fixtures used by name)
-    PAID_AT_ONCE,
-    ROOT,
-    WAIT,
-    Watched,
-    browser,
-    open_page,
-    shot,
-    sync_api,
-    visible,
-)
+from tests.helpers import CHECKOUT_SECRET, PAID_AT_ONCE, ROOT, Watched, shot, signed_query, visible
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 CATALOG = ROOT / "catalog.example.json"
-SECRET = "test-checkout-secret-0123456789"
 
 
 @pytest.fixture
 def shop_server(live_server_factory, simulator):
     """A payment server selling the example catalogue, with a dollar rate to show."""
     return live_server_factory(CATALOG_FILE=str(CATALOG), USD_TO_KES_RATE="129.5")
-
-
-def signed_query(
-    secret=SECRET, amount="1500", reference="CART_12345", description="DJ Kraph Checkout", expires=None, **changes
-) -> str:
-    """A pay-link query string signed as API.md says: hex HMAC-SHA256 over the canonical fields."""
-    expires = str(int(time.time()) + 3600) if expires is None else str(expires)
-    canonical = f"amount={amount}&accountReference={reference}&description={description}&expires={expires}"
-    signature = hmac.new(secret.encode(), canonical.encode(), hashlib.sha256).hexdigest()
-    fields = {
-        "amount": amount,
-        "accountReference": reference,
-        "description": description,
-        "expires": expires,
-        "signature": signature,
-        **changes,
-    }
-    return "?" + urlencode(fields)
 
 
 def run_checkout(page, options: dict, abort_after_ms: int | None = None) -> dict:
@@ -77,7 +47,7 @@ def run_checkout(page, options: dict, abort_after_ms: int | None = None) -> dict
     )
 
 
-# ------------------------------------------------------------------ the module on its own
+# The module on its own.
 
 
 def test_module_pays_and_reports_progress_on_the_way(open_page, live_server_factory, simulator):
@@ -153,7 +123,7 @@ def test_module_gives_up_after_max_polls_with_a_timeout(open_page, live_server_f
     assert [p["pollsLeft"] for p in outcome["progress"]] == [3, 3, 2, 1, 0]
 
 
-# ------------------------------------------------------------------ the pay page
+# The pay page.
 
 
 def test_pay_page_loads_the_checkout_module_and_pays(open_page, live_server_factory, simulator):
@@ -249,7 +219,7 @@ def test_a_sold_out_cart_cannot_be_paid(open_page, live_server_factory, simulato
 
 
 def test_a_signed_links_amount_is_read_only_and_sent_as_signed(open_page, live_server_factory, simulator):
-    server = live_server_factory(CHECKOUT_SECRET=SECRET)
+    server = live_server_factory(CHECKOUT_SECRET=CHECKOUT_SECRET)
     pay = open_page()
     pushes = []
     pay.on("request", lambda r: r.url.endswith("/stkpush") and pushes.append(r))
@@ -268,7 +238,7 @@ def test_a_signed_links_amount_is_read_only_and_sent_as_signed(open_page, live_s
 
 
 def test_an_expired_signed_link_is_refused_with_the_servers_words(open_page, live_server_factory, simulator):
-    server = live_server_factory(CHECKOUT_SECRET=SECRET)
+    server = live_server_factory(CHECKOUT_SECRET=CHECKOUT_SECRET)
     pay = open_page(allow=("status of 400",))
     pay.goto(f"{server.url}/pay.html{signed_query(expires=int(time.time()) - 60)}")
     pay.fill("#phone", PAID_AT_ONCE)

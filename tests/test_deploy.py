@@ -16,7 +16,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,8 +26,8 @@ import pytest
 import requests
 
 from config import ConfigError, load_settings
+from tests.helpers import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 SETTING_READERS = {"_get", "_int", "_float", "_bool", "_directory"}
 # Read (or, for REDIS_URL, possibly read) by the server but set by Heroku, never by app.json.
 PLATFORM_SET = {"PORT": "Heroku sets it on every web dyno", "REDIS_URL": "the heroku-redis add-on sets and rotates it"}
@@ -45,7 +44,7 @@ PRODUCTION = {
 }
 
 
-# --- what the server reads -------------------------------------------------------------------
+# What the server reads.
 
 
 def settings_read() -> dict[str, tuple[str, ...]]:
@@ -96,7 +95,7 @@ def heroku_env(blank_as_unset: bool = False) -> dict[str, str]:
     return env
 
 
-# --- the Dockerfile, .dockerignore and compose.yaml, read without Docker -----------------------
+# The Dockerfile, .dockerignore and compose.yaml, read without Docker.
 
 
 def dockerfile() -> list[tuple[str, str]]:
@@ -205,7 +204,7 @@ def compose() -> list[str]:
     return (ROOT / "compose.yaml").read_text().splitlines()
 
 
-# --- app.json ---------------------------------------------------------------------------------
+# app.json.
 
 
 def test_app_json_describes_every_setting_the_server_reads():
@@ -283,7 +282,7 @@ def test_app_json_defaults_give_the_simulator_demo(blank_as_unset):
     assert settings.trusted_proxies == 1
 
 
-# --- Dockerfile, .dockerignore, compose.yaml --------------------------------------------------
+# Dockerfile, .dockerignore, compose.yaml.
 
 
 def test_dockerfile_runs_the_procfile_command_on_slim_python_311():
@@ -384,13 +383,7 @@ def test_compose_runs_the_server_on_a_durable_redis():
     )
 
 
-# --- the commands themselves ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# The commands themselves.
 
 
 def base_env(home: Path) -> dict[str, str]:

@@ -15,21 +15,8 @@ import pytest
 import requests
 
 from mpesa import mask_checkout_id
-from tests.server_fixtures import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-PAID, WAITING = "254700000000", "254712345678"
-TOKEN = "test-callback-token-0123456789"
-
-
-def wait_until(check, timeout=15.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
+from tests.helpers import CALLBACK_TOKEN as TOKEN
+from tests.helpers import PAID, ROOT, WAITING, ServerProcess, free_port, wait_until
 
 
 def status(base: str, checkout_id: str) -> dict:
@@ -40,37 +27,6 @@ def push(base: str, phone: str, amount: int = 100) -> str:
     response = requests.post(base + "/stkpush", json={"phone": phone, "amount": amount}, timeout=10)
     assert response.status_code == 200, response.text
     return response.json()["checkoutRequestId"]
-
-
-class ServerProcess:
-    """The server as an operator runs it, in its own process."""
-
-    def __init__(self, command: list[str], env: dict, port: int, log_path: Path):
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_until(self._ready, timeout=30)
-
-    def _ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"server exited: {self.log_path.read_text()[-2000:]}")
-        try:
-            return requests.get(self.url + "/health", timeout=1).ok
-        except (requests.ConnectionError, requests.Timeout):
-            return False
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        os.killpg(self.process.pid, sig)
-        self.process.wait(timeout=20)
-        self._log.close()
 
 
 @pytest.fixture
@@ -201,7 +157,7 @@ def test_killing_a_worker_under_load_loses_nothing(server_env, shared_store_url,
             requests.post(f"{simulator.url}/simulator/prompts/{checkout_id}/pin", json={"pin": "1234"}, timeout=5)
         for checkout_id in ids:
             # Completed by callback, or by query first and then given its receipt by the callback.
-            wait_until(lambda: status(server.url, checkout_id).get("MpesaReceiptNumber"))
+            wait_until(lambda checkout_id=checkout_id: status(server.url, checkout_id).get("MpesaReceiptNumber"))
         receipts = [status(server.url, checkout_id)["MpesaReceiptNumber"] for checkout_id in ids]
         assert len(set(receipts)) == len(ids)
         callbacks = requests.get(simulator.url + "/simulator/callbacks", timeout=5).json()["callbacks"]

@@ -7,7 +7,7 @@ import logging
 import pytest
 import requests
 
-from tests.test_server import callback_body, hook, poll, started
+from tests.helpers import callback_body, hook, poll, started
 
 LIMITS = {"RATELIMIT_ENABLED": "true"}
 

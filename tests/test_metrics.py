@@ -32,8 +32,7 @@ from mpesa import mask_checkout_id
 from telemetry import requestlog
 from telemetry.logs import TEXT_LOG_FORMAT, JsonFormatter, LineHandler
 from telemetry.requestlog import RequestRecord
-from tests.server_fixtures import free_port
-from tests.test_durability import ServerProcess, wait_until
+from tests.helpers import ServerProcess, free_port, wait_until
 
 ADMIN = "admin-secret"
 TOKEN = "test-callback-token-0123456789"

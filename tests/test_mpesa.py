@@ -13,6 +13,7 @@ import requests
 
 import mpesa
 import simulator as sim
+from tests.helpers import FakeClock
 
 PHONE = "254712345678"
 CALLBACK = "http://127.0.0.1:9/hooks/stk/token"
@@ -54,7 +55,7 @@ def fault(simulator, endpoint: str, mode: str, count: int = 1, delay: float = 0)
     )
 
 
-# ------------------------------------------------------------------- rules
+# Rules.
 
 
 @pytest.mark.parametrize(
@@ -179,7 +180,7 @@ def test_result_codes_map_to_reasons(code, reason):
     assert mpesa.result_reason(code)[0] == reason
 
 
-# --------------------------------------------------------- callback parsing
+# Callback parsing.
 
 SUCCESS = {
     "Body": {
@@ -290,7 +291,7 @@ def test_malformed_callbacks_raise_a_clear_error(body):
         mpesa.parse_callback(body)
 
 
-# ------------------------------------------------------------------- token
+# Token.
 
 
 def test_token_is_fetched_once_and_reused(simulator, daraja):
@@ -321,12 +322,12 @@ def test_a_hundred_threads_at_cold_start_fetch_one_token(simulator, daraja):
 
 
 def test_token_is_refreshed_a_minute_before_it_expires(simulator):
-    now = [1000.0]
-    with client_for(simulator.url, token_cache=mpesa.TokenCache(clock=lambda: now[0])) as client:
+    clock = FakeClock()
+    with client_for(simulator.url, token_cache=mpesa.TokenCache(clock=clock)) as client:
         first = client.access_token()
-        now[0] += 3599 - 61
+        clock.advance(3599 - 61)
         assert client.access_token() == first
-        now[0] += 2
+        clock.advance(2)
         assert client.access_token() != first
     assert stats(simulator)["tokens_issued"] == 2
 
@@ -353,7 +354,7 @@ def test_wrong_credentials_are_an_auth_error(simulator):
     assert caught.value.error_code == "400.008.01"
 
 
-# ------------------------------------------------------------- STK push
+# STK push.
 
 
 def test_push_is_accepted_with_a_checkout_id(simulator, daraja):
@@ -480,7 +481,7 @@ def test_persistent_rate_limit_is_reported(simulator, daraja):
     assert caught.value.error_code == "500.003.02"
 
 
-# -------------------------------------------------------------- STK query
+# STK query.
 
 
 def test_query_reports_pending_then_the_final_code(simulator, daraja):
@@ -509,7 +510,7 @@ def test_querying_too_fast_is_rate_limited(simulator):
             client.stk_query(checkout_id)
 
 
-# -------------------------------------------------------------------- logs
+# Logs.
 
 
 def test_logs_carry_no_secret_token_or_full_phone(simulator, daraja, caplog):

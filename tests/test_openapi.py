@@ -29,7 +29,6 @@ import os
 import re
 import string
 import time
-from pathlib import Path
 from urllib.parse import quote, unquote
 
 import pytest
@@ -41,13 +40,12 @@ from openapi_spec_validator import validate as validate_spec
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
-from tests.server_fixtures import SERVER_DEFAULTS
+from tests.helpers import CALLBACK_TOKEN, ROOT
 
-SPEC_FILE = Path(__file__).resolve().parent.parent / "static" / "openapi.json"
+SPEC_FILE = ROOT / "static" / "openapi.json"
 SPEC = json.loads(SPEC_FILE.read_text(encoding="utf-8"))
 
 ADMIN_TOKEN = "fuzz-admin-token-0123456789"
-CALLBACK_TOKEN = SERVER_DEFAULTS["CALLBACK_TOKEN"]
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 MAX_AMOUNT = 150_000
 CHECKOUT_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
@@ -83,7 +81,7 @@ def fuzz_settings(examples: int):
     )
 
 
-# ------------------------------------------------------------------ the spec
+# The spec.
 
 
 def template(rule: str) -> str:
@@ -200,7 +198,7 @@ def test_spec_declares_the_idempotency_key_and_the_admin_scheme():
         assert SPEC["paths"][path]["get"]["security"]
 
 
-# ------------------------------------------------------------ the checker
+# The checker.
 
 
 def strict_json(text: str):
@@ -268,7 +266,7 @@ def send(live, method: str, path: str, **kwargs) -> tuple[requests.Response, dic
     return response, check(live, method, path, response)
 
 
-# ------------------------------------------------------------- strategies
+# Strategies.
 
 ASCII_DIGITS = string.digits
 UNICODE_DIGITS = [
@@ -352,7 +350,10 @@ def valid_phones(draw) -> str:
 @st.composite
 def invalid_phones(draw):
     kind = draw(st.integers(0, 6))
-    digits = lambda n: "".join(draw(st.lists(st.sampled_from(ASCII_DIGITS), min_size=n, max_size=n)))
+
+    def digits(n):
+        return "".join(draw(st.lists(st.sampled_from(ASCII_DIGITS), min_size=n, max_size=n)))
+
     if kind == 0:
         return "07" + digits(draw(st.sampled_from([6, 7, 9, 10])))  # wrong length
     if kind == 1:
@@ -611,7 +612,7 @@ idempotency_keys = st.one_of(
 )
 
 
-# ------------------------------------------------------------- fixtures
+# Fixtures.
 
 
 def settled(live, checkout_id: str, timeout: float = 5.0) -> dict:
@@ -655,7 +656,7 @@ def fuzz_server(live_server_factory, simulator, tmp_path):
     return start
 
 
-# -------------------------------------------------------- fuzz: /stkpush
+# Fuzz: /stkpush.
 
 
 def once(fuzz_server, make) -> dict:
@@ -740,7 +741,7 @@ def test_fuzz_stkpush(fuzz_server, raw, key):
         state["keys"][slot] = (fingerprint(parsed), status, body)
 
 
-# ------------------------------------------------- fuzz: /stkpush/status
+# Fuzz: /stkpush/status.
 
 
 @st.composite
@@ -813,7 +814,7 @@ def test_fuzz_status(fuzz_server, data):
             assert body["field"] == "checkoutRequestId", where
 
 
-# ---------------------------------------------------- fuzz: the callback
+# Fuzz: the callback.
 
 
 def normal_code(code):
@@ -936,9 +937,8 @@ def test_fuzz_callback(fuzz_server, data):
         headers={"Content-Type": content_type},
     )
     status, where = response.status_code, f"token={token!r} body={text[:300]!r} -> {response.status_code} {body}"
-    event(
-        f"{'known id' if target else 'other'} {plan if isinstance(plan, str) else 'daraja' if plan else 'any'} -> {status}"
-    )
+    planned = plan if isinstance(plan, str) else "daraja" if plan else "any"
+    event(f"{'known id' if target else 'other'} {planned} -> {status}")
     if token != CALLBACK_TOKEN:
         assert status == 403, where
         return
@@ -975,7 +975,7 @@ def test_fuzz_callback(fuzz_server, data):
         assert answer["reason"] == expected if expected else answer["reason"] in ("rejected", "error"), where
 
 
-# ------------------------------------------------------- fuzz: admin API
+# Fuzz: admin API.
 
 WRONG_AUTH = [
     f"Bearer {ADMIN_TOKEN}x",
@@ -1082,7 +1082,7 @@ def test_fuzz_admin_api(fuzz_server, data):
         assert body["total"] >= len(body["transactions"]), where
 
 
-# ------------------------------------------- fuzz: health, unknown paths, methods
+# Fuzz: health, unknown paths, methods.
 
 
 @st.composite
@@ -1151,7 +1151,7 @@ def test_fuzz_health_methods_and_unknown_paths(fuzz_server, data):
         assert ("daraja" in body) == (deep not in (None, "", "0", "false")), where
 
 
-# ------------------------------------------------- fuzz: signed checkout links
+# Fuzz: signed checkout links.
 
 
 def sign(secret: str, amount, reference, description, expires) -> str:
@@ -1215,7 +1215,7 @@ def test_fuzz_signed_checkout_links(fuzz_server, case):
         assert response.status_code in (200, 502, 503, 504), where
 
 
-# ------------------------------------------------------ fuzz: tickets
+# Fuzz: tickets.
 
 
 @fuzz_settings(100)
@@ -1262,7 +1262,7 @@ def test_fuzz_tickets(fuzz_server, data):
         state["checked"].add(number)
 
 
-# ------------------- answers of every kind, and one request per fault the fuzzer found
+# Answers of every kind, and one request per fault the fuzzer found.
 
 
 def test_status_answers_of_every_kind_match_the_spec(fuzz_server):
@@ -1334,8 +1334,8 @@ def test_admin_record_is_strict_json_after_a_callback_with_nan(fuzz_server):
     live = fuzz_server()
     (checkout_id,) = seed(live, ["254711000333"])
     text = (
-        '{"Body": {"stkCallback": {"MerchantRequestID": "1", "CheckoutRequestID": "%s", '
-        '"ResultCode": 1032, "ResultDesc": "cancelled", "Note": NaN}}}' % checkout_id
+        '{"Body": {"stkCallback": {"MerchantRequestID": "1", "CheckoutRequestID": "' + checkout_id + '", '
+        '"ResultCode": 1032, "ResultDesc": "cancelled", "Note": NaN}}}'
     )
     requests.post(
         f"{live.url}/hooks/stk/{CALLBACK_TOKEN}", data=text, headers={"Content-Type": "application/json"}, timeout=10

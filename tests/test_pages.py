@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -20,8 +18,8 @@ import mpesa
 import pages
 import simulator as sim_module
 from config import Settings
+from tests.helpers import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["/", "/pay.html", "/confirmation.html", "/test.html", "/handset.html"]
 HANDSET_PHONE = "254712345678"  # not a built-in test number: it waits for the handset
 
@@ -42,7 +40,7 @@ def client():
 
 @pytest.fixture
 def sim(simulator):
-    """The shared test simulator (tests/sim_fixtures.py), freshly reset."""
+    """The shared test simulator (tests/conftest.py), freshly reset."""
     return simulator
 
 
@@ -67,9 +65,7 @@ def push(sim, phone=HANDSET_PHONE, amount=100, reference="CART-12345") -> str:
 
 
 def unused_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 class Markup(HTMLParser):
@@ -122,7 +118,7 @@ def parse(html: str) -> Markup:
     return markup
 
 
-# ------------------------------------------------------------------ pages
+# Pages.
 
 
 @pytest.mark.parametrize("path", PAGES)
@@ -261,7 +257,7 @@ def test_production_test_page_warns_that_pushes_are_real():
     assert "real payment request" in client.get("/test.html").get_data(as_text=True)
 
 
-# ------------------------------------------------------------------ handset proxy
+# Handset proxy.
 
 
 def test_proxy_lists_the_phones_pending_prompts(sim, sim_client):

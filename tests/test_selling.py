@@ -10,7 +10,7 @@ import pytest
 import requests
 
 import checkout
-from tests.test_server import admin, callback_body, hook, poll
+from tests.helpers import admin, callback_body, hook, poll
 
 CATALOG = {
     "items": [
@@ -45,7 +45,7 @@ def available(live, item_id):
     return next(item["available"] for item in items if item["id"] == item_id)
 
 
-# ------------------------------------------------------------------ pricing
+# Pricing.
 
 
 def test_catalog_lists_items_with_what_is_left(shop):
@@ -114,7 +114,7 @@ def test_catalog_pricing_refuses_client_amounts(live_server_factory, catalog_fil
     assert buy(live, [{"id": "tshirt", "quantity": 1}]).status_code == 200
 
 
-# -------------------------------------------------------------------- stock
+# Stock.
 
 
 def test_sold_out_is_a_409(shop):
@@ -173,7 +173,7 @@ def test_concurrent_buyers_never_oversell(live_server_factory, catalog_file, tmp
     assert available(live, "seat") == 0
 
 
-# ------------------------------------------------------------------ tickets
+# Tickets.
 
 
 def paid_tickets(shop, quantity=2):
@@ -235,7 +235,7 @@ def test_the_shop_webhook_carries_the_tickets(live_server_factory, catalog_file,
     assert [t["number"] for t in data["tickets"]] == [t["number"] for t in tickets]
 
 
-# ------------------------------------------------------------- signed links
+# Signed links.
 
 
 def signed(amount=1500, reference="INV-42", description="Invoice 42", expires=None):

@@ -13,41 +13,24 @@ import requests
 from api import FinalAnswers
 from payments import settled_for_good
 from store import Transaction
-
-PAID, CANCELLED, WRONG_PIN, BROKE, UNREACHABLE = (
-    "254700000000",
-    "254700001032",
-    "254700002001",
-    "254700000001",
-    "254700001037",
+from tests.helpers import (
+    BROKE,
+    CANCELLED,
+    PAID,
+    UNREACHABLE,
+    WAITING,
+    WRONG_PIN,
+    FakeClock,
+    admin,
+    callback_body,
+    hook,
+    poll,
+    started,
 )
-WAITING = "254712345678"  # not a test number: waits for the simulated handset
 
 
 def push(live, phone=PAID, amount=100, **extra):
     return live.post("/stkpush", json={"phone": phone, "amount": amount, **extra}, headers=extra.pop("headers", None))
-
-
-def started(live, phone=WAITING, amount=100, **extra) -> str:
-    response = push(live, phone, amount, **extra)
-    assert response.status_code == 200, response.text
-    return response.json()["checkoutRequestId"]
-
-
-def poll(live, checkout_id, until=lambda a: a["status"] != "pending", timeout=10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        response = live.post("/stkpush/status", json={"checkoutRequestId": checkout_id})
-        answer = response.json()
-        if until(answer) or time.monotonic() > deadline:
-            return answer
-        time.sleep(0.1)
-
-
-def admin(live, checkout_id) -> dict:
-    response = live.get(f"/transactions/{checkout_id}", headers={"Authorization": "Bearer admin-secret"})
-    assert response.status_code == 200, response.text
-    return response.json()["transaction"]
 
 
 def events(tx) -> list[str]:
@@ -65,7 +48,7 @@ def live(live_server_factory, simulator):
     return live_server_factory(ADMIN_TOKEN="admin-secret")
 
 
-# ----------------------------------------------------------------- outcomes
+# Outcomes.
 
 
 def test_paid_payment_completes_with_its_receipt(live):
@@ -140,7 +123,7 @@ def test_a_real_result_after_our_timeout_still_counts(live_server_factory, simul
     assert "late_result" in admin(live, checkout_id)["flags"]
 
 
-# -------------------------------------------------------- callbacks and query
+# Callbacks and query.
 
 
 def test_lost_callback_is_settled_by_query(live_server_factory, simulator):
@@ -195,30 +178,6 @@ def test_contradicting_late_callback_is_ignored(live):
     assert poll(live, checkout_id)["reason"] == "cancelled"
 
 
-def callback_body(checkout_id, code=0, amount=100.0, receipt="SIM0000001"):
-    body = {
-        "MerchantRequestID": "1-2-3",
-        "CheckoutRequestID": checkout_id,
-        "ResultCode": code,
-        "ResultDesc": "The service request is processed successfully.",
-    }
-    if code == 0:
-        body["CallbackMetadata"] = {
-            "Item": [
-                {"Name": "Amount", "Value": amount},
-                {"Name": "MpesaReceiptNumber", "Value": receipt},
-                {"Name": "Balance"},
-                {"Name": "TransactionDate", "Value": 20261123103000},
-                {"Name": "PhoneNumber", "Value": 254712345678},
-            ]
-        }
-    return {"Body": {"stkCallback": body}}
-
-
-def hook(live, token="test-callback-token-0123456789"):
-    return f"/hooks/stk/{token}"
-
-
 def test_spoofed_callback_is_refused_and_changes_nothing(live):
     checkout_id = started(live)
     response = live.post(hook(live, "guessed-token-guessed-token"), json=callback_body(checkout_id))
@@ -255,7 +214,7 @@ def test_callback_result_is_visible_to_the_next_poll(live):
     assert poll(live, checkout_id, timeout=0)["reason"] == "cancelled"
 
 
-# ---------------------------------------------------------------- idempotency
+# Idempotency.
 
 
 def test_retry_with_the_same_key_sends_no_second_prompt(live):
@@ -284,7 +243,7 @@ def test_a_key_whose_request_was_refused_can_be_used_again(live):
     assert live.post("/stkpush", json={"phone": "123", "amount": 100}, headers=headers).status_code == 400
 
 
-# ------------------------------------------------------------- Daraja trouble
+# Daraja trouble.
 
 
 def test_daraja_unreachable_is_503(live_server_factory):
@@ -322,7 +281,7 @@ def test_daraja_errors_never_leak_as_500(live, mode, status):
     assert "<html" not in response.text.lower() and "Traceback" not in response.text
 
 
-# ----------------------------------------------------------------- validation
+# Validation.
 
 
 @pytest.mark.parametrize(
@@ -389,7 +348,7 @@ def test_max_amount_is_configurable(live_server_factory):
     assert push(live, WAITING, 1001).json()["message"] == "Amount must not exceed 1,000 KES"
 
 
-# -------------------------------------------------------------------- status
+# Status.
 
 
 def test_unknown_transaction_is_404(live):
@@ -455,25 +414,25 @@ def test_only_answers_nothing_can_change_are_kept(tx, for_good):
 
 
 def test_kept_answers_go_when_the_store_may_forget_the_payment():
-    now = [1000.0]
-    answers = FinalAnswers(retention=60, clock=lambda: now[0])
+    clock = FakeClock(1000.0)
+    answers = FinalAnswers(retention=60, clock=clock)
     answers.keep(settled_tx(completed_at=1000.0), b"paid")
-    now[0] = 1059.9
+    clock.now = 1059.9
     assert answers.get("ws_CO_1") == b"paid"
-    now[0] = 1060.0
+    clock.now = 1060.0
     assert answers.get("ws_CO_1") is None
     answers.keep(settled_tx(completed_at=990.0), b"paid")  # already past its retention
     assert answers.get("ws_CO_1") is None
 
 
 def test_kept_answers_are_bounded_oldest_first():
-    answers = FinalAnswers(retention=60, clock=lambda: 1000.0, size=2)
+    answers = FinalAnswers(retention=60, clock=FakeClock(1000.0), size=2)
     for n in range(3):
         answers.keep(replace(settled_tx(), checkout_request_id=f"ws_CO_{n}"), b"%d" % n)
     assert [answers.get(f"ws_CO_{n}") for n in range(3)] == [None, b"1", b"2"]
 
 
-# -------------------------------------------------------------------- health
+# Health.
 
 
 def test_health_names_mode_and_store(live):
@@ -489,7 +448,7 @@ def test_deep_health_fetches_a_token(live, live_server_factory):
     assert response.status_code == 503 and response.json()["status"] == "error"
 
 
-# --------------------------------------------------------------- admin API
+# Admin API.
 
 
 def test_transactions_api_is_off_without_a_token(live_server_factory):
@@ -524,7 +483,7 @@ def test_unknown_transaction_detail_is_404(live):
     assert response.status_code == 404
 
 
-# ---------------------------------------------------------- errors and logs
+# Errors and logs.
 
 
 def test_unknown_paths_and_methods_answer_json(live):

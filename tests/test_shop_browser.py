@@ -17,19 +17,19 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.server_fixtures import free_port
-from tests.test_browser import (  # noqa: F401  (fixtures used by name)
+from tests.helpers import (
+    CHECKOUT_SECRET,
     HANDSET_PHONE,
     PAID_AT_ONCE,
     ROOT,
     WAIT,
-    browser,
-    open_page,
+    free_port,
     shot,
-    sync_api,
+    signed_query,
     visible,
 )
-from tests.test_checkout_browser import SECRET, signed_query
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 SHOP = ROOT / "examples" / "shop"
 CATALOG = ROOT / "catalog.example.json"
@@ -203,7 +203,7 @@ def test_a_sold_out_item_cannot_be_bought_twice(open_page, shop_factory, tmp_pat
 
 
 def test_a_tampered_amount_in_a_signed_pay_link_is_refused(open_page, shop_factory):
-    origin, server = shop_factory(CHECKOUT_SECRET=SECRET)
+    origin, server = shop_factory(CHECKOUT_SECRET=CHECKOUT_SECRET)
     pay = open_page(allow=("status of 400",))
     pushes = []
     pay.on("request", lambda r: r.url.endswith("/stkpush") and pushes.append(r))

@@ -10,14 +10,13 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import requests
 
 import simulator as sim
 from mpesa import NAIROBI, SANDBOX_PASSKEY, SANDBOX_SHORTCODE, daraja_timestamp, stk_password
-from tests.sim_fixtures import ManualClock
+from tests.helpers import ROOT, FakeClock, free_port, wait_until
 
 MISSING = object()
 AWAITING_PHONE = "254712345678"  # not a test number: waits for the handset
@@ -33,17 +32,6 @@ def credentials(
         "Password": stk_password(shortcode, passkey, timestamp),
         "Timestamp": timestamp,
     }
-
-
-def eventually(check, timeout: float = 3.0):
-    """Poll `check` until it returns something truthy; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            assert result, "condition not met in time"
-            return result
-        time.sleep(0.02)
 
 
 class Daraja:
@@ -128,7 +116,7 @@ def assert_error(response, status: int, code: str, message: str) -> None:
     assert isinstance(body["requestId"], str) and body["requestId"]
 
 
-# ------------------------------------------------------------------- OAuth
+# OAuth.
 
 
 def test_oauth_issues_a_28_character_token_with_expires_in_as_a_string(daraja):
@@ -168,7 +156,7 @@ def test_oauth_refuses_a_missing_or_wrong_grant_type(daraja, grant):
 
 
 def test_tokens_expire_after_their_ttl():
-    clock = ManualClock()
+    clock = FakeClock()
     with sim.start(config=sim.SimulatorConfig(token_ttl=60), clock=clock) as running:
         client = Daraja(running.url, "https://shop.example.com/hooks/stk/x")
         client.http.close()
@@ -211,7 +199,7 @@ def test_push_without_a_valid_bearer_token_is_refused(daraja, headers):
     assert_error(response, 404, "404.001.03", "Invalid Access Token")
 
 
-# ------------------------------------------------------------------ STK Push
+# STK Push.
 
 
 def test_push_is_acknowledged_in_darajas_shape(daraja):
@@ -387,7 +375,7 @@ def test_concurrent_pushes_get_unique_ids_and_one_callback_each(daraja, callback
     assert {body["Body"]["stkCallback"]["CheckoutRequestID"] for body in bodies} == ids
     receipts = {body["Body"]["stkCallback"]["CallbackMetadata"]["Item"][1]["Value"] for body in bodies}
     assert len(receipts) == 20
-    assert eventually(lambda: daraja.control("GET", "stats").json()["callbacks_sent"] == 20)
+    assert wait_until(lambda: daraja.control("GET", "stats").json()["callbacks_sent"] == 20)
 
 
 def test_unknown_paths_and_methods_answer_like_daraja(daraja):
@@ -397,7 +385,7 @@ def test_unknown_paths_and_methods_answer_like_daraja(daraja):
     )
 
 
-# ------------------------------------------------------------------ STK Query
+# STK Query.
 
 
 def test_query_says_pending_then_gives_the_result_code_as_a_string(daraja):
@@ -448,7 +436,7 @@ def test_querying_the_same_push_too_often_is_a_spike_arrest(daraja):
     assert daraja.query(other).json()["errorMessage"] == "The transaction is being processed"
 
 
-# ------------------------------------------------------------------ callbacks
+# Callbacks.
 
 
 def assert_failure_callback(body: dict, ack: dict, code, desc: str) -> None:
@@ -526,11 +514,9 @@ def test_receipts_are_unique(daraja, callback_receiver):
 
 
 def test_an_unreachable_callback_url_is_recorded_not_fatal(daraja):
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        dead_url = f"http://127.0.0.1:{probe.getsockname()[1]}/hooks/stk/x"
+    dead_url = f"http://127.0.0.1:{free_port()}/hooks/stk/x"
     daraja.pushed(PAID_PHONE, CallBackURL=dead_url)
-    (entry,) = eventually(lambda: daraja.control("GET", "callbacks").json()["callbacks"])
+    (entry,) = wait_until(lambda: daraja.control("GET", "callbacks").json()["callbacks"])
     assert (entry["url"], entry["status"]) == (dead_url, None)
     assert entry["error"]
     assert daraja.control("GET", "stats").json()["callbacks_failed"] == 1
@@ -540,12 +526,12 @@ def test_an_unreachable_callback_url_is_recorded_not_fatal(daraja):
 def test_a_receiver_answering_500_is_counted_as_a_failed_callback(daraja, callback_receiver):
     callback_receiver.status = 500
     daraja.pushed(PAID_PHONE)
-    (entry,) = eventually(lambda: daraja.control("GET", "callbacks").json()["callbacks"])
+    (entry,) = wait_until(lambda: daraja.control("GET", "callbacks").json()["callbacks"])
     assert (entry["status"], entry["error"]) == (500, None)
     assert daraja.control("GET", "stats").json()["callbacks_failed"] == 1
 
 
-# -------------------------------------------------------------- the handset
+# The handset.
 
 
 @pytest.mark.parametrize(
@@ -646,7 +632,7 @@ def test_prompts_are_listed_newest_first_and_filtered(daraja):
     assert daraja.control("GET", "prompts", params={"phone": "12"}).status_code == 400
 
 
-# ------------------------------------------------------------------ scenarios
+# Scenarios.
 
 
 def test_a_rule_on_amount_decides_the_result(daraja, callback_receiver):
@@ -679,7 +665,7 @@ def test_an_await_rule_makes_a_test_number_wait_for_the_handset(daraja, callback
 def test_a_dropped_callback_never_arrives_but_the_query_knows(daraja, callback_receiver):
     daraja.control("POST", "scenarios", json={"phone": PAID_PHONE, "callback": "drop"})
     checkout_id = daraja.pushed(PAID_PHONE)["CheckoutRequestID"]
-    eventually(lambda: daraja.prompt(checkout_id)["status"] == "completed")
+    wait_until(lambda: daraja.prompt(checkout_id)["status"] == "completed")
     time.sleep(0.2)
     assert callback_receiver.calls == []
     assert daraja.query(checkout_id).json()["ResultCode"] == "0"
@@ -720,7 +706,7 @@ def test_rule_delays_hold_the_result_and_then_the_callback(daraja, callback_rece
     started = time.monotonic()
     checkout_id = daraja.pushed(AWAITING_PHONE)["CheckoutRequestID"]
     assert daraja.prompt(checkout_id)["status"] == "pending"
-    eventually(lambda: daraja.prompt(checkout_id)["status"] == "completed")
+    wait_until(lambda: daraja.prompt(checkout_id)["status"] == "completed")
     assert callback_receiver.calls == []
     callback_receiver.wait(1)
     assert time.monotonic() - started >= 0.8
@@ -756,7 +742,7 @@ def test_rules_are_listed_and_cleared(daraja):
     assert daraja.control("GET", "scenarios").json() == {"scenarios": []}
 
 
-# --------------------------------------------------------------------- faults
+# Faults.
 
 
 def oauth_answer(daraja):
@@ -878,7 +864,7 @@ def test_invalid_faults_are_refused(daraja, fault):
     assert daraja.control("POST", "faults", json=fault).status_code == 400
 
 
-# ---------------------------------------------------- configuration and stats
+# Configuration and stats.
 
 
 def test_config_hides_secrets_and_changes_at_run_time(daraja):
@@ -916,7 +902,7 @@ def test_stats_count_calls_and_reset_clears_everything_but_tokens(daraja, callba
     daraja.control("POST", "scenarios", json={"amount": 5, "resultCode": 1})
     daraja.control("POST", "faults", json={"endpoint": "query", "mode": "quota"})
     callback_receiver.wait(1)
-    stats = eventually(lambda: (s := daraja.control("GET", "stats").json())["callbacks_sent"] and s)
+    stats = wait_until(lambda: (s := daraja.control("GET", "stats").json())["callbacks_sent"] and s)
     assert stats == {
         "tokens_issued": 1,
         "pushes_accepted": 2,
@@ -969,10 +955,9 @@ def test_start_process_says_so_when_the_child_exits_before_answering():
 
 
 def test_the_command_line_serves_until_interrupted():
-    root = Path(__file__).resolve().parents[1]
     process = subprocess.Popen(
         [sys.executable, "-m", "simulator", "--port", "0", "--auto-delay", "0.1"],
-        cwd=root,
+        cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

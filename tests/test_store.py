@@ -9,13 +9,14 @@ import gc
 import json
 import multiprocessing
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
-from pathlib import Path
+import tracemalloc
+from contextlib import closing
 
 import pytest
 import redis
@@ -32,72 +33,10 @@ from store import (
     open_store,
     tally,
 )
-from store.memory import _FEW_LEAVING, _without
-from store.record import decode as _decode
-from store.record import encode as _encode
+from tests.helpers import ROOT, Backend, FakeClock
 
-ROOT = Path(__file__).resolve().parent.parent
 PHONE = "254712345678"
 OTHER_PHONE = "254798765432"
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, now: float = 1_700_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class Backend:
-    """Opens stores of one kind and lets time pass for them.
-
-    Memory and SQLite run on a fake clock; Redis keeps its own time, so for it time passes
-    by sleeping, and the durations in the suite are kept short.
-    """
-
-    def __init__(self, kind: str, url: str, clock):
-        self.kind = kind
-        self.url = url
-        self.clock = clock
-        self._opened: list[Store] = []
-
-    def open(self, retention: float = 3600) -> Store:
-        store = open_store(self.url, retention=retention, clock=self.clock)
-        self._opened.append(store)
-        return store
-
-    def elapse(self, seconds: float) -> None:
-        if isinstance(self.clock, FakeClock):
-            self.clock.advance(seconds)
-        else:
-            time.sleep(seconds)
-
-    def close(self) -> None:
-        for store in self._opened:
-            store.close()
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def backend(request, tmp_path):
-    if request.param == "redis":
-        backend = Backend("redis", request.getfixturevalue("clean_redis_url"), time.time)
-    elif request.param == "sqlite":
-        backend = Backend("sqlite", f"sqlite:///{tmp_path / 'store.db'}", FakeClock())
-    else:
-        backend = Backend("memory", "memory://", FakeClock())
-    yield backend
-    backend.close()
-
-
-@pytest.fixture
-def store(backend):
-    return backend.open()
 
 
 def make_tx(
@@ -493,15 +432,45 @@ def test_from_dict_ignores_keys_it_does_not_know_and_fills_defaults():
     assert (tx.currency, tx.status, tx.history) == ("KES", "pending", [])
 
 
-def test_stored_text_is_what_the_deep_copy_gave_and_reads_back_equal():
+def stored_text(backend: Backend, checkout_request_id: str) -> str:
+    """The record as the backend keeps it: SQLite's record column, Redis's tx:<id> key."""
+    if backend.kind == "sqlite":
+        with closing(sqlite3.connect(sqlite_file(backend.url))) as db:
+            query = "SELECT record FROM transactions WHERE checkout_request_id = ?"
+            return db.execute(query, (checkout_request_id,)).fetchone()[0]
+    with closing(redis.Redis.from_url(backend.url, decode_responses=True)) as client:
+        return client.get(f"mpesa:tx:{checkout_request_id}")
+
+
+def keep_text(backend: Backend, checkout_request_id: str, text: str) -> None:
+    """Put text where the backend keeps the record, as another version of the server would."""
+    if backend.kind == "sqlite":
+        with closing(sqlite3.connect(sqlite_file(backend.url))) as db, db:
+            query = "UPDATE transactions SET record = ? WHERE checkout_request_id = ?"
+            db.execute(query, (text, checkout_request_id))
+        return
+    with closing(redis.Redis.from_url(backend.url, decode_responses=True)) as client:
+        client.set(f"mpesa:tx:{checkout_request_id}", text, keepttl=True)
+
+
+def sqlite_file(url: str) -> str:
+    return url.removeprefix("sqlite:///")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"], indirect=True)
+def test_a_record_is_kept_as_its_json_and_other_versions_of_it_read_back(backend):
+    store = backend.open()
     tx = settled_tx()
-    text = _encode(tx)
+    store.create(tx)
+    text = stored_text(backend, "ws_CO_1")
     assert text == json.dumps(dataclasses.asdict(tx), ensure_ascii=False, separators=(",", ":"))
-    assert _decode(text) == tx == Transaction.from_dict(json.loads(text))
+    assert store.get("ws_CO_1") == tx == Transaction.from_dict(json.loads(text))
     later = json.dumps({**json.loads(text), "added_by_a_later_version": 1, "flags": None})
-    assert _decode(later) == dataclasses.replace(tx, flags=None)
+    keep_text(backend, "ws_CO_1", later)
+    assert store.get("ws_CO_1") == dataclasses.replace(tx, flags=None)
     older = json.dumps({k: v for k, v in json.loads(text).items() if k not in ("flags", "extra")})
-    assert (_decode(older).flags, _decode(older).extra) == ([], {})
+    keep_text(backend, "ws_CO_1", older)
+    assert (store.get("ws_CO_1").flags, store.get("ws_CO_1").extra) == ([], {})
 
 
 def test_to_dict_and_from_dict_copy_nested_values():
@@ -552,71 +521,44 @@ def test_open_store_gives_memory_by_default_and_refuses_a_useless_retention():
         open_store("memory://", retention=0)
 
 
-def test_open_store_reads_the_redis_prefix_from_the_url():
-    store = open_store("redis://127.0.0.1:6390/3?prefix=shop1:&socket_timeout=2")
-    assert isinstance(store, RedisStore) and store._prefix == "shop1:"
-    kwargs = store._redis.connection_pool.connection_kwargs
-    assert (kwargs["port"], kwargs["db"], kwargs["socket_timeout"]) == (6390, 3, 2.0)
-    assert "prefix" not in kwargs
-    store.close()
-    default = open_store("redis://127.0.0.1:6390/3")
-    assert default._prefix == "mpesa:"
-    default.close()
-
-
 # Memory only.
 
 
-class CountingOrderedDict(OrderedDict):
-    """Counts every entry any iteration over it looks at."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.visited = 0
-
-    def _count(self, entries):
-        for entry in entries:
-            self.visited += 1
-            yield entry
-
-    def __iter__(self):
-        return self._count(super().__iter__())
-
-    def keys(self):
-        return self._count(super().keys())
-
-    def values(self):
-        return self._count(super().values())
-
-    def items(self):
-        return self._count(super().items())
+def traced_memory() -> int:
+    """Bytes this process holds that it allocated since tracemalloc started."""
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
 
 
-def test_memory_expiry_looks_only_at_expired_records():
+@pytest.fixture
+def tracing():
+    tracemalloc.start()
+    yield
+    tracemalloc.stop()
+
+
+def test_memory_expired_records_are_dropped_at_once_and_give_their_memory_back(tracing):
+    def spread_tx(n: int) -> Transaction:
+        """Records started five minutes apart, so that each has counters of its own."""
+        return dataclasses.replace(scattered_tx(n), initiated_at=MIDNIGHT + n * 300)
+
     clock = FakeClock()
     store = MemoryStore(retention=100, clock=clock)
+    empty = traced_memory()
     for n in range(3000):
-        store.create(make_tx(f"old{n}"))
+        store.create(spread_tx(n))
     clock.advance(50)
-    for n in range(3000):
-        store.create(make_tx(f"new{n}"))
-    store._records = records = CountingOrderedDict(store._records)
+    for n in range(3000, 3100):
+        store.create(spread_tx(n))
+    full = traced_memory() - empty
 
-    for n in range(200):  # 1000 operations, none of which finds anything expired
-        store.get(f"old{n}")
-        store.update(f"new{n}", increment)
-        store.add(f"k{n}", {}, ttl=10)
-        store.get_value(f"k{n}")
-        store.set_value(f"j{n}", {}, ttl=10 + n)
-    assert records.visited <= 1000  # one peek at the oldest record per operation
-
-    clock.advance(60)  # the 3000 old records are now past retention, the new ones are not
-    records.visited = 0
-    assert store.get("new0") is not None
-    assert records.visited == 3001 and len(store._records) == 3000
-    records.visited = 0
-    store.get("new1")
-    assert records.visited == 1
+    clock.advance(60)  # the 3000 old records are now past retention, the 100 new ones are not
+    assert store.list(limit=0) == ([], 100)
+    assert traced_memory() - empty < 0.25 * full
+    clock.advance(50)
+    assert store.get("ws_CO_3000") is None
+    assert store.search() == ([], 0) and store.overview(MIDNIGHT, MIDNIGHT + 11 * DAY, DAY).total.counts == {}
+    assert traced_memory() - empty < 0.2 * full  # the search indexes and counters forgot them too
 
 
 def test_memory_a_rewritten_record_does_not_hold_back_the_expiry_of_others():
@@ -627,21 +569,26 @@ def test_memory_a_rewritten_record_does_not_hold_back_the_expiry_of_others():
     clock.advance(60)
     store.update("A", increment)  # A now expires 60 s after B
     clock.advance(50)
-    store.get("A")
-    assert list(store._records) == ["A"]
+    assert store.search() == ([store.get("A")], 1)
+    assert store.get("B") is None
 
 
-def test_memory_values_expire_and_overwrites_do_not_grow_the_heap():
+def test_memory_values_expire_and_overwrites_hold_no_memory(tracing):
     clock = FakeClock()
     store = MemoryStore(clock=clock)
-    for n in range(1000):
-        store.set_value(f"k{n}", {}, ttl=1 + n % 7)
-    clock.advance(8)
-    store.get_value("anything")
-    assert store._values == {} and store._expiries == []
+    store.set_value("throttle", {"n": 0}, ttl=3600)
+    one = traced_memory()
     for n in range(10_000):
         store.set_value("throttle", {"n": n}, ttl=3600)
-    assert len(store._expiries) < 100 and store.get_value("throttle") == {"n": 9999}
+    assert store.get_value("throttle") == {"n": 9999}
+    assert traced_memory() - one < 100_000  # each overwrite keeping its old expiry would hold ~80 bytes
+
+    for n in range(1000):
+        store.set_value(f"k{n}", {"pad": "x" * 1000}, ttl=1 + n % 7)
+    full = traced_memory() - one
+    clock.advance(8)
+    assert [store.get_value(f"k{n}") for n in range(1000)] == [None] * 1000
+    assert traced_memory() - one < 0.1 * full
 
 
 def scattered_tx(n: int) -> Transaction:
@@ -678,10 +625,8 @@ def test_memory_expiry_leaves_the_indexes_as_if_only_the_survivors_were_written(
     # 1000 expire at once: filtered out of "all" and "status:failed", deleted from the others.
     clock.advance(20)
     # Then the 3 oldest survivors: deleted one by one.
-    for expired_now, reference in ((1000, only(survivors)), (3, only(survivors[3:]))):
+    for reference in (only(survivors), only(survivors[3:])):
         store.get("anything")
-        assert len(store._records) == len(reference._records)
-        assert store._sorted == reference._sorted and store._words == reference._words
         for query in [
             {},
             {"status": "failed"},
@@ -695,18 +640,6 @@ def test_memory_expiry_leaves_the_indexes_as_if_only_the_survivors_were_written(
         assert store.list(limit=100) == reference.list(limit=100)
         clock.advance(42.5)
     assert store.search("R0004") == ([], 0)
-
-
-def test_without_deletes_a_few_in_place_and_filters_for_many():
-    entries = [(float(n % 50), f"id{n}") for n in range(1000)]
-    entries.sort()
-    absent = (3.0, "nobody")
-    few = [entries[500], entries[5], absent]
-    assert _without(list(entries), few) == [entry for entry in entries if entry not in few]
-    many = entries[::3] + [absent]
-    assert len(many) > _FEW_LEAVING
-    assert _without(list(entries), many) == [entry for entry in entries if entry not in many]
-    assert _without([], many) == [] and _without(list(entries), []) == entries
 
 
 # SQLite only.
@@ -785,7 +718,8 @@ def test_sqlite_purges_expired_values_from_the_file(tmp_path):
         store.set_value(f"throttle:{n}", {}, ttl=5)
     clock.advance(120)
     store.add("idem:new", {}, ttl=5)
-    assert store._db().execute("SELECT key FROM kv").fetchall() == [("idem:new",)]
+    with closing(sqlite3.connect(tmp_path / "ledger.db")) as db:
+        assert db.execute("SELECT key FROM kv").fetchall() == [("idem:new",)]
     store.close()
 
 
@@ -793,7 +727,7 @@ def test_sqlite_has_real_indexed_columns_and_wal(tmp_path):
     store = open_store(f"sqlite:///{tmp_path / 'ledger.db'}")
     assert isinstance(store, SQLiteStore)
     store.create(make_tx(status="completed"))
-    db = store._db()
+    db = sqlite3.connect(tmp_path / "ledger.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("SELECT status, phone, json_extract(record, '$.amount') FROM transactions").fetchone() == (
         "completed",
@@ -807,6 +741,7 @@ def test_sqlite_has_real_indexed_columns_and_wal(tmp_path):
         )
     )
     assert "transactions_by_phone" in plan
+    db.close()
     store.close()
 
 
@@ -881,6 +816,30 @@ def test_redis_store_objects_on_one_url_share_everything(redis_backend):
         thread.join()
     assert first.get("ws_CO_1").extra["n"] == 100
     assert second.list() == ([first.get("ws_CO_1")], 1)
+
+
+def test_redis_url_names_the_database_and_the_prefix(clean_redis_url):
+    store = open_store(f"{clean_redis_url}?prefix=shop1:&socket_timeout=2")
+    assert isinstance(store, RedisStore)
+    store.create(make_tx())
+    assert store.get("ws_CO_1") == make_tx()
+    # The session's database is 15, not Redis's default 0: the record is found only if the URL's was used.
+    with closing(redis.Redis.from_url(clean_redis_url, decode_responses=True)) as client:
+        assert client.get("shop1:tx:ws_CO_1") is not None
+        assert {key.split(":")[0] for key in client.keys()} == {"shop1"}
+    store.close()
+
+
+def test_a_timeout_in_the_redis_url_bounds_each_call():
+    with socket.socket() as silent:  # accepts connections and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        store = open_store(f"redis://127.0.0.1:{silent.getsockname()[1]}/3?socket_timeout=0.3")
+        began = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            store.get("ws_CO_1")
+        assert time.monotonic() - began < 2.5  # without it, the store's default of 5 s
+        store.close()
 
 
 def test_redis_prefixes_keep_stores_apart(clean_redis_url):
@@ -1227,7 +1186,7 @@ def test_search_forgets_expired_records_except_in_sqlite(backend):
 
 def test_sqlite_search_uses_its_indexes(tmp_path):
     store = open_store(f"sqlite:///{tmp_path / 'ledger.db'}")
-    db = store._db()
+    db = sqlite3.connect(tmp_path / "ledger.db")
 
     def plan(sql: str, *params) -> str:
         return " ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
@@ -1248,6 +1207,7 @@ def test_sqlite_search_uses_its_indexes(tmp_path):
         "SELECT record FROM transactions WHERE status = 'failed' AND reason = ? ORDER BY initiated_at DESC", "cancelled"
     )
     assert "SCAN" not in plan("SELECT bucket, name, value FROM tallies WHERE step = 3600 AND bucket BETWEEN 1 AND 24")
+    db.close()
     store.close()
 
 
@@ -1274,17 +1234,17 @@ def test_sqlite_ledger_made_before_the_dashboard_is_upgraded_and_counted(tmp_pat
         store.close()
 
 
-def test_memory_search_reads_only_what_its_indexes_name():
+def test_memory_search_finds_by_its_indexes_and_forgets_with_the_records():
     clock = FakeClock()
     store = MemoryStore(retention=100, clock=clock)
     for tx in DATA_SET:
         store.create(tx)
-    store._records = records = CountingOrderedDict(store._records)
     assert ids(store.search("qab1c2d3e4")[0]) == ["P1"]
     assert ids(store.search("678", status="failed")[0]) == ["P6", "P3"]
     assert store.search(reason="cancelled")[1] == 1
     assert ids(store.search(limit=2, offset=1)[0]) == ["P7", "P6"]
-    assert records.visited == 4  # each search peeks at the oldest record for expiry, no more
     clock.advance(101)
-    store.get("P1")  # everything expires, and the index forgets it all
-    assert store._words == {} and store._sorted == {} and store._tallies == OrderedDict()
+    assert store.get("P1") is None
+    for query in ({"text": "qab1c2d3e4"}, {"text": "678"}, {"status": "failed"}, {"reason": "cancelled"}, {}):
+        assert store.search(**query) == ([], 0)
+    assert store.overview(MIDNIGHT, MIDNIGHT + 2 * DAY, DAY).total.counts == {}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import threading
 
-from tests.test_store import backend, store  # noqa: F401 - the parametrised store fixtures
-
 
 def test_counter_starts_at_zero_and_adjusts(store):
     assert store.get_counter("stock:a") == 0

@@ -15,10 +15,9 @@ import pytest
 
 import webhooks
 from store import Transaction, open_store
-from tests.server_fixtures import free_port
+from tests.helpers import CANCELLED, PAID, WAITING, free_port, wait_until
 
 SECRET = "whsec_test_0123456789abcdef"
-PAID, CANCELLED, WAITING = "254700000000", "254700001032", "254712345678"
 
 
 def checkout(n: int) -> str:
@@ -124,13 +123,6 @@ def senders():
         sender.close()
 
 
-def wait_for(check, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while not (result := check()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return result
-
-
 def final_tx(checkout_id=CHECKOUT, status="completed", **fields) -> Transaction:
     values = dict(
         merchant_request_id="29115-34620561-1",
@@ -156,7 +148,7 @@ def history(tx: Transaction | dict, name: str) -> list[dict]:
     return [entry for entry in entries if entry["event"] == name]
 
 
-# ------------------------------------------------------------------ signatures
+# Signatures.
 
 
 def test_a_signature_verifies_and_follows_the_documented_formula():
@@ -209,7 +201,7 @@ def test_an_empty_secret_is_a_configuration_error():
         webhooks.verify([], "t=1,v1=00", b"{}")
 
 
-# ---------------------------------------------------------------------- events
+# Events.
 
 
 def test_events_are_repeatable_and_a_late_result_gets_its_own_id():
@@ -230,7 +222,7 @@ def test_events_are_repeatable_and_a_late_result_gets_its_own_id():
         webhooks.event_for(final_tx(status="pending"))
 
 
-# ----------------------------------------------------- delivery, sender alone
+# Delivery, sender alone.
 
 
 def test_notify_returns_at_once_while_the_shop_is_slow(receiver_factory, senders):
@@ -243,7 +235,7 @@ def test_notify_returns_at_once_while_the_shop_is_slow(receiver_factory, senders
     assert time.monotonic() - started < 0.3
     assert store.get(CHECKOUT).extra["webhooks"][event]["delivered"] is False
     receiver.wait(1)
-    assert wait_for(lambda: store.get(CHECKOUT).extra["webhooks"][event]["delivered"])
+    assert wait_until(lambda: store.get(CHECKOUT).extra["webhooks"][event]["delivered"])
 
 
 def test_a_shop_that_never_succeeds_is_retried_with_growing_delays_then_given_up(receiver_factory, senders):
@@ -257,7 +249,7 @@ def test_a_shop_that_never_succeeds_is_retried_with_growing_delays_then_given_up
     assert receiver.ids() == [event] * 4
     # base * 2**(n-1), capped at max_delay, jittered into its upper half
     assert len(delays) == 3
-    for delay, (low, high) in zip(delays, [(0.5, 1.0), (1.0, 2.0), (1.5, 3.0)]):
+    for delay, (low, high) in zip(delays, [(0.5, 1.0), (1.0, 2.0), (1.5, 3.0)], strict=True):
         assert low <= delay <= high
     tx = store.get(CHECKOUT)
     assert [e["status"] for e in history(tx, "webhook_attempt")] == [500] * 4
@@ -343,7 +335,7 @@ def test_logs_name_the_event_but_never_the_secret_or_the_phone(receiver_factory,
         assert secret not in caplog.text
 
 
-# ------------------------------------------------------------------ end to end
+# End to end.
 
 
 def push(live, phone, amount=100, **extra):
@@ -360,7 +352,7 @@ def admin(live, checkout_id) -> dict:
 
 def delivered(live, checkout_id, count=1) -> dict:
     """The record once `count` webhook deliveries are in its history."""
-    tx = wait_for(lambda: (tx := admin(live, checkout_id)) and len(history(tx, "webhook_delivered")) >= count and tx)
+    tx = wait_until(lambda: (tx := admin(live, checkout_id)) and len(history(tx, "webhook_delivered")) >= count and tx)
     assert tx, f"no {count} delivery(ies) recorded for {checkout_id}"
     return tx
 
@@ -424,7 +416,7 @@ def test_a_process_that_dies_just_after_settling_leaves_the_event_to_be_sent(sho
 
     payments.on_final = dies_before_queueing
     checkout_id = push(live, PAID)
-    tx = wait_for(lambda: (tx := admin(live, checkout_id)) and tx["status"] == "completed" and tx)
+    tx = wait_until(lambda: (tx := admin(live, checkout_id)) and tx["status"] == "completed" and tx)
     event_id = f"evt_{checkout_id}_completed"
     assert tx["extra"]["webhooks"][event_id]["delivered"] is False  # saved with the verdict
     time.sleep(0.3)
@@ -459,7 +451,7 @@ def test_duplicate_callbacks_from_daraja_cause_no_second_delivery(shop):
     assert response.status_code == 201, response.text
     checkout_id = push(live, WAITING)
     receiver.wait(1)
-    assert wait_for(lambda: history(admin(live, checkout_id), "duplicate_ignored"))
+    assert wait_until(lambda: history(admin(live, checkout_id), "duplicate_ignored"))
     time.sleep(0.3)
     assert receiver.ids() == [f"evt_{checkout_id}_completed"]
 
