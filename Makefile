@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 READY  := $(VENV)/.ready
 
-.PHONY: run test bench docs services clean
+.PHONY: run test check bench docs services clean
 
 $(READY): requirements.txt requirements-dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,13 @@ run: $(READY)
 services:
 	@./scripts/ensure-packages.sh chromium redis-server
 
-test: $(READY) services
+# Lint, format and type checks (the docs site is built strictly by tests/test_docs.py).
+check: $(READY)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: $(READY) services check
 	$(BIN)/python -m pytest
 
 bench: $(READY)
