@@ -1,7 +1,7 @@
 """Settings: read once from the environment (and .env) into one immutable object.
 
-The only module that reads the environment. Names follow API.md; seed 000's spellings are
-accepted as aliases. A missing or malformed setting raises ConfigError with one line naming
+The only module that reads the environment. Names follow API.md; spellings common in other M-Pesa
+guides are accepted as aliases. A missing or malformed setting raises ConfigError with one line naming
 it, so start-up stops with that line instead of a stack trace at the first payment.
 
 Two settings are read by libraries as well, under their documented names: WEB_CONCURRENCY

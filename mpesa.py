@@ -14,6 +14,9 @@ Exceptions (failed calls; a failed *payment* is a result, never an exception)::
     ├── DarajaUnavailable        could not connect, 5xx, or an answer that is not Daraja's
     └── DarajaTimeout            no answer in time; a push may or may not have reached the phone
     MalformedCallback            a callback document that is not Daraja's shape
+
+It is one module past the usual size on purpose: it is the whole boundary with Safaricom, and
+a reader checking what we send or accept against Daraja's documentation finds it in one place.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 _PHONE_SEPARATORS = re.compile(r"[\s\-().]")
 # Safaricom numbers are 07XX XXX XXX and, since 2020, 010X/011X XXX XXX; "0123456789"
-# (seed 003's example of an invalid number) fits neither.
+# (a common example of an invalid number) fits neither.
 _NATIONAL = r"(7[0-9]{8}|1[01][0-9]{7})"
 _PHONE_SHAPES = (
     re.compile(rf"^\+?254{_NATIONAL}$"),

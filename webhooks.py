@@ -31,6 +31,9 @@ again by `redeliver_pending()`, which resumes at the recorded attempt count.
 Not guaranteed: a 2xx that arrives just before the process dies unrecorded is sent again
 (at least once: dedupe by id), and the events of one payment may arrive out of order (a
 `late` event supersedes the earlier failed one; its `created` is later).
+
+One module past the usual size because signing, the event document and delivery with its
+retries are one promise to the shop; splitting them would spread that promise over files.
 """
 
 from __future__ import annotations

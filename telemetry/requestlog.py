@@ -4,12 +4,12 @@ RequestLog wraps the Flask app as WSGI middleware, so it sees every answer: the 
 error handlers', the rate limiter's refusals and the static pages'. It adds its headers to the
 list the app hands to start_response. Flask's before/after_request hooks did the same through
 werkzeug's Headers and Flask's hook machinery: moving it here raised status-poll throughput by
-about a tenth (README, Benchmarks).
+about a tenth (docs/design.md).
 
 The request's metrics and log line are made from a few facts the request leaves behind. Under
 gunicorn (defer(), from gunicorn.conf.py) a thread of the worker's own makes them, in batches:
 the same work costs a gunicorn request thread several times what it costs a thread doing
-nothing else (README, Benchmarks).
+nothing else (docs/design.md).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ SECURITY_HEADERS = (
 # JSON answers, as OWASP's REST Security Cheat Sheet has them: nothing to load or frame, and no
 # cache keeps them. The policy's frame-ancestors does X-Frame-Options' work (the CSP specification
 # tells browsers to ignore X-Frame-Options when it is there), and a Referrer-Policy has nothing to
-# act on in a JSON answer: one header less on every status poll (README, Running it in production).
+# act on in a JSON answer: one header less on every status poll (docs/production.md).
 API_CONTENT_SECURITY_POLICY = "default-src 'none'; frame-ancestors 'none'"
 API_SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
@@ -165,7 +165,7 @@ def record_requests(batch: list[tuple]) -> None:
                 )
             )
         return
-    # The lines the records would become, made without them (README, Logs). Method and path are
+    # The lines the records would become, made without them (docs/monitoring.md, Logs). Method and path are
     # encoded once for their fields and the message, and the duration printed once: with one
     # decimal, as repr() prints the rounded float a record holds.
     head = _line_head(_LEVEL, _LOGGER, _pid)
