@@ -24,6 +24,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 import mpesa
+import store
 
 MODES = ("simulator", "sandbox", "production")
 LOG_FORMATS = ("text", "json")
@@ -276,8 +277,10 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
         raise ConfigError(f"MAX_AMOUNT must not exceed Daraja's limit of {mpesa.DARAJA_MAX_AMOUNT}")
 
     store_url = _get(env, "STORE_URL") or "memory://"
-    if store_url.split(":", 1)[0] not in ("memory", "sqlite", "redis", "rediss"):
-        raise ConfigError(f"STORE_URL must start with memory://, sqlite:/// or redis:// (got {store_url!r})")
+    try:
+        store.check_url(store_url)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
     workers = _int(env, "WEB_CONCURRENCY", default_workers(store_url), minimum=1)
     if workers > 1 and store_url.startswith("memory:"):

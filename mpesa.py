@@ -261,6 +261,15 @@ _RATE_LIMIT_ERRORS = {"500.003.02", "500.003.03"}
 _PENDING_MESSAGES = ("being processed", "under processing")
 
 
+def still_processing(error: DarajaError) -> bool:
+    """Whether Daraja refused a query only because the customer has not answered the prompt yet."""
+    return (
+        isinstance(error, DarajaRequestError)
+        and error.error_code == "500.001.1001"
+        and any(text in error.message.lower() for text in _PENDING_MESSAGES + ("lock subscriber",))
+    )
+
+
 def _error_body(response: requests.Response) -> dict:
     try:
         body = response.json()
@@ -671,9 +680,7 @@ class Daraja:
         try:
             body = self._call("/mpesa/stkpushquery/v1/query", "stk query", payload)
         except DarajaRequestError as error:
-            if error.error_code == "500.001.1001" and any(
-                text in error.message.lower() for text in _PENDING_MESSAGES + ("lock subscriber",)
-            ):
+            if still_processing(error):
                 return QueryResult(checkout_request_id, pending=True)
             raise
         if "ResultCode" not in body:
@@ -748,9 +755,16 @@ class Daraja:
         if 200 <= response.status_code < 300:
             return response
         refusal = error_from_response(response)
-        log.warning(
-            "daraja %s refused: HTTP %s %s %s", what, response.status_code, refusal.error_code or "-", refusal.message
-        )
+        if still_processing(refusal):  # Daraja's usual answer to a query while the prompt is open
+            log.info("daraja %s: the payment is still being processed", what)
+        else:
+            log.warning(
+                "daraja %s refused: HTTP %s %s %s",
+                what,
+                response.status_code,
+                refusal.error_code or "-",
+                refusal.message,
+            )
         raise refusal
 
 

@@ -9,6 +9,7 @@ with gunicorn.conf.py.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from dataclasses import replace
 
@@ -18,6 +19,7 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.serving import make_server
 
 import api
 import checkout
@@ -231,6 +233,11 @@ def banner(app: Flask) -> str:
     ]
     if settings.simulator:
         lines.append(f"  Phone:      {base}/handset.html  (the simulated handset; PIN {simulator.SIM_PIN})")
+    if settings.admin_token:
+        lines.append(f"  Dashboard:  {base}/admin/  (sign in with ADMIN_TOKEN)")
+    else:
+        lines.append("  Dashboard:  off; set ADMIN_TOKEN (16+ characters) to open it at /admin/")
+    lines.append("Press Ctrl+C to stop.")
     return "\n".join(lines)
 
 
@@ -261,9 +268,19 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-if __name__ == "__main__":
-    application = app_from_environment()
-    settings = application.extensions["settings"]
+def serve(application: Flask) -> None:
+    """Run the development server (`python server.py`): bind first, then say where it listens."""
+    settings: Settings = application.extensions["settings"]
+    host = "0.0.0.0" if settings.mpesa_env != "simulator" else "127.0.0.1"
+    try:
+        listener = socket.create_server((host, settings.port))
+    except OSError as error:
+        sys.exit(
+            f"Cannot listen on port {settings.port} ({error.strerror}): another server may be using it. "
+            f"Stop it, or choose another port: PORT={settings.port + 1} make run"
+        )
+    server = make_server(host, settings.port, application, threaded=True, fd=listener.fileno())
+    listener.close()  # the server holds its own copy of the socket
     # A simulator shared with other processes (SIMULATOR_PORT) is started by whoever starts the server.
     shared = simulator.start_process(port=settings.simulator_port) if settings.simulator_port else None
     if settings.log_format == "json":
@@ -271,12 +288,14 @@ if __name__ == "__main__":
     else:
         print(banner(application), flush=True)
     try:
-        application.run(
-            host="0.0.0.0" if settings.mpesa_env != "simulator" else "127.0.0.1",
-            port=settings.port,
-            threaded=True,
-            use_reloader=False,
-        )
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
     finally:
+        server.server_close()
         if shared is not None:
             shared.stop()
+
+
+if __name__ == "__main__":
+    serve(app_from_environment())

@@ -44,6 +44,7 @@ backend: `memory`, `sqlite`, `redis`.
 
 from __future__ import annotations
 
+import os
 import time
 from urllib.parse import urlsplit
 
@@ -90,16 +91,24 @@ def open_store(url: str = "memory://", *, retention: float = DEFAULT_RETENTION, 
     """Open the store a STORE_URL names: memory://, sqlite:///path.db or redis://host:port/db."""
     if not retention > 0:
         raise ValueError(f"retention must be a positive number of seconds, not {retention!r}")
-    scheme = urlsplit(url).scheme.lower()
+    scheme = check_url(url)
     if scheme == "memory":
         return MemoryStore(retention=retention, clock=clock)
     if scheme == "sqlite":
         return SQLiteStore(_sqlite_path(url), clock=clock)
-    if scheme in ("redis", "rediss"):
-        return RedisStore.from_url(url, retention=retention, clock=clock)
-    raise ValueError(
-        f"STORE_URL: unsupported scheme '{scheme}' (use memory://, sqlite:///path.db or redis://host:port/db)"
-    )
+    return RedisStore.from_url(url, retention=retention, clock=clock)
+
+
+def check_url(url: str) -> str:
+    """Return the STORE_URL's scheme; raise ValueError naming STORE_URL if no store could open it."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in ("memory", "sqlite", "redis", "rediss"):
+        raise ValueError(
+            f"STORE_URL: unsupported scheme '{scheme}' (use memory://, sqlite:///path.db or redis://host:port/db)"
+        )
+    if scheme == "sqlite":
+        _sqlite_path(url)
+    return scheme
 
 
 def _sqlite_path(url: str) -> str:
@@ -110,4 +119,7 @@ def _sqlite_path(url: str) -> str:
             "STORE_URL: a SQLite store needs a file, as sqlite:///relative.db or "
             "sqlite:////absolute.db (use memory:// for a store in memory)"
         )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"STORE_URL: the folder {folder} for the SQLite file does not exist")
     return path

@@ -67,6 +67,9 @@ def test_config_is_the_only_module_that_reads_the_environment():
         ({"ADMIN_LOGIN_FREE_TRIES": "-1"}, "ADMIN_LOGIN_FREE_TRIES"),
         ({"ADMIN_LOGIN_DELAY": "0"}, "ADMIN_LOGIN_DELAY"),
         ({"ADMIN_LOGIN_MAX_DELAY": "soon"}, "ADMIN_LOGIN_MAX_DELAY"),
+        ({"STORE_URL": "ftp://example.com/payments"}, "STORE_URL"),
+        ({"STORE_URL": "sqlite:///:memory:"}, "STORE_URL"),
+        ({"STORE_URL": "sqlite:////no/such/dir/payments.db"}, "STORE_URL"),
     ],
 )
 def test_a_bad_setting_is_refused_with_one_line_naming_it(environ, setting):
@@ -161,6 +164,12 @@ def test_admin_sign_in_limits_are_settings():
     "command, environ, setting",
     [
         ([sys.executable, "server.py"], {"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ([sys.executable, "server.py"], {"STORE_URL": "sqlite:////no/such/dir/payments.db"}, "STORE_URL"),
+        (
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"],
+            {"STORE_URL": "sqlite:///:memory:"},
+            "STORE_URL",
+        ),
         (
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"],
             {"WEB_CONCURRENCY": "2", "STORE_URL": "memory://"},
@@ -172,7 +181,13 @@ def test_admin_sign_in_limits_are_settings():
             "PROMETHEUS_MULTIPROC_DIR",
         ),
     ],
-    ids=["server.py-log-format", "gunicorn-memory-workers", "gunicorn-metrics-directory"],
+    ids=[
+        "server.py-log-format",
+        "server.py-sqlite-folder",
+        "gunicorn-sqlite-memory",
+        "gunicorn-memory-workers",
+        "gunicorn-metrics-directory",
+    ],
 )
 def test_a_bad_setting_stops_start_up_with_one_line(command, environ, setting):
     env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "PORT": "0", "PYTHONUNBUFFERED": "1", **environ}

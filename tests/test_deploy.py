@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from config import ConfigError, load_settings
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, ServerProcess, free_port, wait_until
 
 SETTING_READERS = {"_get", "_int", "_float", "_bool", "_directory"}
 # Read (or, for REDIS_URL, possibly read) by the server but set by Heroku, never by app.json.
@@ -520,3 +520,75 @@ def test_heroku_deploy_without_credentials_serves_the_demo(deployed):
     health = requests.get(serving(deployed, "heroku").url + "/health", timeout=5)
     assert health.status_code == 200, health.text
     assert health.json()["mode"] == "simulator"
+
+
+def test_a_second_server_on_a_taken_port_says_how_to_choose_another(tmp_path):
+    port = free_port()
+    env = {"PORT": str(port), "LOG_FORMAT": "text", "STORE_URL": "memory://"}
+    first = ServerProcess([sys.executable, "server.py"], env, port, tmp_path / "first.log")
+    try:
+        second = subprocess.run(
+            [sys.executable, "server.py"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        said = second.stdout + second.stderr
+        assert second.returncode != 0
+        assert f"Cannot listen on port {port}" in said and f"PORT={port + 1}" in said
+        assert "running" not in said and "Pay page" not in said
+    finally:
+        first.kill(signal.SIGTERM)
+
+
+def test_the_start_up_banner_says_where_the_dashboard_is_and_how_to_stop(tmp_path):
+    port = free_port()
+    env = {"PORT": str(port), "LOG_FORMAT": "text", "STORE_URL": "memory://"}
+    server = ServerProcess([sys.executable, "server.py"], env, port, tmp_path / "server.log")
+    try:
+        banner = server.log_path.read_text()
+        assert f"http://127.0.0.1:{port}/pay.html" in banner
+        assert "Dashboard:" in banner and "/admin/" in banner
+        assert "Ctrl+C to stop" in banner
+    finally:
+        server.kill(signal.SIGTERM)
+
+
+def test_a_copy_of_the_env_example_starts_the_simulator_demo(tmp_path):
+    """`cp .env.example .env && make run` on a fresh clone: the demo, not a refusal."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    clone = tmp_path / "clone"
+    for name in tracked.splitlines():
+        if (ROOT / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, clone / name)
+    shutil.copy(clone / ".env.example", clone / ".env")
+    port = free_port()
+    with (clone / ".env").open("a") as env_file:
+        env_file.write(f"\nPORT={port}\n")  # a free port instead of the example's 3001
+    environ = {name: value for name, value in os.environ.items() if name in ("PATH", "LANG", "HOME", "TMPDIR")}
+    process = subprocess.Popen(
+        [sys.executable, "server.py"],
+        cwd=clone,
+        env={**environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(lambda: process.poll() is not None or _answers(f"http://127.0.0.1:{port}/health"), timeout=30)
+        assert process.poll() is None, process.stdout.read()
+        health = requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+        assert health["mode"] == "simulator" and health["status"] == "ok"
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).ok
+    except requests.RequestException:
+        return False

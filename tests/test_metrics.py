@@ -410,6 +410,28 @@ def test_json_request_logs_carry_the_request_fields_and_no_secrets(process_env, 
     assert_private(text, checkout_id)
 
 
+def test_handset_polls_and_pending_queries_keep_the_log_quiet(process_env, tmp_path):
+    port, env = process_env
+    env = {**env, "LOG_FORMAT": "json", "STATUS_FIRST_QUERY_AFTER": "0", "STATUS_QUERY_INTERVAL": "1"}
+    server = ServerProcess([sys.executable, "server.py"], env, port, tmp_path / "server.log")
+    try:
+        pushed = requests.post(server.url + "/stkpush", json={"phone": WAITING, "amount": 10}, timeout=10).json()
+        for _ in range(5):  # the simulated handset asks for its prompts every second
+            assert requests.get(server.url + "/simulator/prompts", params={"phone": WAITING}, timeout=5).ok
+
+        def asked_daraja() -> bool:
+            requests.get(f"{server.url}/stkpush/status/{pushed['checkoutRequestId']}", timeout=5)
+            return "still being processed" in server.log_path.read_text()
+
+        wait_until(asked_daraja, timeout=20)
+    finally:
+        server.kill(signal.SIGTERM)
+    entries = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+    assert any(e.get("path") == "/stkpush" for e in entries)
+    assert not [e for e in entries if str(e.get("path", "")).startswith("/simulator/prompts")]
+    assert not [e for e in entries if e["level"] in ("WARNING", "ERROR")], "a waiting prompt is no warning"
+
+
 def test_python_server_logs_text_when_asked(process_env, tmp_path):
     server, checkout_id = pay_and_spoof_on_python_server(process_env, tmp_path / "server.log", "text")
     text = server.log_path.read_text()
