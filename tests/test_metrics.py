@@ -32,7 +32,7 @@ from mpesa import mask_checkout_id
 from telemetry import requestlog
 from telemetry.logs import TEXT_LOG_FORMAT, JsonFormatter, LineHandler
 from telemetry.requestlog import RequestRecord
-from tests.helpers import ServerProcess, free_port, wait_until
+from tests.helpers import ServerProcess, callback_body, free_port, wait_until
 
 ADMIN = "admin-secret"
 TOKEN = "test-callback-token-0123456789"
@@ -74,25 +74,6 @@ def settled(base: str, checkout_id: str, until=lambda answer: answer["status"] !
     return wait_until(
         lambda: (lambda answer: answer if until(answer) else None)(status(base, checkout_id)), timeout=10, every=0.05
     )
-
-
-def callback_body(checkout_id: str, code: int = 0) -> dict:
-    body = {
-        "MerchantRequestID": "1-2-3",
-        "CheckoutRequestID": checkout_id,
-        "ResultCode": code,
-        "ResultDesc": "The service request is processed successfully.",
-    }
-    if code == 0:
-        body["CallbackMetadata"] = {
-            "Item": [
-                {"Name": "Amount", "Value": 100},
-                {"Name": "MpesaReceiptNumber", "Value": "SIM0000001"},
-                {"Name": "TransactionDate", "Value": 20261123103000},
-                {"Name": "PhoneNumber", "Value": 254700000000},
-            ]
-        }
-    return {"Body": {"stkCallback": body}}
 
 
 @pytest.fixture
