@@ -78,6 +78,7 @@ class Settings:
     webhook_max_attempts: int = 12
     webhook_base_delay: float = 1.0
     webhook_max_delay: float = 300.0
+    upkeep_seconds: float = 15.0  # how often the background round runs (upkeep.py); 0: never
     port: int = 3001
     rate_limit_push_per_phone: str = "3/minute;10/hour"
     rate_limit_push_per_ip: str = "10/minute;100/hour"
@@ -353,6 +354,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
         webhook_max_attempts=_int(env, "WEBHOOK_MAX_ATTEMPTS", 12, minimum=1),
         webhook_base_delay=_float(env, "WEBHOOK_BASE_DELAY", 1.0),
         webhook_max_delay=_float(env, "WEBHOOK_MAX_DELAY", 300.0),
+        upkeep_seconds=_float(env, "UPKEEP_SECONDS", 15.0, allow_zero=True),
         port=port,
         rate_limit_push_per_phone=_get(env, "RATE_LIMIT_PUSH_PER_PHONE") or "3/minute;10/hour",
         rate_limit_push_per_ip=_get(env, "RATE_LIMIT_PUSH_PER_IP") or "10/minute;100/hour",

@@ -181,15 +181,18 @@ def transaction(checkout_id):
 
 @login_required
 def reconcile():
-    """Settle stale pending payments now (Payments.reconcile) and list them."""
+    """Settle stale pending payments now (Payments.reconcile) and list them; queue due webhooks."""
     payments = current_app.extensions["payments"]
     settled = payments.reconcile()
+    notifier = current_app.extensions.get("webhooks")
+    requeued = notifier.redeliver_pending() if notifier is not None else None
     log.info("admin: reconcile from %s settled %d payment(s)", request.remote_addr, len(settled))
     return render_template(
         "admin_reconcile.html",
         title="Stale payments settled",
         rows=[row_view(tx) for tx in settled],
         ttl=payments.settings.transaction_ttl,
+        requeued=requeued,
     )
 
 
