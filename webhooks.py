@@ -140,6 +140,7 @@ def event_for(tx: Transaction) -> dict:
             "resultDesc": tx.result_desc,
             "amount": tx.amount,
             "currency": tx.currency,
+            "amountConfirmed": "amount_unconfirmed" not in tx.flags if tx.status == "completed" else None,
             "receipt": tx.mpesa_receipt_number,
             "accountReference": tx.account_reference,
             "description": tx.description,

@@ -53,6 +53,7 @@ EVENT_LABELS = {
     "contradiction_ignored": "Contradicting result ignored",
     "receipt_added": "Receipt added by a late callback",
     "amount_mismatch": "Amount paid differs from the amount asked",
+    "callback_without_amount": "Success callback without the amount: confirming by status query",
     "webhook_attempt": "Webhook sent to the shop",
     "webhook_delivered": "Webhook delivered",
     "webhook_given_up": "Webhook given up",
@@ -66,6 +67,7 @@ EVENT_TONES = {
     "amount_mismatch": "bad",
     "webhook_given_up": "bad",
     "contradiction_ignored": "warn",
+    "callback_without_amount": "warn",
     "duplicate_ignored": "warn",
 }
 

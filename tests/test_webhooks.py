@@ -50,6 +50,7 @@ DATA_FIELDS = {
     "resultDesc",
     "amount",
     "currency",
+    "amountConfirmed",
     "receipt",
     "accountReference",
     "description",
@@ -239,10 +240,14 @@ def test_events_are_repeatable_and_a_late_result_gets_its_own_id():
     assert event["type"] == "payment.completed" and event["created"] == int(paid.completed_at)
     assert set(event["data"]) == DATA_FIELDS
     assert event["data"]["phone"] == "2547******78" and event["data"]["receipt"] == "NLJ7RT61SV"
+    assert event["data"]["amountConfirmed"] is True
+    unconfirmed = webhooks.event_for(final_tx(flags=["amount_unconfirmed", "receipt_unconfirmed"]))
+    assert unconfirmed["data"]["amountConfirmed"] is False
     assert event["data"]["completedAt"].endswith("Z")
 
     failed = webhooks.event_for(final_tx(status="failed"))
     assert failed["id"].endswith("_failed") and failed["type"] == "payment.failed"
+    assert failed["data"]["amountConfirmed"] is None
     late = webhooks.event_for(final_tx(flags=["late_result"]))
     assert late["id"] == f"evt_{CHECKOUT}_late"
     with pytest.raises(ValueError):
