@@ -70,6 +70,7 @@ def test_config_is_the_only_module_that_reads_the_environment():
         ({"UPKEEP_SECONDS": "-1"}, "UPKEEP_SECONDS"),
         ({"UPKEEP_SECONDS": "every minute"}, "UPKEEP_SECONDS"),
         ({"UPKEEP_SECONDS": "inf"}, "UPKEEP_SECONDS"),
+        ({"UPKEEP_SECONDS": "0.01"}, "UPKEEP_SECONDS"),
     ],
 )
 def test_a_bad_setting_is_refused_with_one_line_naming_it(environ, setting):
