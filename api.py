@@ -352,6 +352,8 @@ def status_answer(tx: Transaction) -> dict:
             **base,
             "transaction_id": tx.mpesa_receipt_number,
             "MpesaReceiptNumber": tx.mpesa_receipt_number,
+            # False when Daraja's callback carried no amount and only an STK Query confirmed the payment.
+            "amountConfirmed": "amount_unconfirmed" not in tx.flags,
             "description": tx.description,
             "completedAt": iso_utc(tx.completed_at),
             "transactionDate": tx.transaction_date,

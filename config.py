@@ -79,6 +79,7 @@ class Settings:
     webhook_max_attempts: int = 12
     webhook_base_delay: float = 1.0
     webhook_max_delay: float = 300.0
+    upkeep_seconds: float = 15.0  # how often the background round runs (upkeep.py); 0: never
     port: int = 3001
     rate_limit_push_per_phone: str = "3/minute;10/hour"
     rate_limit_push_per_ip: str = "10/minute;100/hour"
@@ -144,6 +145,14 @@ def _float(env, name: str, default: _Default, allow_zero: bool = False) -> float
     if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
         raise ConfigError(f"{name} must be a number greater than {'or equal to ' if allow_zero else ''}0 (got {raw!r})")
     return value
+
+
+def _upkeep_seconds(env) -> float:
+    """UPKEEP_SECONDS: 0 turns the background rounds off; more often than each second only loads the store."""
+    seconds = _float(env, "UPKEEP_SECONDS", 15.0, allow_zero=True)
+    if 0 < seconds < 1:
+        raise ConfigError(f"UPKEEP_SECONDS must be 0 (off) or at least 1 (got {_get(env, 'UPKEEP_SECONDS')!r})")
+    return seconds
 
 
 def _bool(env, name: str, default: bool) -> bool:
@@ -356,6 +365,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
         webhook_max_attempts=_int(env, "WEBHOOK_MAX_ATTEMPTS", 12, minimum=1),
         webhook_base_delay=_float(env, "WEBHOOK_BASE_DELAY", 1.0),
         webhook_max_delay=_float(env, "WEBHOOK_MAX_DELAY", 300.0),
+        upkeep_seconds=_upkeep_seconds(env),
         port=port,
         rate_limit_push_per_phone=_get(env, "RATE_LIMIT_PUSH_PER_PHONE") or "3/minute;10/hour",
         rate_limit_push_per_ip=_get(env, "RATE_LIMIT_PUSH_PER_IP") or "10/minute;100/hour",

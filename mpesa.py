@@ -358,6 +358,11 @@ class CallbackResult:
     def paid(self) -> bool:
         return self.result_code == 0
 
+    @property
+    def amount_missing(self) -> bool:
+        """Paid, says the callback, but without an Amount item (or any CallbackMetadata)."""
+        return self.paid and self.amount is None
+
 
 def parse_callback(document) -> CallbackResult:
     """Parse Daraja's STK callback; raise MalformedCallback when it is not that shape."""

@@ -61,6 +61,39 @@ def awaits_receipt(tx: Transaction) -> bool:
     return tx.status == "completed" and tx.settled_by == "query" and not tx.mpesa_receipt_number
 
 
+AMOUNTLESS = "amountlessCallback"  # tx.extra: what a success callback without its amount brought
+
+
+def hold_amountless_callback(tx: Transaction, receipt: str | None, transaction_date, now: float) -> str:
+    """Keep what a success callback without its amount brought; it completes nothing by itself.
+
+    Daraja's callback is the only message that carries the amount paid. Without it, an STK
+    Query confirms the ResultCode (Payments._confirm_amountless) and the success is recorded
+    with the amount, and the receipt if none came, flagged unconfirmed (with_amountless_callback).
+    """
+    date = transaction_date.isoformat() if transaction_date else None
+    tx.extra[AMOUNTLESS] = {"receipt": receipt, "transactionDate": date}
+    tx.history.append(event("callback_without_amount", now, receipt=receipt))
+    return "amount_missing"
+
+
+def with_amountless_callback(
+    tx: Transaction, amount: Decimal | None, receipt: str | None, date: str | None
+) -> tuple[str | None, str | None]:
+    """The receipt and date of a success, flagging what no callback confirmed if one came amountless.
+
+    A later callback that does carry the amount has it checked as usual, and no flag.
+    """
+    held = tx.extra.pop(AMOUNTLESS, None)
+    if held is None or amount is not None:
+        return receipt, date
+    tx.flags.append("amount_unconfirmed")
+    receipt = receipt or held["receipt"]
+    if not receipt:
+        tx.flags.append("receipt_unconfirmed")
+    return receipt, date or held["transactionDate"]
+
+
 def settled_for_good(tx: Transaction) -> bool:
     """True once nothing Daraja may still send can change the record's verdict or receipt.
 
@@ -222,8 +255,24 @@ class Payments:
                 f"orphan:{result.checkout_request_id}", {"body": body}, self.settings.retention_seconds
             )
             return None
+        if outcome == "amount_missing":
+            return self._confirm_amountless(tx)
         self._log_outcome(tx, "callback", outcome)
         return tx
+
+    def _confirm_amountless(self, tx: Transaction) -> Transaction:
+        """Ask Daraja (STK Query) whether a success callback that came without its amount is one.
+
+        The answer carries no amount either: 0 completes the payment flagged
+        amount_unconfirmed, another code fails it, and pending leaves it to the usual queries.
+        """
+        log.warning(
+            "callback for %s says paid but carries no amount: confirming by STK Query",
+            mpesa.mask_checkout_id(tx.checkout_request_id),
+        )
+        if not self._may_query(tx):
+            return tx  # queried a moment ago: the next status poll or reconcile asks again
+        return self._query_and_settle(tx) or tx
 
     def status(self, checkout_request_id: str) -> Transaction | None:
         """The stored record, after asking Daraja when a callback is overdue."""
@@ -305,6 +354,8 @@ class Payments:
                 tx.mpesa_receipt_number = receipt
                 tx.transaction_date = transaction_date.isoformat() if transaction_date else None
                 tx.callback = raw
+                if "receipt_unconfirmed" in tx.flags:
+                    tx.flags.remove("receipt_unconfirmed")
                 tx.history.append(event("receipt_added", now, receipt=receipt))
                 return "receipt_added"
             same = code == tx.result_code
@@ -312,6 +363,8 @@ class Payments:
                 event("duplicate_ignored" if same else "contradiction_ignored", now, source=source, resultCode=code)
             )
             return "duplicate" if same else "contradiction"
+        if source == "callback" and code == 0 and amount is None:
+            return hold_amountless_callback(tx, receipt, transaction_date, now)
 
         if replaces_timeout:
             tx.flags.append("late_result")
@@ -321,8 +374,9 @@ class Payments:
         if raw is not None:
             tx.callback = raw
         if code == 0:
+            date = transaction_date.isoformat() if transaction_date else None
+            receipt, tx.transaction_date = with_amountless_callback(tx, amount, receipt, date)
             tx.mpesa_receipt_number = receipt
-            tx.transaction_date = transaction_date.isoformat() if transaction_date else None
             if amount is not None and amount != Decimal(tx.amount):
                 tx.flags.append("amount_mismatch")
                 tx.history.append(event("amount_mismatch", now, asked=tx.amount, paid=str(amount)))
@@ -330,6 +384,7 @@ class Payments:
                 return "amount_mismatch"
             tx.history.append(event("completed", now, receipt=receipt, source=source))
             return self._finish(tx, "completed", None, now)
+        tx.extra.pop(AMOUNTLESS, None)
         reason = mpesa.result_reason(code)[0]
         tx.history.append(event("failed", now, reason=reason, resultCode=code, source=source))
         return self._finish(tx, "failed", reason, now)

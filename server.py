@@ -3,16 +3,19 @@
 It wires the rooms together: the JSON API (api.py, API.md), the pages (pages.py), the
 operator's dashboard (admin/), one error handler per kind of error, and the reconcile
 command. `python server.py` runs the development server; the Procfile runs gunicorn
-with gunicorn.conf.py.
+with gunicorn.conf.py. Both build the app with app_from_environment(), which also starts
+the process's background upkeep (upkeep.py).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import socket
 import sys
 from dataclasses import replace
 
+import click
 from flask import Flask, current_app, jsonify, request
 from flask_cors import CORS
 from flask_limiter import Limiter
@@ -26,6 +29,7 @@ import checkout
 import mpesa
 import pages
 import simulator
+import upkeep
 from api import SERVICE_NAME, ApiError, get_payments
 from config import ConfigError, Settings, load_settings
 from payments import Payments
@@ -165,10 +169,10 @@ def create_app(
         notifier = current_app.extensions.get("webhooks")
         if notifier is not None:
             # Events a crashed or restarted process left unsent, and those queued just now.
-            resent = notifier.redeliver_pending()
-            delivered = notifier.flush(30)
+            resent = notifier.redeliver_pending(wait=30)
+            finished = notifier.flush(0)
             notifier.close()
-            print(f"{resent} webhook event(s) re-sent" + ("" if delivered else "; some still pending"))
+            print(f"{resent} webhook event(s) re-sent" + ("" if finished else "; some still pending"))
 
     return app
 
@@ -241,17 +245,43 @@ def banner(app: Flask) -> str:
     return "\n".join(lines)
 
 
+def start_background_work(app: Flask) -> upkeep.Upkeep | None:
+    """Start the upkeep rounds of a serving process (unless UPKEEP_SECONDS is 0); stop at exit.
+
+    At exit the upkeep stops first, then the webhook sender, which lets an attempt under way
+    finish, so that a server stopped in the ordinary way leaves no delivery lock behind.
+    """
+    settings: Settings = app.extensions["settings"]
+    sender = app.extensions.get("webhooks")
+    if sender is not None:
+        atexit.register(sender.close)
+    if not settings.upkeep_seconds:
+        return None
+    tasks: list[upkeep.Task] = [("reconcile payments", app.extensions["payments"].reconcile)]
+    if sender is not None:
+        tasks.append(("redeliver webhooks", sender.redeliver_pending))
+    running = upkeep.Upkeep(app.extensions["store"], tasks, settings.upkeep_seconds)
+    running.start()
+    atexit.register(running.stop)  # atexit runs the last registered first
+    app.extensions["upkeep"] = running
+    return running
+
+
 def app_from_environment() -> Flask:
-    """Load .env, read the settings, build the app; a bad setting exits with one line."""
+    """Load .env, read the settings, build the app and start its upkeep; a bad setting exits with one line."""
     from dotenv import load_dotenv
 
     load_dotenv()
     try:
         settings = load_settings()
         configure_logging(settings.log_format)
-        return create_app(settings)
+        app = create_app(settings)
     except ConfigError as error:
         sys.exit(f"Configuration error: {error}")
+    # `flask --app server reconcile` builds the app here too: a command does that work itself.
+    if click.get_current_context(silent=True) is None:
+        start_background_work(app)
+    return app
 
 
 _app = None

@@ -3,7 +3,7 @@
     sender = WebhookSender("https://shop.example/mpesa/events", secret, store)
     sender.record(tx, now)       # Payments(on_settling=sender.record): inside the settling update
     sender.notify(tx)            # Payments(on_final=sender.notify): record if need be, then queue
-    sender.redeliver_pending()   # after a crash (the reconcile command): queue the leftovers
+    sender.redeliver_pending()   # the upkeep round (upkeep.py) and reconcile: queue what is due
     sender.close()
 
 One event per final status. Its id comes from the record, evt_<CheckoutRequestID>_<status>
@@ -19,15 +19,18 @@ configured (rotation), and `verify` accepts a header if any of them matches.
 Delivery runs on a few worker threads (started on first use) that take due jobs from a delay
 queue, so the request that settled a payment never waits for the shop. Each attempt:
 takes `store.add("webhook-lock:<id>")`, so no two threads or processes send one event at
-once; reads the record, so an event delivered or given up is never sent again; POSTs;
-writes the outcome into the record and its history. A 2xx delivers. Anything else (a
-redirect too: none is followed) or no answer is retried after about
-base_delay * 2**(attempt - 1) s, capped at max_delay, with jitter, until max_attempts have
-been made; then the event is given up.
+once; reads the record, so an event delivered or given up is never sent again, nor sent
+again under an attempt number another process has already used; POSTs; writes the outcome
+into the record and its history. A 2xx delivers. Anything else (a redirect too: none is
+followed) or no answer is retried after about base_delay * 2**(attempt - 1) s, capped at
+max_delay, with jitter, until max_attempts have been made; then the event is given up.
+The time of the next attempt is written into the record too (nextAttemptAt).
 
 The store holds the truth and the queue only memory: the event is written in the same
-store update that settles the payment, and jobs queued in a process that dies are found
-again by `redeliver_pending()`, which resumes at the recorded attempt count.
+store update that settles the payment, and `redeliver_pending()` (run by each upkeep
+round, upkeep.py, and by `flask reconcile`) queues again the events that are due and that
+no process is sending, resuming at the recorded attempt count. So an event whose process
+died, or that a live process will retry later, is sent once per attempt, on its schedule.
 Not guaranteed: a 2xx that arrives just before the process dies unrecorded is sent again
 (at least once: dedupe by id), and the events of one payment may arrive out of order (a
 `late` event supersedes the earlier failed one; its `created` is later).
@@ -137,6 +140,7 @@ def event_for(tx: Transaction) -> dict:
             "resultDesc": tx.result_desc,
             "amount": tx.amount,
             "currency": tx.currency,
+            "amountConfirmed": "amount_unconfirmed" not in tx.flags if tx.status == "completed" else None,
             "receipt": tx.mpesa_receipt_number,
             "accountReference": tx.account_reference,
             "description": tx.description,
@@ -197,15 +201,19 @@ def _loggable(event: str) -> str:
 
 
 def _record_attempt(
-    tx: Transaction, event: str, status: int | None, error: str | None, now: float, max_attempts: int
+    tx: Transaction, event: str, status: int | None, error: str | None, now: float, max_attempts: int, retry_in: float
 ) -> tuple[str, int]:
-    """Write one attempt's outcome into tx; return ("delivered"|"retry"|"given_up"|"gone", n)."""
+    """Write one attempt's outcome into tx; return ("delivered"|"retry"|"given_up"|"gone", n).
+
+    A retry is due retry_in seconds after now: nextAttemptAt in the entry, nextAttemptIn in
+    the history (what a person reads on the timeline).
+    """
     entry = tx.extra.get("webhooks", {}).get(event)
     if entry is None:
         return "gone", 0
     entry["attempts"] += 1
     attempt = entry["attempts"]
-    entry.update(lastAttemptAt=now, lastStatus=status, lastError=error)
+    entry.update(lastAttemptAt=now, lastStatus=status, lastError=error, nextAttemptAt=None)
     tx.history.append(
         {"at": now, "event": "webhook_attempt", "eventId": event, "status": status, "error": error, "attempt": attempt}
     )
@@ -217,7 +225,26 @@ def _record_attempt(
         entry["givenUp"] = True
         tx.history.append({"at": now, "event": "webhook_given_up", "eventId": event, "attempts": attempt})
         return "given_up", attempt
+    entry["nextAttemptAt"] = now + retry_in
+    tx.history[-1]["nextAttemptIn"] = round(retry_in, 3)  # the attempt's entry, appended above
     return "retry", attempt
+
+
+def _due(entry: dict, now: float) -> bool:
+    """Whether an event still needs sending and its next attempt has come."""
+    if entry.get("delivered") or entry.get("givenUp"):
+        return False
+    return (entry.get("nextAttemptAt") or 0) <= now
+
+
+def _lock_key(event: str) -> str:
+    return f"webhook-lock:{event}"
+
+
+def _recorded(tx: Transaction, event: dict, now: float) -> dict:
+    """Record event on tx (unless it is there) and return its entry."""
+    record_event(tx, event, now)
+    return tx.extra["webhooks"][event["id"]]
 
 
 def _give_up(tx: Transaction, event: str, now: float) -> None:
@@ -242,7 +269,9 @@ def _describe(error: requests.RequestException) -> str:
 class _Job:
     checkout_request_id: str
     event_id: str
+    attempts: int  # attempts recorded when queued or since made here: the job goes on from there
     failures: int = 0  # unexpected errors (store down...), not answers from the shop
+    sent: bool = False  # an attempt was made from this job
 
 
 class WebhookSender:
@@ -317,31 +346,48 @@ class WebhookSender:
             return None
         event = event_for(tx)  # from the record as settled, before anything else changes it
         entry = tx.extra.get("webhooks", {}).get(event["id"])
-        if entry is not None:  # recorded while settling
-            pending = not (entry["delivered"] or entry["givenUp"])
-        else:
+        if entry is None:  # not recorded while settling: record it now
             now = self.clock()
-            stored, pending = self.store.update(tx.checkout_request_id, lambda t: record_event(t, event, now))
+            stored, entry = self.store.update(tx.checkout_request_id, lambda t: _recorded(t, event, now))
             if stored is None:
                 log.warning("webhook %s not sent: record gone", _loggable(event["id"]))
                 return None
-        if pending:
-            self._enqueue(_Job(tx.checkout_request_id, event["id"]))
+        if not (entry["delivered"] or entry["givenUp"]):
+            self._enqueue(_Job(tx.checkout_request_id, event["id"], entry["attempts"]))
         return event["id"]
 
-    def redeliver_pending(self, *, max_age: float = RECENT_SECONDS, limit: int = 1000) -> int:
-        """Queue the undelivered events of final records from the last max_age s; return how many."""
-        cutoff = self.clock() - max_age
-        found: set[str] = set()
+    def redeliver_pending(
+        self, *, max_age: float = RECENT_SECONDS, limit: int = 1000, wait: float | None = None
+    ) -> int:
+        """Queue the events of the last max_age s that are due and that nobody is sending.
+
+        Returns how many were queued here. Left alone, and not counted: events delivered or
+        given up; events whose next attempt is not due yet (the process that made the last
+        attempt keeps them for it); events another thread or process is sending right now
+        (their lock is taken: a process that died mid-attempt leaves it until it expires);
+        events this process has queued already.
+
+        With wait, waits up to that many seconds for the queue to empty, and returns how many
+        of those events this process actually sent (another may have taken one first).
+        """
+        now = self.clock()
+        jobs: list[_Job] = []
+        seen: set[str] = set()
         for status in ("completed", "failed"):
-            for tx in self._recent(status, cutoff, limit):
+            for tx in self._recent(status, now - max_age, limit):
                 for event, entry in tx.extra.get("webhooks", {}).items():
-                    if event not in found and not (entry.get("delivered") or entry.get("givenUp")):
-                        found.add(event)
-                        self._enqueue(_Job(tx.checkout_request_id, event))
-        if found:
-            log.info("webhooks: %d undelivered event(s) queued again", len(found))
-        return len(found)
+                    if event in seen or not _due(entry, now):
+                        continue
+                    seen.add(event)
+                    job = _Job(tx.checkout_request_id, event, entry["attempts"])
+                    if self.store.get_value(_lock_key(event)) is None and self._enqueue(job):
+                        jobs.append(job)
+        if jobs:
+            log.info("webhooks: %d undelivered event(s) queued again", len(jobs))
+        if wait is None:
+            return len(jobs)
+        self.flush(wait)
+        return sum(job.sent for job in jobs)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until nothing is queued or being sent here; False if timeout (or close) came first."""
@@ -365,7 +411,7 @@ class WebhookSender:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.session.close()
         if left:
-            log.info("webhooks: %d event(s) left queued; redeliver_pending() resumes them", left)
+            log.info("webhooks: %d event(s) left queued; the next upkeep round or reconcile resumes them", left)
 
     # -- the queue
 
@@ -449,7 +495,7 @@ class WebhookSender:
 
     def _deliver(self, job: _Job) -> float | None:
         """Make one attempt at job; return the delay before the next, or None when done here."""
-        lock = f"webhook-lock:{job.event_id}"
+        lock = _lock_key(job.event_id)
         if not self.store.add(lock, {"pid": os.getpid(), "at": self.clock()}, self._lock_ttl):
             # Another thread or process is sending it right now, and carries on from there.
             log.info("webhook %s is being sent elsewhere", _loggable(job.event_id))
@@ -467,29 +513,36 @@ class WebhookSender:
         entry = tx.extra.get("webhooks", {}).get(job.event_id) if tx else None
         if entry is None or entry["delivered"] or entry["givenUp"]:
             return None
+        name = _loggable(job.event_id)
+        if entry["attempts"] != job.attempts:
+            # Another process made an attempt since this job was queued, and keeps the next one.
+            log.info("webhook %s: attempt %d was made elsewhere", name, entry["attempts"])
+            return None
         if entry["attempts"] >= self.max_attempts:  # max_attempts lowered since it was queued
             self.store.update(job.checkout_request_id, lambda t: _give_up(t, job.event_id, self.clock()))
             return None
         body = json.dumps(entry["event"], separators=(",", ":")).encode()
+        job.sent = True
         status, error = self._post(body)
         now = self.clock()
-        _, (outcome, attempt) = self.store.update(
-            job.checkout_request_id, lambda t: _record_attempt(t, job.event_id, status, error, now, self.max_attempts)
+        delay = self._backoff(job.attempts + 1)
+        _, recorded = self.store.update(
+            job.checkout_request_id,
+            lambda t: _record_attempt(t, job.event_id, status, error, now, self.max_attempts, delay),
         )
-        if outcome != "gone":
-            metrics.webhook_delivery(outcome)
-        name = _loggable(job.event_id)
+        outcome, attempt = recorded or ("gone", 0)  # None: the record itself has expired
+        if outcome == "gone":
+            return None
+        job.attempts = attempt
+        metrics.webhook_delivery(outcome)
         if outcome == "delivered":
             log.info("webhook %s delivered: HTTP %s, attempt %d", name, status, attempt)
             return None
         if outcome == "given_up":
             log.error("webhook %s given up after %d attempts: %s", name, attempt, error)
             return None
-        if outcome == "retry":
-            delay = self._backoff(attempt)
-            log.warning("webhook %s attempt %d failed: %s; next in %.1fs", name, attempt, error, delay)
-            return delay
-        return None
+        log.warning("webhook %s attempt %d failed: %s; next in %.1fs", name, attempt, error, delay)
+        return delay
 
     def _post(self, body: bytes) -> tuple[int | None, str | None]:
         """POST body once; return (HTTP status or None, error or None)."""

@@ -53,6 +53,7 @@ EVENT_LABELS = {
     "contradiction_ignored": "Contradicting result ignored",
     "receipt_added": "Receipt added by a late callback",
     "amount_mismatch": "Amount paid differs from the amount asked",
+    "callback_without_amount": "Success callback without the amount: confirming by status query",
     "webhook_attempt": "Webhook sent to the shop",
     "webhook_delivered": "Webhook delivered",
     "webhook_given_up": "Webhook given up",
@@ -66,6 +67,7 @@ EVENT_TONES = {
     "amount_mismatch": "bad",
     "webhook_given_up": "bad",
     "contradiction_ignored": "warn",
+    "callback_without_amount": "warn",
     "duplicate_ignored": "warn",
 }
 
@@ -181,15 +183,18 @@ def transaction(checkout_id):
 
 @login_required
 def reconcile():
-    """Settle stale pending payments now (Payments.reconcile) and list them."""
+    """Settle stale pending payments now (Payments.reconcile) and list them; queue due webhooks."""
     payments = current_app.extensions["payments"]
     settled = payments.reconcile()
+    notifier = current_app.extensions.get("webhooks")
+    requeued = notifier.redeliver_pending() if notifier is not None else None
     log.info("admin: reconcile from %s settled %d payment(s)", request.remote_addr, len(settled))
     return render_template(
         "admin_reconcile.html",
         title="Stale payments settled",
         rows=[row_view(tx) for tx in settled],
         ttl=payments.settings.transaction_ttl,
+        requeued=requeued,
     )
 
 

@@ -75,6 +75,7 @@ CALLBACK_OUTCOMES = (
     "duplicate",
     "contradiction",
     "receipt_added",
+    "amount_missing",
     "unknown_id",
     "bad_token",
     "not_allowed",

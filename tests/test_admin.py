@@ -21,7 +21,7 @@ from flask import request
 
 import mpesa
 from store import Transaction
-from tests.helpers import CANCELLED, PAID, WAITING, poll, start_live_server, started
+from tests.helpers import CANCELLED, PAID, WAITING, poll, start_live_server, started, wait_until
 
 TOKEN = "admin-secret"
 NOW = time.time()
@@ -471,6 +471,23 @@ def test_reconcile_settles_stale_payments_and_shows_them(live_server_factory):
     assert "1 payment pending for more than 1 seconds was settled" in page["reconcile-summary"]
     assert "Timed out" in page["reconcile-table"]
     assert live.app.extensions["store"].get(checkout_id).settled_by == "timeout"
+
+
+def test_reconcile_queues_the_webhook_events_due_and_says_how_many(live_server_factory, callback_receiver):
+    live = live_server_factory(
+        ADMIN_TOKEN=TOKEN, MERCHANT_WEBHOOK_URL=callback_receiver.url, WEBHOOK_SECRET="shop-secret-0123456789"
+    )
+    live.app.extensions["payments"].on_final = None  # as if the process died before queueing the event
+    checkout_id = started(live, PAID)
+    assert poll(live, checkout_id)["status"] == "completed"
+    admin = Admin(live)
+    answer = admin.post("/admin/reconcile", {"csrf_token": admin.csrf()})
+    assert "1 webhook event due for another attempt was queued again." in Text(answer.text)["reconcile-webhooks"]
+    assert callback_receiver.wait(1)[0]["data"]["checkoutRequestId"] == checkout_id
+    store = live.app.extensions["store"]
+    wait_until(lambda: store.get(checkout_id).extra["webhooks"][f"evt_{checkout_id}_completed"]["delivered"])
+    again = admin.post("/admin/reconcile", {"csrf_token": admin.csrf()})
+    assert "No webhook event was due for another attempt." in Text(again.text)["reconcile-webhooks"]
 
 
 # Finding payments.

@@ -70,6 +70,10 @@ def test_config_is_the_only_module_that_reads_the_environment():
         ({"STORE_URL": "ftp://example.com/payments"}, "STORE_URL"),
         ({"STORE_URL": "sqlite:///:memory:"}, "STORE_URL"),
         ({"STORE_URL": "sqlite:////no/such/dir/payments.db"}, "STORE_URL"),
+        ({"UPKEEP_SECONDS": "-1"}, "UPKEEP_SECONDS"),
+        ({"UPKEEP_SECONDS": "every minute"}, "UPKEEP_SECONDS"),
+        ({"UPKEEP_SECONDS": "inf"}, "UPKEEP_SECONDS"),
+        ({"UPKEEP_SECONDS": "0.01"}, "UPKEEP_SECONDS"),
     ],
 )
 def test_a_bad_setting_is_refused_with_one_line_naming_it(environ, setting):
@@ -158,6 +162,12 @@ def test_admin_sign_in_limits_are_settings():
     assert (defaults.admin_login_free_tries, defaults.admin_login_delay, defaults.admin_login_max_delay) == (3, 1, 300)
     given = load_settings({"ADMIN_LOGIN_FREE_TRIES": "0", "ADMIN_LOGIN_DELAY": "0.5", "ADMIN_LOGIN_MAX_DELAY": "10"})
     assert (given.admin_login_free_tries, given.admin_login_delay, given.admin_login_max_delay) == (0, 0.5, 10)
+
+
+def test_upkeep_rounds_come_every_15_seconds_unless_set_or_turned_off():
+    assert load_settings({}).upkeep_seconds == 15
+    assert load_settings({"UPKEEP_SECONDS": "2.5"}).upkeep_seconds == 2.5
+    assert load_settings({"UPKEEP_SECONDS": "0"}).upkeep_seconds == 0
 
 
 @pytest.mark.parametrize(

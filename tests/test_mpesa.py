@@ -213,6 +213,32 @@ def test_success_callback_is_parsed_by_item_name():
     assert result.items["Balance"] is None
 
 
+@pytest.mark.parametrize(
+    "metadata, receipt",
+    [
+        (None, None),
+        ({"Item": [{"Name": "MpesaReceiptNumber", "Value": "NLJ7RT61SV"}, {"Name": "Balance"}]}, "NLJ7RT61SV"),
+        ({"Item": [{"Name": "Amount"}, {"Name": "MpesaReceiptNumber", "Value": "NLJ7RT61SV"}]}, "NLJ7RT61SV"),
+        ({"Item": [{"Name": "Amount", "Value": None}]}, None),
+        ({"Item": []}, None),
+    ],
+    ids=["no metadata", "no Amount item", "Amount without a value", "Amount null", "no items"],
+)
+def test_a_success_without_its_amount_says_so(metadata, receipt):
+    callback = {key: value for key, value in SUCCESS["Body"]["stkCallback"].items() if key != "CallbackMetadata"}
+    if metadata is not None:
+        callback["CallbackMetadata"] = metadata
+    result = mpesa.parse_callback({"Body": {"stkCallback": callback}})
+    assert result.paid and result.amount is None and result.amount_missing
+    assert result.receipt == receipt
+
+
+def test_a_failure_or_a_success_with_its_amount_misses_nothing():
+    assert not mpesa.parse_callback(SUCCESS).amount_missing
+    failure = {"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_1", "ResultCode": 1032, "ResultDesc": "Cancelled"}}}
+    assert not mpesa.parse_callback(failure).amount_missing
+
+
 def test_failure_callback_has_no_metadata():
     body = {
         "Body": {

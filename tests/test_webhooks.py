@@ -6,16 +6,31 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 
 import webhooks
 from store import Transaction, open_store
-from tests.helpers import CANCELLED, PAID, WAITING, free_port, wait_until
+from tests.helpers import (
+    CALLBACK_TOKEN,
+    CANCELLED,
+    PAID,
+    ROOT,
+    WAITING,
+    ServerProcess,
+    free_port,
+    wait_until,
+)
 
 SECRET = "whsec_test_0123456789abcdef"
 
@@ -35,6 +50,7 @@ DATA_FIELDS = {
     "resultDesc",
     "amount",
     "currency",
+    "amountConfirmed",
     "receipt",
     "accountReference",
     "description",
@@ -48,23 +64,31 @@ DATA_FIELDS = {
 class Receiver:
     """A shop's webhook endpoint on a loopback port: records raw deliveries, answers a script.
 
-    `answers` are the HTTP statuses of the first requests, 200 after them; `delay` is how
-    long each answer takes.
+    `answers` are the HTTP statuses of the first requests, 200 after them; `fail_first`
+    answers 503 to the first that many deliveries of each event; `delay` is how long each
+    answer takes; `port` 0 picks a free one.
     """
 
-    def __init__(self, answers=(), delay: float = 0.0):
+    def __init__(self, answers=(), delay: float = 0.0, fail_first: int = 0, port: int = 0):
         self.answers = list(answers)
         self.delay = delay
-        self.calls: list[dict] = []  # {"headers", "raw", "body"} in arrival order
+        self.fail_first = fail_first
+        self.calls: list[dict] = []  # {"at", "headers", "raw", "body", "status"} in arrival order
         self._cond = threading.Condition()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                arrived = time.time()
                 with receiver._cond:
-                    receiver.calls.append({"headers": dict(self.headers), "raw": raw, "body": json.loads(raw)})
+                    body = json.loads(raw)
                     status = receiver.answers.pop(0) if receiver.answers else 200
+                    if len(receiver.deliveries_of(body["id"])) < receiver.fail_first:
+                        status = 503
+                    receiver.calls.append(
+                        {"at": arrived, "headers": dict(self.headers), "raw": raw, "body": body, "status": status}
+                    )
                     receiver._cond.notify_all()
                 time.sleep(receiver.delay)
                 self.send_response(status)
@@ -75,7 +99,7 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_port}/shop/mpesa-events?key=shop-own-token"
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
@@ -91,6 +115,10 @@ class Receiver:
         with self._cond:
             return [call["body"]["id"] for call in self.calls]
 
+    def deliveries_of(self, event_id: str) -> list[dict]:
+        with self._cond:
+            return [call for call in self.calls if call["body"]["id"] == event_id]
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
@@ -100,8 +128,8 @@ class Receiver:
 def receiver_factory():
     started: list[Receiver] = []
 
-    def start(answers=(), delay: float = 0.0) -> Receiver:
-        started.append(Receiver(answers, delay))
+    def start(answers=(), delay: float = 0.0, fail_first: int = 0, port: int = 0) -> Receiver:
+        started.append(Receiver(answers, delay, fail_first, port))
         return started[-1]
 
     yield start
@@ -212,10 +240,14 @@ def test_events_are_repeatable_and_a_late_result_gets_its_own_id():
     assert event["type"] == "payment.completed" and event["created"] == int(paid.completed_at)
     assert set(event["data"]) == DATA_FIELDS
     assert event["data"]["phone"] == "2547******78" and event["data"]["receipt"] == "NLJ7RT61SV"
+    assert event["data"]["amountConfirmed"] is True
+    unconfirmed = webhooks.event_for(final_tx(flags=["amount_unconfirmed", "receipt_unconfirmed"]))
+    assert unconfirmed["data"]["amountConfirmed"] is False
     assert event["data"]["completedAt"].endswith("Z")
 
     failed = webhooks.event_for(final_tx(status="failed"))
     assert failed["id"].endswith("_failed") and failed["type"] == "payment.failed"
+    assert failed["data"]["amountConfirmed"] is None
     late = webhooks.event_for(final_tx(flags=["late_result"]))
     assert late["id"] == f"evt_{CHECKOUT}_late"
     with pytest.raises(ValueError):
@@ -315,10 +347,63 @@ def test_two_senders_sharing_a_store_send_an_event_once(backend, receiver_factor
     store.update(tx.checkout_request_id, lambda t: webhooks.record_event(t, webhooks.event_for(tx), time.time()))
     receiver = receiver_factory(delay=0.3)
     first, second = senders(receiver.url, store), senders(receiver.url, open_store(url))
-    assert first.redeliver_pending() == 1 and second.redeliver_pending() == 1
-    assert first.flush(5) and second.flush(5)
+    with ThreadPoolExecutor(2) as pool:
+        sent = list(pool.map(lambda sender: sender.redeliver_pending(wait=5), (first, second)))
+    assert sorted(sent) == [0, 1]  # each counts only what it sent itself
     assert receiver.ids() == [webhooks.event_id(tx)]
     assert len(history(store.get(tx.checkout_request_id), "webhook_attempt")) == 1
+
+
+def test_redeliver_pending_counts_only_events_it_sends(receiver_factory, senders):
+    store = open_store("memory://")
+    locked, waiting = final_tx(checkout(1)), final_tx(checkout(2))
+    for tx in (locked, waiting):
+        store.create(tx)
+        store.update(tx.checkout_request_id, lambda t: webhooks.record_event(t, webhooks.event_for(t), time.time()))
+
+    def retry_in_a_minute(tx):  # a live process made attempt 1 and keeps attempt 2 for later
+        entry = tx.extra["webhooks"][webhooks.event_id(tx)]
+        entry.update(attempts=1, nextAttemptAt=time.time() + 60)
+
+    store.update(waiting.checkout_request_id, retry_in_a_minute)
+    # A process that died mid-attempt leaves the event's delivery lock until it expires.
+    store.add(f"webhook-lock:{webhooks.event_id(locked)}", {"pid": 1}, 60)
+    receiver = receiver_factory()
+    sender = senders(receiver.url, store)
+
+    assert sender.redeliver_pending() == 0
+    assert sender.redeliver_pending(wait=5) == 0
+    assert receiver.calls == []
+    store.delete(f"webhook-lock:{webhooks.event_id(locked)}")
+    assert sender.redeliver_pending(wait=5) == 1
+    assert receiver.ids() == [webhooks.event_id(locked)]
+
+
+def test_a_retry_another_process_has_made_is_not_made_again(receiver_factory, senders, tmp_path):
+    url = f"sqlite:///{tmp_path / 'payments.db'}"
+    store = open_store(url)
+    tx = final_tx()
+    store.create(tx)
+    store.update(tx.checkout_request_id, lambda t: webhooks.record_event(t, webhooks.event_for(t), time.time()))
+    receiver = receiver_factory(answers=[503, 503])
+    overtaken = threading.Event()
+    owner = senders(receiver.url, store, sleep=lambda delay: overtaken.wait(10))  # its retry waits for us
+    assert owner.redeliver_pending() == 1
+    wait_until(lambda: history(store.get(CHECKOUT), "webhook_attempt"))
+
+    def fall_due(t):  # as if the retry's time had come while the owner was busy
+        t.extra["webhooks"][webhooks.event_id(t)]["nextAttemptAt"] = time.time()
+
+    store.update(CHECKOUT, fall_due)
+    other = senders(receiver.url, open_store(url), base_delay=60, max_delay=60)
+    assert other.redeliver_pending() == 1
+    wait_until(lambda: len(history(store.get(CHECKOUT), "webhook_attempt")) == 2)
+    overtaken.set()
+    assert owner.flush(5)
+    assert [call["status"] for call in receiver.calls] == [503, 503]  # attempt 3 is the other's, later
+    attempts = history(store.get(CHECKOUT), "webhook_attempt")
+    assert [(a["attempt"], a["status"]) for a in attempts] == [(1, 503), (2, 503)]
+    assert attempts[1]["nextAttemptIn"] >= 30
 
 
 def test_logs_name_the_event_but_never_the_secret_or_the_phone(receiver_factory, senders, caplog):
@@ -471,3 +556,144 @@ def test_a_real_result_after_our_timeout_is_a_second_event(shop, simulator):
     assert late["id"] == f"evt_{checkout_id}_late" and late["type"] == "payment.completed"
     assert late["data"]["flags"] == ["late_result"] and late["created"] >= timed_out["created"]
     delivered(live, checkout_id, count=2)
+
+
+# Resuming by itself after a restart, once across workers (real server processes).
+
+SERVER_PY = [sys.executable, "server.py"]
+GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"]
+
+
+def serve(command, simulator, store_url: str, shop_url: str, log_path, **env) -> ServerProcess:
+    """The server as an operator runs it, its webhooks going to shop_url, upkeep every second."""
+    port = free_port()
+    settings = {
+        "MPESA_ENV": "simulator",
+        "MPESA_BASE_URL": simulator.url,
+        "PORT": str(port),
+        "CALLBACK_URL": f"http://127.0.0.1:{port}",
+        "CALLBACK_TOKEN": CALLBACK_TOKEN,
+        "STORE_URL": store_url,
+        "RATELIMIT_ENABLED": "false",
+        "MERCHANT_WEBHOOK_URL": shop_url,
+        "WEBHOOK_SECRET": SECRET,
+        "UPKEEP_SECONDS": "1",
+        **env,
+    }
+    return ServerProcess(command, settings, port, log_path)
+
+
+def pay(server: ServerProcess, simulator, count: int) -> list[str]:
+    """Start `count` payments and pay each on the simulated handset; their CheckoutRequestIDs."""
+    ids = []
+    for n in range(count):
+        response = requests.post(server.url + "/stkpush", json={"phone": f"0711{n:06d}", "amount": 100}, timeout=10)
+        assert response.status_code == 200, response.text
+        ids.append(response.json()["checkoutRequestId"])
+    for checkout_id in ids:
+        requests.post(f"{simulator.url}/simulator/prompts/{checkout_id}/pin", json={"pin": "1234"}, timeout=5)
+    return ids
+
+
+def every_event(store, ids: list[str], check) -> bool:
+    """Whether every payment has its completed event, each entry passing check."""
+    records = [store.get(checkout_id) for checkout_id in ids]
+    entries = [(tx.extra.get("webhooks") or {}).get(f"evt_{tx.checkout_request_id}_completed") for tx in records if tx]
+    return len(entries) == len(ids) and all(entry and check(entry) for entry in entries)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'payments.db'}"
+    return request.getfixturevalue("clean_redis_url")
+
+
+@pytest.mark.parametrize(
+    "command, stop, workers",
+    [(SERVER_PY, signal.SIGINT, "1"), (GUNICORN, signal.SIGTERM, "3")],
+    ids=["server.py", "gunicorn"],
+)
+def test_a_restarted_server_sends_the_pending_events_by_itself(
+    command, stop, workers, shared_store_url, simulator, receiver_factory, tmp_path
+):
+    shop_port = free_port()  # nothing listens there yet: the shop is down
+    shop_url = f"http://127.0.0.1:{shop_port}/shop/mpesa-events"
+    env = {"WEB_CONCURRENCY": workers, "WEBHOOK_BASE_DELAY": "2", "WEBHOOK_MAX_DELAY": "2"}
+    server = serve(command, simulator, shared_store_url, shop_url, tmp_path / "first.log", **env)
+    store = open_store(shared_store_url)
+    try:
+        ids = pay(server, simulator, 5)
+        wait_until(lambda: every_event(store, ids, lambda entry: entry["attempts"] >= 1), timeout=20)
+    finally:
+        server.kill(stop)  # stopped as an operator stops it
+    assert every_event(store, ids, lambda entry: not entry["delivered"])
+
+    shop = receiver_factory(port=shop_port)
+    restarted = serve(command, simulator, shared_store_url, shop_url, tmp_path / "second.log", **env)
+    try:
+        wait_until(lambda: every_event(store, ids, lambda entry: entry["delivered"]), timeout=20)
+    finally:
+        restarted.kill(signal.SIGTERM)
+    # No reconcile ran; each event came once, verified, and resumed at its recorded attempt count.
+    for checkout_id in ids:
+        (delivery,) = shop.deliveries_of(f"evt_{checkout_id}_completed")
+        assert webhooks.verify(SECRET, delivery["headers"][webhooks.SIGNATURE_HEADER], delivery["raw"])
+        attempts = history(store.get(checkout_id), "webhook_attempt")
+        assert [a["status"] for a in attempts] == [None] * (len(attempts) - 1) + [200]
+        assert [a["attempt"] for a in attempts] == list(range(1, len(attempts) + 1))
+
+
+def test_several_workers_make_each_attempt_once_and_on_time(shared_store_url, simulator, receiver_factory, tmp_path):
+    shop = receiver_factory(fail_first=2)
+    # Retries fall due every 1 to 2 s and upkeep rounds come every second, in whichever
+    # worker holds the lease: both try to send the same attempts.
+    env = {"WEB_CONCURRENCY": "3", "GUNICORN_THREADS": "4", "WEBHOOK_BASE_DELAY": "2", "WEBHOOK_MAX_DELAY": "2"}
+    server = serve(GUNICORN, simulator, shared_store_url, shop.url, tmp_path / "gunicorn.log", **env)
+    store = open_store(shared_store_url)
+    try:
+        ids = pay(server, simulator, 5)
+        wait_until(lambda: every_event(store, ids, lambda entry: entry["delivered"]), timeout=30)
+    finally:
+        server.kill(signal.SIGTERM)
+    for checkout_id in ids:
+        deliveries = shop.deliveries_of(f"evt_{checkout_id}_completed")
+        attempts = history(store.get(checkout_id), "webhook_attempt")
+        assert [(a["attempt"], a["status"]) for a in attempts] == [(1, 503), (2, 503), (3, 200)]
+        assert [d["status"] for d in deliveries] == [503, 503, 200]
+        for previous, delivery in zip(attempts, deliveries[1:], strict=False):
+            # Sent when due, not by a round that found it pending: at or after the recorded time.
+            assert delivery["at"] >= previous["at"] + previous["nextAttemptIn"] - 0.001
+
+
+def test_reconcile_counts_only_the_events_it_sent(simulator, receiver_factory, tmp_path):
+    store_url = f"sqlite:///{tmp_path / 'payments.db'}"
+    store = open_store(store_url)
+    tx = final_tx()
+    store.create(tx)
+    store.update(CHECKOUT, lambda t: webhooks.record_event(t, webhooks.event_for(t), time.time()))
+    lock = f"webhook-lock:{webhooks.event_id(tx)}"
+    store.add(lock, {"pid": 1}, 60)  # left by a process killed mid-attempt
+    shop = receiver_factory()
+
+    def reconcile() -> str:
+        env = {
+            **os.environ,
+            "MPESA_ENV": "simulator",
+            "MPESA_BASE_URL": simulator.url,
+            "STORE_URL": store_url,
+            "CALLBACK_TOKEN": CALLBACK_TOKEN,
+            "MERCHANT_WEBHOOK_URL": shop.url,
+            "WEBHOOK_SECRET": SECRET,
+        }
+        command = [sys.executable, "-m", "flask", "--app", "server", "reconcile"]
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "0 webhook event(s) re-sent" in reconcile()
+    assert shop.calls == []
+    store.delete(lock)  # expired
+    assert "1 webhook event(s) re-sent" in reconcile()
+    assert shop.ids() == [webhooks.event_id(tx)]
+    assert "0 webhook event(s) re-sent" in reconcile()
