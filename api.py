@@ -52,11 +52,13 @@ from datetime import UTC, datetime
 import segno
 from flask import Blueprint, Flask, current_app, jsonify, request
 
+import lockout
 import mpesa
 from config import Settings
 from payments import Payments, SoldOut, settled_for_good
 from store import Store, Transaction
 from telemetry import metrics
+from telemetry.requestlog import loggable_path
 
 # These lines have always been the server's: log filters and dashboards look for that name.
 log = logging.getLogger("server")
@@ -541,13 +543,31 @@ def address_allowed(address: str | None, networks) -> bool:
 
 
 def require_admin() -> None:
-    token = current_app.extensions["settings"].admin_token
-    if not token:
+    """Let the request through with `Authorization: Bearer <ADMIN_TOKEN>` only. A wrong token
+    counts toward the lockout the dashboard's sign-in uses too (lockout.py), and a locked-out
+    address is refused even the right one."""
+    if not get_settings().admin_token:
         raise ApiError(404, "Not found")
-    given = request.headers.get("Authorization", "")
-    expected = f"Bearer {token}"
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    given = request.headers.get("Authorization")
+    if given is None:
         raise ApiError(401, "Admin token required", headers={"WWW-Authenticate": "Bearer"})
+    scheme, _, token = given.partition(" ")
+    verdict = lockout.try_token(token if scheme.lower() == "bearer" else None)
+    if verdict.outcome == "right":
+        return
+    path = loggable_path(request.path)
+    wait = f" Wait {verdict.wait_seconds} seconds before trying again." if verdict.wait > 0 else ""
+    if verdict.outcome == "locked":
+        log.warning(
+            "admin API: %s from %s refused: %d wrong tokens, wait %.0f s",
+            path,
+            request.remote_addr,
+            verdict.failures,
+            verdict.wait,
+        )
+        raise ApiError(429, "Too many wrong tokens." + wait, headers={"Retry-After": str(verdict.wait_seconds)})
+    log.warning("admin API: wrong token on %s from %s (%d in a row)", path, request.remote_addr, verdict.failures)
+    raise ApiError(401, "Wrong admin token." + wait, headers={"WWW-Authenticate": "Bearer"})
 
 
 def _refuse_constant(name):

@@ -110,7 +110,7 @@ def create_app(
 
         notifier = webhooks.WebhookSender(
             settings.merchant_webhook_url,
-            settings.webhook_secret,
+            settings.webhook_secrets,
             store,
             max_attempts=settings.webhook_max_attempts,
             base_delay=settings.webhook_base_delay,

@@ -34,7 +34,7 @@ from telemetry.logs import TEXT_LOG_FORMAT, JsonFormatter, LineHandler
 from telemetry.requestlog import RequestRecord
 from tests.helpers import ServerProcess, free_port, wait_until
 
-ADMIN = "admin-secret"
+ADMIN = "admin-secret-0123456789"
 TOKEN = "test-callback-token-0123456789"
 PAID, CANCELLED, UNREACHABLE = "254700000000", "254700001032", "254700001037"
 WAITING = "254712345678"  # waits for the simulated handset

@@ -345,7 +345,7 @@ def push(live, phone, amount=100, **extra):
 
 
 def admin(live, checkout_id) -> dict:
-    response = live.get(f"/transactions/{checkout_id}", headers={"Authorization": "Bearer admin-secret"})
+    response = live.get(f"/transactions/{checkout_id}", headers={"Authorization": "Bearer admin-secret-0123456789"})
     assert response.status_code == 200, response.text
     return response.json()["transaction"]
 
@@ -364,7 +364,12 @@ def shop(live_server_factory, receiver_factory):
     def start(answers=(), **env):
         receiver = receiver_factory(answers)
         live = live_server_factory(
-            MERCHANT_WEBHOOK_URL=receiver.url, WEBHOOK_SECRET=SECRET, ADMIN_TOKEN="admin-secret", **env
+            **{
+                "MERCHANT_WEBHOOK_URL": receiver.url,
+                "WEBHOOK_SECRET": SECRET,
+                "ADMIN_TOKEN": "admin-secret-0123456789",
+                **env,
+            }
         )
         return live, receiver
 
@@ -394,6 +399,16 @@ def test_a_paid_payment_is_delivered_once_signed_with_the_documented_fields(shop
     assert tx["extra"]["webhooks"][event["id"]]["delivered"] is True
     time.sleep(0.5)
     assert receiver.ids() == [event["id"]]
+
+
+def test_while_the_shop_switches_secrets_each_configured_secret_signs_the_event(shop):
+    new_secret = "whsec_next_0123456789abcdef"
+    live, receiver = shop(WEBHOOK_SECRET=f"{new_secret}, {SECRET}")
+    push(live, PAID)
+    (call,) = receiver.wait(1)
+    header = call["headers"][webhooks.SIGNATURE_HEADER]
+    assert header.count("v1=") == 2
+    assert webhooks.verify(SECRET, header, call["raw"]) and webhooks.verify(new_secret, header, call["raw"])
 
 
 def test_a_cancelled_payment_is_delivered_as_failed(shop):
