@@ -485,6 +485,27 @@ def test_transactions_are_listed_newest_first_with_filters(live):
     assert live.get("/transactions?limit=0", headers=auth).status_code == 400
 
 
+@pytest.mark.parametrize(
+    "query, field",
+    [
+        ("limit=garbage", "limit"),
+        ("limit=1.5", "limit"),
+        ("limit=-1", "limit"),
+        ("limit=101", "limit"),
+        ("limit=%EF%BC%95", "limit"),  # a full-width 5
+        ("page=0", "page"),
+        ("page=two", "page"),
+        ("page=1e3", "page"),
+        ("status=paid", "status"),
+        ("phone=12345", "phone"),
+    ],
+)
+def test_malformed_list_parameters_are_a_400_naming_the_field(live, query, field):
+    response = live.get(f"/transactions?{query}", headers={"Authorization": "Bearer admin-secret-0123456789"})
+    assert response.status_code == 400
+    assert response.json()["success"] is False and response.json()["field"] == field
+
+
 def test_unknown_transaction_detail_is_404(live):
     response = live.get("/transactions/ws_CO_nope", headers={"Authorization": "Bearer admin-secret-0123456789"})
     assert response.status_code == 404
@@ -497,6 +518,22 @@ def test_unknown_paths_and_methods_answer_json(live):
     assert live.get("/nope").json()["success"] is False
     response = live.get("/stkpush")
     assert response.status_code == 405 and response.json()["success"] is False
+
+
+@pytest.mark.parametrize(
+    "method, path, allowed",
+    [
+        ("GET", "/stkpush", {"POST"}),
+        ("DELETE", "/transactions", {"GET"}),
+        ("PUT", "/stkpush/status/ws_CO_1", {"GET"}),
+        ("POST", "/pay.html", {"GET"}),
+        ("DELETE", "/admin/login", {"GET", "POST"}),
+    ],
+)
+def test_a_method_not_allowed_says_which_are(live, method, path, allowed):
+    response = requests.request(method, live.url + path, timeout=10)
+    assert response.status_code == 405 and response.json()["success"] is False
+    assert {m.strip() for m in response.headers["Allow"].split(",")} >= allowed
 
 
 def test_logs_never_show_full_phones_or_the_callback_token(live, caplog):

@@ -14,8 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import webhooks
+from config import load_settings
 from store import Transaction, open_store
-from tests.helpers import CANCELLED, PAID, WAITING, free_port, wait_until
+from tests.helpers import CANCELLED, PAID, ROOT, WAITING, free_port, wait_until
 
 SECRET = "whsec_test_0123456789abcdef"
 
@@ -258,6 +259,30 @@ def test_a_shop_that_never_succeeds_is_retried_with_growing_delays_then_given_up
     assert not history(tx, "webhook_delivered")
     assert tx.extra["webhooks"][event]["givenUp"] is True
     assert sender.redeliver_pending() == 0  # given up stays given up
+
+
+def test_the_webhook_page_gives_the_settings_figures_and_the_spread_they_make(receiver_factory, senders):
+    settings = load_settings({})
+    attempts, base, longest = settings.webhook_max_attempts, settings.webhook_base_delay, settings.webhook_max_delay
+    # The documented rule: base, 2 base, 4 base ... each at most the longest, drawn from half to all of it.
+    nominal = [min(longest, base * 2**n) for n in range(attempts - 1)]
+    receiver = receiver_factory(answers=[500] * attempts)
+    store = open_store("memory://")
+    store.create(final_tx())
+    delays: list[float] = []
+    sender = senders(
+        receiver.url, store, max_attempts=attempts, base_delay=base, max_delay=longest, sleep=delays.append
+    )
+    sender.notify(store.get(CHECKOUT))
+    assert sender.flush(30) and len(receiver.ids()) == attempts
+    assert len(delays) == len(nominal)
+    for delay, most in zip(delays, nominal, strict=True):
+        assert most / 2 <= delay <= most
+    page = (ROOT / "docs" / "webhooks.md").read_text(encoding="utf-8")
+    assert f"`WEBHOOK_MAX_ATTEMPTS` ({attempts}) attempts" in page
+    assert f"`WEBHOOK_BASE_DELAY` ({base:g} s)" in page and f"`WEBHOOK_MAX_DELAY` ({longest:g} s)" in page
+    spread = f"about {round(sum(nominal) / 2 / 60)} to {round(sum(nominal) / 60)} minutes"
+    assert spread in " ".join(page.split()), spread
 
 
 def test_an_unreachable_shop_is_recorded_as_a_connection_failure(senders):
