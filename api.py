@@ -19,7 +19,11 @@ looser status limit, each route its own bucket; callbacks, health, monitoring an
 contract are exempt. The limits are the app's settings and each app has its own Limiter
 (one Flask-Limiter instance keeps one app's storage), so init_app builds the blueprint for
 that app and puts each limit on its view there. Under RATELIMIT_ENABLED=false the server
-passes server.NoRateLimits, whose decorators change nothing.
+passes server.NoRateLimits, whose decorators change nothing. The phone's limit is keyed by a
+keyed hash of the number (phone_key), so no phone reaches Flask-Limiter's logs or counters.
+
+The admin routes (require_admin) take the ADMIN_TOKEN as a bearer token; wrong ones count
+toward the same lockout as the dashboard's sign-in (lockout.py).
 
 A view refuses with ApiError (HTTP status, JSON body, headers); server.py's error handler
 writes it, like the 400 of mpesa.InvalidInput. A Daraja failure becomes 502, 503 or 504
@@ -31,7 +35,7 @@ marked Idempotent-Replayed; the same key with another body is a 409. A push that
 keeps its 504 too, since its prompt may still reach the phone. A poll of a payment settled
 for good is answered from FinalAnswers, per process, without reading the store.
 
-One module of some 580 lines because it is one room: the routes, their limits and the
+One module of some 630 lines because it is one room: the routes, their limits and the
 answers they write are read together, and what lies under them already has its own module
 (payments: the life cycle, store: the records, mpesa: Daraja, metrics: the counters).
 """
@@ -45,6 +49,7 @@ import ipaddress
 import json
 import logging
 import re
+import secrets
 import threading
 import time
 from datetime import UTC, datetime
@@ -52,17 +57,21 @@ from datetime import UTC, datetime
 import segno
 from flask import Blueprint, Flask, current_app, jsonify, request
 
+import lockout
 import mpesa
 from config import Settings
 from payments import Payments, SoldOut, settled_for_good
 from store import Store, Transaction
 from telemetry import metrics
+from telemetry.requestlog import loggable_path
 
 # These lines have always been the server's: log filters and dashboards look for that name.
 log = logging.getLogger("server")
 
 SERVICE_NAME = "M-Pesa Payment Server"
 IDEMPOTENCY_TTL = 24 * 3600
+PHONE_KEY_SLOT = "ratelimit-phone-key"
+PHONE_KEY_TTL = 10 * 365 * 24 * 3600  # for good: a new key only starts the phones' counts again
 
 
 class ApiError(Exception):
@@ -126,12 +135,28 @@ def init_app(app: Flask, limiter, settings: Settings) -> None:
 
 
 def phone_key() -> str:
-    """The per-phone limit's key: the normalised phone of the push."""
+    """The per-phone limit's key: a keyed hash of the push's normalised phone, never the number,
+    which Flask-Limiter would write in its log line when the limit is exceeded and in the
+    names of its counters."""
     body = read_json()
     try:
-        return "phone:" + mpesa.normalize_phone((body or {}).get("phone"))
+        phone = mpesa.normalize_phone((body or {}).get("phone"))
     except (mpesa.InvalidInput, AttributeError):
         return "phone:invalid"
+    return "phone:" + hmac.new(phone_key_secret(), phone.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def phone_key_secret() -> bytes:
+    """The key of phone_key's hash: random, made once and kept in the store, so that every
+    worker (and every restart, on a durable store) hashes a phone alike."""
+    secret = current_app.extensions.get("phone_key_secret")
+    if secret is None:
+        store = get_store()
+        made = {"key": secrets.token_hex(32)}
+        store.add(PHONE_KEY_SLOT, made, PHONE_KEY_TTL)
+        secret = bytes.fromhex((store.get_value(PHONE_KEY_SLOT) or made)["key"])
+        current_app.extensions["phone_key_secret"] = secret
+    return secret
 
 
 def counts_as_prompt(response) -> bool:
@@ -543,13 +568,31 @@ def address_allowed(address: str | None, networks) -> bool:
 
 
 def require_admin() -> None:
-    token = current_app.extensions["settings"].admin_token
-    if not token:
+    """Let the request through with `Authorization: Bearer <ADMIN_TOKEN>` only. A wrong token
+    counts toward the lockout the dashboard's sign-in uses too (lockout.py), and a locked-out
+    address is refused even the right one."""
+    if not get_settings().admin_token:
         raise ApiError(404, "Not found")
-    given = request.headers.get("Authorization", "")
-    expected = f"Bearer {token}"
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    given = request.headers.get("Authorization")
+    if given is None:
         raise ApiError(401, "Admin token required", headers={"WWW-Authenticate": "Bearer"})
+    scheme, _, token = given.partition(" ")
+    verdict = lockout.try_token(token if scheme.lower() == "bearer" else None)
+    if verdict.outcome == "right":
+        return
+    path = loggable_path(request.path)
+    wait = f" Wait {verdict.wait_seconds} seconds before trying again." if verdict.wait > 0 else ""
+    if verdict.outcome == "locked":
+        log.warning(
+            "admin API: %s from %s refused: %d wrong tokens, wait %.0f s",
+            path,
+            request.remote_addr,
+            verdict.failures,
+            verdict.wait,
+        )
+        raise ApiError(429, "Too many wrong tokens." + wait, headers={"Retry-After": str(verdict.wait_seconds)})
+    log.warning("admin API: wrong token on %s from %s (%d in a row)", path, request.remote_addr, verdict.failures)
+    raise ApiError(401, "Wrong admin token." + wait, headers={"WWW-Authenticate": "Bearer"})
 
 
 def _refuse_constant(name):

@@ -47,6 +47,8 @@ SAFARICOM_CALLBACK_IPS = (
     "196.201.212.128",
     "196.201.212.132",
 )
+SECRET_MIN_LENGTH = 16
+MAKE_A_SECRET = " (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
 # Daraja is reported to refuse callback URLs containing these (daraja-reference §7.5).
 REFUSED_CALLBACK_WORDS = ("m-pesa", "mpesa", "safaricom", "exec", "exe", "cmd", "sql", "query")
 
@@ -75,7 +77,7 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)  # signs /admin sessions
     merchant_webhook_url: str | None = None
-    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)  # each signs every event (rotation)
     webhook_max_attempts: int = 12
     webhook_base_delay: float = 1.0
     webhook_max_delay: float = 300.0
@@ -155,6 +157,15 @@ def _upkeep_seconds(env) -> float:
     return seconds
 
 
+def _secret(env, name: str) -> str | None:
+    """A secret the operator chooses: at least SECRET_MIN_LENGTH characters, or start-up stops.
+    (Credentials Safaricom issues are taken as they come.)"""
+    value = _get(env, name)
+    if value is not None and len(value) < SECRET_MIN_LENGTH:
+        raise ConfigError(f"{name} must be at least {SECRET_MIN_LENGTH} characters{MAKE_A_SECRET}")
+    return value
+
+
 def _bool(env, name: str, default: bool) -> bool:
     raw = _get(env, name)
     if raw is None:
@@ -216,6 +227,14 @@ def _directory(env, name: str) -> str | None:
     return path
 
 
+def _webhook_secrets(env) -> tuple[str, ...]:
+    """WEBHOOK_SECRET: one secret, or several separated by commas while the shop moves to a new one."""
+    secrets_given = tuple(part.strip() for part in (_get(env, "WEBHOOK_SECRET") or "").split(",") if part.strip())
+    if any(len(secret) < SECRET_MIN_LENGTH for secret in secrets_given):
+        raise ConfigError(f"WEBHOOK_SECRET: each secret must be at least {SECRET_MIN_LENGTH} characters{MAKE_A_SECRET}")
+    return secrets_given
+
+
 def default_log_format() -> str:
     """LOG_FORMAT when unset: text lines for a person at a terminal, JSON lines for whatever collects them."""
     return "text" if sys.stdout is not None and sys.stdout.isatty() else "json"
@@ -272,14 +291,11 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
     elif mode != "simulator":
         raise ConfigError(f"CALLBACK_URL (the public https address of this server) is required when MPESA_ENV={mode}")
 
-    callback_token = _get(env, "CALLBACK_TOKEN")
+    callback_token = _secret(env, "CALLBACK_TOKEN")
     if callback_token is None and mode != "simulator":
-        raise ConfigError(
-            f"CALLBACK_TOKEN is required when MPESA_ENV={mode} "
-            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
-        )
-    if callback_token is not None and not re.fullmatch(r"[A-Za-z0-9_\-]{16,}", callback_token):
-        raise ConfigError("CALLBACK_TOKEN must be at least 16 characters of letters, digits, '-' or '_'")
+        raise ConfigError(f"CALLBACK_TOKEN is required when MPESA_ENV={mode}{MAKE_A_SECRET}")
+    if callback_token is not None and not re.fullmatch(r"[A-Za-z0-9_\-]+", callback_token):
+        raise ConfigError("CALLBACK_TOKEN must be letters, digits, '-' or '_' only: it is part of a URL")
 
     max_amount = _int(env, "MAX_AMOUNT", 150_000, minimum=1)
     if max_amount > mpesa.DARAJA_MAX_AMOUNT:
@@ -320,11 +336,11 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
         raise ConfigError(f"LOG_FORMAT must be text or json (got {log_format!r})")
 
     webhook_url = _get(env, "MERCHANT_WEBHOOK_URL")
-    webhook_secret = _get(env, "WEBHOOK_SECRET")
+    webhook_secrets = _webhook_secrets(env)
     if webhook_url is not None:
         if urlsplit(webhook_url).scheme not in ("http", "https") or not urlsplit(webhook_url).netloc:
             raise ConfigError(f"MERCHANT_WEBHOOK_URL must be an absolute http(s) URL (got {webhook_url!r})")
-        if not webhook_secret:
+        if not webhook_secrets:
             raise ConfigError("WEBHOOK_SECRET is required when MERCHANT_WEBHOOK_URL is set")
 
     catalog_file = _get(env, "CATALOG_FILE")
@@ -335,12 +351,6 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
         raise ConfigError(f"PRICING must be open or catalog (got {pricing!r})")
     if pricing == "catalog" and catalog_file is None:
         raise ConfigError("PRICING=catalog needs CATALOG_FILE (the items and their prices)")
-    secret_key = _get(env, "SECRET_KEY")
-    if secret_key is not None and len(secret_key) < 16:
-        raise ConfigError("SECRET_KEY must be at least 16 characters")
-    checkout_secret = _get(env, "CHECKOUT_SECRET")
-    if checkout_secret is not None and len(checkout_secret) < 16:
-        raise ConfigError("CHECKOUT_SECRET must be at least 16 characters")
 
     settings = Settings(
         mpesa_env=mode,
@@ -358,10 +368,10 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
         transaction_ttl=_int(env, "TRANSACTION_TTL", 120, minimum=1),
         retention_seconds=_int(env, "RETENTION_SECONDS", 86_400, minimum=60),
         frontend_urls=tuple(u.strip().rstrip("/") for u in (_get(env, "FRONTEND_URL") or "").split(",") if u.strip()),
-        admin_token=_get(env, "ADMIN_TOKEN"),
-        secret_key=secret_key,
+        admin_token=_secret(env, "ADMIN_TOKEN"),
+        secret_key=_secret(env, "SECRET_KEY"),
         merchant_webhook_url=webhook_url,
-        webhook_secret=webhook_secret,
+        webhook_secrets=webhook_secrets,
         webhook_max_attempts=_int(env, "WEBHOOK_MAX_ATTEMPTS", 12, minimum=1),
         webhook_base_delay=_float(env, "WEBHOOK_BASE_DELAY", 1.0),
         webhook_max_delay=_float(env, "WEBHOOK_MAX_DELAY", 300.0),
@@ -380,7 +390,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
         callback_allowed_ips=parse_allowed_ips(_get(env, "CALLBACK_ALLOWED_IPS")),
         catalog_file=catalog_file,
         pricing=pricing,
-        checkout_secret=checkout_secret,
+        checkout_secret=_secret(env, "CHECKOUT_SECRET"),
         simulator_port=simulator_port,
         log_format=log_format,
         workers=workers,

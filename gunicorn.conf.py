@@ -4,7 +4,8 @@ Every value comes from config.load_settings(), which reads and checks the enviro
 workers (WEB_CONCURRENCY: one for a memory store, which cannot be shared), their threads
 (GUNICORN_THREADS), PORT, and LOG_FORMAT (JSON lines use the app's formatter and handler for
 gunicorn's own lines too; no access log, the app logs each request, unless --access-logfile
-asks for gunicorn's). The hooks are gunicorn's documented server hooks:
+asks for gunicorn's). Every handler masks phone numbers (AppLogger). The hooks are gunicorn's
+documented server hooks:
 
 on_starting       empties the metrics directory (PROMETHEUS_MULTIPROC_DIR, which the command
                   starting gunicorn sets) and starts the Daraja simulator that every worker
@@ -23,7 +24,7 @@ from gunicorn import glogging
 
 import simulator
 from config import ConfigError, load_settings
-from telemetry.logs import LineHandler
+from telemetry.logs import LineHandler, mask_phones_on
 
 # prometheus-client picks its mode when first imported: telemetry.metrics and telemetry.requestlog
 # are imported in the hooks below, after .env has had its say about PROMETHEUS_MULTIPROC_DIR.
@@ -57,7 +58,8 @@ LOG_GATHER_SECONDS = 0.1  # how long a request may wait to be recorded, and an I
 
 
 class AppLogger(glogging.Logger):
-    """gunicorn's logger, minus the access log's work when there is no access log.
+    """gunicorn's logger, minus the access log's work when there is no access log, and with
+    phone numbers masked in every line its handlers write.
 
     logconfig_dict makes gunicorn build every request's access-log fields and hand them to a
     logger with no handler; the app writes its own line per request instead. An
@@ -67,6 +69,14 @@ class AppLogger(glogging.Logger):
     @property
     def access_log_enabled(self):
         return bool(self.cfg.accesslog)
+
+    def setup(self, cfg):
+        """gunicorn's handlers as configured (logconfig_dict's too), each given a PhoneMaskFilter:
+        an access log's query strings and a worker's traceback may carry a phone number."""
+        super().setup(cfg)
+        for logger in (logging.getLogger(), self.error_log, self.access_log):
+            for handler in logger.handlers:
+                mask_phones_on(handler)
 
 
 logger_class = AppLogger

@@ -140,6 +140,35 @@ def mask_checkout_id(checkout_id) -> str:
     return f"{match.group(1)}{match.group(2)}*****{match.group(3)}" if match else text
 
 
+# A phone number anywhere in a text (a log line): 2547…/2541…, +254… (%2B254… in a URL),
+# 07…/01…, whole or in groups (0712 345 678; 0712+345+678 and %20 in a URL), or the national
+# number ending a CheckoutRequestID; never part of a longer run of letters and digits (a hash,
+# an id). Each branch starts with a literal, so the search stops only where one begins: a
+# lookbehind in front of them all would make it try every position, several times slower.
+_GAP = r"(?:[ +-]|%20)?"
+_GROUPS = rf"(?:7\d\d|1[01]\d){_GAP}\d{{3}}{_GAP}\d{{3}}(?![A-Za-z0-9])"  # 712 345 678, 110 123 456
+PHONE_IN_TEXT = re.compile(
+    rf"ws_CO_\d{{17}}{_NATIONAL}(?![A-Za-z0-9])"
+    rf"|%2B254{_GAP}{_GROUPS}"
+    rf"|254(?<![A-Za-z0-9]254){_GAP}{_GROUPS}"  # a "+" in front stays in front
+    rf"|0(?<![A-Za-z0-9]0){_GROUPS}"
+)
+_GAPS = re.compile(r"%20|[ +-]")
+
+
+def mask_phones(text: str) -> str:
+    """text with every phone number in it masked as mask_phone and mask_checkout_id mask them."""
+    return PHONE_IN_TEXT.sub(_masked, text)
+
+
+def _masked(match: re.Match) -> str:
+    found = match.group(0)
+    if found.startswith("ws_CO_"):
+        return mask_checkout_id(found)
+    prefix = "%2B" if found.startswith("%2B") else ""
+    return prefix + mask_phone(_GAPS.sub("", found.removeprefix(prefix)))
+
+
 def daraja_timestamp(now: datetime | None = None) -> str:
     """The YYYYMMDDHHmmss timestamp in Nairobi time, whatever the server's zone."""
     moment = now.astimezone(NAIROBI) if now else datetime.now(NAIROBI)

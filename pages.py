@@ -185,5 +185,5 @@ def simulator_act(checkout_id: str, action: str):
     except requests.RequestException as exc:
         log.warning("simulator unreachable: %s", type(exc).__name__)
         return jsonify(_UNAVAILABLE), 503
-    log.info("handset %s on %s: simulator answered %s", action, checkout_id, answer.status_code)
+    log.info("handset %s on %s: simulator answered %s", action, mpesa.mask_checkout_id(checkout_id), answer.status_code)
     return _relay(answer)

@@ -64,8 +64,8 @@ def register_handlers(app: Flask) -> None:
             429: "Too many requests; slow down",
         }
         body = {"success": False, "message": messages.get(error.code, error.name)}
-        headers = dict(error.get_headers()) if error.code == 429 else {}
-        headers.pop("Content-Type", None)
+        # The exception's own headers (a 405's Allow, a 429's Retry-After), not its HTML type.
+        headers = {name: value for name, value in error.get_headers() if name.lower() != "content-type"}
         return jsonify(body), error.code, headers
 
     @app.errorhandler(Exception)
@@ -116,7 +116,7 @@ def create_app(
 
         notifier = webhooks.WebhookSender(
             settings.merchant_webhook_url,
-            settings.webhook_secret,
+            settings.webhook_secrets,
             store,
             max_attempts=settings.webhook_max_attempts,
             base_delay=settings.webhook_base_delay,

@@ -10,7 +10,8 @@
 Off (404) while ADMIN_TOKEN is unset, like the transactions API. Signing in takes the token
 in a form and sets Flask's session cookie, scoped to /admin and also kept in the store, so
 that signing out or a new ADMIN_TOKEN ends a session on every worker; every POST carries a
-CSRF token; wrong tokens from one address slow its next tries down (auth.py says how).
+CSRF token; wrong tokens from one address lock it out for a while, on the bearer API as
+here (lockout.py says how).
 
 Numbers come from `store.overview` (per-time-bucket counters) and lists from `store.search`
 (indexed), never from reading every record. Charts are SVG drawn here, each with a text
@@ -18,7 +19,7 @@ equivalent. Times are shown in Nairobi time (EAT).
 
 One job per module, imports flowing one way (this package's __init__ on top):
 
-    auth.py        who may look: the session and its cookie, CSRF, the sign-in throttle, login/logout
+    auth.py        who may look: the session and its cookie, CSRF, login/logout
     views.py       the pages: overview, transactions, CSV export, one payment, reconcile
     charts.py      the overview's numbers and its SVG charts' geometry (no Flask)
     formatting.py  how times, money, shares and names are written (no Flask)

@@ -1,12 +1,12 @@
-"""Who may use the dashboard: the session, its cookie, CSRF, the sign-in throttle, login/logout.
+"""Who may use the dashboard: the session, its cookie, CSRF, login/logout.
 
 Signing in takes ADMIN_TOKEN in a form and sets Flask's session cookie (HttpOnly,
 SameSite=Strict, Secure over HTTPS, path /admin); the session is also kept in the store,
 so signing out ends it everywhere and a new ADMIN_TOKEN ends every session. The session key
 is SECRET_KEY when set, else an HMAC of ADMIN_TOKEN, so every worker agrees. Every POST
-carries a CSRF token from the session. After ADMIN_LOGIN_FREE_TRIES wrong tokens from one
-address, each further try must wait ADMIN_LOGIN_DELAY s, doubling up to
-ADMIN_LOGIN_MAX_DELAY: the count lives in the store, so every worker sees it.
+carries a CSRF token from the session. Wrong tokens count toward one lockout per client
+address, shared with the bearer API (lockout.py): after ADMIN_LOGIN_FREE_TRIES of them each
+further try must wait, even with the right token.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import functools
 import hashlib
 import hmac
 import logging
-import math
 import secrets
 import time
 from datetime import timedelta
@@ -24,15 +23,16 @@ from urllib.parse import urlsplit
 from flask import current_app, redirect, render_template, request, session, url_for
 from flask.sessions import SecureCookieSessionInterface
 
+import lockout
+
 # Every dashboard line is logged as "admin", whichever module writes it, as before the split.
 log = logging.getLogger("admin")
 
 SESSION_SECONDS = 12 * 3600
-LOGIN_MEMORY = 15 * 60  # failed sign-ins are forgotten after this long without another
 
 
 def init_app(app, settings) -> None:
-    """Set the session key, the session cookie's flags and the sign-in throttle's defaults."""
+    """Set the session key and the session cookie's flags."""
     secret = getattr(settings, "secret_key", None)
     if secret:
         app.secret_key = secret
@@ -75,10 +75,6 @@ def _store():
 def admin_token() -> str | None:
     """ADMIN_TOKEN: the dashboard is off while it is unset."""
     return current_app.extensions["settings"].admin_token
-
-
-def _digest(text: str) -> bytes:
-    return hashlib.sha256(text.encode()).digest()
 
 
 def _binding() -> str:
@@ -143,27 +139,6 @@ def login_required(view):
     return wrapped
 
 
-def _throttle_slot() -> str:
-    address = request.remote_addr or "unknown"
-    return "admin-login:" + hashlib.sha256(address.encode()).hexdigest()[:32]
-
-
-def _wait_left(state: dict | None, now: float) -> float:
-    return max(0.0, (state or {}).get("until", 0.0) - now)
-
-
-def _record_failure(state: dict | None, now: float) -> dict:
-    failures = (state or {}).get("failures", 0) + 1
-    settings = current_app.extensions["settings"]
-    over = failures - settings.admin_login_free_tries
-    until = 0.0
-    if over >= 0:
-        until = now + min(settings.admin_login_delay * 2**over, settings.admin_login_max_delay)
-    state = {"failures": failures, "until": until}
-    _store().set_value(_throttle_slot(), state, LOGIN_MEMORY + max(0.0, until - now))
-    return state
-
-
 def _safe_next(target: str | None) -> str:
     if target and target.startswith("/admin") and "//" not in target and "\\" not in target:
         return target
@@ -179,30 +154,28 @@ def login():
         return _login_page(target)
     if not _csrf_ok():
         return _login_page(target, "The sign-in form expired. Enter the token again.", 400)
-    now = time.time()
-    store = _store()
-    state = store.get_value(_throttle_slot())
-    wait = _wait_left(state, now)
-    if wait > 0:
+    verdict = lockout.try_token(request.form.get("token", ""))
+    if verdict.outcome == "locked":
         log.warning(
-            "admin: sign-in from %s refused: %d failed tries, wait %.0f s", request.remote_addr, state["failures"], wait
+            "admin: sign-in from %s refused: %d failed tries, wait %.0f s",
+            request.remote_addr,
+            verdict.failures,
+            verdict.wait,
         )
         return _login_page(
             target,
-            f"Too many wrong tokens. Wait {math.ceil(wait)} seconds before trying again.",
+            f"Too many wrong tokens. Wait {verdict.wait_seconds} seconds before trying again.",
             429,
-            {"Retry-After": str(math.ceil(wait))},
+            {"Retry-After": str(verdict.wait_seconds)},
         )
-    given = request.form.get("token", "")
-    if not hmac.compare_digest(_digest(given), _digest(admin_token())):
-        state = _record_failure(state, now)
-        log.warning("admin: wrong token from %s (%d in a row)", request.remote_addr, state["failures"])
-        wait = _wait_left(state, now)
+    if verdict.outcome == "wrong":
+        log.warning("admin: wrong token from %s (%d in a row)", request.remote_addr, verdict.failures)
         message = "That token is not right."
-        if wait > 0:
-            message += f" Wait {math.ceil(wait)} seconds before trying again."
+        if verdict.wait > 0:
+            message += f" Wait {verdict.wait_seconds} seconds before trying again."
         return _login_page(target, message, 401)
-    store.delete(_throttle_slot())
+    now = time.time()
+    store = _store()
     sid = secrets.token_urlsafe(32)
     store.set_value(_session_slot(sid), {"at": now}, SESSION_SECONDS)
     session.clear()  # a new session and CSRF token: nothing carried over from before

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException
 
+from mpesa import mask_phones
 from simulator.controls import SimulatorConfig, parse_result_code
 from simulator.engine import Simulator
 from simulator.wire import DarajaRefusal, invalid
@@ -230,7 +231,7 @@ def reset():
 
 
 def _daraja_refusal(error: DarajaRefusal):
-    log.info("simulator: %s %s refused: %s %s", request.method, request.path, error.code, error.message)
+    log.info("simulator: %s %s refused: %s %s", request.method, mask_phones(request.path), error.code, error.message)
     return error.response()
 
 

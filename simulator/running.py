@@ -25,6 +25,7 @@ from mpesa import SANDBOX_SHORTCODE
 from simulator.app import create_app
 from simulator.controls import SimulatorConfig
 from simulator.engine import Simulator
+from telemetry.logs import mask_phones_on
 
 # The directory `python -m simulator` must run from to import the package and mpesa.
 _ROOT = Path(__file__).resolve().parent.parent
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        mask_phones_on(handler)  # as the payment server's: no phone number in any line
     config = SimulatorConfig(
         pin=args.pin,
         auto_delay=args.auto_delay,

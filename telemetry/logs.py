@@ -6,6 +6,10 @@ line logged while a request is served carries that request's id (RequestIdFilter
 the one telemetry.requestlog gives the request). configure_logging() sets this up for
 `python server.py` and each gunicorn worker; gunicorn.conf.py's logconfig_dict uses the same
 formatter and handler for gunicorn's own lines.
+
+No line carries a phone number, whoever wrote it: the server's modules mask the numbers they
+log, and PhoneMaskFilter, on every handler these set-ups install, masks any other
+(mpesa.PHONE_IN_TEXT: a library's line, a traceback, a number a client sent).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import threading
 import time
 
 from flask import has_request_context, request
+
+from mpesa import mask_phones
 
 TEXT_LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 ENVIRON_KEY = "mpesa.request_id"  # where telemetry.requestlog keeps the request's id in the WSGI environ
@@ -36,6 +42,7 @@ def configure_logging(log_format: str) -> None:
             handler.setFormatter(JsonFormatter())
         if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
             handler.addFilter(RequestIdFilter())
+        mask_phones_on(handler)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     # No format here shows the caller's file and line or the thread and process names: skip
     # collecting them for every line (the logging HOWTO's "Optimization" section).
@@ -56,6 +63,45 @@ class RequestIdFilter(logging.Filter):
             if request_id:
                 record.request_id = request_id
         return True
+
+
+class PhoneMaskFilter(logging.Filter):
+    """Masks every phone number in what a record will print: its message, its traceback, and
+    its text fields (a JSON line's extras, a request id a client chose).
+
+    2547******78, as mpesa.mask_phone writes them; the national number in a CheckoutRequestID
+    as mpesa.mask_checkout_id does. The record itself is changed, so every handler prints it masked.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: the handler reports it when it formats the record
+            return True
+        masked = mask_phones(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        for name, value in vars(record).items():
+            if isinstance(value, str) and name not in _FIELDS_WITHOUT_PHONES:
+                masked = mask_phones(value)
+                if masked != value:
+                    setattr(record, name, masked)
+        return True
+
+
+def mask_phones_on(handler: logging.Handler) -> None:
+    """Make a PhoneMaskFilter the last of handler's filters, so that it also masks what the
+    others add (RequestIdFilter: a request id a client chose)."""
+    for kept in [f for f in handler.filters if isinstance(f, PhoneMaskFilter)]:
+        handler.removeFilter(kept)
+    handler.addFilter(PhoneMaskFilter())
+
+
+_TRACEBACKS = logging.Formatter()  # formats a traceback as every formatter here does
+# Where the record was made (logger, file, function...), and msg, masked above once formatted.
+_FIELDS_WITHOUT_PHONES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) - {"exc_text", "stack_info"}
 
 
 _LOG_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))  # one, not one per line
@@ -123,7 +169,10 @@ class LineHandler(logging.StreamHandler):
         return self._gathering
 
     def gather_lines(self, lines: list[str]) -> None:
-        """INFO lines made without records (requestlog's request lines), taken as emit() takes theirs."""
+        """INFO lines made without records (requestlog's request lines), taken as emit() takes theirs
+        and masked as this handler's PhoneMaskFilter masks records."""
+        if any(isinstance(kept, PhoneMaskFilter) for kept in self.filters):
+            lines = [mask_phones(line) for line in lines]
         encoding = getattr(self.stream, "encoding", None) or "utf-8"
         encoded = [(line + self.terminator).encode(encoding, "backslashreplace") for line in lines]
         if not encoded:

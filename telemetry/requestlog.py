@@ -24,9 +24,9 @@ import threading
 import time
 from collections import deque
 
-from mpesa import mask_checkout_id
+from mpesa import mask_phones
 from telemetry import logs, metrics
-from telemetry.logs import ENVIRON_KEY, RequestIdFilter
+from telemetry.logs import ENVIRON_KEY, PhoneMaskFilter, RequestIdFilter
 
 log = logging.getLogger("server")
 
@@ -191,8 +191,9 @@ def _loggable(path: str, route: str | None) -> str:
 def _sole_json_handler() -> logs.LineHandler | None:
     """The handler request lines go to, when they go to it alone and nothing on the way can
     change or drop them: then record_requests makes the lines JsonFormatter would make of
-    their records, without the records. None otherwise (a filter or another handler added,
-    text lines, lines written at once), and each line goes through logging in full."""
+    their records, without the records (gather_lines masks them as PhoneMaskFilter would).
+    None otherwise (a filter or another handler added, text lines, lines written at once),
+    and each line goes through logging in full."""
     if log.filters or log.handlers or not log.propagate or log.parent is not logging.root:
         return None
     if len(logging.root.handlers) != 1:
@@ -203,7 +204,7 @@ def _sole_json_handler() -> logs.LineHandler | None:
         or not handler.gathering
         or handler.level > logging.INFO
         or type(handler.formatter) is not logs.JsonFormatter
-        or any(type(kept) is not RequestIdFilter for kept in handler.filters)
+        or any(type(kept) not in (RequestIdFilter, PhoneMaskFilter) for kept in handler.filters)
     ):
         return None
     return handler
@@ -251,10 +252,11 @@ def _record_waiting() -> None:
 
 
 def loggable_path(path: str) -> str:
-    """A request path with the callback secret and payers' numbers masked."""
+    """A request path with the callback secret and payers' numbers masked (a CheckoutRequestID's
+    among them, or a phone number polled for as if it were an id)."""
     if path.startswith("/hooks/stk/"):
         return "/hooks/stk/***"
-    return "/".join(mask_checkout_id(part) for part in path.split("/"))
+    return mask_phones(path)
 
 
 class RequestRecord(logging.LogRecord):

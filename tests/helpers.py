@@ -189,8 +189,8 @@ def poll(live, checkout_id, until=lambda a: a["status"] != "pending", timeout=10
 
 
 def admin(live, checkout_id) -> dict:
-    """The full record of a payment from the admin API (the server's ADMIN_TOKEN is admin-secret)."""
-    response = live.get(f"/transactions/{checkout_id}", headers={"Authorization": "Bearer admin-secret"})
+    """The full record of a payment from the admin API (the server's ADMIN_TOKEN is admin-secret-0123456789)."""
+    response = live.get(f"/transactions/{checkout_id}", headers={"Authorization": "Bearer admin-secret-0123456789"})
     assert response.status_code == 200, response.text
     return response.json()["transaction"]
 

@@ -23,7 +23,7 @@ import mpesa
 from store import Transaction
 from tests.helpers import CANCELLED, PAID, WAITING, poll, start_live_server, started, wait_until
 
-TOKEN = "admin-secret"
+TOKEN = "admin-secret-0123456789"
 NOW = time.time()
 
 
@@ -374,6 +374,78 @@ def test_repeated_wrong_tokens_slow_the_next_try_on_every_worker(live_server_fac
     assert try_token(first, TOKEN).status_code == 303
     assert try_token(first, "wrong").status_code == 401  # success started the count again
     assert try_token(first, TOKEN).status_code == 303
+
+
+# One lockout for the dashboard's sign-in and the bearer API.
+
+ADMIN_ROUTES = [
+    ("GET", "/transactions"),
+    ("GET", "/transactions/ws_CO_nope"),
+    ("GET", "/metrics"),
+    ("POST", "/tickets/TKT-NOPE000000/check-in"),
+]
+
+
+def bearer(live, token: str, method: str = "GET", path: str = "/transactions") -> requests.Response:
+    return requests.request(method, live.url + path, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+def sign_in(live, token: str) -> requests.Response:
+    http = requests.Session()
+    page = http.get(live.url + "/admin/login", timeout=10)
+    return http.post(
+        live.url + "/admin/login",
+        allow_redirects=False,
+        timeout=10,
+        data={"csrf_token": csrf(page.text), "token": token},
+    )
+
+
+def test_wrong_bearer_tokens_lock_out_the_api_and_the_sign_in_on_every_worker(live_server_factory, tmp_path):
+    # Two servers on one SQLite store stand for two workers.
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = live_server_factory(ADMIN_TOKEN=TOKEN, STORE_URL=url, ADMIN_LOGIN_DELAY="0.5")
+    second = live_server_factory(ADMIN_TOKEN=TOKEN, STORE_URL=url, ADMIN_LOGIN_DELAY="0.5")
+    assert [bearer(first, "guess-number-1").status_code, bearer(second, "guess-number-2").status_code] == [401, 401]
+    third = bearer(first, "guess-number-3", "GET", "/metrics")
+    assert third.status_code == 401 and third.headers["WWW-Authenticate"] == "Bearer"
+    assert third.json() == {"success": False, "message": "Wrong admin token. Wait 1 seconds before trying again."}
+
+    for method, path in ADMIN_ROUTES:  # the right token too, on every admin route of either worker
+        refused = bearer(second, TOKEN, method, path)
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "1", (path, refused.text)
+        assert refused.json() == {
+            "success": False,
+            "message": "Too many wrong tokens. Wait 1 seconds before trying again.",
+        }
+    signing_in = sign_in(first, TOKEN)  # and the dashboard's sign-in
+    assert signing_in.status_code == 429 and "Too many wrong tokens" in signing_in.text
+
+    wait_until(lambda: bearer(second, TOKEN).status_code == 200, timeout=5)
+    assert bearer(first, "guess-number-4").json()["message"] == "Wrong admin token."  # the right token started afresh
+
+
+def test_wrong_sign_ins_lock_out_the_api(live_server_factory):
+    live = live_server_factory(ADMIN_TOKEN=TOKEN, ADMIN_LOGIN_FREE_TRIES="1")
+    assert sign_in(live, "not-the-token-at-all").status_code == 401
+    refused = bearer(live, TOKEN)
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert refused.json()["success"] is False and "Wait 1 seconds" in refused.json()["message"]
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [f"Basic {TOKEN}", TOKEN, f"Bearer {TOKEN}x", "Bearer ", f"Token {TOKEN}"],
+    ids=["basic", "no-scheme", "longer", "empty", "other-scheme"],
+)
+def test_any_wrong_credential_counts_and_none_at_all_does_not(live_server_factory, authorization):
+    live = live_server_factory(ADMIN_TOKEN=TOKEN, ADMIN_LOGIN_FREE_TRIES="1", ADMIN_LOGIN_DELAY="60")
+    for _ in range(5):  # a scraper without the token set guesses nothing
+        assert requests.get(live.url + "/metrics", timeout=10).status_code == 401
+    assert bearer(live, TOKEN).status_code == 200
+    answer = requests.get(live.url + "/transactions", headers={"Authorization": authorization}, timeout=10)
+    assert answer.status_code == 401 and answer.json()["message"].startswith("Wrong admin token. Wait 60 seconds")
+    assert bearer(live, TOKEN).status_code == 429
 
 
 def test_a_new_admin_token_signs_everyone_out(live_server_factory, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 from store import Transaction
 from tests.helpers import CANCELLED, PAID, Watched, poll, shot, started, visible
 
-TOKEN = "admin-secret"
+TOKEN = "admin-secret-0123456789"
 
 
 @pytest.fixture

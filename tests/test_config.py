@@ -14,6 +14,7 @@ import pytest
 from config import ConfigError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+LONG = "sixteen-letters!"  # the shortest secret taken
 ENVIRONMENT_FUNCTIONS = {"getenv", "getenvb", "putenv", "unsetenv"}
 
 
@@ -74,6 +75,15 @@ def test_config_is_the_only_module_that_reads_the_environment():
         ({"UPKEEP_SECONDS": "every minute"}, "UPKEEP_SECONDS"),
         ({"UPKEEP_SECONDS": "inf"}, "UPKEEP_SECONDS"),
         ({"UPKEEP_SECONDS": "0.01"}, "UPKEEP_SECONDS"),
+        ({"ADMIN_TOKEN": "a"}, "ADMIN_TOKEN"),
+        ({"ADMIN_TOKEN": "fifteen-letters"}, "ADMIN_TOKEN"),
+        ({"CALLBACK_TOKEN": "short-token"}, "CALLBACK_TOKEN"),
+        ({"CALLBACK_TOKEN": "a-long-token-with/a-slash"}, "CALLBACK_TOKEN"),
+        ({"SECRET_KEY": "0123456789"}, "SECRET_KEY"),
+        ({"CHECKOUT_SECRET": "shop"}, "CHECKOUT_SECRET"),
+        ({"MERCHANT_WEBHOOK_URL": "https://shop.example/events", "WEBHOOK_SECRET": "shop-secret"}, "WEBHOOK_SECRET"),
+        ({"MERCHANT_WEBHOOK_URL": "https://shop.example/events", "WEBHOOK_SECRET": f"{LONG},old"}, "WEBHOOK_SECRET"),
+        ({"MERCHANT_WEBHOOK_URL": "https://shop.example/events", "WEBHOOK_SECRET": " , "}, "WEBHOOK_SECRET"),
     ],
 )
 def test_a_bad_setting_is_refused_with_one_line_naming_it(environ, setting):
@@ -157,6 +167,28 @@ def test_the_simulator_port_means_nothing_outside_simulator_mode():
     assert settings.simulator_port is None and settings.base_url is None
 
 
+def test_secrets_of_sixteen_characters_are_taken_and_safaricom_credentials_as_they_come():
+    settings = load_settings(
+        {
+            "MPESA_ENV": "sandbox",
+            "MPESA_CONSUMER_KEY": "k",
+            "MPESA_CONSUMER_SECRET": "s",
+            "MPESA_PASSKEY": "p",
+            "CALLBACK_URL": "https://shop.example.com",
+            "CALLBACK_TOKEN": "callback_token-0",
+            "ADMIN_TOKEN": LONG,
+            "SECRET_KEY": LONG,
+            "CHECKOUT_SECRET": LONG,
+            "MERCHANT_WEBHOOK_URL": "https://shop.example/events",
+            "WEBHOOK_SECRET": f"{LONG}, {LONG.upper()}",
+        }
+    )
+    assert (settings.consumer_key, settings.consumer_secret, settings.passkey) == ("k", "s", "p")
+    assert settings.admin_token == settings.secret_key == settings.checkout_secret == LONG
+    assert settings.callback_token == "callback_token-0"
+    assert settings.webhook_secrets == (LONG, LONG.upper())  # each signs every event while the shop switches
+
+
 def test_admin_sign_in_limits_are_settings():
     defaults = load_settings({})
     assert (defaults.admin_login_free_tries, defaults.admin_login_delay, defaults.admin_login_max_delay) == (3, 1, 300)
@@ -190,6 +222,11 @@ def test_upkeep_rounds_come_every_15_seconds_unless_set_or_turned_off():
             {"PROMETHEUS_MULTIPROC_DIR": "/proc/no-metrics-here"},
             "PROMETHEUS_MULTIPROC_DIR",
         ),
+        (
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"],
+            {"ADMIN_TOKEN": "a"},
+            "ADMIN_TOKEN",
+        ),
     ],
     ids=[
         "server.py-log-format",
@@ -197,6 +234,7 @@ def test_upkeep_rounds_come_every_15_seconds_unless_set_or_turned_off():
         "gunicorn-sqlite-memory",
         "gunicorn-memory-workers",
         "gunicorn-metrics-directory",
+        "gunicorn-admin-token",
     ],
 )
 def test_a_bad_setting_stops_start_up_with_one_line(command, environ, setting):

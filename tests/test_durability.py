@@ -192,7 +192,7 @@ def test_reconcile_command_settles_payments_left_pending(live_server_factory, si
         "TRANSACTION_TTL": "1",
         "CALLBACK_TOKEN": TOKEN,
         "MERCHANT_WEBHOOK_URL": callback_receiver.url,
-        "WEBHOOK_SECRET": "shop-secret",
+        "WEBHOOK_SECRET": "shop-secret-0123456789",
     }
     time.sleep(1.1)
     result = subprocess.run(

@@ -29,6 +29,16 @@ def test_one_phone_cannot_be_flooded_with_prompts(live_server_factory):
     assert push(live, "254700001032").status_code == 200  # another phone is still served
 
 
+def test_workers_sharing_a_redis_store_count_one_phone_together(live_server_factory, clean_redis_url):
+    # The limit's key is a keyed hash of the phone, the key kept in the store: every worker agrees on it.
+    first, second = (
+        live_server_factory(**LIMITS, STORE_URL=clean_redis_url, RATE_LIMIT_PUSH_PER_PHONE="1/minute") for _ in range(2)
+    )
+    assert push(first, "0712345678").status_code == 200
+    assert push(second, "+254 712 345 678").status_code == 429
+    assert push(second, "0712345679").status_code == 200
+
+
 def test_refused_pushes_and_replays_do_not_count(live_server_factory):
     live = live_server_factory(**LIMITS, RATE_LIMIT_PUSH_PER_PHONE="1/minute")
     key = {"Idempotency-Key": "k-1"}

@@ -28,13 +28,13 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 import simulator as sim_module
-from mpesa import mask_checkout_id
+from mpesa import mask_checkout_id, mask_phones
 from telemetry import requestlog
-from telemetry.logs import TEXT_LOG_FORMAT, JsonFormatter, LineHandler
+from telemetry.logs import TEXT_LOG_FORMAT, JsonFormatter, LineHandler, mask_phones_on
 from telemetry.requestlog import RequestRecord
 from tests.helpers import ServerProcess, callback_body, free_port, wait_until
 
-ADMIN = "admin-secret"
+ADMIN = "admin-secret-0123456789"
 TOKEN = "test-callback-token-0123456789"
 PAID, CANCELLED, UNREACHABLE = "254700000000", "254700001032", "254700001037"
 WAITING = "254712345678"  # waits for the simulated handset
@@ -766,19 +766,31 @@ BATCH = [  # RequestLog's facts: (created, method, path, route, status, seconds,
     ),
     (1764926143.0, "BREW", '/pay/"q"\\\t\u00e9\U0001f600', None, 418, 31.0, "::1", "x"),
     (1764926143.25, "GET", "/hooks/stk/secret-token", "/hooks/stk/<token>", 403, 0.005, "10.0.0.1", "y"),
+    # A phone polled for as if it were an id, under a request id a client chose.
+    (
+        1764926143.5,
+        "GET",
+        "/stkpush/status/0712345678",
+        "/stkpush/status/<checkout_id>",
+        404,
+        0.001,
+        "::1",
+        "254712345678",
+    ),
 ]
 
 
 @pytest.fixture
 def sole_json_handler(monkeypatch):
     """A handler as gunicorn.conf.py and configure_logging leave the root logger's in a worker:
-    gathering, JSON lines, the request-id filter. Its lines go to the pipe returned."""
+    gathering, JSON lines, the request-id and phone filters. Its lines go to the pipe returned."""
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
     stream = os.fdopen(write_end, "w")
     handler = LineHandler(stream)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(requestlog.RequestIdFilter())
+    mask_phones_on(handler)
     handler.gather(3600)  # written when flushed
     server_log = logging.getLogger("server")
     monkeypatch.setattr(server_log, "handlers", [])
@@ -826,12 +838,13 @@ def test_request_lines_made_without_records_are_the_lines_logging_makes(sole_jso
     assert made_directly == through_logging and len(made_directly) == len(BATCH)
     entries = [json.loads(line) for line in made_directly]
     assert [(e["method"], e["status"], e["request_id"], e["remote_addr"]) for e in entries] == [
-        (method, status, request_id, address) for _, method, _, _, status, _, address, request_id in BATCH
+        (method, status, mask_phones(request_id), address) for _, method, _, _, status, _, address, request_id in BATCH
     ]
     assert entries[0]["message"] == "POST /stkpush/status 200 1.2ms" and entries[0]["duration_ms"] == 1.2
     assert entries[1]["path"] == "/stkpush/status/" + mask_checkout_id("ws_CO_051220261234567890")
     assert entries[2]["path"] == BATCH[2][2]
     assert entries[3]["path"] == "/hooks/stk/***"  # the callback secret never reaches a log
+    assert entries[4]["path"] == "/stkpush/status/0712****78" and entries[4]["request_id"] == "2547******78"
     assert entries[0]["time"] == "2025-12-05T09:15:42.596Z" and entries[1]["time"] == "2025-12-05T09:15:43.000Z"
     assert all(e["pid"] == os.getpid() and e["level"] == "INFO" and e["logger"] == "server" for e in entries)
 

@@ -646,6 +646,8 @@ def fuzz_server(live_server_factory, simulator, tmp_path):
         return live_server_factory(
             **{
                 "ADMIN_TOKEN": ADMIN_TOKEN,
+                # The fuzzer sends wrong tokens by the hundred; the lockout they would start has tests of its own.
+                "ADMIN_LOGIN_FREE_TRIES": "1000000",
                 "STATUS_FIRST_QUERY_AFTER": "0",
                 "STATUS_QUERY_INTERVAL": "0.5",
                 "CATALOG_FILE": str(catalog),
@@ -1288,6 +1290,26 @@ def test_rate_limited_answer_matches_the_spec(fuzz_server):
     answers = [send(live, "GET", "/stkpush/status/ws_CO_nope")[0] for _ in range(3)]
     assert [a.status_code for a in answers] == [404, 404, 429]
     assert answers[-1].headers.get("Retry-After")
+
+
+def test_each_example_body_of_the_push_is_one_the_server_takes(live_server):
+    # The example shop (catalog.example.json) sells the items the examples name.
+    examples = SPEC["paths"]["/stkpush"]["post"]["requestBody"]["content"]["application/json"]["examples"]
+    assert {"amount", "items"} <= set(examples)
+    for name, example in examples.items():
+        body = example["value"]
+        assert not {"amount", "items"} <= set(body), f"example {name} has both an amount and items"
+        response, answer = send(live_server, "POST", "/stkpush", json=body)
+        assert response.status_code == 200 and answer["success"] is True, (name, answer)
+        live_server.sim("POST", f"/simulator/prompts/{answer['checkoutRequestId']}/cancel")  # frees the phone
+
+
+def test_a_locked_out_admin_answer_matches_the_spec(live_server_factory):
+    live = live_server_factory(ADMIN_TOKEN=ADMIN_TOKEN, ADMIN_LOGIN_FREE_TRIES="1", ADMIN_LOGIN_DELAY="60")
+    assert send(live, "GET", "/transactions", headers={"Authorization": "Bearer wrong"})[0].status_code == 401
+    for method, path in [("GET", "/transactions"), ("GET", "/metrics"), ("POST", "/tickets/TKT-NOPE000000/check-in")]:
+        response, body = send(live, method, path, headers=AUTH)
+        assert response.status_code == 429 and response.headers["Retry-After"] == "60", body
 
 
 def test_replayed_key_and_conflict_match_the_spec(fuzz_server):

@@ -20,7 +20,7 @@ CATALOG = {
     ]
 }
 SECRET = "shop-checkout-secret-0123456789"
-ADMIN = {"Authorization": "Bearer admin-secret"}
+ADMIN = {"Authorization": "Bearer admin-secret-0123456789"}
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def catalog_file(tmp_path):
 @pytest.fixture
 def shop(live_server_factory, catalog_file, simulator):
     requests.patch(simulator.url + "/simulator/config", json={"auto_delay": 0.2}, timeout=5)
-    return live_server_factory(CATALOG_FILE=catalog_file, ADMIN_TOKEN="admin-secret")
+    return live_server_factory(CATALOG_FILE=catalog_file, ADMIN_TOKEN="admin-secret-0123456789")
 
 
 def buy(live, items, phone="0712345678", **extra):
@@ -147,7 +147,7 @@ def test_a_refused_push_holds_nothing(live_server_factory, catalog_file):
 
 
 def test_a_timeout_releases_and_a_late_payment_takes_them_back(live_server_factory, catalog_file):
-    live = live_server_factory(CATALOG_FILE=catalog_file, TRANSACTION_TTL="1", ADMIN_TOKEN="admin-secret")
+    live = live_server_factory(CATALOG_FILE=catalog_file, TRANSACTION_TTL="1", ADMIN_TOKEN="admin-secret-0123456789")
     checkout_id = buy(live, [{"id": "vip", "quantity": 1}]).json()["checkoutRequestId"]
     time.sleep(1.1)
     assert poll(live, checkout_id)["reason"] == "timeout"
@@ -226,7 +226,7 @@ def test_check_in_at_the_door_works_once(shop):
 def test_the_shop_webhook_carries_the_tickets(live_server_factory, catalog_file, callback_receiver, simulator):
     requests.patch(simulator.url + "/simulator/config", json={"auto_delay": 0.2}, timeout=5)
     live = live_server_factory(
-        CATALOG_FILE=catalog_file, MERCHANT_WEBHOOK_URL=callback_receiver.url, WEBHOOK_SECRET="shop-secret"
+        CATALOG_FILE=catalog_file, MERCHANT_WEBHOOK_URL=callback_receiver.url, WEBHOOK_SECRET="shop-secret-0123456789"
     )
     checkout_id = buy(live, [{"id": "seat", "quantity": 2}], phone="254700000000").json()["checkoutRequestId"]
     tickets = poll(live, checkout_id)["tickets"]

@@ -45,7 +45,7 @@ def sim_rule(live, **rule):
 @pytest.fixture
 def live(live_server_factory, simulator):
     requests.patch(simulator.url + "/simulator/config", json={"auto_delay": 0.2}, timeout=5)
-    return live_server_factory(ADMIN_TOKEN="admin-secret")
+    return live_server_factory(ADMIN_TOKEN="admin-secret-0123456789")
 
 
 # Outcomes.
@@ -101,7 +101,10 @@ def test_person_on_the_handset_pays_with_the_pin(live):
 
 def test_nobody_answers_so_the_payment_times_out(live_server_factory, simulator):
     live = live_server_factory(
-        TRANSACTION_TTL="1", STATUS_FIRST_QUERY_AFTER="0.2", STATUS_QUERY_INTERVAL="0.2", ADMIN_TOKEN="admin-secret"
+        TRANSACTION_TTL="1",
+        STATUS_FIRST_QUERY_AFTER="0.2",
+        STATUS_QUERY_INTERVAL="0.2",
+        ADMIN_TOKEN="admin-secret-0123456789",
     )
     checkout_id = started(live)
     answer = poll(live, checkout_id, timeout=5)
@@ -112,7 +115,7 @@ def test_nobody_answers_so_the_payment_times_out(live_server_factory, simulator)
 
 
 def test_a_real_result_after_our_timeout_still_counts(live_server_factory, simulator):
-    live = live_server_factory(TRANSACTION_TTL="1", ADMIN_TOKEN="admin-secret")
+    live = live_server_factory(TRANSACTION_TTL="1", ADMIN_TOKEN="admin-secret-0123456789")
     requests.patch(simulator.url + "/simulator/config", json={"query_min_interval": 0}, timeout=5)
     checkout_id = started(live)
     time.sleep(1.1)
@@ -127,7 +130,9 @@ def test_a_real_result_after_our_timeout_still_counts(live_server_factory, simul
 
 
 def test_lost_callback_is_settled_by_query(live_server_factory, simulator):
-    live = live_server_factory(STATUS_FIRST_QUERY_AFTER="0.3", STATUS_QUERY_INTERVAL="0.3", ADMIN_TOKEN="admin-secret")
+    live = live_server_factory(
+        STATUS_FIRST_QUERY_AFTER="0.3", STATUS_QUERY_INTERVAL="0.3", ADMIN_TOKEN="admin-secret-0123456789"
+    )
     sim_rule(live, phone=WAITING, resultCode=0, delay=0.1, callback="drop")
     checkout_id = started(live)
     answer = poll(live, checkout_id)
@@ -138,7 +143,9 @@ def test_lost_callback_is_settled_by_query(live_server_factory, simulator):
 
 
 def test_late_callback_adds_the_receipt_to_a_query_settled_payment(live_server_factory, simulator):
-    live = live_server_factory(STATUS_FIRST_QUERY_AFTER="0.2", STATUS_QUERY_INTERVAL="0.2", ADMIN_TOKEN="admin-secret")
+    live = live_server_factory(
+        STATUS_FIRST_QUERY_AFTER="0.2", STATUS_QUERY_INTERVAL="0.2", ADMIN_TOKEN="admin-secret-0123456789"
+    )
     sim_rule(live, phone=WAITING, resultCode=0, delay=0.1, callbackDelay=1.5)
     checkout_id = started(live)
     assert poll(live, checkout_id)["status"] == "completed"
@@ -464,7 +471,7 @@ def test_transactions_api_needs_the_token(live):
 def test_transactions_are_listed_newest_first_with_filters(live):
     ids = [started(live, f"07110000{i:02d}", amount=10 + i) for i in range(5)]
     live.post(hook(live), json=callback_body(ids[0], code=1032))
-    auth = {"Authorization": "Bearer admin-secret"}
+    auth = {"Authorization": "Bearer admin-secret-0123456789"}
     everything = live.get("/transactions", headers=auth).json()
     assert everything["total"] == 5
     assert [t["checkout_request_id"] for t in everything["transactions"]] == ids[::-1]
@@ -478,8 +485,29 @@ def test_transactions_are_listed_newest_first_with_filters(live):
     assert live.get("/transactions?limit=0", headers=auth).status_code == 400
 
 
+@pytest.mark.parametrize(
+    "query, field",
+    [
+        ("limit=garbage", "limit"),
+        ("limit=1.5", "limit"),
+        ("limit=-1", "limit"),
+        ("limit=101", "limit"),
+        ("limit=%EF%BC%95", "limit"),  # a full-width 5
+        ("page=0", "page"),
+        ("page=two", "page"),
+        ("page=1e3", "page"),
+        ("status=paid", "status"),
+        ("phone=12345", "phone"),
+    ],
+)
+def test_malformed_list_parameters_are_a_400_naming_the_field(live, query, field):
+    response = live.get(f"/transactions?{query}", headers={"Authorization": "Bearer admin-secret-0123456789"})
+    assert response.status_code == 400
+    assert response.json()["success"] is False and response.json()["field"] == field
+
+
 def test_unknown_transaction_detail_is_404(live):
-    response = live.get("/transactions/ws_CO_nope", headers={"Authorization": "Bearer admin-secret"})
+    response = live.get("/transactions/ws_CO_nope", headers={"Authorization": "Bearer admin-secret-0123456789"})
     assert response.status_code == 404
 
 
@@ -490,6 +518,22 @@ def test_unknown_paths_and_methods_answer_json(live):
     assert live.get("/nope").json()["success"] is False
     response = live.get("/stkpush")
     assert response.status_code == 405 and response.json()["success"] is False
+
+
+@pytest.mark.parametrize(
+    "method, path, allowed",
+    [
+        ("GET", "/stkpush", {"POST"}),
+        ("DELETE", "/transactions", {"GET"}),
+        ("PUT", "/stkpush/status/ws_CO_1", {"GET"}),
+        ("POST", "/pay.html", {"GET"}),
+        ("DELETE", "/admin/login", {"GET", "POST"}),
+    ],
+)
+def test_a_method_not_allowed_says_which_are(live, method, path, allowed):
+    response = requests.request(method, live.url + path, timeout=10)
+    assert response.status_code == 405 and response.json()["success"] is False
+    assert {m.strip() for m in response.headers["Allow"].split(",")} >= allowed
 
 
 def test_logs_never_show_full_phones_or_the_callback_token(live, caplog):

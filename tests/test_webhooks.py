@@ -20,6 +20,7 @@ import pytest
 import requests
 
 import webhooks
+from config import load_settings
 from store import Transaction, open_store
 from tests.helpers import (
     CALLBACK_TOKEN,
@@ -292,6 +293,30 @@ def test_a_shop_that_never_succeeds_is_retried_with_growing_delays_then_given_up
     assert sender.redeliver_pending() == 0  # given up stays given up
 
 
+def test_the_webhook_page_gives_the_settings_figures_and_the_spread_they_make(receiver_factory, senders):
+    settings = load_settings({})
+    attempts, base, longest = settings.webhook_max_attempts, settings.webhook_base_delay, settings.webhook_max_delay
+    # The documented rule: base, 2 base, 4 base ... each at most the longest, drawn from half to all of it.
+    nominal = [min(longest, base * 2**n) for n in range(attempts - 1)]
+    receiver = receiver_factory(answers=[500] * attempts)
+    store = open_store("memory://")
+    store.create(final_tx())
+    delays: list[float] = []
+    sender = senders(
+        receiver.url, store, max_attempts=attempts, base_delay=base, max_delay=longest, sleep=delays.append
+    )
+    sender.notify(store.get(CHECKOUT))
+    assert sender.flush(30) and len(receiver.ids()) == attempts
+    assert len(delays) == len(nominal)
+    for delay, most in zip(delays, nominal, strict=True):
+        assert most / 2 <= delay <= most
+    page = (ROOT / "docs" / "webhooks.md").read_text(encoding="utf-8")
+    assert f"`WEBHOOK_MAX_ATTEMPTS` ({attempts}) attempts" in page
+    assert f"`WEBHOOK_BASE_DELAY` ({base:g} s)" in page and f"`WEBHOOK_MAX_DELAY` ({longest:g} s)" in page
+    spread = f"about {round(sum(nominal) / 2 / 60)} to {round(sum(nominal) / 60)} minutes"
+    assert spread in " ".join(page.split()), spread
+
+
 def test_an_unreachable_shop_is_recorded_as_a_connection_failure(senders):
     store = open_store("memory://")
     store.create(final_tx())
@@ -430,7 +455,7 @@ def push(live, phone, amount=100, **extra):
 
 
 def admin(live, checkout_id) -> dict:
-    response = live.get(f"/transactions/{checkout_id}", headers={"Authorization": "Bearer admin-secret"})
+    response = live.get(f"/transactions/{checkout_id}", headers={"Authorization": "Bearer admin-secret-0123456789"})
     assert response.status_code == 200, response.text
     return response.json()["transaction"]
 
@@ -449,7 +474,12 @@ def shop(live_server_factory, receiver_factory):
     def start(answers=(), **env):
         receiver = receiver_factory(answers)
         live = live_server_factory(
-            MERCHANT_WEBHOOK_URL=receiver.url, WEBHOOK_SECRET=SECRET, ADMIN_TOKEN="admin-secret", **env
+            **{
+                "MERCHANT_WEBHOOK_URL": receiver.url,
+                "WEBHOOK_SECRET": SECRET,
+                "ADMIN_TOKEN": "admin-secret-0123456789",
+                **env,
+            }
         )
         return live, receiver
 
@@ -479,6 +509,16 @@ def test_a_paid_payment_is_delivered_once_signed_with_the_documented_fields(shop
     assert tx["extra"]["webhooks"][event["id"]]["delivered"] is True
     time.sleep(0.5)
     assert receiver.ids() == [event["id"]]
+
+
+def test_while_the_shop_switches_secrets_each_configured_secret_signs_the_event(shop):
+    new_secret = "whsec_next_0123456789abcdef"
+    live, receiver = shop(WEBHOOK_SECRET=f"{new_secret}, {SECRET}")
+    push(live, PAID)
+    (call,) = receiver.wait(1)
+    header = call["headers"][webhooks.SIGNATURE_HEADER]
+    assert header.count("v1=") == 2
+    assert webhooks.verify(SECRET, header, call["raw"]) and webhooks.verify(new_secret, header, call["raw"])
 
 
 def test_a_cancelled_payment_is_delivered_as_failed(shop):
