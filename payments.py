@@ -461,8 +461,6 @@ class Payments:
         on it ("to_release" for a late payment, "to_reclaim" for the taking back).
         """
         stock, owner = tx.extra.get("stock"), self._stock_owner(tx)
-        if stock is None and owner is None:
-            return  # nothing was held for it
         if tx.status == "completed":
             if stock == "to_reclaim":
                 self._reclaim_stock(tx, owner)
@@ -473,7 +471,7 @@ class Payments:
                 return
             if owner is not None:
                 self.store.release_stock(owner)
-            elif stock != "released":  # held before holds had owners: in the counters alone
+            elif stock == "to_release":  # held before holds had owners: in the counters alone
                 for item_id, quantity in self._limited_lines(tx):
                     self.store.adjust_counter(f"stock:{item_id}", -quantity)
 
@@ -541,7 +539,8 @@ class Payments:
             return
         if outcome in FINAL_OUTCOMES:
             metrics.payment_settled(tx)
-        if outcome in FINAL_OUTCOMES or tx.extra.get("stock") in ("to_release", "to_reclaim"):
+        stock = tx.extra.get("stock")
+        if (outcome in FINAL_OUTCOMES and stock is not None) or stock in ("to_release", "to_reclaim"):
             self._move_stock(tx)
         if outcome == "completed":
             for ticket in tx.extra.get("tickets", []):

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 import checkout
-from store import open_store
+from store import Transaction, open_store
 from tests.helpers import CALLBACK_TOKEN, CANCELLED, PAID, ROOT, WAITING, admin, callback_body, hook, poll, wait_until
 
 CATALOG = {
@@ -295,6 +295,27 @@ def test_a_late_payment_keeps_a_hold_a_dead_worker_did_not_release(stocked, left
     assert tx["extra"]["stock"] == "sold" and "oversold" not in tx["flags"]
     reconcile(stocked)
     assert available(stocked, "seat") == 1
+
+
+def test_a_payment_started_before_holds_had_owners_still_gives_its_units_back(stocked):
+    store = stocked.app.extensions["store"]
+    store.adjust_counter("stock:seat", 2, maximum=3)  # held in the counter alone, as before
+    line = checkout.OrderLine("seat", "Concert seat", 2, 1500, 3000, "ticket")
+    order = checkout.Order("ORD-OLD00001", (line,)).to_dict()
+    store.create(
+        Transaction(
+            "ws_CO_before_the_upgrade",
+            "1-2-3",
+            "254712345678",
+            3000,
+            initiated_at=time.time(),
+            extra={"order": order, "stock": "held"},
+        )
+    )
+    assert available(stocked, "seat") == 1
+    stocked.post(hook(stocked), json=callback_body("ws_CO_before_the_upgrade", code=1032))
+    assert poll(stocked, "ws_CO_before_the_upgrade")["reason"] == "cancelled"
+    assert available(stocked, "seat") == 3
 
 
 def test_the_reconcile_command_releases_a_dead_requests_hold(live_server_factory, catalog_file, tmp_path, simulator):
