@@ -14,6 +14,7 @@ Knows nothing of Flask: the server turns these results into HTTP answers.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -168,7 +169,10 @@ class Payments:
 
         SoldOut and Daraja errors propagate (with the stock released again).
         """
-        held = self._hold_stock(request.order)
+        owner = secrets.token_hex(8)
+        if request.order is not None:
+            self._link_stock_owner(owner, {"since": self.clock()})
+        held = self._hold_stock(request.order, owner)
         reference = request.account_reference or (request.order.number if request.order else "")
         try:
             accepted = metrics.timed("stk_push", self.daraja.stk_push)(
@@ -179,7 +183,8 @@ class Payments:
                 description=request.description,
             )
         except BaseException:
-            self._release_stock(held)
+            if held:
+                self.store.release_stock(owner)
             raise
         now = self.clock()
         extra: dict[str, Any] = {}
@@ -187,6 +192,7 @@ class Payments:
             extra["order"] = request.order.to_dict()
         if held:
             extra["stock"] = "held"
+            extra["stockOwner"] = owner
         tx = Transaction(
             checkout_request_id=accepted.checkout_request_id,
             merchant_request_id=accepted.merchant_request_id,
@@ -214,6 +220,8 @@ class Payments:
                 mpesa.mask_checkout_id(accepted.checkout_request_id),
             )
             raise
+        if held:
+            self._link_stock_owner(owner, {"checkoutRequestId": tx.checkout_request_id})
         log.info(
             "payment %s started: %s KES phone=%s",
             mpesa.mask_checkout_id(tx.checkout_request_id),
@@ -277,6 +285,8 @@ class Payments:
     def status(self, checkout_request_id: str) -> Transaction | None:
         """The stored record, after asking Daraja when a callback is overdue."""
         tx = self.store.get(checkout_request_id)
+        if tx is not None and tx.extra.get("stock") in ("to_release", "to_reclaim"):
+            self._move_stock(tx)  # its verdict was saved but the process died before moving the stock
         if tx is None or tx.is_final:
             return tx
         age = self.clock() - tx.initiated_at
@@ -301,9 +311,33 @@ class Payments:
         return timed_out or tx
 
     def reconcile(self) -> list[Transaction]:
-        """Settle every payment still pending past its TTL (after an outage, or on a schedule)."""
+        """Settle every payment still pending past its TTL (after an outage, or on a schedule),
+        then end the stock holds of payments that are final or gone."""
         cutoff = self.clock() - self.settings.transaction_ttl
-        return [self.settle_expired(tx) for tx in self.store.pending_before(cutoff)]
+        settled = [self.settle_expired(tx) for tx in self.store.pending_before(cutoff)]
+        self._end_stale_holds()
+        return settled
+
+    def _end_stale_holds(self) -> None:
+        """Release (or keep, when paid) the holds a crash left behind.
+
+        A hold outlives its payment's verdict only if the process died between saving the
+        verdict and moving the stock, and outlives its request if the process died first.
+        """
+        for owner in self.store.stock_holders():
+            tx, starting = self._stock_payment(owner)
+            if tx is not None and tx.is_final:
+                self._move_stock(tx)
+                log.info(
+                    "reconcile: stock held for %s payment %s %s",
+                    tx.status,
+                    mpesa.mask_checkout_id(tx.checkout_request_id),
+                    "kept" if tx.status == "completed" else "released",
+                )
+            elif tx is None and not starting:
+                released = self.store.release_stock(owner)
+                if released:
+                    log.warning("reconcile: stock held for unknown payment %s released: %s", owner, released)
 
     def _may_query(self, tx: Transaction) -> bool:
         # One query per transaction per interval across every thread, worker and dyno.
@@ -402,15 +436,16 @@ class Payments:
     def _finish(self, tx: Transaction, status: str, reason: str | None, now: float) -> str:
         """Enter a final state; note what the stock must do and issue tickets when paid.
 
-        Stock moves are recorded here ("to_release", "to_reclaim") and carried out after
-        the record is saved (_move_stock), so a crash in between can only leave units
-        held (never sold twice).
+        Stock moves are recorded here ("sold", "to_release", "to_reclaim") and carried out
+        after the record is saved (_move_stock), so a crash in between can only leave units
+        held (never sold twice) until reconcile or the next status poll moves them.
         """
         tx.status, tx.reason = status, reason
         stock = tx.extra.get("stock")
+        may_hold = stock in ("held", "to_release") or (stock is None and bool(self._limited_lines(tx)))
         if status == "completed":
-            if stock in ("held", "to_release"):
-                tx.extra["stock"] = "sold"
+            if may_hold:
+                tx.extra["stock"] = "sold"  # the hold itself ends after the save (keep_stock)
             elif stock == "released":  # our timeout gave the units back; the money came anyway
                 tx.extra["stock"] = "to_reclaim"
             lines = (tx.extra.get("order") or {}).get("items", [])
@@ -422,65 +457,108 @@ class Payments:
                     for _ in range(line["quantity"])
                 ]
                 tx.history.append(event("tickets_issued", now, tickets=[t["number"] for t in tx.extra["tickets"]]))
-        elif stock == "held":
+        elif may_hold:
             tx.extra["stock"] = "to_release"
         if self.on_settling is not None:
             self.on_settling(tx, now)
         return status
 
-    def _hold_stock(self, order: checkout.Order | None) -> list[tuple[str, int]]:
-        """Hold the units of every limited item, all or nothing; SoldOut otherwise."""
-        held: list[tuple[str, int]] = []
-        for line in order.lines if order else ():
-            capacity = self._capacity(line.id)
-            if capacity is None:
-                continue
-            if self.store.adjust_counter(f"stock:{line.id}", line.quantity, maximum=capacity) is None:
-                self._release_stock(held)
-                raise SoldOut(line)
-            held.append((line.id, line.quantity))
-        return held
+    def _hold_stock(self, order: checkout.Order | None, owner: str) -> dict[str, int]:
+        """Hold the units of every limited item for owner, all or nothing; SoldOut otherwise."""
+        lines = {line.id: line for line in order.lines} if order else {}
+        units: dict[str, int] = {}
+        capacity: dict[str, int] = {}
+        for item_id, line in lines.items():
+            limit = self._capacity(item_id)
+            if limit is not None:
+                units[item_id], capacity[item_id] = line.quantity, limit
+        refused = self.store.hold_stock(owner, units, capacity) if units else None
+        if refused is not None:
+            raise SoldOut(lines[refused])
+        return units
 
     def _capacity(self, item_id: str) -> int | None:
         """How many units of the item exist; None when unlimited or no longer in the catalogue."""
         item = self.catalog.items.get(item_id) if self.catalog else None
         return item.capacity if item else None
 
-    def _release_stock(self, held) -> None:
-        for item_id, quantity in held:
-            self.store.adjust_counter(f"stock:{item_id}", -quantity)
-
     def _limited_lines(self, tx: Transaction) -> list[tuple[str, int]]:
         lines = (tx.extra.get("order") or {}).get("items", [])
         return [(line["id"], line["quantity"]) for line in lines if self._capacity(line["id"]) is not None]
 
+    # The record is created once Daraja accepts the push, under Daraja's id, so the hold taken
+    # before the push has an id of its own, named on the record (extra "stockOwner") and
+    # linked back to it here; the link says when a push that has no record yet started.
+
+    @staticmethod
+    def _stock_owner(tx: Transaction) -> str | None:
+        """The id the payment holds stock under; None for records made before holds had owners."""
+        return tx.extra.get("stockOwner")
+
+    def _link_stock_owner(self, owner: str, link: dict) -> None:
+        self.store.set_value(f"stock-owner:{owner}", link, self.settings.retention_seconds)
+
+    def _stock_payment(self, owner: str) -> tuple[Transaction | None, bool]:
+        """The payment holding stock as owner, and whether its push may still be under way."""
+        link = self.store.get_value(f"stock-owner:{owner}") or {}
+        if "checkoutRequestId" in link:
+            return self.store.get(link["checkoutRequestId"]), False
+        starting = "since" in link and self.clock() - link["since"] < self.settings.transaction_ttl
+        return None, starting
+
     def _move_stock(self, tx: Transaction) -> None:
-        """Carry out the stock move _finish recorded, exactly once (claimed in the store)."""
+        """Carry out what the saved verdict means for the payment's units, exactly once.
 
-        def claim(tx: Transaction) -> str | None:
-            move = {"to_release": ("released", "release"), "to_reclaim": ("sold", "reclaim")}
-            state_action = move.get(tx.extra.get("stock") or "")
-            if state_action is None:
-                return None
-            tx.extra["stock"], action = state_action
-            return action
+        Failed: the hold is released. Completed: the hold is kept (sold); if our timeout
+        had released it before the money came, the units are taken back, even past the
+        capacity (flagged "oversold"). The store ends a hold once, by release or keep,
+        whoever races; the record's marker is claimed first where the next step depends
+        on it ("to_release" for a late payment, "to_reclaim" for the taking back).
+        """
+        stock, owner = tx.extra.get("stock"), self._stock_owner(tx)
+        if tx.status == "completed":
+            if stock == "to_reclaim":
+                self._reclaim_stock(tx, owner)
+            elif owner is not None:
+                self.store.keep_stock(owner)
+        elif tx.status == "failed":
+            if stock != "released" and not self._claim_stock(tx, "released", lambda tx: tx.status == "failed"):
+                return
+            if owner is not None:
+                self.store.release_stock(owner)
+            elif stock == "to_release":  # held before holds had owners: in the counters alone
+                for item_id, quantity in self._limited_lines(tx):
+                    self.store.adjust_counter(f"stock:{item_id}", -quantity)
 
-        _, action = self.store.update(tx.checkout_request_id, claim)
-        if action == "release":
-            self._release_stock(self._limited_lines(tx))
-        elif action == "reclaim":
-            for item_id, quantity in self._limited_lines(tx):
-                sold = self.store.adjust_counter(f"stock:{item_id}", quantity)
-                capacity = self._capacity(item_id)
-                if sold is not None and capacity is not None and sold > capacity:
-                    log.error(
-                        "item %s oversold (%s of %s): payment %s arrived after its timeout",
-                        item_id,
-                        sold,
-                        capacity,
-                        mpesa.mask_checkout_id(tx.checkout_request_id),
-                    )
-                    self.store.update(tx.checkout_request_id, lambda tx: tx.flags.append("oversold"))
+    def _claim_stock(self, tx: Transaction, marker: str, when) -> bool:
+        """Set the record's stock marker if when(stored record) holds; True if this call did."""
+
+        def claim(tx: Transaction) -> bool:
+            if tx.extra.get("stock") == marker or not when(tx):
+                return False
+            tx.extra["stock"] = marker
+            return True
+
+        _, claimed = self.store.update(tx.checkout_request_id, claim)
+        return bool(claimed)
+
+    def _reclaim_stock(self, tx: Transaction, owner: str | None) -> None:
+        if not self._claim_stock(tx, "sold", lambda tx: tx.extra.get("stock") == "to_reclaim"):
+            return
+        if owner is not None and self.store.keep_stock(owner):
+            return  # the release had not happened yet: the units never left
+        for item_id, quantity in self._limited_lines(tx):
+            sold = self.store.adjust_counter(f"stock:{item_id}", quantity)
+            capacity = self._capacity(item_id)
+            if sold is not None and capacity is not None and sold > capacity:
+                log.error(
+                    "item %s oversold (%s of %s): payment %s arrived after its timeout",
+                    item_id,
+                    sold,
+                    capacity,
+                    mpesa.mask_checkout_id(tx.checkout_request_id),
+                )
+                self.store.update(tx.checkout_request_id, lambda tx: tx.flags.append("oversold"))
 
     def available(self, item: checkout.Item) -> int | None:
         """Units of item still for sale (capacity minus held and sold)."""
@@ -516,7 +594,8 @@ class Payments:
             return
         if outcome in FINAL_OUTCOMES:
             metrics.payment_settled(tx)
-        if tx.extra.get("stock") in ("to_release", "to_reclaim"):
+        stock = tx.extra.get("stock")
+        if (outcome in FINAL_OUTCOMES and stock is not None) or stock in ("to_release", "to_reclaim"):
             self._move_stock(tx)
         if outcome == "completed":
             for ticket in tx.extra.get("tickets", []):

@@ -7,7 +7,8 @@
 The interface. Every backend offers the same small `Store`: records keyed by Daraja's
 CheckoutRequestID with an atomic read-modify-write (`update`), newest-first listing, and a
 small key/value space with TTLs and an atomic set-if-absent (`add`) for idempotency keys,
-query throttles and locks, plus durable counters (`adjust_counter`) for stock.
+query throttles and locks, plus durable counters (`adjust_counter`) and stock holds per
+payment (`hold_stock`, then `release_stock` or `keep_stock`, exactly once) for stock.
 
 For the operator's dashboard, `search` finds records by what an operator has in hand (an id,
 a receipt, a reference, a phone's last digits) with filters, and `overview` adds up counters

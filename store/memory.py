@@ -35,10 +35,12 @@ from store.record import (
     R,
     Transaction,
     apply,
+    check_hold,
     check_page,
     check_ttl,
     decode,
     encode,
+    stock_key,
 )
 
 
@@ -126,6 +128,7 @@ class MemoryStore:
         # "all", "status:<status>", "reason:<reason>" -> sorted [(initiated_at, id)]
         self._sorted: dict[str, list[tuple[float, str]]] = {}
         self._counters: dict[str, int] = {}
+        self._holds: dict[str, dict[str, int]] = {}  # owner -> {item: units}
 
     def create(self, tx: Transaction) -> None:
         data = encode(tx)
@@ -286,6 +289,36 @@ class MemoryStore:
     def get_counter(self, key: str) -> int:
         with self._lock:
             return self._counters.get(key, 0)
+
+    def hold_stock(self, owner: str, units: dict[str, int], capacity: dict[str, int]) -> str | None:
+        check_hold(owner, units, capacity)
+        if not units:
+            return None
+        with self._lock:
+            if owner in self._holds:
+                raise ValueError(f"{owner} already holds stock")
+            for item, count in units.items():
+                if self._counters.get(stock_key(item), 0) + count > capacity[item]:
+                    return item
+            for item, count in units.items():
+                self._counters[stock_key(item)] = self._counters.get(stock_key(item), 0) + count
+            self._holds[owner] = dict(units)
+        return None
+
+    def release_stock(self, owner: str) -> dict[str, int]:
+        with self._lock:
+            held = self._holds.pop(owner, {})
+            for item, count in held.items():
+                self._counters[stock_key(item)] = max(0, self._counters.get(stock_key(item), 0) - count)
+        return held
+
+    def keep_stock(self, owner: str) -> dict[str, int]:
+        with self._lock:
+            return self._holds.pop(owner, {})
+
+    def stock_holders(self) -> builtins.list[str]:
+        with self._lock:
+            return sorted(self._holds)
 
     def close(self) -> None:
         """Nothing to release: the data lives as long as the object."""

@@ -151,6 +151,32 @@ class Store(Protocol):
     def get_counter(self, key: str) -> int:
         """Return the counter's value (0 when it was never set)."""
 
+    def hold_stock(self, owner: str, units: dict[str, int], capacity: dict[str, int]) -> str | None:
+        """Hold units of items for owner (a payment), all or nothing, in one atomic step.
+
+        Raises the counter `stock:<item>` by units[item] for every item, and records the
+        hold under owner, unless one of them would pass capacity[item]: then returns the
+        first such item (in units' order) and changes nothing. Returns None once held.
+        Holding nothing records nothing. An owner holds once: a second hold while the first
+        lasts raises ValueError. Holds never expire; they end by release_stock or keep_stock.
+        """
+
+    def release_stock(self, owner: str) -> dict[str, int]:
+        """End owner's hold giving its units back: lower the counters, forget the hold.
+
+        Exactly once, whoever races: returns the units released, {} when owner held nothing
+        (never held, or already released or kept). A counter never falls below 0.
+        """
+
+    def keep_stock(self, owner: str) -> dict[str, int]:
+        """End owner's hold keeping its units (sold): forget the hold, leave the counters.
+
+        Exactly once, whoever races: returns the units kept, {} when owner held nothing.
+        """
+
+    def stock_holders(self) -> builtins.list[str]:
+        """Return the owners that hold stock, sorted."""
+
     def close(self) -> None:
         """Release connections."""
 
@@ -184,6 +210,23 @@ def check_ttl(ttl: float) -> None:
     """Raise ValueError unless ttl is a positive number of seconds."""
     if not ttl > 0:
         raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+
+
+def check_hold(owner: str, units: dict[str, int], capacity: dict[str, int]) -> None:
+    """Raise ValueError unless owner is named, units are positive and each has a capacity."""
+    if not isinstance(owner, str) or not owner:
+        raise ValueError("a stock hold needs an owner")
+    for item, count in units.items():
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            raise ValueError(f"units of {item!r} must be a positive whole number, not {count!r}")
+        limit = capacity.get(item)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"capacity of {item!r} must be a whole number, not {limit!r}")
+
+
+def stock_key(item: str) -> str:
+    """The durable counter of an item's units held or sold."""
+    return f"stock:{item}"
 
 
 def check_page(limit: int, offset: int) -> None:

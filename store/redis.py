@@ -28,10 +28,12 @@ from store.record import (
     R,
     Transaction,
     apply,
+    check_hold,
     check_page,
     check_ttl,
     decode,
     encode,
+    stock_key,
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,34 @@ local value = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[1])
 if value < 0 or (ARGV[2] ~= '' and value > tonumber(ARGV[2])) then return false end
 redis.call('SET', KEYS[1], value)
 return value
+"""
+
+# KEYS: the owner's hold, the set of holders, then the items' counters; ARGV: the owner,
+# then (item, units, capacity) per counter. Returns 0 once held, 1 if the owner already
+# holds, or the first item that would pass its capacity (nothing changed).
+_HOLD_STOCK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
+for i = 3, #KEYS do
+  local at = 3 * (i - 3) + 2
+  if tonumber(redis.call('GET', KEYS[i]) or '0') + tonumber(ARGV[at + 1]) > tonumber(ARGV[at + 2]) then
+    return ARGV[at]
+  end
+end
+for i = 3, #KEYS do
+  local at = 3 * (i - 3) + 2
+  redis.call('INCRBY', KEYS[i], ARGV[at + 1])
+  redis.call('HSET', KEYS[1], ARGV[at], ARGV[at + 1])
+end
+redis.call('SADD', KEYS[2], ARGV[1])
+return 0
+"""
+
+# KEYS: counters; ARGV: units to take off each, never going below 0.
+_GIVE_BACK = """
+for i = 1, #KEYS do
+  local value = tonumber(redis.call('GET', KEYS[i]) or '0') - tonumber(ARGV[i])
+  redis.call('SET', KEYS[i], math.max(value, 0))
+end
 """
 
 
@@ -81,9 +111,13 @@ class RedisStore:
         tally:<step>:<index>  hashes of counters per time bucket, for overview; changed in
                               the MULTI that writes the record
         kv:<key>              key/values, SET NX PX for add
+        counter:<key>         durable counters (stock:<item>: units held or sold)
+        hold:<owner>          hash of the units an owner (a payment) holds, per item, and
+        holds                 the set of owners; neither expires
 
     `update` is optimistic (WATCH/MULTI, retried when another writer got there first), so
-    mutate may run more than once. Index entries whose record has expired are removed
+    mutate may run more than once; so are release_stock and keep_stock, while hold_stock
+    is one Lua script. Index entries whose record has expired are removed
     lazily: each create sweeps a few of the oldest, and listing removes those it meets.
     Every index set and counter hash also expires `retention` s after its last write, so
     an idle store empties itself completely.
@@ -113,6 +147,7 @@ class RedisStore:
         self._clock = clock
         self._all = f"{prefix}idx:all"
         self._reasons = f"{prefix}idx:reasons"
+        self._holders = f"{prefix}holds"
 
     @classmethod
     def from_url(cls, url: str, *, retention: float = DEFAULT_RETENTION, clock: Clock = time.time) -> RedisStore:
@@ -288,8 +323,56 @@ class RedisStore:
     def get_counter(self, key: str) -> int:
         return int(self._redis.get(self._counter_key(key)) or 0)
 
+    def hold_stock(self, owner: str, units: dict[str, int], capacity: dict[str, int]) -> str | None:
+        check_hold(owner, units, capacity)
+        if not units:
+            return None
+        counters = [self._counter_key(stock_key(item)) for item in units]
+        args: list = [owner]
+        for item, count in units.items():
+            args += [item, count, capacity[item]]
+        answer = self._redis.eval(
+            _HOLD_STOCK, 2 + len(counters), self._hold_key(owner), self._holders, *counters, *args
+        )
+        if isinstance(answer, str):
+            return answer
+        if answer == 1:
+            raise ValueError(f"{owner} already holds stock")
+        return None
+
+    def release_stock(self, owner: str) -> dict[str, int]:
+        return self._end_hold(owner, give_back=True)
+
+    def keep_stock(self, owner: str) -> dict[str, int]:
+        return self._end_hold(owner, give_back=False)
+
+    def stock_holders(self) -> builtins.list[str]:
+        return sorted(cast("set[str]", self._redis.smembers(self._holders)))
+
     def close(self) -> None:
         self._redis.close()
+
+    def _end_hold(self, owner: str, *, give_back: bool) -> dict[str, int]:
+        """Forget owner's hold, lowering the counters if give_back; exactly once (WATCH)."""
+        hold = self._hold_key(owner)
+
+        def end(pipe) -> dict[str, int]:
+            held = {item: int(units) for item, units in pipe.hgetall(hold).items()}
+            pipe.multi()
+            if give_back and held:
+                counters = [self._counter_key(stock_key(item)) for item in held]
+                pipe.eval(_GIVE_BACK, len(counters), *counters, *held.values())
+            pipe.delete(hold)
+            pipe.srem(self._holders, owner)
+            return held
+
+        # WATCH hold: of two that race, the one whose hold changed under it runs again and
+        # finds {}. (transaction's types do not allow for value_from_callable; see update.)
+        held = self._redis.transaction(end, hold, value_from_callable=True)  # type: ignore[arg-type]
+        return cast("dict[str, int]", held)
+
+    def _hold_key(self, owner: str) -> str:
+        return f"{self._prefix}hold:{owner}"
 
     def _tx_key(self, checkout_request_id: str) -> str:
         return f"{self._prefix}tx:{checkout_request_id}"

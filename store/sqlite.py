@@ -27,10 +27,12 @@ from store.record import (
     R,
     Transaction,
     apply,
+    check_hold,
     check_page,
     check_ttl,
     decode,
     encode,
+    stock_key,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,12 @@ CREATE TABLE IF NOT EXISTS counters (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS stock_holds (
+    owner TEXT NOT NULL,            -- the payment holding the units
+    item TEXT NOT NULL,
+    units INTEGER NOT NULL,         -- counted in counters' stock:<item> while held
+    PRIMARY KEY (owner, item)
+) WITHOUT ROWID;
 PRAGMA user_version = 1;
 """
 
@@ -377,6 +385,45 @@ class SQLiteStore:
         row = self._db().execute("SELECT value FROM counters WHERE key = ?", (key,)).fetchone()
         return row[0] if row else 0
 
+    def hold_stock(self, owner: str, units: dict[str, int], capacity: dict[str, int]) -> str | None:
+        check_hold(owner, units, capacity)
+        if not units:
+            return None
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM stock_holds WHERE owner = ? LIMIT 1", (owner,)).fetchone():
+                raise ValueError(f"{owner} already holds stock")
+            for item, count in units.items():
+                row = db.execute("SELECT value FROM counters WHERE key = ?", (stock_key(item),)).fetchone()
+                if (row[0] if row else 0) + count > capacity[item]:
+                    return item
+            db.executemany(
+                "INSERT INTO counters (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+                [(stock_key(item), count) for item, count in units.items()],
+            )
+            db.executemany(
+                "INSERT INTO stock_holds (owner, item, units) VALUES (?, ?, ?)",
+                [(owner, item, count) for item, count in units.items()],
+            )
+        return None
+
+    def release_stock(self, owner: str) -> dict[str, int]:
+        with self._write() as db:
+            held = self._end_hold(db, owner)
+            db.executemany(
+                "UPDATE counters SET value = max(0, value - ?) WHERE key = ?",
+                [(count, stock_key(item)) for item, count in held.items()],
+            )
+        return held
+
+    def keep_stock(self, owner: str) -> dict[str, int]:
+        with self._write() as db:
+            return self._end_hold(db, owner)
+
+    def stock_holders(self) -> builtins.list[str]:
+        rows = self._db().execute("SELECT DISTINCT owner FROM stock_holds ORDER BY owner").fetchall()
+        return [owner for (owner,) in rows]
+
     def close(self) -> None:
         """Close this process's connections; a later call opens new ones."""
         pid = os.getpid()
@@ -448,6 +495,13 @@ class SQLiteStore:
             if db.in_transaction:
                 db.rollback()
             raise
+
+    @staticmethod
+    def _end_hold(db: sqlite3.Connection, owner: str) -> dict[str, int]:
+        """Forget owner's hold inside a write transaction and return its units."""
+        held = dict(db.execute("SELECT item, units FROM stock_holds WHERE owner = ? ORDER BY item", (owner,)))
+        db.execute("DELETE FROM stock_holds WHERE owner = ?", (owner,))
+        return held
 
     def _purge(self, db: sqlite3.Connection, now: float) -> None:
         """Delete expired key/values, at most once per purge_interval per store object."""

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,7 +14,8 @@ import pytest
 import requests
 
 import checkout
-from tests.helpers import admin, callback_body, hook, poll
+from store import Transaction, open_store
+from tests.helpers import CALLBACK_TOKEN, CANCELLED, PAID, ROOT, WAITING, admin, callback_body, hook, poll, wait_until
 
 CATALOG = {
     "items": [
@@ -171,6 +176,176 @@ def test_concurrent_buyers_never_oversell(live_server_factory, catalog_file, tmp
         codes = list(pool.map(lambda phone: buy(live, [{"id": "seat", "quantity": 1}], phone).status_code, phones))
     assert sorted(codes) == [200] * 3 + [409] * 9
     assert available(live, "seat") == 0
+
+
+# Holds: per payment, ended by its verdict, and by reconcile after a crash.
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def stocked(request, live_server_factory, catalog_file, tmp_path, simulator):
+    """A shop with seats (capacity 3) on each store in turn."""
+    requests.patch(simulator.url + "/simulator/config", json={"auto_delay": 0.2}, timeout=5)
+    urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path / 'shop.db'}"}
+    store_url = urls.get(request.param) or request.getfixturevalue("clean_redis_url")
+    return live_server_factory(CATALOG_FILE=catalog_file, STORE_URL=store_url, ADMIN_TOKEN="admin-secret")
+
+
+def seats(live, quantity=1, phone=WAITING) -> str:
+    response = buy(live, [{"id": "seat", "quantity": quantity}], phone)
+    assert response.status_code == 200, response.text
+    return response.json()["checkoutRequestId"]
+
+
+def reconcile(live) -> None:
+    live.app.extensions["payments"].reconcile()
+
+
+def dying(store, verb: str, monkeypatch) -> threading.Event:
+    """Make store.<verb> raise as if the worker died there; the event is set once it did."""
+    died = threading.Event()
+
+    def die(owner):
+        died.set()
+        raise RuntimeError("the worker died here")
+
+    monkeypatch.setattr(store, verb, die)
+    return died
+
+
+def test_holds_of_cancelled_prompts_all_come_back(stocked):
+    phones = [f"07120{n:05d}" for n in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda phone: buy(stocked, [{"id": "seat", "quantity": 1}], phone), phones))
+    holding = [answer.json()["checkoutRequestId"] for answer in answers if answer.status_code == 200]
+    assert len(holding) == 3 and available(stocked, "seat") == 0
+    for checkout_id in holding:
+        stocked.sim("POST", f"/simulator/prompts/{checkout_id}/cancel").raise_for_status()
+    wait_until(lambda: available(stocked, "seat") == 3)
+    assert [poll(stocked, checkout_id)["reason"] for checkout_id in holding] == ["cancelled"] * 3
+    assert stocked.app.extensions["store"].stock_holders() == []
+    assert seats(stocked, quantity=3)  # and they sell again
+
+
+def test_reconcile_releases_the_hold_of_a_failed_payment_whose_worker_died(stocked, monkeypatch):
+    store = stocked.app.extensions["store"]
+    died = dying(store, "release_stock", monkeypatch)
+    checkout_id = seats(stocked, quantity=2, phone=CANCELLED)
+    wait_until(died.is_set)
+    monkeypatch.undo()
+    assert admin(stocked, checkout_id)["status"] == "failed"
+    assert available(stocked, "seat") == 1
+    reconcile(stocked)
+    assert available(stocked, "seat") == 3 and store.stock_holders() == []
+
+
+def test_reconcile_keeps_the_hold_of_a_paid_payment_whose_worker_died(stocked, monkeypatch):
+    store = stocked.app.extensions["store"]
+    died = dying(store, "keep_stock", monkeypatch)
+    checkout_id = seats(stocked, quantity=2, phone=PAID)
+    wait_until(died.is_set)
+    monkeypatch.undo()
+    assert admin(stocked, checkout_id)["status"] == "completed"
+    assert len(store.stock_holders()) == 1
+    reconcile(stocked)
+    assert store.stock_holders() == []
+    assert available(stocked, "seat") == 1  # sold
+    assert poll(stocked, checkout_id)["status"] == "completed"
+    reconcile(stocked)
+    assert available(stocked, "seat") == 1
+
+
+def test_reconcile_releases_holds_of_unknown_payments_and_leaves_pending_ones(stocked):
+    store = stocked.app.extensions["store"]
+    store.hold_stock("a-request-that-died", {"seat": 1}, {"seat": 3})
+    waiting = seats(stocked)
+    assert available(stocked, "seat") == 1
+    reconcile(stocked)
+    assert available(stocked, "seat") == 2  # the waiting customer's seat stays held
+    assert admin(stocked, waiting)["status"] == "pending"
+
+
+def test_a_status_poll_moves_the_stock_of_a_verdict_saved_just_before_a_crash(stocked):
+    checkout_id = seats(stocked, quantity=2)
+
+    def saved_failed_then_died(tx):  # what the settling worker wrote before it died
+        tx.status, tx.reason = "failed", "cancelled"
+        tx.extra["stock"] = "to_release"
+
+    stocked.app.extensions["store"].update(checkout_id, saved_failed_then_died)
+    assert available(stocked, "seat") == 1
+    assert poll(stocked, checkout_id)["status"] == "failed"
+    assert available(stocked, "seat") == 3
+    assert admin(stocked, checkout_id)["extra"]["stock"] == "released"
+
+
+@pytest.mark.parametrize("left_as", ["to_release", "released"])
+def test_a_late_payment_keeps_a_hold_a_dead_worker_did_not_release(stocked, left_as):
+    checkout_id = seats(stocked, quantity=2)
+
+    def timed_out_then_died(tx):  # the timeout was saved (and claimed, if "released"), the units not moved
+        tx.status, tx.reason, tx.settled_by = "failed", "timeout", "timeout"
+        tx.extra["stock"] = left_as
+
+    stocked.app.extensions["store"].update(checkout_id, timed_out_then_died)
+    stocked.post(hook(stocked), json=callback_body(checkout_id, amount=3000.0))
+    assert poll(stocked, checkout_id)["status"] == "completed"
+    assert available(stocked, "seat") == 1  # counted once: neither given back nor taken twice
+    assert stocked.app.extensions["store"].stock_holders() == []
+    tx = admin(stocked, checkout_id)
+    assert tx["extra"]["stock"] == "sold" and "oversold" not in tx["flags"]
+    reconcile(stocked)
+    assert available(stocked, "seat") == 1
+
+
+def test_a_payment_started_before_holds_had_owners_still_gives_its_units_back(stocked):
+    store = stocked.app.extensions["store"]
+    store.adjust_counter("stock:seat", 2, maximum=3)  # held in the counter alone, as before
+    line = checkout.OrderLine("seat", "Concert seat", 2, 1500, 3000, "ticket")
+    order = checkout.Order("ORD-OLD00001", (line,)).to_dict()
+    store.create(
+        Transaction(
+            "ws_CO_before_the_upgrade",
+            "1-2-3",
+            "254712345678",
+            3000,
+            initiated_at=time.time(),
+            extra={"order": order, "stock": "held"},
+        )
+    )
+    assert available(stocked, "seat") == 1
+    stocked.post(hook(stocked), json=callback_body("ws_CO_before_the_upgrade", code=1032))
+    assert poll(stocked, "ws_CO_before_the_upgrade")["reason"] == "cancelled"
+    assert available(stocked, "seat") == 3
+
+
+def test_the_reconcile_command_releases_a_dead_requests_hold(live_server_factory, catalog_file, tmp_path, simulator):
+    store_url = f"sqlite:///{tmp_path / 'shop.db'}"
+    live = live_server_factory(CATALOG_FILE=catalog_file, STORE_URL=store_url)
+    ledger = open_store(store_url)
+    try:
+        ledger.hold_stock("a-request-that-died", {"vip": 1}, {"vip": 1})
+    finally:
+        ledger.close()
+    assert available(live, "vip") == 0
+    env = {
+        **os.environ,
+        "MPESA_ENV": "simulator",
+        "MPESA_BASE_URL": simulator.url,
+        "STORE_URL": store_url,
+        "CATALOG_FILE": catalog_file,
+        "CALLBACK_TOKEN": CALLBACK_TOKEN,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "server", "reconcile"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "stock held for unknown payment a-request-that-died released" in result.stdout
+    assert available(live, "vip") == 1
 
 
 # Tickets.
