@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import string
@@ -669,9 +670,17 @@ def once(fuzz_server, make) -> dict:
 
 
 def not_strict_json(data: bytes) -> bool:
-    """True for a body only Python's lenient parser reads (NaN, Infinity)."""
+    """True for a body only Python's lenient parser reads (NaN, Infinity), or with a number too
+    large for a float (1e999), which the server refuses rather than read as infinity."""
+
+    def finite(text: str) -> float:
+        if math.isinf(float(text)):
+            raise ValueError(f"{text} is out of range")
+        return float(text)
+
     try:
         strict_json(data.decode("utf-8"))
+        json.loads(data.decode("utf-8"), parse_float=finite)
     except (ValueError, RecursionError):
         return True
     return False

@@ -499,8 +499,8 @@ def test_open_store_wants_a_file_for_sqlite(url):
         open_store(url)
 
 
-def test_open_store_names_a_sqlite_file_it_cannot_open(tmp_path):
-    with pytest.raises(ValueError, match="STORE_URL: cannot open SQLite database"):
+def test_open_store_names_a_sqlite_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(ValueError, match="STORE_URL: the folder .* for the SQLite file does not exist"):
         open_store(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
 
 
