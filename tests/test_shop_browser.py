@@ -166,10 +166,9 @@ def test_a_payment_server_that_will_not_start_ends_make_shop_with_its_reason():
     ended = run_make_shop(CHECKOUT_SECRET="too-short")
     said = (ended.stdout + ended.stderr).strip().splitlines()
     assert ended.returncode == 1
-    assert said == [
-        "Configuration error: CHECKOUT_SECRET must be at least 16 characters",
-        "The payment server did not start (exit status 1; its reason is above).",
-    ]
+    assert len(said) == 2, said
+    assert said[0].startswith("Configuration error: CHECKOUT_SECRET must be at least 16 characters")
+    assert said[1] == "The payment server did not start (exit status 1; its reason is above)."
 
 
 @pytest.mark.parametrize(
