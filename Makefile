@@ -1,10 +1,11 @@
 # Two commands matter: `make run` (the demo) and `make test` (the whole suite).
+# `make shop` runs the example shop (examples/shop/) with a payment server, on free ports.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 READY  := $(VENV)/.ready
 
-.PHONY: run test check bench docs services clean
+.PHONY: run shop test check bench docs services clean
 
 $(READY): requirements.txt requirements-dev.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +14,9 @@ $(READY): requirements.txt requirements-dev.txt
 
 run: $(READY)
 	$(BIN)/python server.py
+
+shop: $(READY)
+	$(BIN)/python -m examples.shop
 
 # Browser tests need Chromium and the Redis store tests a redis-server binary:
 # install Debian's packages when they are missing (root, or sudo without a password).

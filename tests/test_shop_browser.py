@@ -1,82 +1,174 @@
-"""The example shop (examples/shop/) on its own origin, paying through the server's checkout module.
+"""The example shop (examples/shop/) as `make shop` runs it, paying through the server's checkout module.
 
-The shop's static files are served on a second loopback port; the payment server runs with
-FRONTEND_URL set to the shop's origin and the example catalogue. A shopper fills a cart,
-pays, approves on the simulated handset and gets the server's confirmation with the order
-and its tickets' QR codes; a sold-out item cannot be bought twice; a pay link whose signed
-amount was changed is refused. Screenshots go to test-artifacts/screenshots/.
+The tests run the Makefile's `shop` command, with no options unless a test needs one: it
+serves the shop on one free loopback port and starts the payment server on another with
+FRONTEND_URL set to the shop's origin and the example catalogue; the tests read the addresses
+it prints. A shopper fills a cart, pays, approves on the simulated handset and gets the
+server's confirmation with the order and its tickets' QR codes; a sold-out item cannot be
+bought twice; a pay link whose signed amount was changed is refused. The command stops both
+on SIGTERM, and a taken port or a server that will not start ends it with one line.
+Screenshots go to test-artifacts/screenshots/.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import requests
 
 from tests.helpers import (
     CHECKOUT_SECRET,
     HANDSET_PHONE,
     PAID_AT_ONCE,
     ROOT,
+    SERVER_DEFAULTS,
     WAIT,
-    free_port,
+    LiveServer,
     shot,
     signed_query,
     visible,
+    wait_until,
 )
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
-SHOP = ROOT / "examples" / "shop"
-CATALOG = ROOT / "catalog.example.json"
+
+def make_shop_command() -> list[str]:
+    """The command `make shop` runs, this interpreter standing in for the venv's python."""
+    recipe = re.search(r"^shop:.*\n\t(.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert recipe, "the Makefile has a shop target"
+    return [sys.executable if word == "$(BIN)/python" else word for word in shlex.split(recipe.group(1))]
 
 
-class ShopFiles(SimpleHTTPRequestHandler):
-    """The shop's files as any static host would serve them, pointed at one payment server."""
+class MakeShop:
+    """`make shop`'s command running in its own process, and the addresses it printed."""
 
-    def __init__(self, *args, payment_server: str, **kwargs):
-        self.payment_server = payment_server
-        super().__init__(*args, directory=str(SHOP), **kwargs)
+    def __init__(self, args: list[str], env: dict, log_path: Path):
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                make_shop_command() + args,
+                cwd=ROOT,
+                env={**os.environ, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.origin, self.server_url = wait_until(self._addresses, timeout=60)
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        if self.path.split("?")[0] not in ("/", "/index.html"):
-            return super().do_GET()
-        html = (SHOP / "index.html").read_text(encoding="utf-8")
-        body = re.sub(r'data-server="[^"]*"', f'data-server="{self.payment_server}"', html, count=1).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
-    def log_message(self, *args):
-        pass
+    def _addresses(self) -> tuple[str, str] | None:
+        if self.process.poll() is not None:
+            raise AssertionError(f"make shop exited: {self.output()[-2000:]}")
+        said = self.output()
+        if "Press Ctrl+C to stop the shop" not in said:
+            return None
+        shop = re.search(r"^  Shop: +(http://\S+)/$", said, re.MULTILINE)
+        server = re.search(r"^  Payment server: +(http://\S+)", said, re.MULTILINE)
+        assert shop and server, said
+        return shop.group(1), server.group(1)
+
+    def stop(self) -> int:
+        """SIGTERM, as a service manager stops it; its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=30)
+        return self.process.returncode
+
+
+def shop_settings(simulator, **env) -> dict:
+    """The test server settings, talking to the test simulator; the environment make shop passes on."""
+    return {**SERVER_DEFAULTS, "MPESA_BASE_URL": simulator.url, **env}
 
 
 @pytest.fixture
-def shop_factory(live_server_factory, simulator):
-    """Start a payment server that trusts a shop origin, and the shop on that origin."""
-    started = []
+def shop_factory(simulator, tmp_path):
+    """Run `make shop`'s command (options as arguments, server settings as keywords): (shop origin, server)."""
+    running: list[MakeShop] = []
 
-    def start(catalog=CATALOG, **env):
-        port = free_port()
-        origin = f"http://127.0.0.1:{port}"
-        server = live_server_factory(FRONTEND_URL=origin, CATALOG_FILE=str(catalog), **env)
+    def start(*args: str, **env) -> tuple[str, LiveServer]:
+        log_path = tmp_path / f"make-shop-{len(running)}.log"
+        running.append(MakeShop(list(args), shop_settings(simulator, **env), log_path))
+        server = LiveServer(running[-1].server_url, simulator.url, app=None)
         # Time enough for a person on the handset (the test settings expire prompts in 5 s).
         server.sim("PATCH", "/simulator/config", json={"prompt_timeout": 60}).raise_for_status()
-        httpd = ThreadingHTTPServer(("127.0.0.1", port), partial(ShopFiles, payment_server=server.url))
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        started.append(httpd)
-        return origin, server
+        return running[-1].origin, server
 
     yield start
-    for httpd in started:
-        httpd.shutdown()
-        httpd.server_close()
+    for shop in running:
+        shop.stop()
+
+
+@pytest.fixture
+def open_page(shop_factory, open_page):
+    """The conftest's pages, closed before the shops stop (the handset would log its failed polls)."""
+    return open_page
+
+
+def test_make_shop_says_where_everything_is_and_stops_both_on_sigterm(simulator, tmp_path):
+    shop = MakeShop([], shop_settings(simulator), tmp_path / "make-shop.log")
+    said = shop.output()
+    assert f"FRONTEND_URL={shop.origin}" in said
+    assert f"Simulated phone: {shop.server_url}/handset.html" in said
+
+    page = requests.get(f"{shop.origin}/", timeout=10)
+    assert page.status_code == 200 and f'data-server="{shop.server_url}"' in page.text
+    assert 'data-server="http://127.0.0.1:3001"' in (ROOT / "examples/shop/index.html").read_text(), "file untouched"
+    assert requests.get(f"{shop.origin}/shop.js", timeout=10).status_code == 200
+    for launcher in ("/__main__.py", "/__main__%2Epy"):
+        assert requests.get(f"{shop.origin}{launcher}", timeout=10).status_code == 404, "the launcher is not the shop"
+    assert requests.get(f"{shop.server_url}/health", timeout=10).json()["mode"] == "simulator"
+
+    assert shop.stop() == 0
+    for url in (shop.origin, shop.server_url):
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{url}/", timeout=10)
+    assert "Traceback" not in shop.output()
+
+
+def run_make_shop(*args: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        make_shop_command() + list(args),
+        cwd=ROOT,
+        env={**os.environ, **SERVER_DEFAULTS, **env},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("option", ["--shop-port", "--server-port"])
+def test_a_taken_port_ends_make_shop_with_one_line(option):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ended = run_make_shop(option, str(port))
+    said = (ended.stdout + ended.stderr).strip()
+    assert ended.returncode == 1
+    assert said.splitlines() == [said]
+    assert f"Cannot listen on port {port}" in said and f"Leave {option} out for a free port" in said
+
+
+def test_a_payment_server_that_will_not_start_ends_make_shop_with_its_reason():
+    ended = run_make_shop(CHECKOUT_SECRET="too-short")
+    said = (ended.stdout + ended.stderr).strip().splitlines()
+    assert ended.returncode == 1
+    assert len(said) == 2, said
+    assert said[0].startswith("Configuration error: CHECKOUT_SECRET must be at least 16 characters")
+    assert said[1] == "The payment server did not start (exit status 1; its reason is above)."
 
 
 @pytest.mark.parametrize(
@@ -180,7 +272,7 @@ def test_a_sold_out_item_cannot_be_bought_twice(open_page, shop_factory, tmp_pat
             }
         )
     )
-    origin, server = shop_factory(catalog)
+    origin, server = shop_factory("--catalog", str(catalog))
     late = open_shop(open_page, origin, allow=("status of 409",))  # saw the seat before it went
     add(late, "last-seat")
 
