@@ -187,7 +187,7 @@ def stocked(request, live_server_factory, catalog_file, tmp_path, simulator):
     requests.patch(simulator.url + "/simulator/config", json={"auto_delay": 0.2}, timeout=5)
     urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path / 'shop.db'}"}
     store_url = urls.get(request.param) or request.getfixturevalue("clean_redis_url")
-    return live_server_factory(CATALOG_FILE=catalog_file, STORE_URL=store_url, ADMIN_TOKEN="admin-secret")
+    return live_server_factory(CATALOG_FILE=catalog_file, STORE_URL=store_url, ADMIN_TOKEN="admin-secret-0123456789")
 
 
 def seats(live, quantity=1, phone=WAITING) -> str:
