@@ -592,3 +592,39 @@ def _answers(url: str) -> bool:
         return requests.get(url, timeout=1).ok
     except requests.RequestException:
         return False
+
+
+def env_example_settings() -> set[str]:
+    """The settings .env.example offers: its NAME=value lines, set or commented out."""
+    text = (ROOT / ".env.example").read_text()
+    return set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", text, re.M))
+
+
+def documented_settings() -> set[str]:
+    """The settings the configuration page lists: the first cell of its tables' rows."""
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    return {
+        name
+        for cell in re.findall(r"^\| *([^|]+?) *\|", text, re.M)
+        for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", cell)
+    }
+
+
+def test_env_example_the_settings_page_and_app_json_name_the_same_settings():
+    read = settings_read()
+    canonical, aliases = set(read), {alias for names in read.values() for alias in names}
+    offered = env_example_settings()
+    # A setting the start command sets is explained there, not offered as a line to fill in.
+    assert all(name in (ROOT / ".env.example").read_text() for name in COMMAND_SET)
+    wanted = canonical - set(COMMAND_SET)
+    assert wanted - offered == set(), f".env.example lacks {sorted(wanted - offered)}"
+    assert offered - canonical == set(), f".env.example offers what nothing reads: {sorted(offered - canonical)}"
+    documented = documented_settings()
+    assert canonical - documented == set(), f"docs/configuration.md lacks {sorted(canonical - documented)}"
+    assert documented - canonical - aliases == set(), (
+        f"documented, never read: {sorted(documented - canonical - aliases)}"
+    )
+    text = (ROOT / ".env.example").read_text() + (ROOT / "docs" / "configuration.md").read_text()
+    assert all(alias in text for alias in aliases), "every accepted alias is named where its setting is"
+    in_app_json = set(app_json()["env"])
+    assert in_app_json == canonical - set(PLATFORM_SET) - set(COMMAND_SET)
