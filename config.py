@@ -16,7 +16,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import secrets
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -68,13 +67,15 @@ class Settings:
     transaction_type: str = mpesa.PAYBILL
     party_b: str | None = None
     callback_url: str | None = None
-    callback_token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    # Unset in simulator mode: create_app makes one up and keeps it in the store for every worker.
+    callback_token: str | None = field(default=None, repr=False)
     max_amount: int = 150_000
     store_url: str = "memory://"
     transaction_ttl: int = 120
     retention_seconds: int = 86_400
     frontend_urls: tuple[str, ...] = ()
     admin_token: str | None = field(default=None, repr=False)
+    admin_token_made_up: bool = False  # python server.py's demo made one up for this run
     secret_key: str | None = field(default=None, repr=False)  # signs /admin sessions
     merchant_webhook_url: str | None = None
     webhook_secrets: tuple[str, ...] = field(default=(), repr=False)  # each signs every event (rotation)
@@ -362,7 +363,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
         transaction_type=transaction_type,
         party_b=party_b,
         callback_url=callback_url,
-        callback_token=callback_token or secrets.token_urlsafe(24),
+        callback_token=callback_token,
         max_amount=max_amount,
         store_url=store_url,
         transaction_ttl=_int(env, "TRANSACTION_TTL", 120, minimum=1),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import secrets
 import socket
 import sys
 from dataclasses import replace
@@ -99,6 +100,8 @@ def create_app(
     if settings.callback_url is None:
         settings = replace(settings, callback_url=f"http://127.0.0.1:{settings.port}")
     store = store or open_store(settings.store_url, retention=settings.retention_seconds)
+    if settings.callback_token is None:  # simulator mode: one made-up token, shared by every worker
+        settings = replace(settings, callback_token=shared_secret(store, "callback-token"))
     if daraja is None:
         # Several processes share a SQLite or Redis store: they share one token too.
         tokens = mpesa.SharedTokenCache(store) if store.kind != "memory" else mpesa.TokenCache()
@@ -195,6 +198,20 @@ def limiter_storage(store_url: str) -> str:
     return store_url if store_url.startswith(("redis://", "rediss://")) else "memory://"
 
 
+SHARED_SECRET_SECONDS = 30 * 86400
+
+
+def shared_secret(store: Store, name: str) -> str:
+    """A secret made up once and kept in the store, so that every worker and restart agree on it."""
+    key, made = f"secret:{name}", {"value": secrets.token_urlsafe(24)}
+    if not store.add(key, made, SHARED_SECRET_SECONDS):
+        kept = store.get_value(key)
+        if kept:
+            return kept["value"]
+        store.set_value(key, made, SHARED_SECRET_SECONDS)  # it expired just now
+    return made["value"]
+
+
 def build_daraja(settings: Settings, token_cache=None) -> tuple[mpesa.Daraja, simulator.RunningSimulator | None]:
     """The Daraja client for the configured mode; starts the simulator when it is needed."""
     sim = None
@@ -237,7 +254,9 @@ def banner(app: Flask) -> str:
     ]
     if settings.simulator:
         lines.append(f"  Phone:      {base}/handset.html  (the simulated handset; PIN {simulator.SIM_PIN})")
-    if settings.admin_token:
+    if settings.admin_token_made_up:
+        lines.append(f"  Dashboard:  {base}/admin/  (token for this run: {settings.admin_token})")
+    elif settings.admin_token:
         lines.append(f"  Dashboard:  {base}/admin/  (sign in with ADMIN_TOKEN)")
     else:
         lines.append("  Dashboard:  off; set ADMIN_TOKEN (16+ characters) to open it at /admin/")
@@ -267,13 +286,19 @@ def start_background_work(app: Flask) -> upkeep.Upkeep | None:
     return running
 
 
-def app_from_environment() -> Flask:
-    """Load .env, read the settings, build the app and start its upkeep; a bad setting exits with one line."""
+def app_from_environment(*, demo: bool = False) -> Flask:
+    """Load .env, read the settings, build the app and start its upkeep; a bad setting exits with one line.
+
+    demo (python server.py): in simulator mode without ADMIN_TOKEN, make one up for this run so
+    that the dashboard opens; the banner shows it, when the banner is printed as text.
+    """
     from dotenv import load_dotenv
 
     load_dotenv()
     try:
         settings = load_settings()
+        if demo and settings.simulator and settings.admin_token is None and settings.log_format == "text":
+            settings = replace(settings, admin_token=secrets.token_urlsafe(18), admin_token_made_up=True)
         configure_logging(settings.log_format)
         app = create_app(settings)
     except ConfigError as error:
@@ -328,4 +353,4 @@ def serve(application: Flask) -> None:
 
 
 if __name__ == "__main__":
-    serve(app_from_environment())
+    serve(app_from_environment(demo=True))

@@ -30,7 +30,7 @@ caching or indexing, and the frame each template is drawn in (mode, sign-in stat
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, current_app, url_for
+from flask import Blueprint, current_app, render_template, url_for
 
 from admin import auth, views
 from admin.auth import SessionInterface, admin_token, csrf_token, login_required, signed_in
@@ -50,7 +50,8 @@ def init_app(app, settings) -> None:
 
 def _dashboard_is_on():
     if not admin_token() or not current_app.secret_key:
-        abort(404)
+        return render_template("admin_off.html", title="Dashboard off"), 404
+    return None
 
 
 def _private(response):

@@ -247,10 +247,12 @@ def nairobi_date(minutes_ago: float) -> str:
 # Signing in.
 
 
-def test_dashboard_is_off_without_an_admin_token(live_server_factory):
+def test_dashboard_is_off_without_an_admin_token_and_says_how_to_turn_it_on(live_server_factory):
     live = live_server_factory()
     for path in ("/admin/", "/admin/login", "/admin/transactions", "/admin/transactions.csv"):
-        assert live.get(path).status_code == 404
+        answer = live.get(path)
+        assert answer.status_code == 404 and answer.headers["Content-Type"].startswith("text/html")
+        assert "The dashboard is off" in answer.text and "ADMIN_TOKEN" in answer.text
     assert live.post("/admin/login", data={"token": "x"}).status_code == 404
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+import signal
+import sys
 import time
 
 import pytest
 
 from store import Transaction
-from tests.helpers import CANCELLED, PAID, Watched, poll, shot, started, visible
+from tests.helpers import CANCELLED, PAID, ServerProcess, Watched, free_port, poll, shot, started, visible
 
 TOKEN = "admin-secret-0123456789"
 
@@ -150,3 +153,22 @@ def test_dashboard_fits_a_360px_screen(browser, dashboard):
         assert not watched.problems, watched.problems
     finally:
         context.close()
+
+
+def test_the_demo_opens_the_dashboard_with_the_token_its_banner_prints(browser, tmp_path):
+    port = free_port()
+    settings = {"PORT": str(port), "LOG_FORMAT": "text", "STORE_URL": "memory://", "ADMIN_TOKEN": ""}
+    demo = ServerProcess([sys.executable, "server.py"], settings, port, tmp_path / "demo.log")
+    try:
+        token = re.search(r"token for this run: (\S+)\)", demo.log_path.read_text()).group(1)
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-KE")
+        page = Watched(context.new_page()).page
+        page.goto(f"{demo.url}/admin/")
+        visible(page, "#login-form")
+        page.fill("#token", token)
+        page.click("#sign-in")
+        visible(page, "#kpi-started")
+        shot(page, "admin-demo-overview")
+        context.close()
+    finally:
+        demo.kill(signal.SIGTERM)

@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from config import ConfigError, load_settings
-from tests.helpers import ROOT, ServerProcess, free_port, wait_until
+from tests.helpers import PAID, ROOT, ServerProcess, free_port, wait_until
 
 SETTING_READERS = {"_get", "_int", "_float", "_bool", "_directory", "_secret"}
 # Read (or, for REDIS_URL, possibly read) by the server but set by Heroku, never by app.json.
@@ -628,3 +628,37 @@ def test_env_example_the_settings_page_and_app_json_name_the_same_settings():
     assert all(alias in text for alias in aliases), "every accepted alias is named where its setting is"
     in_app_json = set(app_json()["env"])
     assert in_app_json == canonical - set(PLATFORM_SET) - set(COMMAND_SET)
+
+
+def test_demo_workers_share_one_callback_token(tmp_path):
+    """Simulator mode, several workers, no CALLBACK_TOKEN: every worker takes every callback."""
+    port, token = free_port(), "admin-token-0123456789"
+    env = {
+        "PORT": str(port),
+        "SIMULATOR_PORT": str(free_port()),
+        "WEB_CONCURRENCY": "3",
+        "STORE_URL": f"sqlite:///{tmp_path / 'demo.db'}",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+        "RATELIMIT_ENABLED": "false",
+        "ADMIN_TOKEN": token,
+        "CALLBACK_TOKEN": "",
+    }
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"]
+    server = ServerProcess(command, env, port, tmp_path / "server.log")
+    try:
+
+        def record(checkout_id: str) -> dict:
+            found = requests.get(
+                f"{server.url}/transactions/{checkout_id}", headers={"Authorization": f"Bearer {token}"}, timeout=5
+            )
+            return found.json()["transaction"]
+
+        ids = []
+        for _ in range(6):  # one after the other: the simulator prompts one phone once at a time
+            answer = requests.post(f"{server.url}/stkpush", json={"phone": PAID, "amount": 10}, timeout=10)
+            ids.append(answer.json()["checkoutRequestId"])
+            wait_until(lambda: record(ids[-1])["status"] != "pending", timeout=30)
+        assert {(record(i)["status"], record(i)["settled_by"]) for i in ids} == {("completed", "callback")}
+        assert "bad_token" not in server.log_path.read_text()
+    finally:
+        server.kill(signal.SIGTERM)
