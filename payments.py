@@ -155,6 +155,7 @@ class Payments:
         if held:
             extra["stock"] = "held"
         tx = Transaction(
+            payment_id=accepted.checkout_request_id,
             checkout_request_id=accepted.checkout_request_id,
             merchant_request_id=accepted.merchant_request_id,
             phone=request.phone,
@@ -191,14 +192,15 @@ class Payments:
         if orphan:
             self.store.delete(f"orphan:{tx.checkout_request_id}")
             self.handle_callback(orphan["body"])
-        return self.store.get(tx.checkout_request_id) or tx, accepted
+        return self.store.get(tx.payment_id) or tx, accepted
 
     def handle_callback(self, body) -> Transaction | None:
         """Apply a Daraja callback; MalformedCallback propagates, unknown ids are kept aside."""
         result = mpesa.parse_callback(body)
         now = self.clock()
+        found = self.store.find(result.checkout_request_id)
         tx, outcome = self.store.update(
-            result.checkout_request_id,
+            found.payment_id if found else result.checkout_request_id,
             lambda tx: self._settle(
                 tx,
                 source="callback",
@@ -227,7 +229,7 @@ class Payments:
 
     def status(self, checkout_request_id: str) -> Transaction | None:
         """The stored record, after asking Daraja when a callback is overdue."""
-        tx = self.store.get(checkout_request_id)
+        tx = self.store.find(checkout_request_id)
         if tx is None or tx.is_final:
             return tx
         age = self.clock() - tx.initiated_at
@@ -242,12 +244,12 @@ class Payments:
         if not self.store.add(
             f"final-query:{tx.checkout_request_id}", {"at": self.clock()}, self.settings.query_interval
         ):
-            return self.store.get(tx.checkout_request_id) or tx
+            return self.store.get(tx.payment_id) or tx
         settled = self._query_and_settle(tx)
         if settled is not None and settled.is_final:
             return settled
         now = self.clock()
-        timed_out, outcome = self.store.update(tx.checkout_request_id, lambda tx: self._time_out(tx, now))
+        timed_out, outcome = self.store.update(tx.payment_id, lambda tx: self._time_out(tx, now))
         self._log_outcome(timed_out, "timeout", outcome)
         return timed_out or tx
 
@@ -268,17 +270,17 @@ class Payments:
             log.warning("stk query for %s failed: %s", mpesa.mask_checkout_id(tx.checkout_request_id), error)
             failure = str(error)
             queried, _ = self.store.update(
-                tx.checkout_request_id,
+                tx.payment_id,
                 lambda tx: tx.history.append(event("queried", now, result="error", error=failure)),
             )
             return queried
         if result.pending:
             queried, _ = self.store.update(
-                tx.checkout_request_id, lambda tx: tx.history.append(event("queried", now, result="pending"))
+                tx.payment_id, lambda tx: tx.history.append(event("queried", now, result="pending"))
             )
             return queried
         settled, outcome = self.store.update(
-            tx.checkout_request_id,
+            tx.payment_id,
             lambda tx: self._settle(tx, source="query", code=result.result_code, desc=result.result_desc, now=now),
         )
         self._log_outcome(settled, "query", outcome)
@@ -410,7 +412,7 @@ class Payments:
             tx.extra["stock"], action = state_action
             return action
 
-        _, action = self.store.update(tx.checkout_request_id, claim)
+        _, action = self.store.update(tx.payment_id, claim)
         if action == "release":
             self._release_stock(self._limited_lines(tx))
         elif action == "reclaim":
@@ -425,7 +427,7 @@ class Payments:
                         capacity,
                         mpesa.mask_checkout_id(tx.checkout_request_id),
                     )
-                    self.store.update(tx.checkout_request_id, lambda tx: tx.flags.append("oversold"))
+                    self.store.update(tx.payment_id, lambda tx: tx.flags.append("oversold"))
 
     def available(self, item: checkout.Item) -> int | None:
         """Units of item still for sale (capacity minus held and sold)."""
@@ -451,9 +453,7 @@ class Payments:
         now = self.clock()
         if not self.store.add(f"checkin:{number}", {"at": now}, TICKET_TTL):
             return ticket, self.store.get_value(f"checkin:{number}")
-        self.store.update(
-            tx.checkout_request_id, lambda tx: tx.history.append(event("ticket_checked_in", now, ticket=number))
-        )
+        self.store.update(tx.payment_id, lambda tx: tx.history.append(event("ticket_checked_in", now, ticket=number)))
         return ticket, None
 
     def _log_outcome(self, tx: Transaction | None, source: str, outcome) -> None:

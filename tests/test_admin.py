@@ -131,9 +131,10 @@ def record(
     history += [{"at": at + 1, **event} for event in events]
     return Transaction(
         checkout_request_id,
-        f"m-{checkout_request_id}",
         phone,
         amount,
+        checkout_request_id=checkout_request_id,
+        merchant_request_id=f"m-{checkout_request_id}",
         status=status,
         initiated_at=at,
         completed_at=None if after is None else at + after,

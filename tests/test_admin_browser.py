@@ -42,9 +42,10 @@ def dashboard(live_server_factory):
         store.create(
             Transaction(
                 f"ws_CO_demo{n:02d}",
-                f"m-{n}",
                 f"2547{n:08d}",
                 50 + 25 * (n % 7),
+                checkout_request_id=f"ws_CO_demo{n:02d}",
+                merchant_request_id=f"m-{n}",
                 status=status,
                 reason=reason,
                 initiated_at=at,

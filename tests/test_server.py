@@ -387,9 +387,10 @@ def test_a_settled_payment_answers_every_poll_with_the_same_bytes(live):
 def settled_tx(status="completed", settled_by="callback", receipt="SIM0000001", completed_at=1000.0):
     return Transaction(
         "ws_CO_1",
-        "m-1",
         "254712345678",
         100,
+        checkout_request_id="ws_CO_1",
+        merchant_request_id="m-1",
         status=status,
         settled_by=settled_by,
         mpesa_receipt_number=receipt if status == "completed" else None,
@@ -400,7 +401,7 @@ def settled_tx(status="completed", settled_by="callback", receipt="SIM0000001", 
 @pytest.mark.parametrize(
     "tx, for_good",
     [
-        (Transaction("ws_CO_1", "m-1", "254712345678", 100), False),
+        (Transaction("ws_CO_1", "254712345678", 100, checkout_request_id="ws_CO_1"), False),
         (settled_tx(), True),
         (settled_tx("failed", "callback"), True),
         (settled_tx("failed", "query"), True),

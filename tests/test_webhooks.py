@@ -140,7 +140,7 @@ def final_tx(checkout_id=CHECKOUT, status="completed", **fields) -> Transaction:
         mpesa_receipt_number="NLJ7RT61SV" if status == "completed" else None,
     )
     values.update(fields)
-    return Transaction(checkout_request_id=checkout_id, **values)
+    return Transaction(payment_id=checkout_id, checkout_request_id=checkout_id, **values)
 
 
 def history(tx: Transaction | dict, name: str) -> list[dict]:
