@@ -6,9 +6,10 @@
     sender.redeliver_pending()   # after a crash (the reconcile command): queue the leftovers
     sender.close()
 
-One event per final status. Its id comes from the record, evt_<CheckoutRequestID>_<status>
-(or _late for a real result that replaced our own timeout), so a redelivery reuses the id
-and a shop dedupes on it. The event is copied into the record when queued
+One event per final status. Its id comes from the record, evt_<paymentId>_<status> (or
+_late for a real result that replaced our own timeout), so a redelivery reuses the id and a
+shop dedupes on it. (Records made before payment ids have their CheckoutRequestID as
+payment id, so their events keep the ids they always had.) The event is copied into the record when queued
 (extra["webhooks"][id]) and every attempt sends that same body, signed Stripe's way:
 
     Mpesa-Signature: t=<unix time>,v1=<hex HMAC-SHA256(secret, f"{t}." + body)>
@@ -115,8 +116,8 @@ def _secrets(secret) -> tuple[str, ...]:
 
 
 def event_id(tx: Transaction) -> str:
-    """evt_<CheckoutRequestID>_<status>, or _late for a result that replaced our timeout."""
-    return f"evt_{tx.checkout_request_id}_{'late' if 'late_result' in tx.flags else tx.status}"
+    """evt_<paymentId>_<status>, or _late for a result that replaced our timeout."""
+    return f"evt_{tx.payment_id}_{'late' if 'late_result' in tx.flags else tx.status}"
 
 
 def event_for(tx: Transaction) -> dict:
@@ -129,6 +130,8 @@ def event_for(tx: Transaction) -> dict:
         "type": "payment.completed" if tx.status == "completed" else "payment.failed",
         "created": int(created),
         "data": {
+            "paymentId": tx.payment_id,
+            "orderId": tx.order_id,
             "checkoutRequestId": tx.checkout_request_id,
             "merchantRequestId": tx.merchant_request_id,
             "status": tx.status,
@@ -191,7 +194,7 @@ def _iso(epoch: float | None) -> str | None:
 
 
 def _loggable(event: str) -> str:
-    """The event id with the payer's number inside the CheckoutRequestID masked."""
+    """The event id with the payer's number masked, for the ids that are a CheckoutRequestID."""
     head, _, suffix = event.rpartition("_")
     return f"evt_{mask_checkout_id(head.removeprefix('evt_'))}_{suffix}"
 
@@ -240,7 +243,7 @@ def _describe(error: requests.RequestException) -> str:
 
 @dataclass
 class _Job:
-    checkout_request_id: str
+    payment_id: str
     event_id: str
     failures: int = 0  # unexpected errors (store down...), not answers from the shop
 
@@ -321,12 +324,12 @@ class WebhookSender:
             pending = not (entry["delivered"] or entry["givenUp"])
         else:
             now = self.clock()
-            stored, pending = self.store.update(tx.checkout_request_id, lambda t: record_event(t, event, now))
+            stored, pending = self.store.update(tx.payment_id, lambda t: record_event(t, event, now))
             if stored is None:
                 log.warning("webhook %s not sent: record gone", _loggable(event["id"]))
                 return None
         if pending:
-            self._enqueue(_Job(tx.checkout_request_id, event["id"]))
+            self._enqueue(_Job(tx.payment_id, event["id"]))
         return event["id"]
 
     def redeliver_pending(self, *, max_age: float = RECENT_SECONDS, limit: int = 1000) -> int:
@@ -338,7 +341,7 @@ class WebhookSender:
                 for event, entry in tx.extra.get("webhooks", {}).items():
                     if event not in found and not (entry.get("delivered") or entry.get("givenUp")):
                         found.add(event)
-                        self._enqueue(_Job(tx.checkout_request_id, event))
+                        self._enqueue(_Job(tx.payment_id, event))
         if found:
             log.info("webhooks: %d undelivered event(s) queued again", len(found))
         return len(found)
@@ -463,18 +466,18 @@ class WebhookSender:
                 log.warning("webhook %s: lock not released: %s", _loggable(job.event_id), error)
 
     def _attempt(self, job: _Job) -> float | None:
-        tx = self.store.get(job.checkout_request_id)
+        tx = self.store.get(job.payment_id)
         entry = tx.extra.get("webhooks", {}).get(job.event_id) if tx else None
         if entry is None or entry["delivered"] or entry["givenUp"]:
             return None
         if entry["attempts"] >= self.max_attempts:  # max_attempts lowered since it was queued
-            self.store.update(job.checkout_request_id, lambda t: _give_up(t, job.event_id, self.clock()))
+            self.store.update(job.payment_id, lambda t: _give_up(t, job.event_id, self.clock()))
             return None
         body = json.dumps(entry["event"], separators=(",", ":")).encode()
         status, error = self._post(body)
         now = self.clock()
         _, (outcome, attempt) = self.store.update(
-            job.checkout_request_id, lambda t: _record_attempt(t, job.event_id, status, error, now, self.max_attempts)
+            job.payment_id, lambda t: _record_attempt(t, job.event_id, status, error, now, self.max_attempts)
         )
         if outcome != "gone":
             metrics.webhook_delivery(outcome)
