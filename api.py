@@ -28,9 +28,11 @@ writes it, like the 400 of mpesa.InvalidInput. A Daraja failure becomes 502, 503
 
 Idempotency-Key works as Stripe's: the first request with a key claims it in the store
 (`add`, atomic), its answer is kept for a day and replayed to a retry with the same body,
-marked Idempotent-Replayed; the same key with another body is a 409. A push that timed out
-keeps its 504 too, since its prompt may still reach the phone. A poll of a payment settled
-for good is answered from FinalAnswers, per process, without reading the store.
+marked Idempotent-Replayed; the same key with another body is a 409. A push whose prompt
+may be on its way (a 504...) keeps its answer too. The claim names the payment id and holds
+a lease: a retry after the lease gets the payment's current state when the first request
+died (see idempotent). A poll of a payment settled for good is answered from FinalAnswers,
+per process, without reading the store.
 
 One module of some 580 lines because it is one room: the routes, their limits and the
 answers they write are read together, and what lies under them already has its own module
@@ -45,6 +47,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -55,8 +58,8 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 
 import mpesa
 from config import Settings
-from payments import PAYMENT_ID_PREFIX, Payments, PushFailed, SoldOut, settled_for_good
-from store import Store, Transaction
+from payments import PAYMENT_ID_PREFIX, Payments, PushFailed, SoldOut, new_payment_id, settled_for_good
+from store import DuplicateTransaction, Store, Transaction
 from telemetry import metrics
 
 # These lines have always been the server's: log filters and dashboards look for that name.
@@ -64,6 +67,9 @@ log = logging.getLogger("server")
 
 SERVICE_NAME = "M-Pesa Payment Server"
 IDEMPOTENCY_TTL = 24 * 3600
+# Beyond Daraja's read timeout, what a first request may still take (a token fetch, the
+# store): past it, a request that has not finished has died.
+IDEMPOTENCY_LEASE_MARGIN = 30.0
 
 
 class ApiError(Exception):
@@ -472,44 +478,77 @@ def idempotency_slot(key: str) -> str:
 
 
 def idempotent(key: str, body) -> tuple:
-    """Stripe-style Idempotency-Key: a retry gets the first answer and sends no prompt."""
+    """Stripe-style Idempotency-Key: a retry gets the first answer and sends no second prompt.
+
+    The slot names the payment id before the record exists, and holds a lease for as long
+    as the first request can take (Daraja's read timeout and a margin). A retry while the
+    lease runs is a 409; once it has passed, the first request died: the retry answers the
+    payment's current state, or, when the record was never created (so nothing was sent),
+    makes the push itself under the same payment id (should the first request come back to
+    life, its record can no longer be created, and it answers the current state too).
+    """
     if not key or len(key) > 255:
         raise ApiError(400, "Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
-    store = get_store()
+    store, payments = get_store(), get_payments()
     slot = idempotency_slot(key)
     fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-    if not store.add(slot, {"fingerprint": fingerprint, "state": "started"}, IDEMPOTENCY_TTL):
+    lease = get_settings().daraja_timeout + IDEMPOTENCY_LEASE_MARGIN
+    claim = {
+        "fingerprint": fingerprint,
+        "state": "started",
+        "lease_until": payments.clock() + lease,
+        "paymentId": new_payment_id(),
+    }
+    if not store.add(slot, claim, IDEMPOTENCY_TTL):
         first = store.get_value(slot) or {}
         if first.get("fingerprint") != fingerprint:
             raise ApiError(
                 409, "This Idempotency-Key was already used with a different request", field="Idempotency-Key"
             )
-        if first.get("state") != "done":
+        if first.get("state") == "done":
+            return replayed(first["answer"], first["status"])
+        if not first.get("paymentId") or payments.clock() < first.get("lease_until", math.inf):
             raise ApiError(409, "A request with this Idempotency-Key is still in progress", field="Idempotency-Key")
-        response = jsonify(first["answer"])
-        response.status_code = first["status"]
-        response.headers["Idempotent-Replayed"] = "true"
-        return response
+        current = payments.status(first["paymentId"])
+        if current is not None:
+            return replayed(status_answer(current, payments.order_status(current)), 200)
+        claim = {**first, "lease_until": payments.clock() + lease}
+        store.set_value(slot, claim, IDEMPOTENCY_TTL)
+    payment_id = claim["paymentId"]
     try:
-        answer, status = start_payment(body)
+        answer, status = start_payment(body, payment_id)
+    except DuplicateTransaction:
+        current = payments.status(payment_id)
+        if current is None:
+            raise
+        return replayed(status_answer(current, payments.order_status(current)), 200)
     except ApiError as error:
-        if error.status == 504:
-            # The prompt may be on its way: a retry must not send a second one.
+        if nothing_sent(payment_id):
+            store.delete(slot)  # no prompt can come: the same key may try again
+        else:  # the prompt may be on its way (a 504...): a retry must not send a second one
             store.set_value(
-                slot,
-                {"fingerprint": fingerprint, "state": "done", "status": error.status, "answer": error.body},
-                IDEMPOTENCY_TTL,
+                slot, {**claim, "state": "done", "status": error.status, "answer": error.body}, IDEMPOTENCY_TTL
             )
-        else:
-            store.delete(slot)  # nothing reached the phone; the same key may try again
         raise
     except Exception:
-        store.delete(slot)
-        raise
-    store.set_value(
-        slot, {"fingerprint": fingerprint, "state": "done", "status": status, "answer": answer}, IDEMPOTENCY_TTL
-    )
+        if nothing_sent(payment_id):
+            store.delete(slot)
+        raise  # else the lease runs out and a retry answers the payment's state
+    store.set_value(slot, {**claim, "state": "done", "status": status, "answer": answer}, IDEMPOTENCY_TTL)
     return jsonify(answer), status
+
+
+def replayed(answer: dict, status: int):
+    response = jsonify(answer)
+    response.status_code = status
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def nothing_sent(payment_id: str) -> bool:
+    """True when no prompt can have gone out for the payment: no record, or a refused push."""
+    tx = get_store().get(payment_id)
+    return tx is None or (tx.status == "failed" and tx.settled_by == "push")
 
 
 def status_for(identifier, field: str):

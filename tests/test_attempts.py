@@ -7,15 +7,22 @@ payment, and orders paid by a later attempt.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import requests
 
 import simulator as sim
+from api import idempotency_slot
 from tests.helpers import (
     CALLBACK_TOKEN,
     CANCELLED,
     PAID,
     WAITING,
+    FakeClock,
     admin,
     callback_body,
     hook,
@@ -223,3 +230,79 @@ def test_old_callback_urls_still_settle_their_payments(live):
     body = callback_body(started["checkoutRequestId"], amount=100)
     assert requests.post(live.url + hook(live), json=body, timeout=10).status_code == 200
     assert status(live, started["paymentId"])["status"] == "completed"
+
+
+# Idempotency-Key: the first answer, or the payment's state when the first request died.
+
+
+def claim_as_a_dead_request_left_it(live, key: str, body: dict, *, lease_until: float, payment_id: str) -> None:
+    """The key's slot as a first request leaves it when it dies before it finishes."""
+    fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    slot = {"fingerprint": fingerprint, "state": "started", "lease_until": lease_until, "paymentId": payment_id}
+    assert live.app.extensions["store"].add(idempotency_slot(key), slot, 3600)
+
+
+def test_a_retry_while_the_first_request_may_still_run_is_a_conflict(live):
+    body = {"phone": WAITING, "amount": 100}
+    claim_as_a_dead_request_left_it(
+        live, "order-9", body, lease_until=time.time() + 60, payment_id="pay_00000000000000000000aaaa"
+    )
+    answer = live.post("/stkpush", json=body, headers={"Idempotency-Key": "order-9"})
+    assert answer.status_code == 409 and "still in progress" in answer.json()["message"]
+    assert live.sim("GET", "/simulator/prompts", params={"phone": WAITING}).json()["prompts"] == []
+
+
+def test_a_retry_after_a_first_request_that_died_before_its_record_makes_the_push(live):
+    body = {"phone": WAITING, "amount": 100}
+    payment_id = "pay_00000000000000000000bbbb"
+    claim_as_a_dead_request_left_it(live, "order-10", body, lease_until=time.time() - 1, payment_id=payment_id)
+    answer = live.post("/stkpush", json=body, headers={"Idempotency-Key": "order-10"})
+    assert answer.status_code == 200 and "Idempotent-Replayed" not in answer.headers
+    assert answer.json()["paymentId"] == payment_id  # the id the slot named: one payment, whoever makes it
+    again = live.post("/stkpush", json=body, headers={"Idempotency-Key": "order-10"})
+    assert again.json() == answer.json() and again.headers["Idempotent-Replayed"] == "true"
+    assert len(live.sim("GET", "/simulator/prompts", params={"phone": WAITING}).json()["prompts"]) == 1
+
+
+def test_a_retry_after_a_first_request_that_died_during_its_push_gets_the_payment_state(live_server_factory, simulator):
+    live = live_server_factory(ADMIN_TOKEN="admin-secret", DARAJA_TIMEOUT="5")
+    clock = FakeClock(time.time())
+    live.app.extensions["payments"].clock = clock
+    live.get("/health?deep=1")
+    live.sim("POST", "/simulator/faults", json={"endpoint": "stkpush", "mode": "slow", "delay": 1.0})
+    body, headers = {"phone": WAITING, "amount": 100}, {"Idempotency-Key": "order-11"}
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(live.post, "/stkpush", json=body, headers=headers)
+        record = wait_until(lambda: live.app.extensions["store"].search(status="pending")[0])
+        assert live.post("/stkpush", json=body, headers=headers).status_code == 409  # within its lease
+        clock.advance(5 + 30 + 1)  # past the lease: from here on, the first request counts as dead
+        retry = live.post("/stkpush", json=body, headers=headers)
+        assert retry.status_code == 200 and retry.headers["Idempotent-Replayed"] == "true"
+        state = retry.json()
+        assert (state["paymentId"], state["status"]) == (record[0].payment_id, "pending")
+        assert first.result().status_code == 200  # it was only slow, after all
+    assert first.result().json()["paymentId"] == state["paymentId"]
+    assert len(live.sim("GET", "/simulator/prompts", params={"phone": WAITING}).json()["prompts"]) == 1
+
+
+def test_a_push_that_timed_out_keeps_its_answer_for_retries(live_server_factory, simulator):
+    live = live_server_factory(ADMIN_TOKEN="admin-secret", DARAJA_TIMEOUT="0.5")
+    lose_the_push_answer(live)
+    body, headers = {"phone": WAITING, "amount": 100}, {"Idempotency-Key": "order-12"}
+    first = live.post("/stkpush", json=body, headers=headers)
+    retry = live.post("/stkpush", json=body, headers=headers)
+    assert first.status_code == retry.status_code == 504
+    assert retry.json() == first.json() and retry.json()["paymentId"].startswith("pay_")
+    prompt_on(live, WAITING)
+    assert len(live.sim("GET", "/simulator/prompts", params={"phone": WAITING}).json()["prompts"]) == 1
+
+
+def test_a_key_whose_push_was_refused_may_push_again(live):
+    payment(live, WAITING)
+    body, headers = {"phone": WAITING, "amount": 100}, {"Idempotency-Key": "order-13"}
+    first = live.post("/stkpush", json=body, headers=headers)
+    assert first.status_code == 502 and first.json()["status"] == "failed"
+    live.sim("POST", f"/simulator/prompts/{prompt_on(live, WAITING)['checkoutRequestId']}/cancel")
+    again = live.post("/stkpush", json=body, headers=headers)
+    assert again.status_code == 200 and "Idempotent-Replayed" not in again.headers
+    assert again.json()["paymentId"] != first.json()["paymentId"]
