@@ -180,6 +180,14 @@ def test_a_callback_whose_checkout_id_is_another_payments_settles_that_one(live)
     assert status(live, first["paymentId"])["status"] == "pending"
 
 
+def test_a_callback_with_a_wrong_token_changes_nothing_even_with_a_payment_id(live):
+    waiting = payment(live, WAITING)
+    body = callback_body(waiting["checkoutRequestId"], amount=100)
+    answer = live.post(hook(live, "guessed-token-guessed-token", waiting["paymentId"]), json=body)
+    assert answer.status_code == 403
+    assert status(live, waiting["paymentId"])["status"] == "pending"
+
+
 def test_an_unmatched_callback_is_never_matched_on_phone_and_amount(live):
     waiting = payment(live, WAITING, 100)
     body = callback_body("ws_CO_foreign", amount=100)  # the same phone and amount

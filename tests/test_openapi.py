@@ -813,7 +813,7 @@ def test_fuzz_status(fuzz_server, data):
     elif fate == "bad":
         assert status in (400, 404), where
         if status == 400:
-            assert body["field"] == "checkoutRequestId", where
+            assert body["field"] in ("checkoutRequestId", "paymentId"), where
 
 
 # Fuzz: the callback.
