@@ -565,10 +565,9 @@ def status_for(identifier, field: str):
         return current_app.response_class(body, mimetype="application/json")
     payments = get_payments()
     if field == "paymentId" or id_field(identifier) == "paymentId":
-        found = payments.find(payment_id=identifier)
+        tx = payments.status(identifier)
     else:
-        found = payments.find(checkout_request_id=identifier)
-    tx = payments.status(found.payment_id) if found is not None else None
+        tx = payments.status(checkout_request_id=identifier)
     if tx is None:
         raise ApiError(404, "Transaction not found", status="not_found")
     order_status = payments.order_status(tx)

@@ -426,15 +426,13 @@ class Payments:
         )
         return tx
 
-    def find(self, payment_id: str | None = None, checkout_request_id: str | None = None) -> Transaction | None:
-        """The record with this payment id, or else with this CheckoutRequestID."""
+    def status(self, payment_id: str | None = None, *, checkout_request_id: str | None = None) -> Transaction | None:
+        """The record with this payment id (or CheckoutRequestID), after asking Daraja when a
+        callback is overdue."""
         if payment_id is not None:
-            return self.store.get(payment_id)
-        return self.store.find(checkout_request_id) if checkout_request_id is not None else None
-
-    def status(self, payment_id: str) -> Transaction | None:
-        """The stored record, after asking Daraja when a callback is overdue."""
-        tx = self.store.get(payment_id)
+            tx = self.store.get(payment_id)
+        else:
+            tx = self.store.find(checkout_request_id) if checkout_request_id is not None else None
         if tx is None or tx.is_final:
             return tx
         age = self.clock() - tx.initiated_at

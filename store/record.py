@@ -130,9 +130,10 @@ class Store(Protocol):
     ) -> Page:
         """Return one page of the records matching every filter, newest first, and the count.
 
-        text matches a payment id, CheckoutRequestID or order id exactly, a receipt number or an account reference
-        ignoring ASCII case, or, 3 digits or more, the end of the phone number. reason
-        matches failed records only. since and until bound initiated_at: [since, until).
+        text matches a payment id, CheckoutRequestID or order id exactly, a receipt number
+        or an account reference ignoring ASCII case, or, 3 digits or more, the end of the
+        phone number. reason matches failed records only. since and until bound
+        initiated_at: [since, until).
         """
 
     def overview(self, since: float, until: float, step: float) -> Overview:
