@@ -1,9 +1,10 @@
 """The JSON API (API.md, static/openapi.json) as a Flask blueprint, registered by init_app().
 
     POST /stkpush                      start a payment; an Idempotency-Key makes a retry safe
-    POST /stkpush/status               poll one payment: {"checkoutRequestId": ...}
-    GET  /stkpush/status/<id>          the same poll as a GET
-    POST /hooks/stk/<token>            Daraja's callback (CALLBACK_TOKEN, CALLBACK_ALLOWED_IPS)
+    POST /stkpush/status               poll one payment: {"paymentId": ...} or {"checkoutRequestId": ...}
+    GET  /stkpush/status/<id>          the same poll as a GET, by either id ("pay_…" is a payment id)
+    POST /hooks/stk/<token>/<paymentId>  Daraja's callback (CALLBACK_TOKEN, CALLBACK_ALLOWED_IPS);
+    POST /hooks/stk/<token>            without the id (pushes sent before payment ids): by CheckoutRequestID
     GET  /health                       liveness; ?deep=1 also fetches a Daraja token
     GET  /metrics, GET /stats          monitoring (metrics.py); admin token, /stats open in simulator mode
     GET  /catalog                      the shop's items and what is left of each
@@ -31,9 +32,11 @@ writes it, like the 400 of mpesa.InvalidInput. A Daraja failure becomes 502, 503
 
 Idempotency-Key works as Stripe's: the first request with a key claims it in the store
 (`add`, atomic), its answer is kept for a day and replayed to a retry with the same body,
-marked Idempotent-Replayed; the same key with another body is a 409. A push that timed out
-keeps its 504 too, since its prompt may still reach the phone. A poll of a payment settled
-for good is answered from FinalAnswers, per process, without reading the store.
+marked Idempotent-Replayed; the same key with another body is a 409. A push whose prompt
+may be on its way (a 504...) keeps its answer too. The claim names the payment id and holds
+a lease: a retry after the lease gets the payment's current state when the first request
+died (see idempotent). A poll of a payment settled for good is answered from FinalAnswers,
+per process, without reading the store.
 
 One module of some 630 lines because it is one room: the routes, their limits and the
 answers they write are read together, and what lies under them already has its own module
@@ -48,6 +51,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -60,8 +64,8 @@ from flask import Blueprint, Flask, current_app, jsonify, request
 import lockout
 import mpesa
 from config import Settings
-from payments import Payments, SoldOut, settled_for_good
-from store import Store, Transaction
+from payments import PAYMENT_ID_PREFIX, Payments, PushFailed, SoldOut, new_payment_id, settled_for_good
+from store import DuplicateTransaction, Store, Transaction
 from telemetry import metrics
 from telemetry.requestlog import loggable_path
 
@@ -72,6 +76,9 @@ SERVICE_NAME = "M-Pesa Payment Server"
 IDEMPOTENCY_TTL = 24 * 3600
 PHONE_KEY_SLOT = "ratelimit-phone-key"
 PHONE_KEY_TTL = 10 * 365 * 24 * 3600  # for good: a new key only starts the phones' counts again
+# Beyond Daraja's read timeout, what a first request may still take (a token fetch, the
+# store): past it, a request that has not finished has died.
+IDEMPOTENCY_LEASE_MARGIN = 30.0
 
 
 class ApiError(Exception):
@@ -114,8 +121,9 @@ def init_app(app: Flask, limiter, settings: Settings) -> None:
     routes = (
         ("POST", "/stkpush", stkpush, push_limits),
         ("POST", "/stkpush/status", status_post, (status_limit(),)),
-        ("GET", "/stkpush/status/<checkout_id>", status_get, (status_limit(),)),
+        ("GET", "/stkpush/status/<payment_or_checkout_id>", status_get, (status_limit(),)),
         ("POST", "/hooks/stk/<token>", daraja_callback, (limiter.exempt,)),
+        ("POST", "/hooks/stk/<token>/<payment_id>", daraja_callback, (limiter.exempt,)),
         ("GET", "/metrics", prometheus_metrics, (limiter.exempt,)),
         ("GET", "/stats", stats, (limiter.exempt,)),
         ("GET", "/health", health, (limiter.exempt,)),
@@ -124,7 +132,7 @@ def init_app(app: Flask, limiter, settings: Settings) -> None:
         ("POST", "/tickets/<number>/check-in", ticket_check_in, ()),
         ("GET", "/openapi.json", openapi, (limiter.exempt,)),
         ("GET", "/transactions", transactions, ()),
-        ("GET", "/transactions/<checkout_id>", transaction, ()),
+        ("GET", "/transactions/<payment_or_checkout_id>", transaction, ()),
     )
     bp = Blueprint("api", __name__)
     for method, rule, view, limits in routes:
@@ -184,22 +192,29 @@ def stkpush():
 
 
 def status_post():
-    """Poll one payment by the checkout request id in the body."""
+    """Poll one payment by the payment id, or the checkout request id, in the body."""
     body = read_json() or {}
+    if isinstance(body, dict) and "paymentId" in body:
+        return status_for(body["paymentId"], "paymentId")
     checkout_id = None
     if isinstance(body, dict):
         checkout_id = next(
             (body[k] for k in ("checkoutRequestId", "checkoutRequestID", "CheckoutRequestID") if k in body), None
         )
-    return status_for(checkout_id)
+    return status_for(checkout_id, "checkoutRequestId")
 
 
-def status_get(checkout_id):
-    """Poll one payment by the checkout request id in the path."""
-    return status_for(checkout_id)
+def status_get(payment_or_checkout_id):
+    """Poll one payment by either id in the path: a payment id starts with "pay_"."""
+    return status_for(payment_or_checkout_id, id_field(payment_or_checkout_id))
 
 
-def daraja_callback(token):
+def id_field(identifier: str) -> str:
+    """Which id a bare id in a path is: "paymentId" (pay_…) or "checkoutRequestId"."""
+    return "paymentId" if identifier.startswith(PAYMENT_ID_PREFIX) else "checkoutRequestId"
+
+
+def daraja_callback(token, payment_id=None):
     """Take Daraja's result for a payment, from Daraja only."""
     settings = get_settings()
     if not hmac.compare_digest(token.encode(), settings.callback_token.encode()):
@@ -211,8 +226,10 @@ def daraja_callback(token):
         metrics.callback("not_allowed")
         raise ApiError(403, "Forbidden")
     body = read_json()
+    if payment_id is not None and not mpesa.ID_PATTERN.match(payment_id):
+        payment_id = None  # not one of ours: the CheckoutRequestID will have to do
     try:
-        get_payments().handle_callback(body)
+        get_payments().handle_callback(body, payment_id)
     except mpesa.MalformedCallback as error:
         log.warning("malformed callback refused: %s", error)
         metrics.callback("malformed")
@@ -328,10 +345,10 @@ def transactions():
     )
 
 
-def transaction(checkout_id):
-    """One payment's whole record."""
+def transaction(payment_or_checkout_id):
+    """One payment's whole record, by either id."""
     require_admin()
-    tx = get_store().get(checkout_id)
+    tx = get_store().get(payment_or_checkout_id) or get_store().find(payment_or_checkout_id)
     if tx is None:
         raise ApiError(404, "Transaction not found", status="not_found")
     return jsonify({"success": True, "transaction": admin_view(tx)})
@@ -360,17 +377,25 @@ def order_fields(tx: Transaction) -> dict:
     return fields
 
 
-def status_answer(tx: Transaction) -> dict:
-    """The poll answer for one payment (phone masked: anyone with the id may poll)."""
+def status_answer(tx: Transaction, order_status: str | None = None) -> dict:
+    """The poll answer for one payment (phone masked: anyone with the id may poll).
+
+    order_status is Payments.order_status(tx): "completed" once any attempt of the order was.
+    """
     base = {
+        "paymentId": tx.payment_id,
         "checkoutRequestId": tx.checkout_request_id,
+        "orderId": tx.order_id,
         "status": tx.status,
+        "orderStatus": order_status or tx.status,
         "amount": tx.amount,
         "currency": tx.currency,
         "phone": mpesa.mask_phone(tx.phone),
         "accountReference": tx.account_reference,
         **order_fields(tx),
     }
+    if "unmatched" in tx.flags:
+        base["unmatched"] = True
     if tx.status == "completed":
         return {
             "success": True,
@@ -382,13 +407,19 @@ def status_answer(tx: Transaction) -> dict:
             "description": tx.description,
             "completedAt": iso_utc(tx.completed_at),
             "transactionDate": tx.transaction_date,
-            "message": "Payment completed",
+            "message": "Payment received, not matched to an order: contact the shop"
+            if "unmatched" in tx.flags
+            else "Payment completed",
         }
     if tx.status == "failed":
         if "amount_mismatch" in tx.flags:
             message = "The amount paid does not match the amount asked; contact the shop"
         elif tx.reason == "timeout" and tx.settled_by == "timeout":
             message = "The payment timed out: no answer from the phone"
+        elif tx.reason == "unknown":
+            message = "M-Pesa never said whether the prompt reached the phone; no payment was seen"
+        elif tx.settled_by == "push":
+            message = f"The payment request was refused: {_printable(tx.result_desc or 'no reason given')}"
         else:
             message = mpesa.result_reason(tx.result_code)[1]
         return {"success": False, **base, "reason": tx.reason, "resultCode": tx.result_code, "message": message}
@@ -397,6 +428,7 @@ def status_answer(tx: Transaction) -> dict:
 
 def admin_view(tx: Transaction) -> dict:
     data = tx.to_dict()
+    data["paymentId"], data["orderId"] = tx.payment_id, tx.order_id
     data["initiatedAt"] = iso_utc(tx.initiated_at)
     data["completedAtIso"] = iso_utc(tx.completed_at)
     return data
@@ -435,18 +467,29 @@ def _printable(text: str) -> str:
     return re.sub(r"[^\w .,:;'()\-/]", "", text)[:160]
 
 
-def start_payment(body) -> tuple[dict, int]:
-    """Validate, price, push, record; return the JSON answer and its status (errors raise)."""
+def payment_ids(tx: Transaction | None) -> dict:
+    """The ids an answer about a payment carries."""
+    return {"paymentId": tx.payment_id, "orderId": tx.order_id} if tx is not None else {}
+
+
+def start_payment(body, payment_id: str | None = None) -> tuple[dict, int]:
+    """Validate, price, record, push; return the JSON answer and its status (errors raise)."""
     payments = get_payments()
     payment = payments.prepare(body)
     try:
-        tx, accepted = payments.start(payment)
+        tx, accepted = payments.start(payment, payment_id)
     except SoldOut as sold_out:
-        raise ApiError(409, str(sold_out), field="items", itemId=sold_out.item.id) from None
-    except mpesa.DarajaError as error:
-        raise daraja_error(error) from None
+        raise ApiError(
+            409, str(sold_out), field="items", itemId=sold_out.item.id, **payment_ids(sold_out.payment)
+        ) from None
+    except PushFailed as failed:
+        error = daraja_error(failed.error)
+        # status says whether the prompt may still come (pending) or certainly will not (failed).
+        error.body.update(payment_ids(failed.payment), status=failed.payment.status)
+        raise error from None
     answer = {
         "success": True,
+        **payment_ids(tx),
         "checkoutRequestId": tx.checkout_request_id,
         "merchantRequestId": tx.merchant_request_id,
         "status": tx.status,
@@ -462,60 +505,102 @@ def idempotency_slot(key: str) -> str:
 
 
 def idempotent(key: str, body) -> tuple:
-    """Stripe-style Idempotency-Key: a retry gets the first answer and sends no prompt."""
+    """Stripe-style Idempotency-Key: a retry gets the first answer and sends no second prompt.
+
+    The slot names the payment id before the record exists, and holds a lease for as long
+    as the first request can take (Daraja's read timeout and a margin). A retry while the
+    lease runs is a 409; once it has passed, the first request died: the retry answers the
+    payment's current state, or, when the record was never created (so nothing was sent),
+    makes the push itself under the same payment id (should the first request come back to
+    life, its record can no longer be created, and it answers the current state too).
+    """
     if not key or len(key) > 255:
         raise ApiError(400, "Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
-    store = get_store()
+    store, payments = get_store(), get_payments()
     slot = idempotency_slot(key)
     fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-    if not store.add(slot, {"fingerprint": fingerprint, "state": "started"}, IDEMPOTENCY_TTL):
+    lease = get_settings().daraja_timeout + IDEMPOTENCY_LEASE_MARGIN
+    claim = {
+        "fingerprint": fingerprint,
+        "state": "started",
+        "lease_until": payments.clock() + lease,
+        "paymentId": new_payment_id(),
+    }
+    if not store.add(slot, claim, IDEMPOTENCY_TTL):
         first = store.get_value(slot) or {}
         if first.get("fingerprint") != fingerprint:
             raise ApiError(
                 409, "This Idempotency-Key was already used with a different request", field="Idempotency-Key"
             )
-        if first.get("state") != "done":
+        if first.get("state") == "done":
+            return replayed(first["answer"], first["status"])
+        if not first.get("paymentId") or payments.clock() < first.get("lease_until", math.inf):
             raise ApiError(409, "A request with this Idempotency-Key is still in progress", field="Idempotency-Key")
-        response = jsonify(first["answer"])
-        response.status_code = first["status"]
-        response.headers["Idempotent-Replayed"] = "true"
-        return response
+        current = payments.status(first["paymentId"])
+        if current is not None:
+            return replayed(status_answer(current, payments.order_status(current)), 200)
+        claim = {**first, "lease_until": payments.clock() + lease}
+        store.set_value(slot, claim, IDEMPOTENCY_TTL)
+    payment_id = claim["paymentId"]
     try:
-        answer, status = start_payment(body)
+        answer, status = start_payment(body, payment_id)
+    except DuplicateTransaction:
+        current = payments.status(payment_id)
+        if current is None:
+            raise
+        return replayed(status_answer(current, payments.order_status(current)), 200)
     except ApiError as error:
-        if error.status == 504:
-            # The prompt may be on its way: a retry must not send a second one.
+        if nothing_sent(payment_id):
+            store.delete(slot)  # no prompt can come: the same key may try again
+        else:  # the prompt may be on its way (a 504...): a retry must not send a second one
             store.set_value(
-                slot,
-                {"fingerprint": fingerprint, "state": "done", "status": error.status, "answer": error.body},
-                IDEMPOTENCY_TTL,
+                slot, {**claim, "state": "done", "status": error.status, "answer": error.body}, IDEMPOTENCY_TTL
             )
-        else:
-            store.delete(slot)  # nothing reached the phone; the same key may try again
         raise
     except Exception:
-        store.delete(slot)
-        raise
-    store.set_value(
-        slot, {"fingerprint": fingerprint, "state": "done", "status": status, "answer": answer}, IDEMPOTENCY_TTL
-    )
+        if nothing_sent(payment_id):
+            store.delete(slot)
+        raise  # else the lease runs out and a retry answers the payment's state
+    store.set_value(slot, {**claim, "state": "done", "status": status, "answer": answer}, IDEMPOTENCY_TTL)
     return jsonify(answer), status
 
 
-def status_for(checkout_id):
-    """The poll answer for checkout_id: kept bytes once settled for good, else from the store."""
-    if not isinstance(checkout_id, str) or not mpesa.ID_PATTERN.match(checkout_id.strip()):
-        raise ApiError(400, "checkoutRequestId is required", field="checkoutRequestId")
-    checkout_id = checkout_id.strip()
+def replayed(answer: dict, status: int):
+    response = jsonify(answer)
+    response.status_code = status
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def nothing_sent(payment_id: str) -> bool:
+    """True when no prompt can have gone out for the payment: no record, or a refused push."""
+    tx = get_store().get(payment_id)
+    return tx is None or (tx.status == "failed" and tx.settled_by == "push")
+
+
+def status_for(identifier, field: str):
+    """The poll answer for a payment id or checkout request id (`field` says which): kept
+    bytes once it can no longer change, else from the store."""
+    if not isinstance(identifier, str) or not mpesa.ID_PATTERN.match(identifier.strip()):
+        if field == "paymentId":
+            raise ApiError(400, "paymentId must be a payment id", field="paymentId")
+        raise ApiError(400, "paymentId or checkoutRequestId is required", field="checkoutRequestId")
+    identifier = identifier.strip()
     answers: FinalAnswers = current_app.extensions["final_answers"]
-    body = answers.get(checkout_id)
+    body = answers.get(identifier)
     if body is not None:
         return current_app.response_class(body, mimetype="application/json")
-    tx = get_payments().status(checkout_id)
+    payments = get_payments()
+    if field == "paymentId" or id_field(identifier) == "paymentId":
+        tx = payments.status(identifier)
+    else:
+        tx = payments.status(checkout_request_id=identifier)
     if tx is None:
         raise ApiError(404, "Transaction not found", status="not_found")
-    response = jsonify(status_answer(tx))
-    if settled_for_good(tx):
+    order_status = payments.order_status(tx)
+    response = jsonify(status_answer(tx, order_status))
+    # A failed attempt's order may still be paid by another attempt: its answer may change.
+    if settled_for_good(tx) and (order_status == "completed" or tx.order_id is None):
         answers.keep(tx, response.get_data())
     return response
 
@@ -534,16 +619,21 @@ class FinalAnswers:
         self._retention = retention
         self._clock = clock
         self._size = size
-        self._answers: dict[str, tuple[bytes, float]] = {}
+        # payment id -> (answer, kept until, checkout request id); polls may name either id
+        self._answers: dict[str, tuple[bytes, float, str | None]] = {}
+        self._by_checkout_id: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def get(self, checkout_id: str) -> bytes | None:
-        kept = self._answers.get(checkout_id)
+    def get(self, identifier: str) -> bytes | None:
+        """The answer kept for a payment id or a checkout request id, if any."""
+        payment_id = self._by_checkout_id.get(identifier, identifier)
+        kept = self._answers.get(payment_id)
         if kept is None:
             return None
-        body, until = kept
+        body, until, _ = kept
         if self._clock() >= until:
-            self._answers.pop(checkout_id, None)
+            with self._lock:
+                self._forget(payment_id)
             return None
         return body
 
@@ -554,9 +644,16 @@ class FinalAnswers:
         if self._clock() >= until:
             return
         with self._lock:
-            self._answers[tx.checkout_request_id] = (body, until)
+            self._answers[tx.payment_id] = (body, until, tx.checkout_request_id)
+            if tx.checkout_request_id is not None:
+                self._by_checkout_id[tx.checkout_request_id] = tx.payment_id
             while len(self._answers) > self._size:
-                del self._answers[next(iter(self._answers))]
+                self._forget(next(iter(self._answers)))
+
+    def _forget(self, payment_id: str) -> None:
+        _, _, checkout_id = self._answers.pop(payment_id, (b"", 0.0, None))
+        if checkout_id is not None:
+            self._by_checkout_id.pop(checkout_id, None)
 
 
 def address_allowed(address: str | None, networks) -> bool:

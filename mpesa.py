@@ -215,16 +215,27 @@ def normalize_result_code(value) -> int | str:
 
 
 class DarajaError(Exception):
-    """A call to Daraja did not succeed; carries what an operator needs to look it up."""
+    """A call to Daraja did not succeed; carries what an operator needs to look it up.
+
+    request_sent is False when the request certainly never left (no connection was made,
+    or no token to send it with was had), None when that is not known.
+    """
 
     def __init__(
-        self, message: str, *, status: int | None = None, error_code: str | None = None, request_id: str | None = None
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error_code: str | None = None,
+        request_id: str | None = None,
+        request_sent: bool | None = None,
     ):
         super().__init__(message)
         self.message = message
         self.status = status
         self.error_code = error_code
         self.request_id = request_id
+        self.request_sent = request_sent
 
     def __str__(self) -> str:
         code = f" [{self.error_code}]" if self.error_code else ""
@@ -736,7 +747,11 @@ class Daraja:
         refreshed = False
         attempt = 0
         while True:
-            token = self.access_token()
+            try:
+                token = self.access_token()
+            except DarajaError as error:
+                error.request_sent = False  # without a token the request was never sent
+                raise
             try:
                 response = self._send(
                     "POST", path, what, json=payload, headers={"Authorization": f"Bearer {token}"}, phone=phone
@@ -769,7 +784,7 @@ class Daraja:
             # ConnectTimeout is a ConnectionError: nothing was sent.
             if isinstance(error, requests.ConnectTimeout) or not _sent(error):
                 log.error("daraja %s: cannot connect to %s", what, self.base_url)
-                raise DarajaUnavailable(f"Cannot reach Daraja at {self.base_url}") from None
+                raise DarajaUnavailable(f"Cannot reach Daraja at {self.base_url}", request_sent=False) from None
             log.error("daraja %s: connection lost after sending", what)
             raise DarajaTimeout(f"Daraja {what} connection was lost after the request was sent") from None
         except requests.Timeout:

@@ -1,12 +1,27 @@
 """The payment life cycle: start a push, learn its outcome, settle it exactly once.
 
+A payment exists before its push leaves: the record is created under a payment id of
+our own ("pay_" + 24 hex digits), and that id is in the push's CallBackURL, so a callback
+finds its payment even when Daraja's answer to the push (the CheckoutRequestID) was lost.
+A push Daraja certainly refused settles the record failed at once ("push"); one whose
+fate is unknown (no answer in time, an answer that is not Daraja's) leaves it pending.
+
 A payment is pending until Daraja tells us how it ended, by callback (the fast
 path) or by STK Query (the fallback when callbacks are lost). The first result
 from Daraja wins; repeats and contradicting results are recorded and ignored.
 Past TRANSACTION_TTL a pending payment gets one last query and is otherwise
 marked failed with reason "timeout" — our own verdict, not Daraja's, so a real
 result arriving later still replaces it (flagged "late_result") rather than
-leaving money taken from a customer unrecorded.
+leaving money taken from a customer unrecorded. A payment whose push was never
+answered cannot be queried: past its TTL it is failed with reason "unknown", which a
+later callback replaces the same way.
+
+A callback that matches no payment becomes a record of its own, flagged "unmatched"
+("paid, not matched" when it brings money): never matched on phone and amount, whose
+callbacks may mask the one and failures carry neither.
+
+Each payment belongs to an order (the shop's orderId, the catalogue order, or one of
+ours): an order is paid once any of its attempts completed (`order_status`).
 
 Knows nothing of Flask: the server turns these results into HTTP answers.
 """
@@ -34,6 +49,16 @@ FINAL_OUTCOMES = ("completed", "failed", "amount_mismatch", "timed_out")
 
 
 TICKET_TTL = 400 * 24 * 3600  # a ticket can be looked up (and checked in) this long
+PAYMENT_ID_PREFIX = "pay_"
+
+
+def new_payment_id() -> str:
+    """An opaque id of our own; hex cannot spell a word Daraja refuses in a CallBackURL."""
+    return PAYMENT_ID_PREFIX + secrets.token_hex(12)
+
+
+def new_order_id() -> str:
+    return "ord_" + secrets.token_hex(8)
 
 
 @dataclass(frozen=True)
@@ -43,14 +68,48 @@ class PaymentRequest:
     description: str
     account_reference: str
     order: checkout.Order | None = None
+    order_id: str | None = None  # the shop's, or the catalogue order's number; else one of ours
+
+
+class PushFailed(Exception):
+    """Daraja did not accept the push: `error` says how, `payment` is the record as it stands.
+
+    The record is failed (settled_by "push") when the prompt certainly never left, and
+    still pending when it may have reached the phone (push_sent_maybe).
+    """
+
+    def __init__(self, error: mpesa.DarajaError, payment: Transaction):
+        super().__init__(str(error))
+        self.error = error
+        self.payment = payment
+
+
+def push_sent_maybe(error: mpesa.DarajaError) -> bool:
+    """False when the push certainly did not reach Daraja or was refused by it."""
+    refused = (mpesa.DarajaRequestError, mpesa.DarajaAuthError, mpesa.DarajaRateLimited)
+    return not isinstance(error, refused) and error.request_sent is not False
 
 
 class SoldOut(Exception):
-    """Not enough units of an item left for this order."""
+    """Not enough units of an item left for this order; `payment` is its failed record."""
 
     def __init__(self, item: checkout.OrderLine):
         super().__init__(f"Sold out: {item.name}")
         self.item = item
+        self.payment: Transaction | None = None
+
+
+def shown(payment_id: str | None) -> str:
+    """A payment id as logs show it: records made before payment ids have their
+    CheckoutRequestID as payment id, and it ends with the payer's number."""
+    return mpesa.mask_checkout_id(payment_id)
+
+
+def whole_shillings(amount: Decimal | None) -> int | None:
+    """A callback's Amount as whole KES; None when absent or not a whole number."""
+    if amount is None or amount != amount.to_integral_value() or amount < 0:
+        return None
+    return int(amount)
 
 
 def event(name: str, at: float, **details) -> dict:
@@ -127,9 +186,9 @@ class Payments:
         # other change: what it writes on tx is saved with the verdict or not at all.
         self.on_settling = on_settling
 
-    @property
-    def callback_url(self) -> str:
-        return f"{self.settings.callback_url}/hooks/stk/{self.settings.callback_token}"
+    def callback_url(self, payment_id: str) -> str:
+        """Where Daraja is to send this payment's result: the id in the path finds the record."""
+        return f"{self.settings.callback_url}/hooks/stk/{self.settings.callback_token}/{payment_id}"
 
     def prepare(self, body) -> PaymentRequest:
         """Check a /stkpush body and price it; raise mpesa.InvalidInput naming the bad field."""
@@ -148,6 +207,9 @@ class Payments:
             if len(value) > limit:
                 raise mpesa.InvalidInput(name, f"{name} must be at most {limit} characters")
             texts[name] = value.strip()
+        order_id = body.get("orderId")
+        if order_id is not None and not (isinstance(order_id, str) and mpesa.ID_PATTERN.match(order_id)):
+            raise mpesa.InvalidInput("orderId", "orderId must be 1 to 64 letters, digits, _ or -")
         order = None
         if body.get("items") is not None:
             if self.catalog is None:
@@ -162,107 +224,146 @@ class Payments:
             if self.settings.checkout_secret:
                 checkout.check_link(self.settings.checkout_secret, body, self.clock())
             amount = mpesa.validate_amount(body.get("amount"), self.settings.max_amount)
-        return PaymentRequest(phone, amount, texts["description"], texts["accountReference"], order)
+        return PaymentRequest(
+            phone,
+            amount,
+            texts["description"],
+            texts["accountReference"],
+            order,
+            order_id or (order.number if order else None),
+        )
 
-    def start(self, request: PaymentRequest) -> tuple[Transaction, mpesa.PushAccepted]:
-        """Hold stock, send the prompt and record the pending payment.
+    def start(self, request: PaymentRequest, payment_id: str | None = None) -> tuple[Transaction, mpesa.PushAccepted]:
+        """Record the pending payment, hold its stock, send the prompt, note Daraja's ids.
 
-        SoldOut and Daraja errors propagate (with the stock released again).
+        payment_id, when given, is the id to create the record under (an Idempotency-Key's
+        slot names it first). SoldOut propagates with the record failed; a Daraja error as
+        PushFailed, with the record failed or, if the prompt may be on its way, pending.
         """
-        owner = secrets.token_hex(8)
-        if request.order is not None:
-            self._link_stock_owner(owner, {"since": self.clock()})
-        held = self._hold_stock(request.order, owner)
-        reference = request.account_reference or (request.order.number if request.order else "")
+        tx = self._create(request, payment_id or new_payment_id())
+        try:
+            held = self._hold_stock(request.order, tx.payment_id)
+        except SoldOut as sold_out:
+            sold_out.payment = self._refuse(tx.payment_id, "rejected", str(sold_out))
+            raise
+        if held:
+            marked, _ = self.store.update(tx.payment_id, lambda tx: tx.extra.update(stock="held"))
+            tx = marked or tx
         try:
             accepted = metrics.timed("stk_push", self.daraja.stk_push)(
                 request.phone,
                 request.amount,
-                callback_url=self.callback_url,
-                account_reference=reference or request.description,
+                callback_url=self.callback_url(tx.payment_id),
+                account_reference=tx.account_reference or request.description,
                 description=request.description,
             )
-        except BaseException:
-            if held:
-                self.store.release_stock(owner)
+        except mpesa.DarajaError as error:
+            raise PushFailed(error, self._push_failed(tx.payment_id, error)) from error
+        except Exception as error:
+            self._push_outcome_unknown(tx.payment_id, type(error).__name__)
             raise
+        return self._push_accepted(tx.payment_id, accepted), accepted
+
+    def _create(self, request: PaymentRequest, payment_id: str) -> Transaction:
         now = self.clock()
+        order_id = request.order_id or new_order_id()
         extra: dict[str, Any] = {}
         if request.order is not None:
             extra["order"] = request.order.to_dict()
-        if held:
-            extra["stock"] = "held"
-            extra["stockOwner"] = owner
         tx = Transaction(
-            checkout_request_id=accepted.checkout_request_id,
-            merchant_request_id=accepted.merchant_request_id,
-            phone=request.phone,
-            amount=request.amount,
-            account_reference=reference,
+            payment_id,
+            request.phone,
+            request.amount,
+            order_id=order_id,
+            account_reference=request.account_reference or (request.order.number if request.order else ""),
             description=request.description,
             initiated_at=now,
             extra=extra,
             history=[
-                event("initiated", now, amount=request.amount, accountReference=request.account_reference),
+                event(
+                    "initiated",
+                    now,
+                    amount=request.amount,
+                    accountReference=request.account_reference,
+                    orderId=order_id,
+                )
+            ],
+        )
+        self.store.create(tx)
+        log.info(
+            "payment %s started: %s KES phone=%s order=%s", payment_id, tx.amount, mpesa.mask_phone(tx.phone), order_id
+        )
+        return tx
+
+    def _push_accepted(self, payment_id: str, accepted: mpesa.PushAccepted) -> Transaction:
+        now = self.clock()
+
+        def note(tx: Transaction) -> None:
+            if tx.checkout_request_id is None:  # else its callback came first and set it
+                tx.checkout_request_id = accepted.checkout_request_id
+                tx.merchant_request_id = accepted.merchant_request_id
+            tx.history.append(
                 event(
                     "push_accepted",
                     now,
                     merchantRequestId=accepted.merchant_request_id,
                     customerMessage=accepted.customer_message,
-                ),
-            ],
-        )
-        try:
-            self.store.create(tx)
-        except DuplicateTransaction:
-            log.error(
-                "daraja returned a CheckoutRequestID already stored: %s",
-                mpesa.mask_checkout_id(accepted.checkout_request_id),
+                )
             )
-            raise
-        if held:
-            self._link_stock_owner(owner, {"checkoutRequestId": tx.checkout_request_id})
-        log.info(
-            "payment %s started: %s KES phone=%s",
-            mpesa.mask_checkout_id(tx.checkout_request_id),
-            tx.amount,
-            mpesa.mask_phone(tx.phone),
-        )
-        orphan = self.store.get_value(f"orphan:{tx.checkout_request_id}")
-        if orphan:
-            self.store.delete(f"orphan:{tx.checkout_request_id}")
-            self.handle_callback(orphan["body"])
-        return self.store.get(tx.checkout_request_id) or tx, accepted
 
-    def handle_callback(self, body) -> Transaction | None:
-        """Apply a Daraja callback; MalformedCallback propagates, unknown ids are kept aside."""
+        try:
+            tx, _ = self.store.update(payment_id, note)
+        except DuplicateTransaction:
+            log.error("payment %s: daraja answered with a CheckoutRequestID another payment has", payment_id)
+            raise
+        if tx is None:
+            raise LookupError(f"payment {payment_id} left the store while its push was sent")
+        log.info("payment %s pushed: the prompt is on its way", payment_id)
+        return tx
+
+    def _push_failed(self, payment_id: str, error: mpesa.DarajaError) -> Transaction:
+        """Settle the record of a push that never reached the phone; note one that may have."""
+        if push_sent_maybe(error):
+            return self._push_outcome_unknown(payment_id, str(error))
+        reason = "rejected" if isinstance(error, mpesa.DarajaRequestError) else "error"
+        return self._refuse(payment_id, reason, str(error))
+
+    def _push_outcome_unknown(self, payment_id: str, error: str) -> Transaction:
+        now = self.clock()
+        log.warning("payment %s: push outcome unknown (%s); the callback or a query will tell", payment_id, error)
+        tx, _ = self.store.update(
+            payment_id, lambda tx: tx.history.append(event("push_outcome_unknown", now, error=error))
+        )
+        if tx is None:
+            raise LookupError(f"payment {payment_id} left the store while its push was sent")
+        return tx
+
+    def _refuse(self, payment_id: str, reason: str, why: str) -> Transaction:
+        """Fail a payment whose prompt never left: Daraja refused it, or there was nothing to sell."""
+        now = self.clock()
+
+        def refuse(tx: Transaction) -> str:
+            if tx.is_final:
+                return "already_final"
+            tx.settled_by, tx.result_desc, tx.completed_at = "push", why, now
+            tx.history.append(event("push_refused", now, reason=reason, error=why))
+            return self._finish(tx, "failed", reason, now)
+
+        tx, outcome = self.store.update(payment_id, refuse)
+        if tx is None:
+            raise LookupError(f"payment {payment_id} left the store while its push was sent")
+        self._log_outcome(tx, "push", outcome)
+        return tx
+
+    def handle_callback(self, body, payment_id: str | None = None) -> Transaction:
+        """Apply a Daraja callback to its payment, or record it unmatched; MalformedCallback propagates.
+
+        payment_id is the one in the callback's path (pushes sent by this version carry it).
+        """
         result = mpesa.parse_callback(body)
         now = self.clock()
-        tx, outcome = self.store.update(
-            result.checkout_request_id,
-            lambda tx: self._settle(
-                tx,
-                source="callback",
-                code=result.result_code,
-                desc=result.result_desc,
-                amount=result.amount,
-                receipt=result.receipt,
-                transaction_date=result.transaction_date,
-                raw=body,
-                now=now,
-            ),
-        )
-        metrics.callback(outcome or "unknown_id")
-        if tx is None:
-            log.warning(
-                "callback for unknown CheckoutRequestID %s (ResultCode %s) kept for matching",
-                mpesa.mask_checkout_id(result.checkout_request_id),
-                result.result_code,
-            )
-            self.store.set_value(
-                f"orphan:{result.checkout_request_id}", {"body": body}, self.settings.retention_seconds
-            )
-            return None
+        tx, outcome = self._apply_callback(result, body, now, payment_id)
+        metrics.callback(outcome)
         if outcome == "amount_missing":
             return self._confirm_amountless(tx)
         self._log_outcome(tx, "callback", outcome)
@@ -275,16 +376,111 @@ class Payments:
         amount_unconfirmed, another code fails it, and pending leaves it to the usual queries.
         """
         log.warning(
-            "callback for %s says paid but carries no amount: confirming by STK Query",
-            mpesa.mask_checkout_id(tx.checkout_request_id),
+            "callback for payment %s says paid but carries no amount: confirming by STK Query", shown(tx.payment_id)
         )
         if not self._may_query(tx):
             return tx  # queried a moment ago: the next status poll or reconcile asks again
         return self._query_and_settle(tx) or tx
 
-    def status(self, checkout_request_id: str) -> Transaction | None:
-        """The stored record, after asking Daraja when a callback is overdue."""
-        tx = self.store.get(checkout_request_id)
+    def _apply_callback(
+        self, result: mpesa.CallbackResult, body, now: float, payment_id: str | None, again: bool = False
+    ) -> tuple[Transaction, str]:
+        """Settle the callback's payment, or record it unmatched; (record, outcome)."""
+        checkout_id = result.checkout_request_id
+        target = self._callback_target(checkout_id, payment_id)
+
+        def settle(tx: Transaction) -> str:
+            if tx.checkout_request_id is None:  # the push's answer never came: the URL found it
+                tx.checkout_request_id = checkout_id
+                tx.merchant_request_id = result.merchant_request_id or None
+                tx.history.append(event("matched_by_callback_url", now))
+            return self._settle(
+                tx,
+                source="callback",
+                code=result.result_code,
+                desc=result.result_desc,
+                amount=result.amount,
+                receipt=result.receipt,
+                transaction_date=result.transaction_date,
+                raw=body,
+                now=now,
+            )
+
+        if target is not None:
+            try:
+                tx, outcome = self.store.update(target, settle)
+            except DuplicateTransaction:  # its CheckoutRequestID is another record's: that one's it
+                if again:
+                    raise
+                return self._apply_callback(result, body, now, None, again=True)
+            if tx is not None and outcome is not None:
+                return tx, outcome
+        unmatched = self._unmatched(result, body, now)
+        try:
+            self.store.create(unmatched)
+        except DuplicateTransaction:  # a repeat of a callback recorded meanwhile
+            if again:
+                raise
+            return self._apply_callback(result, body, now, None, again=True)
+        return unmatched, "unmatched"
+
+    def _callback_target(self, checkout_id: str, payment_id: str | None) -> str | None:
+        """The payment id of the record a callback is for, or None."""
+        if payment_id is not None:
+            tx = self.store.get(payment_id)
+            if tx is not None and tx.checkout_request_id in (None, checkout_id):
+                return payment_id
+            if tx is not None:
+                log.warning(
+                    "callback to payment %s carries another CheckoutRequestID than its own: matched by that id",
+                    shown(payment_id),
+                )
+        found = self.store.find(checkout_id)
+        return found.payment_id if found is not None else None
+
+    def _unmatched(self, result: mpesa.CallbackResult, body, now: float) -> Transaction:
+        """A record of its own for a callback that matches no payment (never matched on phone + amount)."""
+        amount = whole_shillings(result.amount)
+        paid = result.result_code == 0 and amount is not None
+        reason = None if paid else mpesa.result_reason(result.result_code)[0]
+        tx = Transaction(
+            new_payment_id(),
+            result.phone or "",  # as the callback gives it: Safaricom may mask it
+            amount or 0,
+            checkout_request_id=result.checkout_request_id,
+            merchant_request_id=result.merchant_request_id or None,
+            status="completed" if paid else "failed",
+            reason=reason,
+            result_code=result.result_code,
+            result_desc=result.result_desc,
+            mpesa_receipt_number=result.receipt if paid else None,
+            transaction_date=result.transaction_date.isoformat() if paid and result.transaction_date else None,
+            callback=body,
+            initiated_at=now,
+            completed_at=now,
+            settled_by="callback",
+            flags=["unmatched"],
+            history=[
+                event(
+                    "callback_received",
+                    now,
+                    resultCode=result.result_code,
+                    resultDesc=result.result_desc,
+                    receipt=result.receipt,
+                    raw=body,
+                ),
+                event("unmatched", now),
+            ],
+        )
+        return tx
+
+    def status(self, payment_id: str | None = None, *, checkout_request_id: str | None = None) -> Transaction | None:
+        """The record with this payment id (or CheckoutRequestID), after asking Daraja when a
+        callback is overdue."""
+        if payment_id is not None:
+            tx = self.store.get(payment_id)
+        else:
+            tx = self.store.find(checkout_request_id) if checkout_request_id is not None else None
         if tx is not None and tx.extra.get("stock") in ("to_release", "to_reclaim"):
             self._move_stock(tx)  # its verdict was saved but the process died before moving the stock
         if tx is None or tx.is_final:
@@ -292,21 +488,27 @@ class Payments:
         age = self.clock() - tx.initiated_at
         if age >= self.settings.transaction_ttl:
             return self.settle_expired(tx)
-        if age >= self.settings.first_query_after and self._may_query(tx):
+        if tx.checkout_request_id is not None and age >= self.settings.first_query_after and self._may_query(tx):
             return self._query_and_settle(tx) or tx
         return tx
 
+    def order_status(self, tx: Transaction) -> str:
+        """ "completed" once an attempt of tx's order for the same amount completed; else tx's status."""
+        if tx.status == "completed" or tx.order_id is None:
+            return tx.status
+        paid = self.store.get_value(f"order:{tx.order_id}")
+        return "completed" if paid is not None and paid.get("amount") == tx.amount else tx.status
+
     def settle_expired(self, tx: Transaction) -> Transaction:
-        """One last query for a payment past its TTL; otherwise mark it timed out."""
-        if not self.store.add(
-            f"final-query:{tx.checkout_request_id}", {"at": self.clock()}, self.settings.query_interval
-        ):
-            return self.store.get(tx.checkout_request_id) or tx
-        settled = self._query_and_settle(tx)
-        if settled is not None and settled.is_final:
-            return settled
+        """One last query for a payment past its TTL; otherwise mark it timed out (or unknown)."""
+        if not self.store.add(f"final-query:{tx.payment_id}", {"at": self.clock()}, self.settings.query_interval):
+            return self.store.get(tx.payment_id) or tx
+        if tx.checkout_request_id is not None:  # without it there is nothing to query
+            settled = self._query_and_settle(tx)
+            if settled is not None and settled.is_final:
+                return settled
         now = self.clock()
-        timed_out, outcome = self.store.update(tx.checkout_request_id, lambda tx: self._time_out(tx, now))
+        timed_out, outcome = self.store.update(tx.payment_id, lambda tx: self._time_out(tx, now))
         self._log_outcome(timed_out, "timeout", outcome)
         return timed_out or tx
 
@@ -322,46 +524,50 @@ class Payments:
         """Release (or keep, when paid) the holds a crash left behind.
 
         A hold outlives its payment's verdict only if the process died between saving the
-        verdict and moving the stock, and outlives its request if the process died first.
+        verdict and moving the stock. Every hold belongs to a record made before it; a hold
+        whose record is gone is released, one whose payment is still pending is left alone.
         """
         for owner in self.store.stock_holders():
-            tx, starting = self._stock_payment(owner)
+            tx = self.store.get(owner)
             if tx is not None and tx.is_final:
                 self._move_stock(tx)
                 log.info(
                     "reconcile: stock held for %s payment %s %s",
                     tx.status,
-                    mpesa.mask_checkout_id(tx.checkout_request_id),
+                    shown(tx.payment_id),
                     "kept" if tx.status == "completed" else "released",
                 )
-            elif tx is None and not starting:
+            elif tx is None:
                 released = self.store.release_stock(owner)
                 if released:
-                    log.warning("reconcile: stock held for unknown payment %s released: %s", owner, released)
+                    log.warning("reconcile: stock held for unknown payment %s released: %s", shown(owner), released)
 
     def _may_query(self, tx: Transaction) -> bool:
         # One query per transaction per interval across every thread, worker and dyno.
-        return self.store.add(f"query:{tx.checkout_request_id}", {"at": self.clock()}, self.settings.query_interval)
+        return self.store.add(f"query:{tx.payment_id}", {"at": self.clock()}, self.settings.query_interval)
 
     def _query_and_settle(self, tx: Transaction) -> Transaction | None:
         now = self.clock()
+        checkout_id = tx.checkout_request_id
+        if checkout_id is None:
+            return None
         try:
-            result = metrics.timed("stk_query", self.daraja.stk_query)(tx.checkout_request_id)
+            result = metrics.timed("stk_query", self.daraja.stk_query)(checkout_id)
         except mpesa.DarajaError as error:
-            log.warning("stk query for %s failed: %s", mpesa.mask_checkout_id(tx.checkout_request_id), error)
+            log.warning("stk query for payment %s failed: %s", shown(tx.payment_id), error)
             failure = str(error)
             queried, _ = self.store.update(
-                tx.checkout_request_id,
+                tx.payment_id,
                 lambda tx: tx.history.append(event("queried", now, result="error", error=failure)),
             )
             return queried
         if result.pending:
             queried, _ = self.store.update(
-                tx.checkout_request_id, lambda tx: tx.history.append(event("queried", now, result="pending"))
+                tx.payment_id, lambda tx: tx.history.append(event("queried", now, result="pending"))
             )
             return queried
         settled, outcome = self.store.update(
-            tx.checkout_request_id,
+            tx.payment_id,
             lambda tx: self._settle(tx, source="query", code=result.result_code, desc=result.result_desc, now=now),
         )
         self._log_outcome(settled, "query", outcome)
@@ -424,13 +630,21 @@ class Payments:
         return self._finish(tx, "failed", reason, now)
 
     def _time_out(self, tx: Transaction, now: float) -> str:
+        """Our own verdict on a payment Daraja never settled: "timeout", or "unknown" when the
+        push was never answered (so its prompt may or may not have been shown)."""
         if tx.is_final:
             return "already_final"
         tx.settled_by = "timeout"
-        tx.result_desc = "No answer from M-Pesa before the payment timed out"
         tx.completed_at = now
-        tx.history.append(event("timed_out", now, after=round(now - tx.initiated_at, 1)))
-        self._finish(tx, "failed", "timeout", now)
+        after = round(now - tx.initiated_at, 1)
+        if tx.checkout_request_id is None:
+            tx.result_desc = "The push's outcome never became known: no answer from M-Pesa and no callback"
+            tx.history.append(event("outcome_unknown", now, after=after))
+            self._finish(tx, "failed", "unknown", now)
+        else:
+            tx.result_desc = "No answer from M-Pesa before the payment timed out"
+            tx.history.append(event("timed_out", now, after=after))
+            self._finish(tx, "failed", "timeout", now)
         return "timed_out"
 
     def _finish(self, tx: Transaction, status: str, reason: str | None, now: float) -> str:
@@ -486,25 +700,11 @@ class Payments:
         lines = (tx.extra.get("order") or {}).get("items", [])
         return [(line["id"], line["quantity"]) for line in lines if self._capacity(line["id"]) is not None]
 
-    # The record is created once Daraja accepts the push, under Daraja's id, so the hold taken
-    # before the push has an id of its own, named on the record (extra "stockOwner") and
-    # linked back to it here; the link says when a push that has no record yet started.
-
     @staticmethod
     def _stock_owner(tx: Transaction) -> str | None:
-        """The id the payment holds stock under; None for records made before holds had owners."""
-        return tx.extra.get("stockOwner")
-
-    def _link_stock_owner(self, owner: str, link: dict) -> None:
-        self.store.set_value(f"stock-owner:{owner}", link, self.settings.retention_seconds)
-
-    def _stock_payment(self, owner: str) -> tuple[Transaction | None, bool]:
-        """The payment holding stock as owner, and whether its push may still be under way."""
-        link = self.store.get_value(f"stock-owner:{owner}") or {}
-        if "checkoutRequestId" in link:
-            return self.store.get(link["checkoutRequestId"]), False
-        starting = "since" in link and self.clock() - link["since"] < self.settings.transaction_ttl
-        return None, starting
+        """The id the payment holds its stock under: its payment id. None for a record made
+        before payments had ids (and orders) of their own, whose units sit in the counters alone."""
+        return tx.payment_id if tx.order_id is not None else None
 
     def _move_stock(self, tx: Transaction) -> None:
         """Carry out what the saved verdict means for the payment's units, exactly once.
@@ -539,7 +739,7 @@ class Payments:
             tx.extra["stock"] = marker
             return True
 
-        _, claimed = self.store.update(tx.checkout_request_id, claim)
+        _, claimed = self.store.update(tx.payment_id, claim)
         return bool(claimed)
 
     def _reclaim_stock(self, tx: Transaction, owner: str | None) -> None:
@@ -556,9 +756,9 @@ class Payments:
                     item_id,
                     sold,
                     capacity,
-                    mpesa.mask_checkout_id(tx.checkout_request_id),
+                    shown(tx.payment_id),
                 )
-                self.store.update(tx.checkout_request_id, lambda tx: tx.flags.append("oversold"))
+                self.store.update(tx.payment_id, lambda tx: tx.flags.append("oversold"))
 
     def available(self, item: checkout.Item) -> int | None:
         """Units of item still for sale (capacity minus held and sold)."""
@@ -569,7 +769,8 @@ class Payments:
     def ticket(self, number: str) -> tuple[Transaction, dict] | None:
         """The paid payment a ticket number belongs to, and the ticket."""
         entry = self.store.get_value(f"ticket:{number}")
-        tx = self.store.get(entry["checkoutRequestId"]) if entry else None
+        # Tickets sold before payment ids name the CheckoutRequestID: their records' key.
+        tx = self.store.get(entry.get("paymentId") or entry["checkoutRequestId"]) if entry else None
         if tx is None or tx.status != "completed":
             return None
         ticket = next((t for t in tx.extra.get("tickets", []) if t["number"] == number), None)
@@ -584,9 +785,7 @@ class Payments:
         now = self.clock()
         if not self.store.add(f"checkin:{number}", {"at": now}, TICKET_TTL):
             return ticket, self.store.get_value(f"checkin:{number}")
-        self.store.update(
-            tx.checkout_request_id, lambda tx: tx.history.append(event("ticket_checked_in", now, ticket=number))
-        )
+        self.store.update(tx.payment_id, lambda tx: tx.history.append(event("ticket_checked_in", now, ticket=number)))
         return ticket, None
 
     def _log_outcome(self, tx: Transaction | None, source: str, outcome) -> None:
@@ -599,32 +798,39 @@ class Payments:
             self._move_stock(tx)
         if outcome == "completed":
             for ticket in tx.extra.get("tickets", []):
-                self.store.set_value(
-                    f"ticket:{ticket['number']}", {"checkoutRequestId": tx.checkout_request_id}, TICKET_TTL
+                self.store.set_value(f"ticket:{ticket['number']}", {"paymentId": tx.payment_id}, TICKET_TTL)
+            if tx.order_id is not None:  # the order is paid, whatever its other attempts did
+                self.store.add(
+                    f"order:{tx.order_id}",
+                    {"paymentId": tx.payment_id, "amount": tx.amount},
+                    self.settings.retention_seconds,
                 )
         if outcome in FINAL_OUTCOMES and self.on_final is not None:
             try:
                 self.on_final(tx)
             except Exception:  # a notification problem must never undo a settled payment
-                log.exception("on_final hook failed for %s", mpesa.mask_checkout_id(tx.checkout_request_id))
+                log.exception("on_final hook failed for payment %s", shown(tx.payment_id))
         if outcome in ("duplicate", "contradiction"):
             log.warning(
-                "%s for %s ignored (%s): payment already %s",
-                source,
-                mpesa.mask_checkout_id(tx.checkout_request_id),
-                outcome,
-                tx.status,
+                "%s for payment %s ignored (%s): payment already %s", source, shown(tx.payment_id), outcome, tx.status
             )
         elif outcome == "amount_mismatch":
             log.error(
                 "payment %s paid a different amount than the %s KES asked: not completed",
-                mpesa.mask_checkout_id(tx.checkout_request_id),
+                shown(tx.payment_id),
                 tx.amount,
+            )
+        elif outcome == "unmatched":
+            log.warning(
+                "callback matched no payment (ResultCode %s): recorded as payment %s, %s and unmatched",
+                tx.result_code,
+                tx.payment_id,
+                tx.status,
             )
         else:
             log.info(
                 "payment %s %s via %s (reason=%s) phone=%s",
-                mpesa.mask_checkout_id(tx.checkout_request_id),
+                shown(tx.payment_id),
                 tx.status,
                 source,
                 tx.reason or "-",

@@ -166,8 +166,10 @@ def create_app(
         """Query every payment still pending past its TTL and settle it."""
         settled = get_payments().reconcile()
         for tx in settled:
-            # Printed output ends up in logs (Heroku Scheduler): ids masked like everywhere.
-            print(f"{mpesa.mask_checkout_id(tx.checkout_request_id)} {tx.status} {tx.reason or ''}".rstrip())
+            # Printed output ends up in logs (Heroku Scheduler): the opaque payment id, never
+            # the CheckoutRequestID, which ends with the payer's number (and is the payment
+            # id of records made before payment ids: masked, then).
+            print(f"{mpesa.mask_checkout_id(tx.payment_id)} {tx.status} {tx.reason or ''}".rstrip())
         print(f"{len(settled)} payment(s) settled")
         notifier = current_app.extensions.get("webhooks")
         if notifier is not None:

@@ -6,9 +6,10 @@
     sender.redeliver_pending()   # the upkeep round (upkeep.py) and reconcile: queue what is due
     sender.close()
 
-One event per final status. Its id comes from the record, evt_<CheckoutRequestID>_<status>
-(or _late for a real result that replaced our own timeout), so a redelivery reuses the id
-and a shop dedupes on it. The event is copied into the record when queued
+One event per final status. Its id comes from the record, evt_<paymentId>_<status> (or
+_late for a real result that replaced our own timeout), so a redelivery reuses the id and a
+shop dedupes on it. (Records made before payment ids have their CheckoutRequestID as
+payment id, so their events keep the ids they always had.) The event is copied into the record when queued
 (extra["webhooks"][id]) and every attempt sends that same body, signed Stripe's way:
 
     Mpesa-Signature: t=<unix time>,v1=<hex HMAC-SHA256(secret, f"{t}." + body)>
@@ -118,8 +119,8 @@ def _secrets(secret) -> tuple[str, ...]:
 
 
 def event_id(tx: Transaction) -> str:
-    """evt_<CheckoutRequestID>_<status>, or _late for a result that replaced our timeout."""
-    return f"evt_{tx.checkout_request_id}_{'late' if 'late_result' in tx.flags else tx.status}"
+    """evt_<paymentId>_<status>, or _late for a result that replaced our timeout."""
+    return f"evt_{tx.payment_id}_{'late' if 'late_result' in tx.flags else tx.status}"
 
 
 def event_for(tx: Transaction) -> dict:
@@ -132,6 +133,8 @@ def event_for(tx: Transaction) -> dict:
         "type": "payment.completed" if tx.status == "completed" else "payment.failed",
         "created": int(created),
         "data": {
+            "paymentId": tx.payment_id,
+            "orderId": tx.order_id,
             "checkoutRequestId": tx.checkout_request_id,
             "merchantRequestId": tx.merchant_request_id,
             "status": tx.status,
@@ -195,7 +198,7 @@ def _iso(epoch: float | None) -> str | None:
 
 
 def _loggable(event: str) -> str:
-    """The event id with the payer's number inside the CheckoutRequestID masked."""
+    """The event id with the payer's number masked, for the ids that are a CheckoutRequestID."""
     head, _, suffix = event.rpartition("_")
     return f"evt_{mask_checkout_id(head.removeprefix('evt_'))}_{suffix}"
 
@@ -267,7 +270,7 @@ def _describe(error: requests.RequestException) -> str:
 
 @dataclass
 class _Job:
-    checkout_request_id: str
+    payment_id: str
     event_id: str
     attempts: int  # attempts recorded when queued or since made here: the job goes on from there
     failures: int = 0  # unexpected errors (store down...), not answers from the shop
@@ -348,12 +351,12 @@ class WebhookSender:
         entry = tx.extra.get("webhooks", {}).get(event["id"])
         if entry is None:  # not recorded while settling: record it now
             now = self.clock()
-            stored, entry = self.store.update(tx.checkout_request_id, lambda t: _recorded(t, event, now))
+            stored, entry = self.store.update(tx.payment_id, lambda t: _recorded(t, event, now))
             if stored is None:
                 log.warning("webhook %s not sent: record gone", _loggable(event["id"]))
                 return None
         if not (entry["delivered"] or entry["givenUp"]):
-            self._enqueue(_Job(tx.checkout_request_id, event["id"], entry["attempts"]))
+            self._enqueue(_Job(tx.payment_id, event["id"], entry["attempts"]))
         return event["id"]
 
     def redeliver_pending(
@@ -379,7 +382,7 @@ class WebhookSender:
                     if event in seen or not _due(entry, now):
                         continue
                     seen.add(event)
-                    job = _Job(tx.checkout_request_id, event, entry["attempts"])
+                    job = _Job(tx.payment_id, event, entry["attempts"])
                     if self.store.get_value(_lock_key(event)) is None and self._enqueue(job):
                         jobs.append(job)
         if jobs:
@@ -509,7 +512,7 @@ class WebhookSender:
                 log.warning("webhook %s: lock not released: %s", _loggable(job.event_id), error)
 
     def _attempt(self, job: _Job) -> float | None:
-        tx = self.store.get(job.checkout_request_id)
+        tx = self.store.get(job.payment_id)
         entry = tx.extra.get("webhooks", {}).get(job.event_id) if tx else None
         if entry is None or entry["delivered"] or entry["givenUp"]:
             return None
@@ -519,7 +522,7 @@ class WebhookSender:
             log.info("webhook %s: attempt %d was made elsewhere", name, entry["attempts"])
             return None
         if entry["attempts"] >= self.max_attempts:  # max_attempts lowered since it was queued
-            self.store.update(job.checkout_request_id, lambda t: _give_up(t, job.event_id, self.clock()))
+            self.store.update(job.payment_id, lambda t: _give_up(t, job.event_id, self.clock()))
             return None
         body = json.dumps(entry["event"], separators=(",", ":")).encode()
         job.sent = True
@@ -527,7 +530,7 @@ class WebhookSender:
         now = self.clock()
         delay = self._backoff(job.attempts + 1)
         _, recorded = self.store.update(
-            job.checkout_request_id,
+            job.payment_id,
             lambda t: _record_attempt(t, job.event_id, status, error, now, self.max_attempts, delay),
         )
         outcome, attempt = recorded or ("gone", 0)  # None: the record itself has expired

@@ -15,9 +15,15 @@ REASONS = {
     "wrong_pin": "Wrong PIN",
     "rejected": "Refused by M-Pesa (limits or set-up)",
     "error": "Other error",
+    "unknown": "Outcome never known (no answer to the push, no callback)",
 }
 
-SETTLED_BY = {"callback": "Callback from Daraja", "query": "Status query", "timeout": "Timed out (our verdict)"}
+SETTLED_BY = {
+    "callback": "Callback from Daraja",
+    "query": "Status query",
+    "timeout": "Timed out (our verdict)",
+    "push": "Push refused (no prompt sent)",
+}
 
 
 def nairobi(epoch: float | None, pattern: str = "%d %b %Y %H:%M:%S") -> str:

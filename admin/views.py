@@ -36,6 +36,9 @@ CSV_COLUMNS = (
     "Reference",
     "Status",
     "Reason",
+    "Note",
+    "Payment ID",
+    "Order ID",
     "Checkout request ID",
     "Started (EAT)",
     "Description",
@@ -44,6 +47,11 @@ CSV_COLUMNS = (
 EVENT_LABELS = {
     "initiated": "Payment started",
     "push_accepted": "STK push accepted by Daraja",
+    "push_refused": "STK push refused: no prompt was sent",
+    "push_outcome_unknown": "No answer from Daraja to the STK push: the prompt may have been sent",
+    "matched_by_callback_url": "Matched by the callback URL (Daraja's answer to the push was lost)",
+    "unmatched": "Callback matched no payment: recorded on its own",
+    "outcome_unknown": "Outcome never known: settled as unknown (our verdict)",
     "query_received": "Status query answered by Daraja",
     "callback_received": "Callback received from Daraja",
     "completed": "Payment completed",
@@ -64,6 +72,10 @@ EVENT_TONES = {
     "webhook_delivered": "good",
     "failed": "bad",
     "timed_out": "bad",
+    "push_refused": "bad",
+    "outcome_unknown": "bad",
+    "push_outcome_unknown": "warn",
+    "unmatched": "warn",
     "amount_mismatch": "bad",
     "webhook_given_up": "bad",
     "contradiction_ignored": "warn",
@@ -160,19 +172,19 @@ def export():
 
 
 @login_required
-def transaction(checkout_id):
-    """One payment and its whole history as a timeline."""
-    tx = _store().get(checkout_id)
+def transaction(payment_id):
+    """One payment and its whole history as a timeline (a checkout request ID finds it too)."""
+    tx = _store().get(payment_id) or _store().find(payment_id)
     if tx is None:
         return render_template(
             "admin_message.html",
             title="Not found",
             heading="No such payment",
-            message=f"No payment has the checkout request ID {checkout_id!r}; it may have expired from the store.",
+            message=f"No payment has the id {payment_id!r}; it may have expired from the store.",
         ), 404
     return render_template(
         "admin_transaction.html",
-        title=f"Payment {tx.mpesa_receipt_number or tx.checkout_request_id}",
+        title=f"Payment {tx.mpesa_receipt_number or tx.payment_id}",
         tx=tx,
         row=row_view(tx),
         timeline=timeline(tx),
@@ -260,11 +272,20 @@ def _page_number(raw: str | None) -> int:
     return int(raw) if ok and 0 < int(raw) <= 100_000 else 1
 
 
+def unmatched_label(tx: Transaction) -> str:
+    """What a callback that matched no payment is called: money the shop must place by hand."""
+    if "unmatched" not in tx.flags:
+        return ""
+    return "paid, not matched" if tx.status == "completed" else "not matched"
+
+
 def row_view(tx: Transaction) -> dict:
     """One payment as the lists and the payment page show it."""
     return {
-        "id": tx.checkout_request_id,
-        "url": url_for("admin.transaction", checkout_id=tx.checkout_request_id),
+        "id": tx.payment_id,
+        "url": url_for("admin.transaction", payment_id=tx.payment_id),
+        "order_id": tx.order_id or "",
+        "unmatched": unmatched_label(tx),
         "started": nairobi(tx.initiated_at),
         "started_iso": _iso(tx.initiated_at),
         "finished": nairobi(tx.completed_at) if tx.completed_at else "",
@@ -299,7 +320,10 @@ def csv_row(tx: Transaction, full_phone: bool) -> list:
         tx.account_reference,
         tx.status,
         tx.reason or "",
-        tx.checkout_request_id,
+        "; ".join(filter(None, [unmatched_label(tx), *(humane(f) for f in tx.flags if f != "unmatched")])),
+        tx.payment_id,
+        tx.order_id or "",
+        tx.checkout_request_id or "",
         nairobi(tx.initiated_at, "%Y-%m-%d %H:%M:%S"),
         tx.description,
     ]

@@ -67,10 +67,11 @@ def make_records(count: int, now: float, seed: int = 7) -> list[Transaction]:
             ]
         records.append(
             Transaction(
-                f"ws_CO_bench{n:07d}",
-                f"m-{n}",
+                f"pay_{n:024x}",
                 f"2547{rng.randrange(10**8):08d}",
                 rng.choice((50, 100, 250, 500, 1000, 1500)),
+                checkout_request_id=f"ws_CO_bench{n:07d}",
+                merchant_request_id=f"m-{n}",
                 account_reference=f"ORDER-{n}",
                 status=status,
                 reason=reason,
@@ -166,7 +167,7 @@ def load_sqlite(path):
                 "INSERT INTO transactions VALUES (?, ?, ?, ?, ?)",
                 [
                     (
-                        tx.checkout_request_id,
+                        tx.payment_id,
                         tx.status,
                         tx.phone,
                         tx.initiated_at,
@@ -200,7 +201,7 @@ def measure(name: str, load, records, now: float, extra: int, ctx: Context) -> d
             result["search"][label] = (ms, total)
         fresh = make_records(extra, now, seed=99)
         for n, tx in enumerate(fresh):
-            tx.checkout_request_id = f"ws_CO_extra{n:07d}"
+            tx.payment_id, tx.checkout_request_id = f"pay_extra{n:019x}", f"ws_CO_extra{n:07d}"
         began = time.perf_counter()
         for tx in fresh:
             store.create(tx)

@@ -56,6 +56,7 @@ def record(i: int, now: float) -> Transaction:
         }
     }
     return Transaction(
+        payment_id=checkout_id,
         checkout_request_id=checkout_id,
         merchant_request_id=merchant_id,
         phone=phone,

@@ -1,19 +1,22 @@
 """Transaction records and where they are kept: memory, SQLite or Redis, chosen by one URL.
 
     store = open_store("sqlite:///payments.db")
-    store.create(Transaction("ws_CO_1", "29115-1", "254712345678", 100, initiated_at=time.time()))
-    tx, changed = store.update("ws_CO_1", settle)   # load, settle(tx), save: atomically
+    store.create(Transaction("pay_3f9c…", "254712345678", 100, initiated_at=time.time()))
+    tx, changed = store.update("pay_3f9c…", settle)   # load, settle(tx), save: atomically
+    tx = store.find("ws_CO_1")                         # by Daraja's CheckoutRequestID
 
-The interface. Every backend offers the same small `Store`: records keyed by Daraja's
-CheckoutRequestID with an atomic read-modify-write (`update`), newest-first listing, and a
+The interface. Every backend offers the same small `Store`: records keyed by the server's
+own payment id, found as well by Daraja's CheckoutRequestID (set once, when Daraja gives
+it), with an atomic read-modify-write (`update`), newest-first listing, and a
 small key/value space with TTLs and an atomic set-if-absent (`add`) for idempotency keys,
 query throttles and locks, plus durable counters (`adjust_counter`) and stock holds per
 payment (`hold_stock`, then `release_stock` or `keep_stock`, exactly once) for stock.
 
-For the operator's dashboard, `search` finds records by what an operator has in hand (an id,
-a receipt, a reference, a phone's last digits) with filters, and `overview` adds up counters
-that every write keeps per time bucket (5 minutes, hours, Nairobi days): neither reads every
-record. SQLite indexes the searched fields; Redis keeps a sorted set per searched value.
+For the operator's dashboard, `search` finds records by what an operator has in hand (a
+payment, checkout or order id, a receipt, a reference, a phone's last digits) with filters,
+and `overview` adds up counters that every write keeps per time bucket (5 minutes, hours,
+Nairobi days): neither reads every record. SQLite indexes the searched fields; Redis keeps a
+sorted set per searched value.
 
     URL                      keeps records                          shared by
     memory://                `retention` s after their last write   one process's threads

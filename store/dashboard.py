@@ -194,6 +194,11 @@ def assemble(
     )
 
 
+def record_ids(tx: Transaction) -> tuple[str | None, ...]:
+    """The ids a search text matches exactly: payment id, CheckoutRequestID, order id."""
+    return (tx.payment_id, tx.checkout_request_id, tx.order_id)
+
+
 def receipt_key(tx: Transaction) -> str:
     """Return the receipt number as searched: ASCII upper case, "" when there is none."""
     return str(tx.mpesa_receipt_number or "").translate(_ASCII_UPPER)
@@ -254,7 +259,7 @@ class Search(NamedTuple):
 
     def admits(
         self,
-        checkout_request_id: str,
+        ids: tuple[str | None, ...],
         status: str,
         reason: str | None,
         phone: str,
@@ -262,7 +267,10 @@ class Search(NamedTuple):
         reference: str,
         initiated_at: float,
     ) -> bool:
-        """True when a record with these fields matches every filter and, if any, the text."""
+        """True when a record with these fields matches every filter and, if any, the text.
+
+        ids are the record's payment id, CheckoutRequestID and order id (each may be None).
+        """
         if self.status is not None and status != self.status:
             return False
         if self.reason is not None and (status != "failed" or reason != self.reason):
@@ -274,7 +282,7 @@ class Search(NamedTuple):
         if self.text is None:
             return True
         return (
-            checkout_request_id == self.text
+            self.text in ids
             or (bool(receipt) and receipt == self.receipt)
             or (bool(reference) and reference == self.reference)
             or (self.digits is not None and phone.endswith(self.digits))
@@ -283,7 +291,7 @@ class Search(NamedTuple):
     def admits_tx(self, tx: Transaction) -> bool:
         """True when the record matches every filter and, if any, the text."""
         return self.admits(
-            tx.checkout_request_id,
+            record_ids(tx),
             tx.status,
             tx.reason,
             tx.phone,

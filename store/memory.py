@@ -53,6 +53,8 @@ class _Record(NamedTuple):
     reason: str | None = None  # the searched fields (see Search.admits)
     receipt: str = ""
     reference: str = ""
+    checkout: str | None = None
+    order: str | None = None
 
 
 def _words(record: _Record) -> list[str]:
@@ -62,6 +64,8 @@ def _words(record: _Record) -> list[str]:
         words.append(f"r:{record.receipt}")
     if record.reference:
         words.append(f"f:{record.reference}")
+    if record.order:
+        words.append(f"o:{record.order}")
     return words
 
 
@@ -124,7 +128,8 @@ class MemoryStore:
         self._expiries: list[tuple[float, str]] = []  # heap; stale entries are skipped
         # (step, index) -> (expires_at, counters); in expiry order, like the records
         self._tallies: OrderedDict[tuple[int, int], tuple[float, dict]] = OrderedDict()
-        self._words: dict[str, set[str]] = {}  # receipt, reference, phone tail -> ids
+        self._words: dict[str, set[str]] = {}  # receipt, reference, order id, phone tail -> ids
+        self._checkouts: dict[str, str] = {}  # CheckoutRequestID -> payment id
         # "all", "status:<status>", "reason:<reason>" -> sorted [(initiated_at, id)]
         self._sorted: dict[str, list[tuple[float, str]]] = {}
         self._counters: dict[str, int] = {}
@@ -134,27 +139,35 @@ class MemoryStore:
         data = encode(tx)
         with self._lock:
             now = self._expire()
-            if self._live(tx.checkout_request_id, now) is not None:
-                raise DuplicateTransaction(tx.checkout_request_id)
+            if self._live(tx.payment_id, now) is not None:
+                raise DuplicateTransaction(tx.payment_id)
+            self._check_checkout_free(tx, now)
             self._put(tx, data, now)
             self._count(tally_rows(None, tallied(tx)), now)
 
-    def get(self, checkout_request_id: str) -> Transaction | None:
+    def get(self, payment_id: str) -> Transaction | None:
         with self._lock:
-            record = self._live(checkout_request_id, self._expire())
+            record = self._live(payment_id, self._expire())
         return decode(record.data) if record else None
 
-    def update(
-        self, checkout_request_id: str, mutate: Callable[[Transaction], R]
-    ) -> tuple[Transaction | None, R | None]:
+    def find(self, checkout_request_id: str) -> Transaction | None:
         with self._lock:
             now = self._expire()
-            record = self._live(checkout_request_id, now)
+            payment_id = self._checkouts.get(checkout_request_id)
+            record = self._live(payment_id, now) if payment_id is not None else None
+        return decode(record.data) if record else None
+
+    def update(self, payment_id: str, mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
+        with self._lock:
+            now = self._expire()
+            record = self._live(payment_id, now)
             if record is None:
                 return None, None
             tx = decode(record.data)
             before = tallied(tx)
             result = apply(tx, mutate)
+            if record.checkout is None:
+                self._check_checkout_free(tx, now)
             self._put(tx, encode(tx), now)
             self._count(tally_rows(before, tallied(tx)), now)
         return tx, result
@@ -195,13 +208,18 @@ class MemoryStore:
             named |= words.get(f"f:{criteria.reference}", set())
             if criteria.digits is not None:
                 named |= words.get(f"t:{criteria.digits[-PHONE_SUFFIX_MIN:]}", set())
+            named |= words.get(f"o:{criteria.text}", set())
             if criteria.text in records:
                 named.add(criteria.text)
+            if criteria.text in self._checkouts:
+                named.add(self._checkouts[criteria.text])
             matches = [
                 (r.initiated_at, key, r.data)
                 for key, r in ((key, records[key]) for key in named)
                 if r.expires_at > now
-                and criteria.admits(key, r.status, r.reason, r.phone, r.receipt, r.reference, r.initiated_at)
+                and criteria.admits(
+                    (key, r.checkout, r.order), r.status, r.reason, r.phone, r.receipt, r.reference, r.initiated_at
+                )
             ]
         matches.sort(reverse=True)
         return [decode(data) for _, _, data in matches[offset : offset + limit]], len(matches)
@@ -348,17 +366,24 @@ class MemoryStore:
             expired.append(records.popitem(last=False))
         return expired
 
-    def _live(self, checkout_request_id: str, now: float) -> _Record | None:
-        record = self._records.get(checkout_request_id)
+    def _live(self, payment_id: str, now: float) -> _Record | None:
+        record = self._records.get(payment_id)
         if record is not None and record.expires_at <= now:
             # Only reachable if the clock stepped back and broke the front-first order.
-            del self._records[checkout_request_id]
-            self._forget([(checkout_request_id, record)])
+            del self._records[payment_id]
+            self._forget([(payment_id, record)])
             return None
         return record
 
+    def _check_checkout_free(self, tx: Transaction, now: float) -> None:
+        """Raise DuplicateTransaction if another live record has tx's CheckoutRequestID."""
+        checkout_id = tx.checkout_request_id
+        holder = self._checkouts.get(checkout_id) if checkout_id is not None else None
+        if holder is not None and holder != tx.payment_id and self._live(holder, now) is not None:
+            raise DuplicateTransaction(checkout_id)
+
     def _put(self, tx: Transaction, data: str, now: float) -> None:
-        key = tx.checkout_request_id
+        key = tx.payment_id
         old = self._records.get(key)
         if old is not None:
             self._forget([(key, old)])
@@ -371,8 +396,12 @@ class MemoryStore:
             tx.reason,
             receipt_key(tx),
             reference_key(tx),
+            tx.checkout_request_id,
+            tx.order_id,
         )
         self._records[key] = record
+        if record.checkout is not None:
+            self._checkouts[record.checkout] = key
         self._records.move_to_end(key)
         for word in _words(record):
             self._words.setdefault(word, set()).add(key)
@@ -383,6 +412,8 @@ class MemoryStore:
         """Take records out of the search indexes, changing each sorted list once."""
         leaving: dict[str, list[tuple[float, str]]] = {}
         for key, record in records:
+            if record.checkout is not None and self._checkouts.get(record.checkout) == key:
+                del self._checkouts[record.checkout]
             for word in _words(record):
                 ids = self._words.get(word)
                 if ids is not None:

@@ -5,6 +5,11 @@ record is never aliased by the caller's object, and a value JSON cannot hold, or
 outside STATUSES, fails the same way everywhere: before anything is saved. `apply` runs an
 update's mutate and refuses a change of id; `check_ttl` and `check_page` are the argument
 checks every backend makes first.
+
+A record is keyed by its payment id, the server's own, made before the push is sent. Daraja's
+CheckoutRequestID arrives with its answer to the push (or with the callback, when that answer
+was lost), is set once and is indexed for `find`. Records written before payment ids existed
+read back with their CheckoutRequestID as payment id, so they keep their key.
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ DEFAULT_RETENTION = 86400.0
 class Transaction:
     """One STK push and what became of it; snake_case here, camelCase only at the API edge."""
 
-    checkout_request_id: str
-    merchant_request_id: str
+    payment_id: str  # ours, the record's key: "pay_" + 24 hex digits (older records: their checkout id)
+    # Daraja's ids: unknown until it accepts the push; set once, never changed after.
+    checkout_request_id: str | None = field(default=None, kw_only=True)
+    merchant_request_id: str | None = field(default=None, kw_only=True)
+    order_id: str | None = field(default=None, kw_only=True)  # the order this attempt pays
     phone: str  # normalised 2547XXXXXXXX / 2541XXXXXXXX
     amount: int  # whole KES
     account_reference: str = ""
@@ -46,7 +54,7 @@ class Transaction:
     callback: dict | None = None  # raw body of the first final callback
     initiated_at: float = 0.0  # epoch seconds
     completed_at: float | None = None
-    settled_by: str | None = None  # callback | query | timeout
+    settled_by: str | None = None  # callback | query | timeout | push
     flags: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)  # [{"at": epoch, "event": "...", ...}]
     extra: dict = field(default_factory=dict)  # room for later features
@@ -64,7 +72,9 @@ class Transaction:
     def from_dict(cls, data: dict) -> Transaction:
         """Build a record from to_dict() output; keys this version does not know are ignored."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: copy.deepcopy(v) for k, v in data.items() if k in known})
+        values = {k: copy.deepcopy(v) for k, v in data.items() if k in known}
+        values.setdefault("payment_id", values.get("checkout_request_id"))
+        return cls(**values)
 
 
 # One page of records, and how many match in all.
@@ -72,7 +82,7 @@ Page: TypeAlias = tuple[list[Transaction], int]
 
 
 class DuplicateTransaction(Exception):
-    """A record with this CheckoutRequestID is already stored."""
+    """A record with this payment id, or another record with this CheckoutRequestID, is stored."""
 
 
 @runtime_checkable
@@ -82,19 +92,23 @@ class Store(Protocol):
     kind: str  # "memory" | "sqlite" | "redis"
 
     def create(self, tx: Transaction) -> None:
-        """Save a new record; raise DuplicateTransaction if its id is already stored."""
+        """Save a new record; raise DuplicateTransaction if its payment id, or its
+        CheckoutRequestID, is already stored."""
 
-    def get(self, checkout_request_id: str) -> Transaction | None:
+    def get(self, payment_id: str) -> Transaction | None:
         """Return a copy of the record, or None."""
 
-    def update(
-        self, checkout_request_id: str, mutate: Callable[[Transaction], R]
-    ) -> tuple[Transaction | None, R | None]:
+    def find(self, checkout_request_id: str) -> Transaction | None:
+        """Return a copy of the record with this CheckoutRequestID, or None."""
+
+    def update(self, payment_id: str, mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
         """Atomically load, mutate(tx) in place, save; return (tx, mutate's result).
 
         Returns (None, None) when the id is unknown. No update is lost between threads or
         (SQLite, Redis) processes. mutate may run more than once, so it must only touch tx;
-        if it raises, nothing is saved and the exception propagates.
+        if it raises, nothing is saved and the exception propagates. It may set the
+        CheckoutRequestID once (DuplicateTransaction if another record has it), never
+        change it or the payment id (ValueError).
         """
 
     def list(self, status: str | None = None, phone: str | None = None, limit: int = 20, offset: int = 0) -> Page:
@@ -116,9 +130,10 @@ class Store(Protocol):
     ) -> Page:
         """Return one page of the records matching every filter, newest first, and the count.
 
-        text matches a CheckoutRequestID exactly, a receipt number or an account reference
-        ignoring ASCII case, or, 3 digits or more, the end of the phone number. reason
-        matches failed records only. since and until bound initiated_at: [since, until).
+        text matches a payment id, CheckoutRequestID or order id exactly, a receipt number
+        or an account reference ignoring ASCII case, or, 3 digits or more, the end of the
+        phone number. reason matches failed records only. since and until bound
+        initiated_at: [since, until).
         """
 
     def overview(self, since: float, until: float, step: float) -> Overview:
@@ -192,17 +207,27 @@ def encode(tx: Transaction) -> str:
 
 
 def decode(text: str | bytes) -> Transaction:
-    """A stored record; unlike from_dict it copies nothing, as json.loads made it all afresh."""
+    """A stored record; unlike from_dict it copies nothing, as json.loads made it all afresh.
+
+    A record stored before payment ids existed gets its CheckoutRequestID as payment id.
+    """
     data = json.loads(text)
-    return Transaction(**{name: data[name] for name in _FIELDS if name in data})
+    values = {name: data[name] for name in _FIELDS if name in data}
+    values.setdefault("payment_id", data.get("checkout_request_id"))
+    return Transaction(**values)
 
 
 def apply(tx: Transaction, mutate: Callable[[Transaction], R]) -> R:
-    """Run mutate(tx) and return its result; raise ValueError if it changed the record's id."""
-    original = tx.checkout_request_id
+    """Run mutate(tx) and return its result; raise ValueError if it changed an id it must not.
+
+    The payment id never changes; the CheckoutRequestID may be set once, then never changed.
+    """
+    payment_id, checkout_id = tx.payment_id, tx.checkout_request_id
     result = mutate(tx)
-    if tx.checkout_request_id != original:
-        raise ValueError("mutate must not change checkout_request_id")
+    if tx.payment_id != payment_id:
+        raise ValueError("mutate must not change payment_id")
+    if checkout_id is not None and tx.checkout_request_id != checkout_id:
+        raise ValueError("mutate must not change a checkout_request_id once set")
     return result
 
 

@@ -100,7 +100,10 @@ class RedisStore:
 
     Keys (all under the prefix, "mpesa:" by default)::
 
-        tx:<id>               the record as JSON, expiring `retention` s after its last write
+        tx:<payment id>       the record as JSON, expiring `retention` s after its last write
+        co:<checkout id>      the payment id of the record with that CheckoutRequestID, written
+                              and expiring with the record (records made before payment ids
+                              are keyed by their checkout id and have none: find falls back)
         idx:all               sorted sets of ids scored by initiated_at, for newest-first
         idx:status:<status>   listing; a record and its index entries change in one MULTI
         idx:phone:<phone>
@@ -108,6 +111,7 @@ class RedisStore:
         idx:reason:<reason>   reason (the names in the set idx:reasons), receipts and
         idx:receipt:<RECEIPT> account references (ASCII case folded)
         idx:ref:<reference>
+        idx:order:<order id>
         tally:<step>:<index>  hashes of counters per time bucket, for overview; changed in
                               the MULTI that writes the record
         kv:<key>              key/values, SET NX PX for add
@@ -163,29 +167,34 @@ class RedisStore:
         return cls(client, prefix=prefix, retention=retention, clock=clock)
 
     def create(self, tx: Transaction) -> None:
-        key = self._tx_key(tx.checkout_request_id)
+        key = self._tx_key(tx.payment_id)
         data = encode(tx)
+        watched = [key, *self._checkout_keys(tx)]
 
         def save_unless_stored(pipe) -> None:
             if pipe.exists(key):
-                raise DuplicateTransaction(tx.checkout_request_id)
+                raise DuplicateTransaction(tx.payment_id)
+            self._check_checkout_free(pipe, tx)
             self._save(pipe, tx, data)
 
-        # WATCH key, run the function, EXEC; all again if another writer changed key first.
-        self._redis.transaction(save_unless_stored, key)
+        # WATCH the keys, run the function, EXEC; all again if another writer changed one first.
+        self._redis.transaction(save_unless_stored, *watched)
         try:
             self._sweep(tx.phone)
         except redis.RedisError as exc:  # housekeeping must not fail a saved payment
             log.warning("redis store: index sweep failed: %s", exc)
 
-    def get(self, checkout_request_id: str) -> Transaction | None:
-        data = self._redis.get(self._tx_key(checkout_request_id))
+    def get(self, payment_id: str) -> Transaction | None:
+        data = self._redis.get(self._tx_key(payment_id))
         return decode(data) if data is not None else None
 
-    def update(
-        self, checkout_request_id: str, mutate: Callable[[Transaction], R]
-    ) -> tuple[Transaction | None, R | None]:
-        key = self._tx_key(checkout_request_id)
+    def find(self, checkout_request_id: str) -> Transaction | None:
+        payment_id = cast("str | None", self._redis.get(self._checkout_key(checkout_request_id)))
+        tx = self.get(payment_id if payment_id is not None else checkout_request_id)
+        return tx if tx is not None and tx.checkout_request_id == checkout_request_id else None
+
+    def update(self, payment_id: str, mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
+        key = self._tx_key(payment_id)
 
         def load_mutate_save(pipe) -> tuple[Transaction | None, R | None]:
             data = pipe.get(key)
@@ -193,7 +202,11 @@ class RedisStore:
                 return None, None
             tx = decode(data)
             indexed, counted = self._index_keys(tx), tallied(tx)
+            checkout_id = tx.checkout_request_id
             result = apply(tx, mutate)
+            if checkout_id is None and tx.checkout_request_id is not None:
+                pipe.watch(*self._checkout_keys(tx))
+                self._check_checkout_free(pipe, tx)
             self._save(pipe, tx, encode(tx), indexed, counted)
             return tx, result
 
@@ -268,15 +281,18 @@ class RedisStore:
             sets.append(self._tail_key(digits))
         elif digits is not None:
             sets += [self._tail_key(f"{n}{digits}") for n in range(10 ** (_TAIL - len(digits)))]
+        sets.append(self._order_key(text))
         with self._redis.pipeline(transaction=False) as pipe:
             pipe.exists(self._tx_key(text))
+            pipe.get(self._checkout_key(text))
             for index in sets:
                 pipe.zrange(index, 0, -1)
-            exists, *members = pipe.execute()
-        ids = list(dict.fromkeys(([text] if exists else []) + [member for found in members for member in found]))
+            exists, by_checkout, *members = pipe.execute()
+        named = ([text] if exists else []) + ([by_checkout] if by_checkout else [])
+        ids = list(dict.fromkeys(named + [member for found in members for member in found]))
         matches = sorted(
             (tx for tx in self._load(ids, extra=sets) if criteria.admits_tx(tx)),
-            key=lambda tx: (tx.initiated_at, tx.checkout_request_id),
+            key=lambda tx: (tx.initiated_at, tx.payment_id),
             reverse=True,
         )
         return matches[offset : offset + limit], len(matches)
@@ -374,8 +390,34 @@ class RedisStore:
     def _hold_key(self, owner: str) -> str:
         return f"{self._prefix}hold:{owner}"
 
-    def _tx_key(self, checkout_request_id: str) -> str:
-        return f"{self._prefix}tx:{checkout_request_id}"
+
+    def _tx_key(self, payment_id: str) -> str:
+        return f"{self._prefix}tx:{payment_id}"
+
+    def _checkout_key(self, checkout_request_id: str) -> str:
+        return f"{self._prefix}co:{checkout_request_id}"
+
+    def _order_key(self, order_id: str) -> str:
+        return f"{self._prefix}idx:order:{order_id}"
+
+    def _checkout_keys(self, tx: Transaction) -> builtins.list[str]:
+        """The keys that say whether tx's CheckoutRequestID is taken: its index, and the key
+        an older record with it as payment id would have."""
+        checkout_id = tx.checkout_request_id
+        if checkout_id is None:
+            return []
+        return [self._checkout_key(checkout_id), self._tx_key(checkout_id)]
+
+    def _check_checkout_free(self, pipe, tx: Transaction) -> None:
+        """Raise DuplicateTransaction if another record has tx's CheckoutRequestID (_checkout_keys WATCHed)."""
+        checkout_id = tx.checkout_request_id
+        if checkout_id is None:
+            return
+        holder = pipe.get(self._checkout_key(checkout_id))
+        if holder is None and checkout_id != tx.payment_id and pipe.exists(self._tx_key(checkout_id)):
+            holder = checkout_id  # a record from before payment ids, keyed by this checkout id
+        if holder is not None and holder != tx.payment_id:
+            raise DuplicateTransaction(checkout_id)
 
     def _status_key(self, status: str) -> str:
         return f"{self._prefix}idx:status:{status}"
@@ -415,6 +457,8 @@ class RedisStore:
             keys.append(self._receipt_key(receipt_key(tx)))
         if reference_key(tx):
             keys.append(self._reference_key(reference_key(tx)))
+        if tx.order_id:
+            keys.append(self._order_key(tx.order_id))
         return keys
 
     def _save(
@@ -431,13 +475,15 @@ class RedisStore:
         write (None for a new record).
         """
         pipe.multi()
-        pipe.set(self._tx_key(tx.checkout_request_id), data, px=self._retention_ms)
+        pipe.set(self._tx_key(tx.payment_id), data, px=self._retention_ms)
+        if tx.checkout_request_id is not None:
+            pipe.set(self._checkout_key(tx.checkout_request_id), tx.payment_id, px=self._retention_ms)
         self._index(pipe, tx, indexed)
         self._count(pipe, tally_rows(counted, tallied(tx)))
 
     def _index(self, pipe, tx: Transaction, before: builtins.list[str] | None = None) -> None:
         """Queue the index writes for tx (moving it out of the sets that listed it before)."""
-        member = tx.checkout_request_id
+        member = tx.payment_id
         keys = self._index_keys(tx)
         for index in set(before or ()) - set(keys):
             pipe.zrem(index, member)

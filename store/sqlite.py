@@ -37,20 +37,16 @@ from store.record import (
 
 log = logging.getLogger(__name__)
 
+# A ledger made before payment ids (user_version 1) has checkout_request_id where payment_id
+# is: _upgrade_sqlite renames that column before anything else reads it.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
-    checkout_request_id TEXT PRIMARY KEY,
+    payment_id TEXT PRIMARY KEY,
     status TEXT NOT NULL,
     phone TEXT NOT NULL,
     initiated_at REAL NOT NULL,
     record TEXT NOT NULL            -- the whole Transaction as JSON
 );
-CREATE INDEX IF NOT EXISTS transactions_by_time
-    ON transactions (initiated_at, checkout_request_id);
-CREATE INDEX IF NOT EXISTS transactions_by_status
-    ON transactions (status, initiated_at, checkout_request_id);
-CREATE INDEX IF NOT EXISTS transactions_by_phone
-    ON transactions (phone, initiated_at, checkout_request_id);
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL,
@@ -67,13 +63,15 @@ CREATE TABLE IF NOT EXISTS stock_holds (
     units INTEGER NOT NULL,         -- counted in counters' stock:<item> while held
     PRIMARY KEY (owner, item)
 ) WITHOUT ROWID;
-PRAGMA user_version = 1;
 """
+_USER_VERSION = 2  # 1: keyed by checkout_request_id; 2: by payment_id
 
 
 # Searched fields, computed by SQLite from the JSON record (virtual: nothing is stored twice,
 # and a ledger made before them gets them, indexed, by ALTER TABLE when it is opened).
 _SEARCH_COLUMNS = (
+    ("checkout_request_id", "json_extract(record, '$.checkout_request_id')"),
+    ("order_id", "json_extract(record, '$.order_id')"),
     ("reason", "json_extract(record, '$.reason')"),
     ("receipt_key", "upper(coalesce(json_extract(record, '$.mpesa_receipt_number'), ''))"),
     ("reference_key", "lower(coalesce(json_extract(record, '$.account_reference'), ''))"),
@@ -81,8 +79,13 @@ _SEARCH_COLUMNS = (
     ("phone_reversed", " || ".join(f"substr(phone, -{n}, 1)" for n in range(1, 16))),
 )
 _SEARCH_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS transactions_by_reason"
-    " ON transactions (reason, status, initiated_at, checkout_request_id)",
+    "CREATE INDEX IF NOT EXISTS transactions_by_time ON transactions (initiated_at, payment_id)",
+    "CREATE INDEX IF NOT EXISTS transactions_by_status ON transactions (status, initiated_at, payment_id)",
+    "CREATE INDEX IF NOT EXISTS transactions_by_phone ON transactions (phone, initiated_at, payment_id)",
+    # Unique: a CheckoutRequestID belongs to one record (NULLs, pushes not yet answered, are many).
+    "CREATE UNIQUE INDEX IF NOT EXISTS transactions_by_checkout ON transactions (checkout_request_id)",
+    "CREATE INDEX IF NOT EXISTS transactions_by_order ON transactions (order_id)",
+    "CREATE INDEX IF NOT EXISTS transactions_by_reason ON transactions (reason, status, initiated_at, payment_id)",
     "CREATE INDEX IF NOT EXISTS transactions_by_receipt ON transactions (receipt_key)",
     "CREATE INDEX IF NOT EXISTS transactions_by_reference ON transactions (reference_key)",
     "CREATE INDEX IF NOT EXISTS transactions_by_phone_end ON transactions (phone_reversed)",
@@ -101,10 +104,20 @@ _COUNT = (
 
 
 def _upgrade_sqlite(db: sqlite3.Connection) -> None:
-    """Give a ledger the search columns and counters (once; counted from its records)."""
+    """Bring a ledger to _USER_VERSION: each step once, all in one transaction.
+
+    Keyed by payment id: the key column of a ledger keyed by CheckoutRequestID is renamed
+    (its records, read back, take their CheckoutRequestID as payment id, so every key stays
+    valid), and checkout_request_id comes back as a column computed from the record, so
+    `find` finds old and new records alike. Search columns and counters (counted from the
+    records) are added where missing.
+    """
     db.execute("BEGIN IMMEDIATE")
     try:
         columns = {row[1] for row in db.execute("PRAGMA table_xinfo(transactions)")}
+        if "payment_id" not in columns:
+            db.execute("ALTER TABLE transactions RENAME COLUMN checkout_request_id TO payment_id")
+            columns = {row[1] for row in db.execute("PRAGMA table_xinfo(transactions)")}
         for name, expression in _SEARCH_COLUMNS:
             if name not in columns:
                 db.execute(f"ALTER TABLE transactions ADD COLUMN {name} GENERATED ALWAYS AS ({expression}) VIRTUAL")
@@ -117,10 +130,22 @@ def _upgrade_sqlite(db: sqlite3.Connection) -> None:
                 for step, index, name, value in tally_rows(None, tallied(decode(data))):
                     totals[(step, index, name)] = totals.get((step, index, name), 0) + value
             db.executemany(_COUNT, [(*key, value) for key, value in totals.items()])
+        db.execute(f"PRAGMA user_version = {_USER_VERSION}")
         db.commit()
     except BaseException:
         if db.in_transaction:
             db.rollback()
+        raise
+
+
+@contextmanager
+def _duplicates_refused(tx: Transaction) -> Iterator[None]:
+    """Turn a write refused for a payment id or CheckoutRequestID already stored into DuplicateTransaction."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        if exc.sqlite_errorname in ("SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"):
+            raise DuplicateTransaction(tx.payment_id) from None
         raise
 
 
@@ -185,10 +210,13 @@ class SQLiteStore:
         # (gunicorn --preload) holds no connection for them to inherit.
         try:
             db = self._connect()
-            os.close(self._open_writer_lock())
+            writer_lock = self._open_writer_lock()
         except (sqlite3.Error, OSError) as exc:
             raise ValueError(f"STORE_URL: cannot open SQLite database {path!r}: {exc}") from exc
         try:
+            # In the writers' queue, so that processes opening an older ledger at once
+            # upgrade it one after the other (the second finds nothing left to do).
+            fcntl.flock(writer_lock, fcntl.LOCK_EX)
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 log.warning("SQLite store %s is in %s mode, not WAL: readers will wait for writers", path, mode)
@@ -196,24 +224,22 @@ class SQLiteStore:
             _upgrade_sqlite(db)
         finally:
             db.close()
+            os.close(writer_lock)  # closing the descriptor releases its flock
 
     def create(self, tx: Transaction) -> None:
         data = encode(tx)
-        try:
-            with self._write() as db:
-                db.execute(
-                    "INSERT INTO transactions"
-                    " (checkout_request_id, status, phone, initiated_at, record)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (tx.checkout_request_id, tx.status, tx.phone, tx.initiated_at, data),
-                )
-                db.executemany(_COUNT, tally_rows(None, tallied(tx)))
-        except sqlite3.IntegrityError as exc:
-            if exc.sqlite_errorname == "SQLITE_CONSTRAINT_PRIMARYKEY":
-                raise DuplicateTransaction(tx.checkout_request_id) from None
-            raise
+        with _duplicates_refused(tx), self._write() as db:
+            db.execute(
+                "INSERT INTO transactions (payment_id, status, phone, initiated_at, record) VALUES (?, ?, ?, ?, ?)",
+                (tx.payment_id, tx.status, tx.phone, tx.initiated_at, data),
+            )
+            db.executemany(_COUNT, tally_rows(None, tallied(tx)))
 
-    def get(self, checkout_request_id: str) -> Transaction | None:
+    def get(self, payment_id: str) -> Transaction | None:
+        row = self._db().execute("SELECT record FROM transactions WHERE payment_id = ?", (payment_id,)).fetchone()
+        return decode(row[0]) if row else None
+
+    def find(self, checkout_request_id: str) -> Transaction | None:
         row = (
             self._db()
             .execute("SELECT record FROM transactions WHERE checkout_request_id = ?", (checkout_request_id,))
@@ -221,23 +247,19 @@ class SQLiteStore:
         )
         return decode(row[0]) if row else None
 
-    def update(
-        self, checkout_request_id: str, mutate: Callable[[Transaction], R]
-    ) -> tuple[Transaction | None, R | None]:
+    def update(self, payment_id: str, mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
         with self._write() as db:
-            row = db.execute(
-                "SELECT record FROM transactions WHERE checkout_request_id = ?", (checkout_request_id,)
-            ).fetchone()
+            row = db.execute("SELECT record FROM transactions WHERE payment_id = ?", (payment_id,)).fetchone()
             if row is None:
                 return None, None
             tx = decode(row[0])
             before = tallied(tx)
             result = apply(tx, mutate)
-            db.execute(
-                "UPDATE transactions SET status = ?, phone = ?, initiated_at = ?, record = ?"
-                " WHERE checkout_request_id = ?",
-                (tx.status, tx.phone, tx.initiated_at, encode(tx), checkout_request_id),
-            )
+            with _duplicates_refused(tx):
+                db.execute(
+                    "UPDATE transactions SET status = ?, phone = ?, initiated_at = ?, record = ? WHERE payment_id = ?",
+                    (tx.status, tx.phone, tx.initiated_at, encode(tx), payment_id),
+                )
             db.executemany(_COUNT, tally_rows(before, tallied(tx)))
         return tx, result
 
@@ -254,9 +276,7 @@ class SQLiteStore:
         with self._read() as db:  # one snapshot, so the page agrees with the total
             total = db.execute(f"SELECT count(*) FROM transactions {where}", params).fetchone()[0]
             rows = db.execute(
-                f"SELECT record FROM transactions {where}"
-                " ORDER BY initiated_at DESC, checkout_request_id DESC"
-                " LIMIT ? OFFSET ?",
+                f"SELECT record FROM transactions {where} ORDER BY initiated_at DESC, payment_id DESC LIMIT ? OFFSET ?",
                 [*params, limit, offset],
             ).fetchall()
         return [decode(data) for (data,) in rows], total
@@ -291,8 +311,9 @@ class SQLiteStore:
             conditions.append("initiated_at < ?")
             params.append(criteria.until)
         if criteria.text is not None:
-            either = ["checkout_request_id = ?", "receipt_key = ?", "reference_key = ?"]
-            params += [criteria.text, criteria.receipt, criteria.reference]
+            either = ["payment_id = ?", "checkout_request_id = ?", "order_id = ?"]
+            either += ["receipt_key = ?", "reference_key = ?"]
+            params += [criteria.text, criteria.text, criteria.text, criteria.receipt, criteria.reference]
             if criteria.digits is not None:
                 either.append("(phone_reversed >= ? AND phone_reversed < ?)")
                 params += [criteria.digits[::-1], criteria.digits[::-1] + ":"]  # ":" follows "9"
@@ -301,9 +322,7 @@ class SQLiteStore:
         with self._read() as db:  # one snapshot, so the page agrees with the total
             total = db.execute(f"SELECT count(*) FROM transactions {where}", params).fetchone()[0]
             rows = db.execute(
-                f"SELECT record FROM transactions {where}"
-                " ORDER BY initiated_at DESC, checkout_request_id DESC"
-                " LIMIT ? OFFSET ?",
+                f"SELECT record FROM transactions {where} ORDER BY initiated_at DESC, payment_id DESC LIMIT ? OFFSET ?",
                 [*params, limit, offset],
             ).fetchall()
         return [decode(data) for (data,) in rows], total
@@ -328,7 +347,7 @@ class SQLiteStore:
             self._db()
             .execute(
                 "SELECT record FROM transactions WHERE status = 'pending' AND initiated_at < ?"
-                " ORDER BY initiated_at, checkout_request_id",
+                " ORDER BY initiated_at, payment_id",
                 (cutoff,),
             )
             .fetchall()

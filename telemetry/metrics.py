@@ -19,8 +19,8 @@ there; render() and stats(), given that directory, add them up, and gunicorn.con
 with clear() when gunicorn starts. Without it each process counts in memory, alone. Either way
 the numbers start at zero with the server.
 
-A callback that arrives before its push is recorded counts as unknown_id, and once more
-(settled) when the push is recorded and it is matched.
+A callback that matches no payment (an old or foreign id) counts as unmatched: it is kept
+as a record of its own, flagged "unmatched", for an operator to look at.
 
 Knows nothing of Flask: the server calls these hooks and serves render() and stats().
 """
@@ -76,7 +76,7 @@ CALLBACK_OUTCOMES = (
     "contradiction",
     "receipt_added",
     "amount_missing",
-    "unknown_id",
+    "unmatched",
     "bad_token",
     "not_allowed",
     "malformed",
@@ -145,7 +145,7 @@ def timed(call: str, function):
 
 def requests_served(served) -> None:
     """Observe requests served, each (method, route, status, seconds); route is the URL rule
-    (/stkpush/status/<checkout_id>), never the path.
+    (/stkpush/status/<payment_or_checkout_id>), never the path.
 
     The same numbers as observing each request on HTTP_SECONDS, written once per label set and
     bucket instead of twice per request: with several workers every write goes to

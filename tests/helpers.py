@@ -4,7 +4,7 @@
   wherever the code takes `clock=`).
 - The payment server: SERVER_DEFAULTS, CALLBACK_TOKEN, LiveServer and start_live_server (a
   server in a thread), ServerProcess (one in its own process, as an operator runs it).
-- A shop's calls to it: started, poll, admin, hook, callback_body; the simulator's test phones
+- A shop's calls to it: started, payment, poll, admin, hook, callback_body; the simulator's test phones
   PAID, CANCELLED, WRONG_PIN, BROKE, UNREACHABLE, and WAITING (which waits for the handset).
 - The simulator's side: TEST_SETTINGS, CallbackReceiver (records what is POSTed to it).
 - Stores: Backend (opens stores of one kind, lets time pass for them); start_redis,
@@ -170,11 +170,16 @@ PAID, CANCELLED, WRONG_PIN, BROKE, UNREACHABLE = (
 WAITING = "254712345678"  # not a test number: waits for the simulated handset
 
 
-def started(live, phone=WAITING, amount=100, **extra) -> str:
-    """Start a payment and return its CheckoutRequestID."""
+def payment(live, phone=WAITING, amount=100, **extra) -> dict:
+    """Start a payment and return the server's answer (paymentId, checkoutRequestId...)."""
     response = live.post("/stkpush", json={"phone": phone, "amount": amount, **extra})
     assert response.status_code == 200, response.text
-    return response.json()["checkoutRequestId"]
+    return response.json()
+
+
+def started(live, phone=WAITING, amount=100, **extra) -> str:
+    """Start a payment and return its CheckoutRequestID (what the simulator knows it by)."""
+    return payment(live, phone, amount, **extra)["checkoutRequestId"]
 
 
 def poll(live, checkout_id, until=lambda a: a["status"] != "pending", timeout=10.0) -> dict:
@@ -195,9 +200,10 @@ def admin(live, checkout_id) -> dict:
     return response.json()["transaction"]
 
 
-def hook(live, token=CALLBACK_TOKEN):
-    """The path Daraja's callbacks reach the server on."""
-    return f"/hooks/stk/{token}"
+def hook(live, token=CALLBACK_TOKEN, payment_id=None):
+    """The path Daraja's callbacks reach the server on: with the payment id, as pushes now
+    ask, or without it, as pushes sent before payment ids did."""
+    return f"/hooks/stk/{token}/{payment_id}" if payment_id else f"/hooks/stk/{token}"
 
 
 def callback_body(checkout_id, code=0, amount=100.0, receipt="SIM0000001"):

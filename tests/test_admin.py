@@ -21,7 +21,7 @@ from flask import request
 
 import mpesa
 from store import Transaction
-from tests.helpers import CANCELLED, PAID, WAITING, poll, start_live_server, started, wait_until
+from tests.helpers import CANCELLED, PAID, WAITING, payment, poll, start_live_server, started, wait_until
 
 TOKEN = "admin-secret-0123456789"
 NOW = time.time()
@@ -131,9 +131,10 @@ def record(
     history += [{"at": at + 1, **event} for event in events]
     return Transaction(
         checkout_request_id,
-        f"m-{checkout_request_id}",
         phone,
         amount,
+        checkout_request_id=checkout_request_id,
+        merchant_request_id=f"m-{checkout_request_id}",
         status=status,
         initiated_at=at,
         completed_at=None if after is None else at + after,
@@ -534,17 +535,17 @@ def test_overview_charts_are_svg_with_text_equivalents(operator):
 
 def test_reconcile_settles_stale_payments_and_shows_them(live_server_factory):
     live = live_server_factory(ADMIN_TOKEN=TOKEN, TRANSACTION_TTL="1")
-    checkout_id = started(live, WAITING)
+    payment_id = payment(live, WAITING)["paymentId"]
     admin = Admin(live)
     nothing = admin.post("/admin/reconcile", {"csrf_token": admin.csrf()})
     assert "Nothing to settle" in Text(nothing.text)["reconcile-summary"]
     time.sleep(1.1)
     answer = admin.post("/admin/reconcile", {"csrf_token": admin.csrf()})
     page = Text(answer.text)
-    assert answer.status_code == 200 and page.row_ids == [checkout_id]
+    assert answer.status_code == 200 and page.row_ids == [payment_id]
     assert "1 payment pending for more than 1 seconds was settled" in page["reconcile-summary"]
     assert "Timed out" in page["reconcile-table"]
-    assert live.app.extensions["store"].get(checkout_id).settled_by == "timeout"
+    assert live.app.extensions["store"].get(payment_id).settled_by == "timeout"
 
 
 def test_reconcile_queues_the_webhook_events_due_and_says_how_many(live_server_factory, callback_receiver):
@@ -617,15 +618,16 @@ def test_the_list_pages_newest_first(live):
 
 
 def test_a_real_payment_is_found_by_its_receipt_and_shows_its_whole_story(live):
-    checkout_id = started(live, PAID, 150, accountReference="SHOP-77")
+    started_answer = payment(live, PAID, 150, accountReference="SHOP-77")
+    payment_id, checkout_id = started_answer["paymentId"], started_answer["checkoutRequestId"]
     receipt = poll(live, checkout_id)["MpesaReceiptNumber"]
     store = live.app.extensions["store"]
-    body = store.get(checkout_id).callback
+    body = store.get(payment_id).callback
     assert (
         live.post(f"/hooks/stk/{live.app.extensions['settings'].callback_token}", json=body).status_code == 200
     )  # Daraja repeats itself
     store.update(
-        checkout_id,
+        payment_id,
         lambda tx: tx.history.extend(
             [
                 {"at": time.time(), "event": "webhook_attempt", "status": 500, "attempt": 1},
@@ -636,10 +638,12 @@ def test_a_real_payment_is_found_by_its_receipt_and_shows_its_whole_story(live):
     )
     admin = Admin(live)
     found = admin.page("/admin/transactions", q=receipt)
-    assert found.row_ids == [checkout_id]
-    html = admin.get(f"/admin/transactions/{checkout_id}").text
+    assert found.row_ids == [payment_id]
+    html = admin.get(f"/admin/transactions/{payment_id}").text
     page = Text(html)
     assert page["detail-receipt"] == receipt and page["detail-phone"] == PAID
+    assert (page["detail-payment-id"], page["detail-checkout-id"]) == (payment_id, checkout_id)
+    assert Text(admin.get(f"/admin/transactions/{checkout_id}").text)["detail-payment-id"] == payment_id
     timeline = page["timeline"]
     for words in (
         "Payment started",
@@ -657,6 +661,50 @@ def test_a_real_payment_is_found_by_its_receipt_and_shows_its_whole_story(live):
         assert words in timeline, words
     assert html.count("<summary>Raw callback</summary>") == 2  # the ignored repeat too
     assert "MpesaReceiptNumber" in page["settling-callback"]
+
+
+def test_money_from_a_callback_that_matched_no_payment_is_shown_as_paid_not_matched(live):
+    callbacks_before = unmatched_callbacks(live)
+    body = {
+        "Body": {
+            "stkCallback": {
+                "MerchantRequestID": "29115-1",
+                "CheckoutRequestID": "ws_CO_foreign",
+                "ResultCode": 0,
+                "ResultDesc": "The service request is processed successfully.",
+                "CallbackMetadata": {
+                    "Item": [
+                        {"Name": "Amount", "Value": 750.0},
+                        {"Name": "MpesaReceiptNumber", "Value": "QNM4X7Y8Z9"},
+                        {"Name": "TransactionDate", "Value": 20261123103000},
+                        {"Name": "PhoneNumber", "Value": "2547*****678"},
+                    ]
+                },
+            }
+        }
+    }
+    token = live.app.extensions["settings"].callback_token
+    assert live.post(f"/hooks/stk/{token}", json=body).json() == {"ResultCode": 0, "ResultDesc": "Accepted"}
+
+    answer = live.get("/stkpush/status/ws_CO_foreign").json()
+    assert (answer["status"], answer["amount"], answer["MpesaReceiptNumber"]) == ("completed", 750, "QNM4X7Y8Z9")
+    assert answer["unmatched"] is True and "not matched" in answer["message"]
+    admin = Admin(live)
+    listed = admin.page("/admin/transactions", q="QNM4X7Y8Z9")
+    assert listed.row_ids == [answer["paymentId"]]
+    assert "paid, not matched" in listed["transactions-table"]
+    page = Text(admin.get(f"/admin/transactions/{answer['paymentId']}").text)
+    assert page["detail-unmatched"] == "paid, not matched" and page["detail-phone"] == "2547*****678"
+    (row,) = export(admin, q="ws_CO_foreign")
+    assert (row["Status"], row["Note"], row["Amount (KES)"]) == ("completed", "paid, not matched", "750")
+    assert row["Payment ID"] == answer["paymentId"] and row["Checkout request ID"] == "ws_CO_foreign"
+    assert unmatched_callbacks(live) == callbacks_before + 1
+
+
+def unmatched_callbacks(live) -> float:
+    text = live.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    found = re.search(r'^mpesa_callbacks_total\{outcome="unmatched"\} (\S+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 def test_unknown_payment_page_is_a_404(live):
@@ -686,6 +734,9 @@ def test_csv_holds_what_a_reconciliation_needs_with_phones_masked(operator):
         "Reference",
         "Status",
         "Reason",
+        "Note",
+        "Payment ID",
+        "Order ID",
         "Checkout request ID",
         "Started (EAT)",
         "Description",

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from store import Transaction
-from tests.helpers import CANCELLED, PAID, ServerProcess, Watched, free_port, poll, shot, started, visible
+from tests.helpers import CANCELLED, PAID, ServerProcess, Watched, free_port, payment, poll, shot, started, visible
 
 TOKEN = "admin-secret-0123456789"
 
@@ -26,8 +26,8 @@ TOKEN = "admin-secret-0123456789"
 def dashboard(live_server_factory):
     """A server with two real payments and a day of hand-made ones behind them."""
     live = live_server_factory(ADMIN_TOKEN=TOKEN)
-    paid = started(live, PAID, 150, accountReference="SHOP-77", description="Two tickets")
-    receipt = poll(live, paid)["MpesaReceiptNumber"]
+    paid = payment(live, PAID, 150, accountReference="SHOP-77", description="Two tickets")
+    receipt = poll(live, paid["checkoutRequestId"])["MpesaReceiptNumber"]
     poll(live, started(live, CANCELLED, 40, accountReference="SHOP-78"))
     store = live.app.extensions["store"]
     now = time.time()
@@ -45,9 +45,10 @@ def dashboard(live_server_factory):
         store.create(
             Transaction(
                 f"ws_CO_demo{n:02d}",
-                f"m-{n}",
                 f"2547{n:08d}",
                 50 + 25 * (n % 7),
+                checkout_request_id=f"ws_CO_demo{n:02d}",
+                merchant_request_id=f"m-{n}",
                 status=status,
                 reason=reason,
                 initiated_at=at,
@@ -58,11 +59,11 @@ def dashboard(live_server_factory):
                 history=[{"at": at, "event": "initiated"}, {"at": at, "event": "push_accepted"}],
             )
         )
-    return live, paid, receipt
+    return live, paid["paymentId"], receipt
 
 
 def test_operator_signs_in_finds_a_payment_and_exports_the_csv(browser, dashboard):
-    live, checkout_id, receipt = dashboard
+    live, payment_id, receipt = dashboard
     context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-KE", accept_downloads=True)
     try:
         # The wrong token on purpose: Chromium logs its 401 as an error.
@@ -94,7 +95,7 @@ def test_operator_signs_in_finds_a_payment_and_exports_the_csv(browser, dashboar
         assert page.text_content("#result-count") == "1"
         shot(page, "admin-search-by-receipt")
 
-        page.click(f"tr[data-id='{checkout_id}'] a")
+        page.click(f"tr[data-id='{payment_id}'] a")
         visible(page, "#timeline")
         events = page.locator("#timeline > li").evaluate_all("items => items.map(i => i.dataset.event)")
         assert events[:2] == ["initiated", "push_accepted"]
@@ -130,7 +131,7 @@ def test_operator_signs_in_finds_a_payment_and_exports_the_csv(browser, dashboar
 
 
 def test_dashboard_fits_a_360px_screen(browser, dashboard):
-    live, checkout_id, _ = dashboard
+    live, payment_id, _ = dashboard
     context = browser.new_context(
         viewport={"width": 360, "height": 740}, is_mobile=True, has_touch=True, locale="en-KE"
     )
@@ -144,7 +145,7 @@ def test_dashboard_fits_a_360px_screen(browser, dashboard):
         for path, name in (
             ("/admin/", "admin-overview-360px"),
             ("/admin/transactions", "admin-transactions-360px"),
-            (f"/admin/transactions/{checkout_id}", "admin-timeline-360px"),
+            (f"/admin/transactions/{payment_id}", "admin-timeline-360px"),
         ):
             page.goto(live.url + path)
             # Only a wide table may scroll, inside its own box; the page itself never does.

@@ -76,7 +76,7 @@ def test_pay_and_approve_on_the_handset_shows_the_receipt(open_page, server):
     assert "Confirmed" in handset.text_content("#result-text")
     shot(handset, "handset-paid")
 
-    pay.wait_for_url(re.compile(r"/confirmation\.html\?checkoutRequestId=ws_CO_"))
+    pay.wait_for_url(re.compile(r"/confirmation\.html\?paymentId=pay_[0-9a-f]{24}$"))
     visible(pay, "#receipt-view")
     assert pay.text_content("#receipt-number") == receipt
     assert pay.text_content("#receipt-amount").replace("\xa0", " ") == "KES 100.00"
@@ -270,11 +270,11 @@ def test_test_page_checks_the_connection_and_follows_a_test_push(open_page, serv
     sync_api.expect(page.locator("#push-answer")).to_have_text(re.compile(r"^HTTP 200"), timeout=WAIT)
     assert '"phone": "0700 000 000"' in page.text_content("#push-request")
     assert "Idempotency-Key: " in page.text_content("#push-request")
-    assert '"checkoutRequestId": "ws_CO_' in page.text_content("#push-answer")
+    assert '"paymentId": "pay_' in page.text_content("#push-answer")
     page.click("#refresh-button")  # the page also refreshes pending rows every 5 s
     page.wait_for_selector("#recent-rows td.status-completed")
     link = page.locator("#recent-rows a")
-    assert link.get_attribute("href").startswith("/confirmation.html?checkoutRequestId=ws_CO_")
+    assert link.get_attribute("href").startswith("/confirmation.html?paymentId=pay_")
     shot(page, "test-page")
 
     page.reload()  # the list lives in localStorage
@@ -291,7 +291,7 @@ def test_confirmation_page_explains_failed_pending_and_unknown_payments(open_pag
     assert "cancelled" in page.text_content("#problem-message")
     shot(page, "confirmation-failed")
 
-    page.goto(f"{server.url}/confirmation.html?checkoutRequestId={waiting['checkoutRequestId']}")
+    page.goto(f"{server.url}/confirmation.html?paymentId={waiting['paymentId']}")
     visible(page, "#problem-view")
     assert page.text_content("#problem-heading") == "This payment is not finished yet"
     assert page.is_visible("#check-again") and page.is_visible("#back-link")

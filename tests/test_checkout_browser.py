@@ -39,7 +39,7 @@ def run_checkout(page, options: dict, abort_after_ms: int | None = None) -> dict
             const result = await checkout.startCheckout({
               ...options, signal: controller.signal,
               onProgress: (p) => progress.push({ state: p.state, pollsLeft: p.pollsLeft,
-                                                 secondsLeft: p.secondsLeft, id: p.checkoutRequestId }),
+                                                 secondsLeft: p.secondsLeft, id: p.paymentId }),
             });
             return { result, progress };
         }""",
@@ -62,14 +62,16 @@ def test_module_pays_and_reports_progress_on_the_way(open_page, live_server_fact
     result, progress = outcome["result"], outcome["progress"]
     assert result["status"] == "completed"
     assert result["answer"]["amount"] == 42 and result["answer"]["MpesaReceiptNumber"]
-    assert result["checkoutRequestId"].startswith("ws_CO_")
+    assert result["paymentId"].startswith("pay_") and result["checkoutRequestId"].startswith("ws_CO_")
+    assert result["orderId"].startswith("ord_")
     assert progress[0] == {"state": "sending", "pollsLeft": 20, "secondsLeft": 10, "id": None}
-    assert progress[1]["state"] == "waiting" and progress[1]["id"] == result["checkoutRequestId"]
+    assert progress[1]["state"] == "waiting" and progress[1]["id"] == result["paymentId"]
     push = [r for r in requests if r[1].endswith("/stkpush")]
     assert len(push) == 1 and push[0][0] == "POST"
     assert push[0][2]["content-type"] == "application/json" and push[0][2]["idempotency-key"]
     polls = [r for r in requests if "/stkpush/status/" in r[1]]
     assert polls and all(method == "GET" for method, _, _ in polls)  # simple requests: no preflight
+    assert all(url.endswith(f"/stkpush/status/{result['paymentId']}") for _, url, _ in polls)
 
 
 def test_module_resolves_failures_in_plain_words(open_page, live_server_factory, simulator):
@@ -100,6 +102,20 @@ def test_module_resolves_failures_in_plain_words(open_page, live_server_factory,
     assert texts["misuse"] == "TypeError" and texts["phone"] == "254712345678"
 
 
+def test_module_follows_a_push_whose_answer_was_lost_to_its_payment(open_page, live_server_factory, simulator):
+    server = live_server_factory(DARAJA_TIMEOUT="0.5")
+    server.get("/health?deep=1")  # the token first, so that only the push is slow
+    server.sim("POST", "/simulator/faults", json={"endpoint": "stkpush", "mode": "slow", "delay": 1.5})
+    page = open_page(allow=("status of 504",))
+    page.goto(f"{server.url}/pay.html")
+    outcome = run_checkout(page, {"phone": PAID_AT_ONCE, "amount": 64, "orderId": "CART-64", "pollInterval": 300})
+    result = outcome["result"]
+    assert result["status"] == "completed" and result["answer"]["MpesaReceiptNumber"]
+    assert result["paymentId"].startswith("pay_") and result["orderId"] == "CART-64"
+    assert result["checkoutRequestId"].startswith("ws_CO_")  # learnt from the callback, not the push
+    assert outcome["progress"][1]["state"] == "waiting"
+
+
 def test_module_stops_following_when_aborted(open_page, live_server_factory, simulator):
     server = live_server_factory()
     server.sim("PATCH", "/simulator/config", json={"prompt_timeout": 60}).raise_for_status()
@@ -108,7 +124,7 @@ def test_module_stops_following_when_aborted(open_page, live_server_factory, sim
     outcome = run_checkout(page, {"phone": "0798 765 432", "amount": 7, "pollInterval": 200}, abort_after_ms=1500)
     result = outcome["result"]
     assert (result["status"], result["reason"]) == ("cancelled", "aborted")
-    assert result["checkoutRequestId"].startswith("ws_CO_")
+    assert result["paymentId"].startswith("pay_") and result["checkoutRequestId"].startswith("ws_CO_")
     states = {p["state"] for p in outcome["progress"]}
     assert states == {"sending", "waiting"}
 
@@ -134,7 +150,7 @@ def test_pay_page_loads_the_checkout_module_and_pays(open_page, live_server_fact
     pay.goto(f"{server.url}/pay.html?amount=30")
     pay.fill("#phone", PAID_AT_ONCE)
     pay.click("#pay-button")
-    pay.wait_for_url(re.compile(r"/confirmation\.html\?checkoutRequestId=ws_CO_"))
+    pay.wait_for_url(re.compile(r"/confirmation\.html\?paymentId=pay_[0-9a-f]{24}$"))
     visible(pay, "#receipt-view")
     assert any(url.endswith("/static/js/mpesa-checkout.js") for url in scripts)
     assert pay.is_hidden("#order-items") and pay.is_hidden("#tickets")  # an amount, not an order
@@ -164,7 +180,7 @@ def test_items_in_the_link_show_the_cart_and_the_receipt_shows_the_tickets(open_
 
     pay.fill("#phone", PAID_AT_ONCE)
     pay.click("#pay-button")
-    pay.wait_for_url(re.compile(r"/confirmation\.html\?checkoutRequestId=ws_CO_"))
+    pay.wait_for_url(re.compile(r"/confirmation\.html\?paymentId=pay_[0-9a-f]{24}$"))
     assert pushes[0].post_data_json == {
         "phone": "254700000000",
         "items": [{"id": "ticket-regular", "quantity": 2}, {"id": "tshirt", "quantity": 1}],

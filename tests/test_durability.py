@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from mpesa import mask_checkout_id
 from tests.helpers import CALLBACK_TOKEN as TOKEN
 from tests.helpers import PAID, ROOT, WAITING, ServerProcess, free_port, wait_until
 
@@ -24,9 +23,15 @@ def status(base: str, checkout_id: str) -> dict:
 
 
 def push(base: str, phone: str, amount: int = 100) -> str:
+    """Start a payment; its CheckoutRequestID."""
+    return pushed(base, phone, amount)["checkoutRequestId"]
+
+
+def pushed(base: str, phone: str, amount: int = 100) -> dict:
+    """Start a payment; the server's answer."""
     response = requests.post(base + "/stkpush", json={"phone": phone, "amount": amount}, timeout=10)
     assert response.status_code == 200, response.text
-    return response.json()["checkoutRequestId"]
+    return response.json()
 
 
 @pytest.fixture
@@ -175,8 +180,9 @@ def test_reconcile_command_settles_payments_left_pending(live_server_factory, si
         timeout=5,
         json={"phone": "0711000500", "resultCode": 0, "delay": 0.1, "callback": "drop"},
     )
-    paid_quietly = push(live.url, "0711000500")
-    never_answered = push(live.url, "0711000501")
+    first, second = pushed(live.url, "0711000500"), pushed(live.url, "0711000501")
+    paid_quietly, paid_quietly_id = first["checkoutRequestId"], first["paymentId"]
+    never_answered, never_answered_id = second["checkoutRequestId"], second["paymentId"]
     wait_until(
         lambda: (
             requests.get(f"{simulator.url}/simulator/prompts/{paid_quietly}", timeout=5).json()["status"] == "completed"
@@ -204,8 +210,9 @@ def test_reconcile_command_settles_payments_left_pending(live_server_factory, si
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert f"{mask_checkout_id(paid_quietly)} completed" in result.stdout
-    assert f"{mask_checkout_id(never_answered)} failed timeout" in result.stdout
+    assert f"{paid_quietly_id} completed" in result.stdout
+    assert f"{never_answered_id} failed timeout" in result.stdout
+    assert paid_quietly not in result.stdout and never_answered not in result.stdout  # they embed the phone
     assert "2 payment(s) settled" in result.stdout
     # The shop hears of both before the command exits.
     events = {body["data"]["checkoutRequestId"]: body["type"] for body in callback_receiver.wait(2)}

@@ -111,7 +111,8 @@ def test_metrics_count_outcomes_callbacks_and_latencies(live):
     def grew(name, **labels):
         return total(after, name, **labels) - total(before, name, **labels)
 
-    assert grew("mpesa_payments_total") == 4
+    assert grew("mpesa_payments_total") == 5
+    assert grew("mpesa_payments_total", status="failed", reason="rejected", settled_by="push") == 1
     assert grew("mpesa_payments_total", status="completed", reason="none", settled_by="callback") == 1
     assert grew("mpesa_payments_total", status="failed", reason="cancelled", settled_by="callback") == 1
     assert grew("mpesa_payments_total", status="failed", reason="timeout", settled_by="callback") == 1
@@ -120,7 +121,7 @@ def test_metrics_count_outcomes_callbacks_and_latencies(live):
 
     assert grew("mpesa_callbacks_total", outcome="settled") == 4
     assert grew("mpesa_callbacks_total", outcome="duplicate") == 1
-    assert grew("mpesa_callbacks_total", outcome="unknown_id") == 1
+    assert grew("mpesa_callbacks_total", outcome="unmatched") == 1
     assert grew("mpesa_callbacks_total", outcome="bad_token") == 1
     assert grew("mpesa_callbacks_total", outcome="malformed") == 1
     assert grew("mpesa_callbacks_total", outcome="not_allowed") == 0
@@ -137,7 +138,7 @@ def test_metrics_count_outcomes_callbacks_and_latencies(live):
     assert (
         grew("mpesa_http_request_duration_seconds_count", method="POST", route="/hooks/stk/<token>", status="403") == 1
     )
-    assert grew("mpesa_http_request_duration_seconds_count", route="/stkpush/status/<checkout_id>") >= 4
+    assert grew("mpesa_http_request_duration_seconds_count", route="/stkpush/status/<payment_or_checkout_id>") >= 4
 
     # Labels never carry a phone number, an id or the callback token.
     for _, labels in after:
@@ -146,9 +147,10 @@ def test_metrics_count_outcomes_callbacks_and_latencies(live):
 
     stats = live.get("/stats").json()
     assert stats["success"] is True
-    assert stats["payments"] - stats_before["payments"] == 4
+    assert stats["payments"] - stats_before["payments"] == 5  # the refused push is a failed payment too
     assert stats["byStatus"]["completed"] - stats_before["byStatus"]["completed"] == 1
-    assert stats["byStatus"]["failed"] - stats_before["byStatus"]["failed"] == 3
+    assert stats["byStatus"]["failed"] - stats_before["byStatus"]["failed"] == 4
+    assert stats["byReason"]["rejected"] - stats_before["byReason"].get("rejected", 0) == 1
     assert stats["byReason"]["cancelled"] - stats_before["byReason"].get("cancelled", 0) == 1
     assert stats["byReason"]["timeout"] - stats_before["byReason"].get("timeout", 0) == 2
     assert stats["lateResults"] - stats_before["lateResults"] == 1

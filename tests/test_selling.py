@@ -126,8 +126,18 @@ def test_sold_out_is_a_409(shop):
     assert buy(shop, [{"id": "vip", "quantity": 1}]).status_code == 200
     second = buy(shop, [{"id": "vip", "quantity": 1}], phone="0712345679")
     assert second.status_code == 409
-    assert second.json() == {"success": False, "message": "Sold out: VIP seat", "field": "items", "itemId": "vip"}
+    body = second.json()
+    assert body == {
+        "success": False,
+        "message": "Sold out: VIP seat",
+        "field": "items",
+        "itemId": "vip",
+        "paymentId": body["paymentId"],
+        "orderId": body["orderId"],
+    }
     assert available(shop, "vip") == 0
+    refused = shop.post("/stkpush/status", json={"paymentId": body["paymentId"]}).json()
+    assert (refused["status"], refused["reason"], refused["orderId"]) == ("failed", "rejected", body["orderId"])
 
 
 def test_a_failed_payment_gives_its_units_back(shop):

@@ -253,11 +253,20 @@ def test_a_key_whose_request_was_refused_can_be_used_again(live):
 # Daraja trouble.
 
 
-def test_daraja_unreachable_is_503(live_server_factory):
+def test_daraja_unreachable_is_503_and_the_payment_failed_without_a_prompt(live_server_factory):
     live = live_server_factory(MPESA_BASE_URL="http://127.0.0.1:9")
     response = push(live)
     assert response.status_code == 503
-    assert response.json() == {"success": False, "message": "M-Pesa cannot be reached right now; try again shortly"}
+    body = response.json()
+    assert body == {
+        "success": False,
+        "message": "M-Pesa cannot be reached right now; try again shortly",
+        "paymentId": body["paymentId"],
+        "orderId": body["orderId"],
+        "status": "failed",  # nothing was sent: no prompt can come
+    }
+    answer = live.post("/stkpush/status", json={"paymentId": body["paymentId"]}).json()
+    assert (answer["status"], answer["reason"], answer["checkoutRequestId"]) == ("failed", "error", None)
 
 
 def test_daraja_too_slow_is_504(live_server_factory, simulator):
@@ -394,9 +403,10 @@ def test_a_settled_payment_answers_every_poll_with_the_same_bytes(live):
 def settled_tx(status="completed", settled_by="callback", receipt="SIM0000001", completed_at=1000.0):
     return Transaction(
         "ws_CO_1",
-        "m-1",
         "254712345678",
         100,
+        checkout_request_id="ws_CO_1",
+        merchant_request_id="m-1",
         status=status,
         settled_by=settled_by,
         mpesa_receipt_number=receipt if status == "completed" else None,
@@ -407,7 +417,7 @@ def settled_tx(status="completed", settled_by="callback", receipt="SIM0000001", 
 @pytest.mark.parametrize(
     "tx, for_good",
     [
-        (Transaction("ws_CO_1", "m-1", "254712345678", 100), False),
+        (Transaction("ws_CO_1", "254712345678", 100, checkout_request_id="ws_CO_1"), False),
         (settled_tx(), True),
         (settled_tx("failed", "callback"), True),
         (settled_tx("failed", "query"), True),
@@ -435,8 +445,9 @@ def test_kept_answers_go_when_the_store_may_forget_the_payment():
 def test_kept_answers_are_bounded_oldest_first():
     answers = FinalAnswers(retention=60, clock=FakeClock(1000.0), size=2)
     for n in range(3):
-        answers.keep(replace(settled_tx(), checkout_request_id=f"ws_CO_{n}"), b"%d" % n)
+        answers.keep(replace(settled_tx(), payment_id=f"pay_{n}", checkout_request_id=f"ws_CO_{n}"), b"%d" % n)
     assert [answers.get(f"ws_CO_{n}") for n in range(3)] == [None, b"1", b"2"]
+    assert [answers.get(f"pay_{n}") for n in range(3)] == [None, b"1", b"2"]
 
 
 # Health.

@@ -247,7 +247,7 @@ def test_fill_the_cart_pay_approve_and_get_the_tickets(open_page, shop_factory):
     assert shop.text_content('.product[data-id="ticket-vip"] .product-stock') == "19 left"
 
     shop.click("#receipt-link")
-    shop.wait_for_url(re.compile(re.escape(server.url) + r"/confirmation\.html\?checkoutRequestId=ws_CO_"))
+    shop.wait_for_url(re.compile(re.escape(server.url) + r"/confirmation\.html\?paymentId=pay_[0-9a-f]{24}$"))
     visible(shop, "#receipt-view")
     assert shop.text_content("#receipt-order") == order
     tickets = shop.locator("#ticket-list .ticket")

@@ -7,6 +7,7 @@ import dataclasses
 import fcntl
 import gc
 import json
+import math
 import multiprocessing
 import os
 import socket
@@ -33,6 +34,7 @@ from store import (
     open_store,
     tally,
 )
+from store.record import decode
 from tests.helpers import ROOT, Backend, FakeClock
 
 PHONE = "254712345678"
@@ -43,6 +45,7 @@ def make_tx(
     checkout_request_id: str = "ws_CO_1", *, phone: str = PHONE, initiated_at: float = 1_700_000_000.0, **fields
 ) -> Transaction:
     return Transaction(
+        payment_id=checkout_request_id,
         checkout_request_id=checkout_request_id,
         merchant_request_id=f"m-{checkout_request_id}",
         phone=phone,
@@ -208,6 +211,103 @@ def test_update_may_not_change_the_id(store):
     with pytest.raises(ValueError):
         store.update("ws_CO_1", rename)
     assert store.get("ws_CO_2") is None and store.get("ws_CO_1") is not None
+
+
+def attempt(payment_id: str = "pay_1", *, initiated_at: float = 1_700_000_000.0, **fields) -> Transaction:
+    """A record as the server now creates it: its own id, Daraja's ids not known yet."""
+    return Transaction(payment_id, PHONE, 100, initiated_at=initiated_at, **fields)
+
+
+def give_checkout_id(checkout_id: str):
+    def mutate(tx: Transaction) -> None:
+        tx.checkout_request_id = checkout_id
+        tx.merchant_request_id = f"m-{checkout_id}"
+
+    return mutate
+
+
+def test_a_record_is_found_by_its_checkout_id_once_daraja_gave_it(store):
+    store.create(attempt(order_id="ord_1"))
+    assert store.get("pay_1").checkout_request_id is None
+    assert store.find("ws_CO_9") is None
+    updated, _ = store.update("pay_1", give_checkout_id("ws_CO_9"))
+    assert updated.checkout_request_id == "ws_CO_9"
+    assert store.find("ws_CO_9") == store.get("pay_1") == updated
+    assert store.get("ws_CO_9") is None  # the key stays the payment id
+
+
+def test_the_checkout_id_is_set_once_and_never_changed(store):
+    store.create(attempt())
+    store.update("pay_1", give_checkout_id("ws_CO_9"))
+    store.update("pay_1", give_checkout_id("ws_CO_9"))  # the same again changes nothing
+    with pytest.raises(ValueError):
+        store.update("pay_1", give_checkout_id("ws_CO_8"))
+
+    def forget(tx: Transaction) -> None:
+        tx.checkout_request_id = None
+
+    with pytest.raises(ValueError):
+        store.update("pay_1", forget)
+
+    def rename(tx: Transaction) -> None:
+        tx.payment_id = "pay_2"
+
+    with pytest.raises(ValueError):
+        store.update("pay_1", rename)
+    assert store.find("ws_CO_9").payment_id == "pay_1"
+    assert store.find("ws_CO_8") is None and store.get("pay_2") is None
+
+
+def test_a_checkout_id_belongs_to_one_record(store):
+    store.create(attempt("pay_1", checkout_request_id="ws_CO_9"))
+    with pytest.raises(DuplicateTransaction):
+        store.create(attempt("pay_2", checkout_request_id="ws_CO_9"))
+    store.create(attempt("pay_3"))
+    with pytest.raises(DuplicateTransaction):
+        store.update("pay_3", give_checkout_id("ws_CO_9"))
+    assert store.get("pay_2") is None
+    assert store.get("pay_3").checkout_request_id is None
+    assert store.find("ws_CO_9").payment_id == "pay_1"
+    store.create(make_tx("ws_CO_7"))  # a record from before payment ids: its checkout id is its key
+    with pytest.raises(DuplicateTransaction):
+        store.update("pay_3", give_checkout_id("ws_CO_7"))
+    assert store.find("ws_CO_7").payment_id == "ws_CO_7"
+
+
+def test_many_records_wait_for_their_checkout_id_at_once(store):
+    for n in range(3):
+        store.create(attempt(f"pay_{n}"))
+    store.update("pay_1", give_checkout_id("ws_CO_1"))
+    assert [store.find(f"ws_CO_{n}") for n in range(3)] == [None, store.get("pay_1"), None]
+    assert store.list(status="pending")[1] == 3
+
+
+def test_search_finds_a_record_by_its_payment_checkout_or_order_id(store):
+    store.create(attempt("pay_1", order_id="ord_7"))
+    store.create(attempt("pay_2", order_id="ord_7", checkout_request_id="ws_CO_2", initiated_at=1_700_000_001.0))
+    store.create(attempt("pay_3", order_id="ord_8"))
+    assert ids_of(store.search("pay_1")) == ["pay_1"]
+    assert ids_of(store.search("ws_CO_2")) == ["pay_2"]
+    assert ids_of(store.search("ord_7")) == ["pay_2", "pay_1"]
+    assert ids_of(store.search("ord_7", status="failed")) == []
+    assert ids_of(store.search("ord_")) == []  # ids match whole
+
+
+def ids_of(page) -> list[str]:
+    return [tx.payment_id for tx in page[0]]
+
+
+def test_a_checkout_id_is_forgotten_with_its_record_except_in_sqlite(backend):
+    store = backend.open(retention=0.6)
+    store.create(attempt(initiated_at=backend.clock()))
+    store.update("pay_1", give_checkout_id("ws_CO_9"))
+    backend.elapse(0.8)
+    if backend.kind == "sqlite":
+        assert store.find("ws_CO_9").payment_id == "pay_1"
+    else:
+        assert store.find("ws_CO_9") is None
+        store.create(attempt("pay_2", checkout_request_id="ws_CO_9"))  # the id is free again
+        assert store.find("ws_CO_9").payment_id == "pay_2"
 
 
 def test_concurrent_updates_from_twenty_threads_lose_nothing(store):
@@ -420,6 +520,13 @@ def test_transaction_is_final_once_not_pending():
     assert make_tx(status="completed").is_final and make_tx(status="failed").is_final
 
 
+def test_a_record_stored_before_payment_ids_reads_back_keyed_by_its_checkout_id():
+    older = {k: v for k, v in make_tx("ws_CO_5").to_dict().items() if k not in ("payment_id", "order_id")}
+    assert Transaction.from_dict(older).payment_id == "ws_CO_5"
+    assert decode(json.dumps(older)) == Transaction.from_dict(older)
+    assert decode(json.dumps(older)).order_id is None
+
+
 def test_from_dict_ignores_keys_it_does_not_know_and_fills_defaults():
     data = {
         "checkout_request_id": "ws_CO_1",
@@ -436,7 +543,7 @@ def stored_text(backend: Backend, checkout_request_id: str) -> str:
     """The record as the backend keeps it: SQLite's record column, Redis's tx:<id> key."""
     if backend.kind == "sqlite":
         with closing(sqlite3.connect(sqlite_file(backend.url))) as db:
-            query = "SELECT record FROM transactions WHERE checkout_request_id = ?"
+            query = "SELECT record FROM transactions WHERE payment_id = ?"
             return db.execute(query, (checkout_request_id,)).fetchone()[0]
     with closing(redis.Redis.from_url(backend.url, decode_responses=True)) as client:
         return client.get(f"mpesa:tx:{checkout_request_id}")
@@ -446,7 +553,7 @@ def keep_text(backend: Backend, checkout_request_id: str, text: str) -> None:
     """Put text where the backend keeps the record, as another version of the server would."""
     if backend.kind == "sqlite":
         with closing(sqlite3.connect(sqlite_file(backend.url))) as db, db:
-            query = "UPDATE transactions SET record = ? WHERE checkout_request_id = ?"
+            query = "UPDATE transactions SET record = ? WHERE payment_id = ?"
             db.execute(query, (text, checkout_request_id))
         return
     with closing(redis.Redis.from_url(backend.url, decode_responses=True)) as client:
@@ -667,7 +774,7 @@ def test_sqlite_sees_what_another_process_writes(tmp_path):
     script = (
         "import sys; from store import Transaction, open_store\n"
         "s = open_store(sys.argv[1])\n"
-        "s.create(Transaction('ws_CO_2', 'm', '254712345678', 5, initiated_at=2e9))\n"
+        "s.create(Transaction('ws_CO_2', '254712345678', 5, checkout_request_id='ws_CO_2', initiated_at=2e9))\n"
         "def done(tx): tx.status = 'completed'\n"
         "s.update('ws_CO_1', done)\n"
         "assert s.add('lock', {}, ttl=60)\n"
@@ -795,6 +902,22 @@ def redis_backend(clean_redis_url):
     backend.close()
 
 
+def test_redis_records_from_before_payment_ids_are_found_by_their_checkout_id(redis_backend):
+    store = redis_backend.open()
+    store.create(settled_tx("ws_CO_old"))
+    with closing(redis.Redis.from_url(redis_backend.url, decode_responses=True)) as client:
+        client.delete("mpesa:co:ws_CO_old")  # what an older version wrote: the record alone
+        client.set("mpesa:tx:ws_CO_old", without_payment_ids(settled_tx("ws_CO_old")), keepttl=True)
+    assert store.get("ws_CO_old") == store.find("ws_CO_old") == settled_tx("ws_CO_old")
+    assert ids(store.search("ws_CO_old")[0]) == ["ws_CO_old"]
+    store.update("ws_CO_old", increment)
+    assert store.find("ws_CO_old").extra["n"] == 1
+    with pytest.raises(DuplicateTransaction):
+        store.create(attempt("pay_new", checkout_request_id="ws_CO_old"))
+    store.create(attempt("pay_other"))
+    assert store.find("pay_other") is None  # a payment id is not a checkout id
+
+
 def test_redis_store_objects_on_one_url_share_everything(redis_backend):
     first, second = redis_backend.open(), redis_backend.open()
     first.create(make_tx())
@@ -903,9 +1026,10 @@ def payment(
     history += [{"at": started + 1, **event} for event in events]
     return Transaction(
         checkout_request_id,
-        f"m-{checkout_request_id}",
         phone,
         amount,
+        checkout_request_id=checkout_request_id,
+        merchant_request_id=f"m-{checkout_request_id}",
         status=status,
         initiated_at=started,
         completed_at=None if after is None else started + after,
@@ -1192,17 +1316,18 @@ def test_sqlite_search_uses_its_indexes(tmp_path):
         return " ".join(row[-1] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
 
     text = plan(
-        "SELECT record FROM transactions WHERE checkout_request_id = ? OR receipt_key = ?"
-        " OR reference_key = ? OR (phone_reversed >= ? AND phone_reversed < ?)",
+        "SELECT record FROM transactions WHERE payment_id = ? OR checkout_request_id = ? OR order_id = ?"
+        " OR receipt_key = ? OR reference_key = ? OR (phone_reversed >= ? AND phone_reversed < ?)",
+        "x",
+        "x",
         "x",
         "X",
         "x",
         "876",
         "876:",
     )
-    assert all(
-        index in text for index in ("transactions_by_receipt", "transactions_by_reference", "transactions_by_phone_end")
-    )
+    indexes = ("by_checkout", "by_order", "by_receipt", "by_reference", "by_phone_end", "sqlite_autoindex")
+    assert all(index in text for index in indexes), text
     assert "transactions_by_reason" in plan(
         "SELECT record FROM transactions WHERE status = 'failed' AND reason = ? ORDER BY initiated_at DESC", "cancelled"
     )
@@ -1248,3 +1373,73 @@ def test_memory_search_finds_by_its_indexes_and_forgets_with_the_records():
     for query in ({"text": "qab1c2d3e4"}, {"text": "678"}, {"status": "failed"}, {"reason": "cancelled"}, {}):
         assert store.search(**query) == ([], 0)
     assert store.overview(MIDNIGHT, MIDNIGHT + 2 * DAY, DAY).total.counts == {}
+
+
+# What version 1 of the SQLite store made: a ledger keyed by CheckoutRequestID, with the
+# dashboard's search columns and indexes (its tallies are left out: they are counted again
+# from the records when missing, as another test shows).
+LEDGER_KEYED_BY_CHECKOUT_ID = """
+CREATE TABLE transactions (
+    checkout_request_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    phone TEXT NOT NULL,
+    initiated_at REAL NOT NULL,
+    record TEXT NOT NULL,
+    reason GENERATED ALWAYS AS (json_extract(record, '$.reason')) VIRTUAL,
+    receipt_key GENERATED ALWAYS AS (upper(coalesce(json_extract(record, '$.mpesa_receipt_number'), ''))) VIRTUAL,
+    reference_key GENERATED ALWAYS AS (lower(coalesce(json_extract(record, '$.account_reference'), ''))) VIRTUAL
+);
+CREATE INDEX transactions_by_time ON transactions (initiated_at, checkout_request_id);
+CREATE INDEX transactions_by_status ON transactions (status, initiated_at, checkout_request_id);
+CREATE INDEX transactions_by_phone ON transactions (phone, initiated_at, checkout_request_id);
+CREATE INDEX transactions_by_reason ON transactions (reason, status, initiated_at, checkout_request_id);
+CREATE INDEX transactions_by_receipt ON transactions (receipt_key);
+CREATE INDEX transactions_by_reference ON transactions (reference_key);
+CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_at REAL NOT NULL);
+CREATE INDEX kv_by_expiry ON kv (expires_at);
+CREATE TABLE counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+PRAGMA user_version = 1;
+"""
+
+
+def without_payment_ids(tx: Transaction) -> str:
+    """The record as a version before payment ids wrote it."""
+    return json.dumps({k: v for k, v in tx.to_dict().items() if k not in ("payment_id", "order_id")})
+
+
+def test_sqlite_ledger_keyed_by_checkout_id_is_rekeyed_once_and_every_record_still_found(tmp_path):
+    path = tmp_path / "v1.db"
+    with closing(sqlite3.connect(path)) as db, db:
+        db.executescript(LEDGER_KEYED_BY_CHECKOUT_ID)
+        for tx in DATA_SET:
+            db.execute(
+                "INSERT INTO transactions (checkout_request_id, status, phone, initiated_at, record)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (tx.checkout_request_id, tx.status, tx.phone, tx.initiated_at, without_payment_ids(tx)),
+            )
+        db.execute("INSERT INTO counters VALUES ('stock:tee', 3)")
+    url = f"sqlite:///{path}"
+    for _ in range(2):  # the second opening finds nothing left to do
+        store = open_store(url)
+        for tx in DATA_SET:
+            assert store.get(tx.checkout_request_id) == store.find(tx.checkout_request_id) == tx
+        assert ids(store.search("P4")[0]) == ["P4"]
+        assert ids(store.search("qab1c2d3e4")[0]) == ["P1"]
+        assert ids(store.search(reason="cancelled")[0]) == ["P3"]
+        assert ids(store.pending_before(math.inf)) == ["P5"]
+        assert ids(store.list(phone=OTHER_PHONE)[0]) == ["P7", "P2"]
+        assert store.get_counter("stock:tee") == 3
+        store.close()
+    store = open_store(url)
+    settled, _ = store.update("P5", lambda tx: setattr(tx, "status", "failed"))
+    assert settled.payment_id == "P5" and store.find("P5").status == "failed"
+    with pytest.raises(DuplicateTransaction):
+        store.create(attempt("pay_new", checkout_request_id="P1"))
+    store.create(attempt("pay_new"))
+    store.update("pay_new", give_checkout_id("ws_CO_new"))
+    assert store.find("ws_CO_new").payment_id == "pay_new"
+    store.close()
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        key = [row[1] for row in db.execute("PRAGMA table_info(transactions)") if row[5]]
+        assert key == ["payment_id"]

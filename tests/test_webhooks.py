@@ -43,6 +43,8 @@ def checkout(n: int) -> str:
 
 CHECKOUT = checkout(1)
 DATA_FIELDS = {
+    "paymentId",
+    "orderId",
     "checkoutRequestId",
     "merchantRequestId",
     "status",
@@ -169,7 +171,7 @@ def final_tx(checkout_id=CHECKOUT, status="completed", **fields) -> Transaction:
         mpesa_receipt_number="NLJ7RT61SV" if status == "completed" else None,
     )
     values.update(fields)
-    return Transaction(checkout_request_id=checkout_id, **values)
+    return Transaction(payment_id=checkout_id, checkout_request_id=checkout_id, **values)
 
 
 def history(tx: Transaction | dict, name: str) -> list[dict]:
@@ -448,10 +450,11 @@ def test_logs_name_the_event_but_never_the_secret_or_the_phone(receiver_factory,
 # End to end.
 
 
-def push(live, phone, amount=100, **extra):
+def push(live, phone, amount=100, **extra) -> tuple[str, str]:
+    """Start a payment; its payment id (which event ids carry) and CheckoutRequestID."""
     response = live.post("/stkpush", json={"phone": phone, "amount": amount, **extra})
     assert response.status_code == 200, response.text
-    return response.json()["checkoutRequestId"]
+    return response.json()["paymentId"], response.json()["checkoutRequestId"]
 
 
 def admin(live, checkout_id) -> dict:
@@ -488,16 +491,17 @@ def shop(live_server_factory, receiver_factory):
 
 def test_a_paid_payment_is_delivered_once_signed_with_the_documented_fields(shop):
     live, receiver = shop()
-    checkout_id = push(live, PAID, 150, description="Order 12345", accountReference="CART_12345")
+    payment_id, checkout_id = push(live, PAID, 150, description="Order 12345", accountReference="CART_12345")
     (call,) = receiver.wait(1)
     assert webhooks.verify(SECRET, call["headers"][webhooks.SIGNATURE_HEADER], call["raw"])
     assert call["headers"]["Content-Type"] == "application/json"
     event = call["body"]
-    assert event["id"] == f"evt_{checkout_id}_completed" and event["type"] == "payment.completed"
+    assert event["id"] == f"evt_{payment_id}_completed" and event["type"] == "payment.completed"
     assert isinstance(event["created"], int)
     data = event["data"]
     assert set(data) == DATA_FIELDS
     assert data["checkoutRequestId"] == checkout_id and data["status"] == "completed"
+    assert data["paymentId"] == payment_id and data["orderId"].startswith("ord_")
     assert data["amount"] == 150 and data["currency"] == "KES" and data["reason"] is None
     assert data["resultCode"] == 0 and len(data["receipt"]) == 10
     assert data["accountReference"] == "CART_12345" and data["description"] == "Order 12345"
@@ -523,9 +527,9 @@ def test_while_the_shop_switches_secrets_each_configured_secret_signs_the_event(
 
 def test_a_cancelled_payment_is_delivered_as_failed(shop):
     live, receiver = shop()
-    checkout_id = push(live, CANCELLED)
+    payment_id, checkout_id = push(live, CANCELLED)
     event = receiver.wait(1)[0]["body"]
-    assert event["id"] == f"evt_{checkout_id}_failed" and event["type"] == "payment.failed"
+    assert event["id"] == f"evt_{payment_id}_failed" and event["type"] == "payment.failed"
     assert event["data"]["status"] == "failed" and event["data"]["reason"] == "cancelled"
     assert event["data"]["resultCode"] == 1032 and event["data"]["receipt"] is None
     delivered(live, checkout_id)
@@ -540,9 +544,9 @@ def test_a_process_that_dies_just_after_settling_leaves_the_event_to_be_sent(sho
         raise RuntimeError("gone between the settling write and the webhook queue")
 
     payments.on_final = dies_before_queueing
-    checkout_id = push(live, PAID)
+    payment_id, checkout_id = push(live, PAID)
     tx = wait_until(lambda: (tx := admin(live, checkout_id)) and tx["status"] == "completed" and tx)
-    event_id = f"evt_{checkout_id}_completed"
+    event_id = f"evt_{payment_id}_completed"
     assert tx["extra"]["webhooks"][event_id]["delivered"] is False  # saved with the verdict
     time.sleep(0.3)
     assert receiver.ids() == []
@@ -556,9 +560,9 @@ def test_a_process_that_dies_just_after_settling_leaves_the_event_to_be_sent(sho
 
 def test_a_failing_shop_gets_the_same_event_until_it_answers_2xx(shop):
     live, receiver = shop(answers=[500, 500])
-    checkout_id = push(live, PAID)
+    payment_id, checkout_id = push(live, PAID)
     calls = receiver.wait(3)
-    assert {call["body"]["id"] for call in calls} == {f"evt_{checkout_id}_completed"}
+    assert {call["body"]["id"] for call in calls} == {f"evt_{payment_id}_completed"}
     assert len({call["raw"] for call in calls}) == 1  # the same body every time
     for call in calls:
         assert webhooks.verify(SECRET, call["headers"][webhooks.SIGNATURE_HEADER], call["raw"])
@@ -574,26 +578,26 @@ def test_duplicate_callbacks_from_daraja_cause_no_second_delivery(shop):
         "POST", "/simulator/scenarios", json={"phone": WAITING, "resultCode": 0, "delay": 0.1, "callback": "duplicate"}
     )
     assert response.status_code == 201, response.text
-    checkout_id = push(live, WAITING)
+    payment_id, checkout_id = push(live, WAITING)
     receiver.wait(1)
     assert wait_until(lambda: history(admin(live, checkout_id), "duplicate_ignored"))
     time.sleep(0.3)
-    assert receiver.ids() == [f"evt_{checkout_id}_completed"]
+    assert receiver.ids() == [f"evt_{payment_id}_completed"]
 
 
 def test_a_real_result_after_our_timeout_is_a_second_event(shop, simulator):
     live, receiver = shop(TRANSACTION_TTL="1")
     live.sim("PATCH", "/simulator/config", json={"query_min_interval": 0})
-    checkout_id = push(live, WAITING)
+    payment_id, checkout_id = push(live, WAITING)
     time.sleep(1.1)
     assert live.post("/stkpush/status", json={"checkoutRequestId": checkout_id}).json()["reason"] == "timeout"
     timed_out = receiver.wait(1)[0]["body"]
-    assert timed_out["id"] == f"evt_{checkout_id}_failed"
+    assert timed_out["id"] == f"evt_{payment_id}_failed"
     assert timed_out["data"]["reason"] == "timeout"
 
     live.sim("POST", f"/simulator/prompts/{checkout_id}/pin", json={"pin": "1234"})
     late = receiver.wait(2)[1]["body"]
-    assert late["id"] == f"evt_{checkout_id}_late" and late["type"] == "payment.completed"
+    assert late["id"] == f"evt_{payment_id}_late" and late["type"] == "payment.completed"
     assert late["data"]["flags"] == ["late_result"] and late["created"] >= timed_out["created"]
     delivered(live, checkout_id, count=2)
 

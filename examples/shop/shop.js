@@ -162,7 +162,7 @@ $("checkout-form").addEventListener("submit", async (event) => {
     items,
     description: "DJ Kraph Live shop",
     onProgress(progress) {
-      if (progress.state === "sending" || !progress.checkoutRequestId) return;
+      if (progress.state === "sending" || !progress.paymentId) return;
       if (!clock) clock = waiting(phone, progress);
       $("progress-note").textContent = progress.state === "retrying" && progress.failedInARow >= 3
         ? "We are having trouble reaching the payment server. Still trying…" : "";
@@ -203,7 +203,7 @@ function waiting(phone, progress) {
 function finished(result) {
   const receipt = $("receipt-link");
   const order = result.orderNumber || (result.answer && result.answer.orderNumber);
-  if (result.status === "error" && !result.checkoutRequestId) {
+  if (result.status === "error" && !result.paymentId) {
     // Refused before any prompt: back to the cart, with the reason.
     show("cart");
     if (result.field === "phone") {
@@ -223,7 +223,7 @@ function finished(result) {
     $("result-heading").textContent = "Payment received";
     $("result-message").textContent = `Thank you! M-Pesa receipt ${data.MpesaReceiptNumber || ""}`.trim()
       + (tickets ? `. Your ${tickets === 1 ? "ticket is" : `${tickets} tickets are`} ready.` : ".");
-    receipt.href = `${SERVER}/confirmation.html?checkoutRequestId=${encodeURIComponent(result.checkoutRequestId)}`;
+    receipt.href = `${SERVER}/confirmation.html?paymentId=${encodeURIComponent(result.paymentId)}`;
     receipt.hidden = false;
     cart.clear();
     loadCatalog();

@@ -7,7 +7,9 @@ import { formatKes } from "./phone.js";
 const config = pageConfig();
 const ROOT = config.urls.status.replace(/\/stkpush\/status$/, ""); // "" unless mounted under a prefix
 const $ = (id) => document.getElementById(id);
-const id = new URLSearchParams(window.location.search).get("checkoutRequestId");
+// Links name the payment by its paymentId; older links by Daraja's checkoutRequestId.
+const query = new URLSearchParams(window.location.search);
+const id = query.get("paymentId") || query.get("checkoutRequestId");
 
 const NAIROBI_TIME = new Intl.DateTimeFormat("en-KE", {
   timeZone: "Africa/Nairobi",

@@ -15,7 +15,8 @@
 //     description: "DJ Kraph Checkout", // optional, with amount or items
 //     accountReference: "CART_12345",   // optional, with amount or items
 //     signal,                           // an AbortSignal: stop following (the prompt is not recalled)
-//     onProgress: (p) => {},            // {state, pollsLeft, secondsLeft, checkoutRequestId, answer, failedInARow}
+//     orderId: "CART_12345",            // optional: the shop's order; its attempts share it
+//     onProgress: (p) => {},            // {state, pollsLeft, secondsLeft, paymentId, checkoutRequestId, answer, failedInARow}
 //     pollInterval: 3000,               // ms between status polls
 //     maxPolls: 40,                     // 40 × 3 s = 2 minutes
 //     idempotencyKey,                   // optional: re-send a push that got no answer (result.idempotencyKey)
@@ -23,13 +24,16 @@
 //
 // The promise never rejects for a payment that did not happen (only for a call without exactly
 // one of amount, items or link); it resolves with
-//   {status, reason, message, checkoutRequestId, orderNumber, answer, idempotencyKey, field,
-//    itemId, httpStatus, retryAfter}
+//   {status, reason, message, paymentId, orderId, checkoutRequestId, orderNumber, answer,
+//    idempotencyKey, field, itemId, httpStatus, retryAfter}
+// paymentId is the server's own id of the payment (use it in links: /confirmation.html?paymentId=…);
+// checkoutRequestId is Daraja's, null when its answer to the push never came.
 // where status is
 //   "completed"  paid; `answer` is the server's status answer (receipt, amount, orderNumber,
 //                items, tickets)
 //   "failed"     M-Pesa ended it; reason: cancelled, wrong_pin, insufficient_funds, timeout,
-//                rejected or error
+//                rejected, error, or unknown (the server never learnt whether the prompt
+//                reached the phone, and no payment came)
 //   "timeout"    no final answer after maxPolls (reason no_answer); it may still complete
 //   "cancelled"  the caller's signal aborted (reason aborted)
 //   "error"      the push was refused or got no answer (reason invalid + field, sold_out +
@@ -40,12 +44,14 @@
 //
 // onProgress states: "sending" (the push is on its way), "waiting" (pushed, or a poll said
 // pending; `answer` carries orderNumber, amount and items), "retrying" (a push or poll got no
-// usable answer; the next one follows quietly).
+// usable answer; the next one follows quietly). A push the server answered with an error but
+// whose payment is still pending (M-Pesa did not answer in time: the prompt may yet come) is
+// followed like an accepted one.
 //
 // Requests: POST <server>/stkpush with Content-Type: application/json and an Idempotency-Key
 // (one per call; a push that got no answer is re-sent with the same key, so the phone is never
-// prompted twice), then GET <server>/stkpush/status/<id> every pollInterval, one at a time,
-// as a simple request (no CORS preflight per poll).
+// prompted twice), then GET <server>/stkpush/status/<paymentId> every pollInterval, one at a
+// time, as a simple request (no CORS preflight per poll).
 import { fetchJson, newKey } from "./api.js";
 import { PHONE_ERROR, normalisePhone } from "./phone.js";
 
@@ -64,6 +70,8 @@ const REASONS = {
   timeout: "The payment request timed out on the phone before the PIN was entered.",
   rejected: "M-Pesa did not allow this payment (a limit on the M-Pesa account, or the shop's M-Pesa settings).",
   error: "M-Pesa could not complete the payment.",
+  unknown: "M-Pesa never told us whether the payment request reached your phone, and no payment came. "
+    + "Check your M-Pesa messages before you pay again.",
   // Why we stopped following it.
   no_answer: "No answer came from the phone in time, so we stopped waiting. "
     + "If you did enter your PIN, check your M-Pesa messages before you pay again.",
@@ -103,6 +111,7 @@ export async function startCheckout({
   link,
   description,
   accountReference,
+  orderId,
   signal,
   onProgress,
   pollInterval = 3000,
@@ -113,8 +122,14 @@ export async function startCheckout({
   const key = idempotencyKey || newKey();
   const totalMs = pollInterval * maxPolls;
   let waitingSince = null;
+  let paymentId = null;
   let checkoutRequestId = null;
   let last = null; // the newest answer that described the payment
+  const follow = (data) => {
+    paymentId = data.paymentId || paymentId;
+    checkoutRequestId = data.checkoutRequestId || checkoutRequestId;
+    last = { ...last, ...data };
+  };
 
   const secondsLeft = () => (waitingSince === null
     ? Math.ceil(totalMs / 1000)
@@ -122,7 +137,7 @@ export async function startCheckout({
   const report = (state, pollsLeft, extra = {}) => {
     if (!onProgress) return;
     try {
-      onProgress({ state, pollsLeft, secondsLeft: secondsLeft(), checkoutRequestId, answer: last, ...extra });
+      onProgress({ state, pollsLeft, secondsLeft: secondsLeft(), paymentId, checkoutRequestId, answer: last, ...extra });
     } catch (error) {
       setTimeout(() => { throw error; }); // the caller's bug: show it, but keep following the payment
     }
@@ -130,6 +145,8 @@ export async function startCheckout({
   const end = (status, fields = {}) => {
     const reason = fields.reason;
     return {
+      paymentId,
+      orderId: (last && last.orderId) || undefined,
       checkoutRequestId,
       orderNumber: (last && last.orderNumber) || undefined,
       answer: last,
@@ -141,7 +158,7 @@ export async function startCheckout({
   };
   const cancelled = () => end("cancelled", { reason: "aborted" });
 
-  const body = pushBody({ amount, items, link, description, accountReference });
+  const body = pushBody({ amount, items, link, description, accountReference, orderId });
   const msisdn = normalisePhone(phone);
   if (!msisdn) return end("error", { reason: "invalid", field: "phone", message: PHONE_ERROR });
   body.phone = msisdn;
@@ -165,10 +182,7 @@ export async function startCheckout({
       timedOut = error && error.name === "AbortError";
     }
     if (signal && signal.aborted) {
-      if (answer && answer.body && answer.body.checkoutRequestId) {
-        checkoutRequestId = answer.body.checkoutRequestId; // sent: the caller may still follow it
-        last = answer.body;
-      }
+      if (answer && followable(answer)) follow(answer.body); // sent: the caller may still follow it
       return cancelled();
     }
     const retry = (!answer && !timedOut) || (answer && stillRunning(answer));
@@ -177,17 +191,15 @@ export async function startCheckout({
     await pause(PUSH_RETRY_DELAY * (attempt + 1), signal);
     if (signal && signal.aborted) return cancelled();
   }
-  const pushed = answer && answer.body;
-  if (!(answer && answer.status === 200 && pushed && pushed.success && pushed.checkoutRequestId)) {
-    return end("error", pushError(answer));
-  }
-  checkoutRequestId = pushed.checkoutRequestId;
-  last = pushed;
+  if (!(answer && followable(answer))) return end("error", pushError(answer));
+  follow(answer.body);
+  const settled = answer.status === 200 && verdict(answer.body); // a retry may learn the end at once
+  if (settled) return end(...settled);
   waitingSince = Date.now();
   report("waiting", maxPolls);
 
   // 2. Follow it: one poll at a time, every pollInterval, at most maxPolls.
-  const statusUrl = `${base}/stkpush/status/${encodeURIComponent(checkoutRequestId)}`;
+  const statusUrl = `${base}/stkpush/status/${encodeURIComponent(paymentId || checkoutRequestId)}`;
   let failedInARow = 0;
   let failedPolls = 0;
   for (let polls = 1; polls <= maxPolls; polls += 1) {
@@ -204,14 +216,9 @@ export async function startCheckout({
     const data = poll && poll.body;
     if (poll && poll.status === 200 && data) {
       failedInARow = 0;
-      last = { ...last, ...data };
-      if (data.status === "completed") return end("completed", { message: "Payment received." });
-      if (data.status === "failed") {
-        const reason = data.reason || "error";
-        // "error" covers anything M-Pesa did not explain to us: its own words are the best we have.
-        const known = reason !== "error" && REASONS[reason];
-        return end("failed", { reason, message: known ? reasonText(reason) : data.message || reasonText("error") });
-      }
+      follow(data);
+      const settled = verdict(data);
+      if (settled) return end(...settled);
       report("waiting", maxPolls - polls);
     } else if (poll && poll.status === 404) {
       return end("error", { reason: "not_found", httpStatus: 404 });
@@ -226,13 +233,24 @@ export async function startCheckout({
   return end("timeout", { reason: "no_answer" });
 }
 
-function pushBody({ amount, items, link, description, accountReference }) {
+/** How a status answer ends the checkout, as end()'s arguments; null while it is pending. */
+function verdict(data) {
+  if (data.status === "completed") return ["completed", { message: "Payment received." }];
+  if (data.status !== "failed") return null;
+  const reason = data.reason || "error";
+  // "error" covers anything M-Pesa did not explain to us: its own words are the best we have.
+  const known = reason !== "error" && REASONS[reason];
+  return ["failed", { reason, message: known ? reasonText(reason) : data.message || reasonText("error") }];
+}
+
+function pushBody({ amount, items, link, description, accountReference, orderId }) {
   const given = [amount, items, link].filter((v) => v !== undefined && v !== null && v !== "");
   if (given.length !== 1) throw new TypeError("startCheckout needs exactly one of amount, items or link");
   const body = {};
   const put = (name, value) => {
     if (value !== undefined && value !== null && value !== "") body[name] = value;
   };
+  put("orderId", orderId);
   if (link) {
     // The signature covers these values exactly as the shop wrote them: send them untouched.
     for (const name of ["amount", "accountReference", "description", "expires", "signature"]) put(name, link[name]);
@@ -243,6 +261,14 @@ function pushBody({ amount, items, link, description, accountReference }) {
   put("description", description);
   put("accountReference", accountReference);
   return body;
+}
+
+/** A push answer naming a payment that may still be paid: accepted, or unanswered by M-Pesa. */
+function followable(answer) {
+  const data = answer.body || {};
+  const id = data.paymentId || data.checkoutRequestId;
+  if (answer.status === 200) return Boolean(id && data.status); // a replay may be any state
+  return answer.status >= 502 && answer.status <= 504 && Boolean(data.paymentId) && data.status === "pending";
 }
 
 function stillRunning(answer) {

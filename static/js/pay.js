@@ -34,6 +34,7 @@ const HEADINGS = {
   no_answer: "No answer from your phone",
   lost_contact: "We could not check your payment",
   not_found: "We lost track of this payment",
+  unknown: "No answer from M-Pesa",
 };
 
 let busy = false;
@@ -237,7 +238,7 @@ form.addEventListener("submit", async (event) => {
     pollInterval: POLL_EVERY_MS,
     maxPolls: MAX_POLLS,
     onProgress(progress) {
-      if (progress.state === "sending" || !progress.checkoutRequestId) return;
+      if (progress.state === "sending" || !progress.paymentId) return;
       if (!waiting) waiting = wait(phone, progress.answer, amount.value);
       waiting.update(progress);
     },
@@ -249,8 +250,8 @@ form.addEventListener("submit", async (event) => {
   if (result.status === "completed") {
     announce("Payment received. Opening your receipt.");
     remember(true);
-    window.location.assign(`${config.urls.confirmation}?checkoutRequestId=${encodeURIComponent(result.checkoutRequestId)}`);
-  } else if (result.checkoutRequestId) {
+    window.location.assign(`${config.urls.confirmation}?paymentId=${encodeURIComponent(result.paymentId)}`);
+  } else if (result.paymentId) {
     ended(result);
   } else {
     refused(result);

@@ -88,10 +88,11 @@ $("push-form").addEventListener("submit", async (event) => {
   button.disabled = false;
   $("push-answer").textContent = `HTTP ${answer.status}\n\n${answer.body === null ? "(not JSON)" : pretty(answer.body)}`;
   const data = answer.body || {};
-  if (answer.status === 200 && data.checkoutRequestId) {
+  // A push M-Pesa did not answer in time is still pending: its payment may yet be paid.
+  if (data.paymentId && (answer.status === 200 || data.status === "pending")) {
     const phone = normalisePhone(body.phone);
     remember({
-      checkoutRequestId: data.checkoutRequestId,
+      paymentId: data.paymentId,
       phone: phone ? localPhone(phone) : String(body.phone),
       amount: body.amount,
       startedAt: new Date().toISOString(),
@@ -121,8 +122,18 @@ function save(items) {
   render(items);
 }
 
+/** A payment's id: its paymentId (entries kept before payment ids have a checkoutRequestId). */
+function idOf(item) {
+  return item.paymentId || item.checkoutRequestId;
+}
+
+function confirmationLink(item) {
+  const name = item.paymentId ? "paymentId" : "checkoutRequestId";
+  return `${config.urls.confirmation}?${name}=${encodeURIComponent(idOf(item))}`;
+}
+
 function remember(item) {
-  save([item, ...load().filter((old) => old.checkoutRequestId !== item.checkoutRequestId)]);
+  save([item, ...load().filter((old) => idOf(old) !== idOf(item))]);
 }
 
 function cell(row, text, className) {
@@ -146,11 +157,11 @@ function render(items = load()) {
     const idCell = row.insertCell();
     if (item.status === "completed") {
       const link = document.createElement("a");
-      link.href = `${config.urls.confirmation}?checkoutRequestId=${encodeURIComponent(item.checkoutRequestId)}`;
-      link.textContent = item.checkoutRequestId;
+      link.href = confirmationLink(item);
+      link.textContent = idOf(item);
       idCell.append(link);
     } else {
-      idCell.textContent = item.checkoutRequestId;
+      idCell.textContent = idOf(item);
     }
     idCell.className = "mono";
   }
@@ -164,7 +175,7 @@ async function refresh({ all = false } = {}) {
     if (!all && item.status !== "pending") continue;
     let answer;
     try {
-      answer = await fetchJson(`${config.urls.status}/${encodeURIComponent(item.checkoutRequestId)}`, { timeout: 10000 });
+      answer = await fetchJson(`${config.urls.status}/${encodeURIComponent(idOf(item))}`, { timeout: 10000 });
     } catch {
       continue;
     }
@@ -180,8 +191,8 @@ async function refresh({ all = false } = {}) {
     }
   }
   // Merge by id: a push may have been added while we were asking.
-  const fresh = new Map(items.map((item) => [item.checkoutRequestId, item]));
-  save(load().map((item) => fresh.get(item.checkoutRequestId) || item));
+  const fresh = new Map(items.map((item) => [idOf(item), item]));
+  save(load().map((item) => fresh.get(idOf(item)) || item));
 }
 
 let timer = null;
