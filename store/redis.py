@@ -390,7 +390,6 @@ class RedisStore:
     def _hold_key(self, owner: str) -> str:
         return f"{self._prefix}hold:{owner}"
 
-
     def _tx_key(self, payment_id: str) -> str:
         return f"{self._prefix}tx:{payment_id}"
 

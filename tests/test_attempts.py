@@ -33,7 +33,7 @@ from tests.helpers import (
 
 @pytest.fixture
 def live(live_server_factory):
-    return live_server_factory(ADMIN_TOKEN="admin-secret")
+    return live_server_factory(ADMIN_TOKEN="admin-secret-0123456789")
 
 
 def status(live, payment_id: str) -> dict:
@@ -99,7 +99,7 @@ def test_a_bad_order_id_is_refused_naming_it(live, order_id):
 def test_a_push_whose_answer_is_lost_is_found_by_its_payment_id_and_completed_by_its_callback(
     live_server_factory, simulator
 ):
-    live = live_server_factory(ADMIN_TOKEN="admin-secret", DARAJA_TIMEOUT="0.5")
+    live = live_server_factory(ADMIN_TOKEN="admin-secret-0123456789", DARAJA_TIMEOUT="0.5")
     lose_the_push_answer(live)
     response = live.post("/stkpush", json={"phone": WAITING, "amount": 250})
     assert response.status_code == 504
@@ -142,7 +142,7 @@ def test_a_refused_push_is_a_failed_payment_and_no_prompt_comes(live):
 def test_a_payment_whose_push_was_never_answered_is_settled_unknown_then_replaced_by_its_callback(
     live_server_factory, simulator
 ):
-    live = live_server_factory(ADMIN_TOKEN="admin-secret", DARAJA_TIMEOUT="0.5", TRANSACTION_TTL="2")
+    live = live_server_factory(ADMIN_TOKEN="admin-secret-0123456789", DARAJA_TIMEOUT="0.5", TRANSACTION_TTL="2")
     lose_the_push_answer(live)
     lost = live.post("/stkpush", json={"phone": WAITING, "amount": 100}).json()
     prompt = prompt_on(live, WAITING)
@@ -158,7 +158,7 @@ def test_a_payment_whose_push_was_never_answered_is_settled_unknown_then_replace
 
 
 def test_reconcile_settles_a_payment_without_a_checkout_id(live_server_factory, simulator):
-    live = live_server_factory(ADMIN_TOKEN="admin-secret", DARAJA_TIMEOUT="0.5", TRANSACTION_TTL="1")
+    live = live_server_factory(ADMIN_TOKEN="admin-secret-0123456789", DARAJA_TIMEOUT="0.5", TRANSACTION_TTL="1")
     lose_the_push_answer(live)
     lost = live.post("/stkpush", json={"phone": WAITING, "amount": 100}).json()
     payments = live.app.extensions["payments"]
@@ -201,7 +201,7 @@ def test_an_unmatched_callback_is_never_matched_on_phone_and_amount(live):
 def test_a_repeated_unmatched_callback_makes_one_record(live):
     for _ in range(2):
         live.post(hook(live, CALLBACK_TOKEN, "pay_000000000000000000000000"), json=callback_body("ws_CO_twice"))
-    found = live.get("/transactions", params={"limit": 100}, headers={"Authorization": "Bearer admin-secret"})
+    found = live.get("/transactions", params={"limit": 100}, headers={"Authorization": "Bearer admin-secret-0123456789"})
     records = [tx for tx in found.json()["transactions"] if tx["checkout_request_id"] == "ws_CO_twice"]
     assert len(records) == 1
     assert events(records[0]).count("duplicate_ignored") == 1
@@ -273,7 +273,7 @@ def test_a_retry_after_a_first_request_that_died_before_its_record_makes_the_pus
 
 
 def test_a_retry_after_a_first_request_that_died_during_its_push_gets_the_payment_state(live_server_factory, simulator):
-    live = live_server_factory(ADMIN_TOKEN="admin-secret", DARAJA_TIMEOUT="5")
+    live = live_server_factory(ADMIN_TOKEN="admin-secret-0123456789", DARAJA_TIMEOUT="5")
     clock = FakeClock(time.time())
     live.app.extensions["payments"].clock = clock
     live.get("/health?deep=1")
@@ -294,7 +294,7 @@ def test_a_retry_after_a_first_request_that_died_during_its_push_gets_the_paymen
 
 
 def test_a_push_that_timed_out_keeps_its_answer_for_retries(live_server_factory, simulator):
-    live = live_server_factory(ADMIN_TOKEN="admin-secret", DARAJA_TIMEOUT="0.5")
+    live = live_server_factory(ADMIN_TOKEN="admin-secret-0123456789", DARAJA_TIMEOUT="0.5")
     lose_the_push_answer(live)
     body, headers = {"phone": WAITING, "amount": 100}, {"Idempotency-Key": "order-12"}
     first = live.post("/stkpush", json=body, headers=headers)

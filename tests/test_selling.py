@@ -313,11 +313,12 @@ def test_a_payment_started_before_holds_had_owners_still_gives_its_units_back(st
     line = checkout.OrderLine("seat", "Concert seat", 2, 1500, 3000, "ticket")
     order = checkout.Order("ORD-OLD00001", (line,)).to_dict()
     store.create(
-        Transaction(
+        Transaction(  # as records made before payment ids read back: keyed by their CheckoutRequestID
             "ws_CO_before_the_upgrade",
-            "1-2-3",
             "254712345678",
             3000,
+            checkout_request_id="ws_CO_before_the_upgrade",
+            merchant_request_id="1-2-3",
             initiated_at=time.time(),
             extra={"order": order, "stock": "held"},
         )
