@@ -253,7 +253,6 @@ class Victim:
     pid: int
     checkout_id: str
     phone: str
-    amount: int
 
 
 def kill_at_worst_moment(server: ServerProcess, simulator, amount: int) -> Victim:
@@ -269,7 +268,7 @@ def kill_at_worst_moment(server: ServerProcess, simulator, amount: int) -> Victi
                 continue
             pid = worker_with_socket(server.process.pid, socket_inodes(entry["caller"]["port"], simulator.port))
             if pid is not None:
-                return Victim(pid, entry["checkoutRequestId"], prompt["phone"], amount)
+                return Victim(pid, entry["checkoutRequestId"], prompt["phone"])
         return None
 
     victim = wait_until(target, timeout=30, every=0.02)
