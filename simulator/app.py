@@ -4,7 +4,9 @@ injection, on one small Flask app.
 The views are thin: each hands its JSON to the Simulator in app.extensions["simulator"] and
 returns its answer. Errors keep each side's shape: a DarajaRefusal is Daraja's error envelope,
 and an HTTP error is {"error": ...} under /simulator/ but Daraja's own 404 or 405 elsewhere.
-An armed fault answers before the view runs (or, in "slow" mode, holds the request first).
+An armed fault answers before the view runs, except "slow": the request is handled at once and
+its answer held back (a slow push's prompt reaches the phone while its caller still waits, as
+when Daraja's answer is lost on the way), listed meanwhile by GET /simulator/held.
 """
 
 from __future__ import annotations
@@ -89,9 +91,21 @@ def inject_fault():
         return None
     log.info("simulator: injecting fault %s on %s", fault.mode, endpoint)
     if fault.mode == "slow":
-        time.sleep(fault.delay)  # the point of this fault: the answer comes late
+        g.hold = fault.delay  # hold_answer holds the answer once it is made
         return None
     return _fault_response(fault.mode)
+
+
+@daraja.after_request
+def hold_answer(response):
+    """The slow fault: the answer, already made, reaches its caller `delay` seconds late."""
+    delay = g.get("hold")
+    if delay is None:
+        return response
+    caller = {"address": request.remote_addr, "port": request.environ.get("REMOTE_PORT")}
+    with get_simulator().holding(_FAULTABLE[request.endpoint], caller, g.get("checkout_id"), delay):
+        time.sleep(delay)  # the point of this fault: the answer comes late
+    return response
 
 
 @daraja.after_request
@@ -117,6 +131,7 @@ def stkpush():
     simulator.check_token(request.headers.get("Authorization"))
     ack = simulator.push(_json_body())
     g.push_accepted = True
+    g.checkout_id = ack["CheckoutRequestID"]
     return jsonify(ack)
 
 
@@ -212,6 +227,11 @@ def show_config():
 @control.patch("/config")
 def change_config():
     return get_simulator().update_config(_control_body())
+
+
+@control.get("/held")
+def held_answers():
+    return {"held": get_simulator().list_held()}
 
 
 @control.get("/stats")

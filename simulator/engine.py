@@ -17,8 +17,9 @@ import string
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
@@ -67,6 +68,8 @@ class Simulator:
         self._issued_ids: set[str] = set()  # CheckoutRequestIDs and receipts stay unique across resets
         self._receipts: set[str] = set()
         self._ids = itertools.count(1)
+        self.held: dict[int, dict] = {}  # answers the slow fault is holding back, by handle
+        self._hold_handles = itertools.count(1)
         self._closed = False
         self.scheduler = Scheduler()
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="simulator-callback")
@@ -365,6 +368,31 @@ class Simulator:
                         self.faults.remove(fault)
                     return dataclasses.replace(fault)
         return None
+
+    @contextmanager
+    def holding(self, endpoint: str, caller: dict, checkout_id: str | None, seconds: float) -> Iterator[None]:
+        """List an answer as held (GET /simulator/held) while the block holds it back from its caller."""
+        since = datetime.now(UTC)
+        entry = {
+            "endpoint": endpoint,
+            "checkoutRequestId": checkout_id,
+            "caller": caller,
+            "since": iso(since),
+            "until": iso(since + timedelta(seconds=seconds)),
+        }
+        with self.lock:
+            handle = next(self._hold_handles)
+            self.held[handle] = entry
+        try:
+            yield
+        finally:
+            with self.lock:
+                del self.held[handle]
+
+    def list_held(self) -> list[dict]:
+        """The answers being held back right now, oldest first."""
+        with self.lock:
+            return [{**entry, "caller": dict(entry["caller"])} for entry in self.held.values()]
 
     def public_config(self) -> dict:
         with self.lock:

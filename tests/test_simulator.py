@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
 import signal
 import socket
@@ -842,6 +844,40 @@ def test_a_slow_fault_delays_a_normal_answer(daraja):
     response = daraja.get_token()
     assert time.monotonic() - started >= 0.3
     assert response.status_code == 200 and response.json()["expires_in"] == "3599"
+
+
+def test_a_slow_push_prompts_the_phone_while_its_answer_is_held(daraja, simulator):
+    daraja.token  # noqa: B018
+    daraja.control("POST", "faults", json={"endpoint": "stkpush", "mode": "slow", "delay": 1.0})
+    connection = http.client.HTTPConnection("127.0.0.1", simulator.port, timeout=10)
+    connection.connect()
+    caller_port = connection.sock.getsockname()[1]
+
+    def push():
+        connection.request(
+            "POST",
+            "/mpesa/stkpush/v1/processrequest",
+            body=json.dumps(daraja.body(AWAITING_PHONE)),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {daraja.token}"},
+        )
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())
+
+    with ThreadPoolExecutor(1) as pool:
+        answered = pool.submit(push)
+        held = wait_until(lambda: daraja.control("GET", "held").json()["held"])
+        assert not answered.done()
+        assert len(held) == 1
+        entry = held[0]
+        assert (entry["endpoint"], entry["caller"]) == ("stkpush", {"address": "127.0.0.1", "port": caller_port})
+        since, until = (datetime.fromisoformat(entry[key]) for key in ("since", "until"))
+        assert until - since == timedelta(seconds=1)
+        # The customer is prompted while the caller still waits for Daraja's answer.
+        assert daraja.prompt(entry["checkoutRequestId"])["status"] == "pending"
+        status, body = answered.result(timeout=10)
+    connection.close()
+    assert status == 200 and body["CheckoutRequestID"] == entry["checkoutRequestId"]
+    assert daraja.control("GET", "held").json() == {"held": []}
 
 
 def test_faults_are_listed_and_cleared(daraja):
