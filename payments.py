@@ -23,7 +23,9 @@ callbacks may mask the one and failures carry neither.
 Each payment belongs to an order (the shop's orderId, the catalogue order, or one of
 ours): an order is paid once any of its attempts completed (`order_status`).
 
-Knows nothing of Flask: the server turns these results into HTTP answers.
+Knows nothing of Flask: the server turns these results into HTTP answers. One room past the
+usual size because every rule above, stock holds and tickets included, runs inside the same
+settling update: split apart, the exactly-once reasoning would have to be read across files.
 """
 
 from __future__ import annotations

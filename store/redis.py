@@ -3,6 +3,9 @@
 Guarantees only what the Redis configuration does: without AOF persistence a restart loses
 records, and an eviction policy other than noeviction may drop records, indexes or
 idempotency keys early. Records expire `retention` seconds after their last write.
+
+One module past the usual size: its keys, the Lua scripts and the WATCHed transactions that
+keep them consistent are one design, read together.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Does not guarantee anything across machines: the file must sit on a local disk (WAL needs
 shared memory, so no NFS), and writes are serialised, which is plenty for payments but not
 for thousands of writes a second.
+
+One module past the usual size: the schema, its upgrades and the queries that use them change
+together, and the writer queue's reasoning holds for all of them.
 """
 
 from __future__ import annotations

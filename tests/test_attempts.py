@@ -201,7 +201,9 @@ def test_an_unmatched_callback_is_never_matched_on_phone_and_amount(live):
 def test_a_repeated_unmatched_callback_makes_one_record(live):
     for _ in range(2):
         live.post(hook(live, CALLBACK_TOKEN, "pay_000000000000000000000000"), json=callback_body("ws_CO_twice"))
-    found = live.get("/transactions", params={"limit": 100}, headers={"Authorization": "Bearer admin-secret-0123456789"})
+    found = live.get(
+        "/transactions", params={"limit": 100}, headers={"Authorization": "Bearer admin-secret-0123456789"}
+    )
     records = [tx for tx in found.json()["transactions"] if tx["checkout_request_id"] == "ws_CO_twice"]
     assert len(records) == 1
     assert events(records[0]).count("duplicate_ignored") == 1

@@ -308,6 +308,7 @@ def operator_env(store_url: str, sim_url: str, port: int, webhook_url: str, tmp_
         "STATUS_FIRST_QUERY_AFTER": "2",
         "STATUS_QUERY_INTERVAL": "1",
         "DARAJA_TIMEOUT": "5",
+        "UPKEEP_SECONDS": "2",  # the background rounds: pending settled, webhooks resumed
         "LOG_FORMAT": "json",
         # The Procfile makes a fresh multiprocess metrics directory for each start.
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{uuid.uuid4().hex[:8]}"),
