@@ -508,8 +508,10 @@ def idempotent(key: str, body) -> tuple:
     """Stripe-style Idempotency-Key: a retry gets the first answer and sends no second prompt.
 
     The slot names the payment id before the record exists, and holds a lease for as long
-    as the first request can take (Daraja's read timeout and a margin). A retry while the
-    lease runs is a 409; once it has passed, the first request died: the retry answers the
+    as the first request can take (Daraja's read timeout and a margin). A retry answers the
+    payment's current state as soon as Daraja (or a callback) has named the push or the
+    payment is settled; while its push may still be in flight and the lease runs, it is a 409
+    with Retry-After; once the lease has passed, the first request died: the retry answers the
     payment's current state, or, when the record was never created (so nothing was sent),
     makes the push itself under the same payment id (should the first request come back to
     life, its record can no longer be created, and it answers the current state too).
@@ -534,9 +536,19 @@ def idempotent(key: str, body) -> tuple:
             )
         if first.get("state") == "done":
             return replayed(first["answer"], first["status"])
-        if not first.get("paymentId") or payments.clock() < first.get("lease_until", math.inf):
-            raise ApiError(409, "A request with this Idempotency-Key is still in progress", field="Idempotency-Key")
-        current = payments.status(first["paymentId"])
+        current = payments.status(first["paymentId"]) if first.get("paymentId") else None
+        # Daraja answered the push (or a callback did), or the payment is settled: whatever became of
+        # the first request, the payment's state is the true answer. Else its push may be in flight.
+        if current is not None and (current.checkout_request_id is not None or current.is_final):
+            return replayed(status_answer(current, payments.order_status(current)), 200)
+        left = first.get("lease_until", math.inf) - payments.clock()
+        if not first.get("paymentId") or left > 0:
+            raise ApiError(
+                409,
+                "A request with this Idempotency-Key is still in progress",
+                headers={"Retry-After": str(math.ceil(left)) if math.isfinite(left) else "1"},
+                field="Idempotency-Key",
+            )
         if current is not None:
             return replayed(status_answer(current, payments.order_status(current)), 200)
         claim = {**first, "lease_until": payments.clock() + lease}
