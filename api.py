@@ -511,7 +511,7 @@ def idempotent(key: str, body) -> tuple:
     as the first request can take (Daraja's read timeout and a margin). A retry answers the
     payment's current state as soon as Daraja (or a callback) has named the push or the
     payment is settled; while its push may still be in flight and the lease runs, it is a 409
-    with Retry-After; once the lease has passed, the first request died: the retry answers the
+    whose retryAfter says when the lease ends; once the lease has passed, the first request died: the retry answers the
     payment's current state, or, when the record was never created (so nothing was sent),
     makes the push itself under the same payment id (should the first request come back to
     life, its record can no longer be created, and it answers the current state too).
@@ -546,8 +546,8 @@ def idempotent(key: str, body) -> tuple:
             raise ApiError(
                 409,
                 "A request with this Idempotency-Key is still in progress",
-                headers={"Retry-After": str(math.ceil(left)) if math.isfinite(left) else "1"},
                 field="Idempotency-Key",
+                retryAfter=math.ceil(left) if math.isfinite(left) else 1,  # seconds until its lease ends
             )
         if current is not None:
             return replayed(status_answer(current, payments.order_status(current)), 200)
