@@ -511,8 +511,8 @@ def idempotent(key: str, body) -> tuple:
     as the first request can take (Daraja's read timeout and a margin). A retry answers the
     payment's current state as soon as Daraja (or a callback) has named the push or the
     payment is settled; while its push may still be in flight and the lease runs, it is a 409
-    whose retryAfter says when the lease ends; once the lease has passed, the first request died: the retry answers the
-    payment's current state, or, when the record was never created (so nothing was sent),
+    whose retryAfter says when the lease ends. Once the lease has passed, the first request
+    died: the retry answers the payment's current state, or, when the record was never created (so nothing was sent),
     makes the push itself under the same payment id (should the first request come back to
     life, its record can no longer be created, and it answers the current state too).
     """

@@ -60,7 +60,7 @@ HSTS = ("Strict-Transport-Security", "max-age=31536000")
 _SECURITY_HEADERS = tuple((name.lower(), (name, value)) for name, value in SECURITY_HEADERS)
 _API_SECURITY_HEADERS = tuple((name.lower(), (name, value)) for name, value in API_SECURITY_HEADERS)
 _FLASK_JSON = ("Content-Type", "application/json")  # with Content-Length, all a JSON answer has
-_WAIT_STATUSES = ("409", "429", "503")  # the answers where Retry-After means something (409: a push in flight)
+_WAIT_STATUSES = ("429", "503")  # the answers where Retry-After means something
 
 # Request ids need to be unique, not secret: a generator of our own (reseeded in each forked
 # worker) spares every request a system call for OS randomness, and leaves random's shared one alone.
