@@ -50,6 +50,42 @@ PAYBILL = "CustomerPayBillOnline"
 BUY_GOODS = "CustomerBuyGoodsOnline"
 TRANSACTION_TYPES = (PAYBILL, BUY_GOODS)
 DARAJA_MAX_AMOUNT = 250_000
+# How long the PIN prompt stays on the customer's phone before it gives up (ResultCode 1037).
+PROMPT_SECONDS = 60
+# The national number's first digits on Safaricom's lines (after 0 or 254). Other networks'
+# numbers (Airtel 073x, 075x, 078x, 010x; Telkom 077x) get no M-Pesa prompt; a number ported
+# to Safaricom keeps its old prefix, so this only ever warns.
+SAFARICOM_PREFIXES = (
+    "70",
+    "71",
+    "72",
+    "740",
+    "741",
+    "742",
+    "743",
+    "745",
+    "746",
+    "748",
+    "757",
+    "758",
+    "759",
+    "768",
+    "769",
+    "79",
+    "110",
+    "111",
+    "112",
+    "113",
+    "114",
+    "115",
+)
+
+
+def looks_like_safaricom(phone: str) -> bool:
+    """Whether a normalised 254... number is in one of Safaricom's ranges (ported numbers are not)."""
+    return phone[3:].startswith(SAFARICOM_PREFIXES)
+
+
 ACCOUNT_REFERENCE_LIMIT = 12
 TRANSACTION_DESC_LIMIT = 13
 

@@ -57,6 +57,8 @@ def _page_config() -> dict:
         "maxAmount": _max_amount(),
         "usdToKesRate": float(rate) if rate else None,
         "shortcode": settings.shortcode,
+        "promptSeconds": mpesa.PROMPT_SECONDS,
+        "safaricomPrefixes": mpesa.SAFARICOM_PREFIXES,
         "urls": {
             # The API lives in server.py; its paths are part of the contract (API.md).
             "stkpush": root + "/stkpush",

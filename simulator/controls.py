@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from werkzeug.exceptions import BadRequest
 
-from mpesa import SANDBOX_PASSKEY, SANDBOX_SHORTCODE, InvalidInput, normalize_phone
+from mpesa import PROMPT_SECONDS, SANDBOX_PASSKEY, SANDBOX_SHORTCODE, InvalidInput, normalize_phone
 from simulator.wire import RESULT_DESCS, WHOLE, as_text
 
 SIM_CONSUMER_KEY = "simulator-consumer-key"
@@ -49,7 +49,7 @@ class SimulatorConfig:
     pin: str = SIM_PIN
     token_ttl: int = 3599
     auto_delay: float = 3.0
-    prompt_timeout: float = 60.0
+    prompt_timeout: float = float(PROMPT_SECONDS)
     query_min_interval: float = 1.0
     timestamp_skew: float = 600
     callback_timeout: float = 10.0

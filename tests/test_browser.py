@@ -61,7 +61,7 @@ def test_pay_and_approve_on_the_handset_shows_the_receipt(open_page, server):
         "accountReference": "CART-12345",
     }
     assert pay.is_disabled("#pay-button")
-    assert re.search(r"Time left: [12]:\d\d", pay.text_content("#time-left"))
+    assert re.search(r"Time left to enter your PIN: [01]:\d\d", pay.text_content("#time-left"))
     shot(pay, "pay-waiting")
 
     handset = open_handset(open_page, pay)
@@ -119,7 +119,7 @@ def test_invalid_phone_is_explained_inline_and_nothing_is_sent(open_page, server
     sent = []
     pay.on("request", lambda r: "/stkpush" in r.url and sent.append(r.url))
     pay.goto(f"{server.url}/pay.html")
-    pay.fill("#phone", "0123456789")  # seed 003: "invalid format"
+    pay.fill("#phone", "0123456789")  # a common example of an invalid number
     pay.fill("#amount", "100")
     pay.click("#pay-button")
     visible(pay, "#phone-error")
@@ -136,6 +136,17 @@ def test_invalid_phone_is_explained_inline_and_nothing_is_sent(open_page, server
     visible(pay, "#amount-error")
     pay.wait_for_timeout(300)
     assert sent == []
+
+
+def test_a_number_outside_safaricoms_ranges_is_warned_about_not_refused(open_page, server):
+    pay = open_page()
+    pay.goto(f"{server.url}/pay.html")
+    pay.fill("#phone", "0733 123 456")  # an Airtel range: no M-Pesa prompt, unless the number was ported
+    assert "does not look like a Safaricom number" in pay.text_content("#phone-hint")
+    assert pay.is_hidden("#phone-error") and pay.is_enabled("#pay-button")
+    shot(pay, "pay-not-safaricom")
+    pay.fill("#phone", "0712 345 678")
+    assert pay.text_content("#phone-hint") == "The request goes to 0712 345 678."
 
 
 def test_polling_rides_out_network_trouble_quietly(open_page, server):

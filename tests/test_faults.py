@@ -61,6 +61,7 @@ ADMIN_TOKEN = "fault-suite-admin-token-0123"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 TRANSACTION_TTL = 10
 SETTLE_TIMEOUT = 45.0  # past TRANSACTION_TTL: payments whose push never got out are settled by then
+RETRY_LIMIT = 45.0  # a retry told to wait (409 with retryAfter) tries again for this long at most
 WEBHOOK_TIMEOUT = 30.0
 
 
@@ -132,10 +133,18 @@ def first_try(url: str, push: Push) -> None:
 
 
 def retry(url: str, push: Push) -> None:
-    response = send(url, push)
-    if response is not None:
+    """Send the push again with its key, as a client does: after a 409 that says its first request
+    may still be in flight (retryAfter), again until the server knows what became of it."""
+
+    def answered() -> bool:
+        response = send(url, push)
+        if response is None:
+            return False
         push.retry_status, push.retry_answer = response.status_code, json_of(response)
         push.retry_replayed = response.headers.get("Idempotent-Replayed") == "true"
+        return not (response.status_code == 409 and "retryAfter" in push.retry_answer)
+
+    wait_until(answered, timeout=RETRY_LIMIT, every=0.5)
 
 
 def retry_problem(url: str, push: Push, prompt: dict | None) -> str | None:

@@ -548,3 +548,20 @@ def test_logs_carry_no_secret_token_or_full_phone(simulator, daraja, caplog):
     for secret in (sim.SIM_CONSUMER_SECRET, mpesa.SANDBOX_PASSKEY, token, PHONE):
         assert secret not in text
     assert "2547******78" in text
+
+
+@pytest.mark.parametrize(
+    "phone, safaricom",
+    [
+        ("254712345678", True),
+        ("254798765432", True),
+        ("254745123456", True),
+        ("254110123456", True),
+        ("254733123456", False),  # Airtel
+        ("254756123456", False),  # Airtel
+        ("254771123456", False),  # Telkom
+        ("254100123456", False),  # Airtel
+    ],
+)
+def test_safaricom_ranges_are_told_from_other_networks(phone, safaricom):
+    assert mpesa.looks_like_safaricom(phone) is safaricom

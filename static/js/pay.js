@@ -9,6 +9,8 @@ const SERVER = config.urls.stkpush.replace(/\/stkpush$/, ""); // "" unless mount
 const POLL_EVERY_MS = 3000;
 const MAX_POLLS = 40; // 2 minutes
 const WAIT_SECONDS = (POLL_EVERY_MS * MAX_POLLS) / 1000;
+const PROMPT_SECONDS = config.promptSeconds || 60; // how long the PIN prompt stays on the phone
+const SAFARICOM = config.safaricomPrefixes || [];
 const TROUBLE_AFTER = 3; // failed polls in a row before we say so
 
 const $ = (id) => document.getElementById(id);
@@ -63,7 +65,10 @@ function checkPhone() {
   const phone = normalisePhone(phoneInput.value);
   if (phone) {
     fieldError("phone", "");
-    phoneHint.textContent = `The request goes to ${localPhone(phone)}.`;
+    const national = phone.slice(3);
+    phoneHint.textContent = SAFARICOM.length && !SAFARICOM.some((prefix) => national.startsWith(prefix))
+      ? `${localPhone(phone)} does not look like a Safaricom number: M-Pesa prompts go to Safaricom lines only (a number moved to Safaricom still works).`
+      : `The request goes to ${localPhone(phone)}.`;
   } else {
     phoneHint.textContent = phoneHintText;
     if (touched.phone) fieldError("phone", phoneInput.value.trim() ? PHONE_ERROR : "Enter your M-Pesa phone number.");
@@ -303,12 +308,14 @@ function wait(phone, answer, typedAmount) {
   const started = Date.now();
   const progress = $("wait-progress");
   const timeLeft = $("time-left");
-  progress.max = WAIT_SECONDS;
+  progress.max = PROMPT_SECONDS;
   const tick = () => {
-    const used = Math.min(WAIT_SECONDS, (Date.now() - started) / 1000);
-    const left = Math.ceil(WAIT_SECONDS - used);
+    const used = Math.min(PROMPT_SECONDS, (Date.now() - started) / 1000);
+    const left = Math.ceil(PROMPT_SECONDS - used);
     progress.value = used;
-    timeLeft.textContent = `Time left: ${Math.floor(left / 60)}:${String(left % 60).padStart(2, "0")}`;
+    timeLeft.textContent = left > 0
+      ? `Time left to enter your PIN: ${Math.floor(left / 60)}:${String(left % 60).padStart(2, "0")}`
+      : "The prompt on your phone has closed. Waiting for M-Pesa's answer…";
   };
   tick();
   const clock = setInterval(tick, 1000);
