@@ -560,7 +560,8 @@ def test_reconcile_queues_the_webhook_events_due_and_says_how_many(live_server_f
     assert "1 webhook event due for another attempt was queued again." in Text(answer.text)["reconcile-webhooks"]
     assert callback_receiver.wait(1)[0]["data"]["checkoutRequestId"] == checkout_id
     store = live.app.extensions["store"]
-    wait_until(lambda: store.get(checkout_id).extra["webhooks"][f"evt_{checkout_id}_completed"]["delivered"])
+    paid = store.find(checkout_id)
+    wait_until(lambda: store.get(paid.payment_id).extra["webhooks"][f"evt_{paid.payment_id}_completed"]["delivered"])
     again = admin.post("/admin/reconcile", {"csrf_token": admin.csrf()})
     assert "No webhook event was due for another attempt." in Text(again.text)["reconcile-webhooks"]
 

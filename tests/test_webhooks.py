@@ -628,21 +628,22 @@ def serve(command, simulator, store_url: str, shop_url: str, log_path, **env) ->
 
 
 def pay(server: ServerProcess, simulator, count: int) -> list[str]:
-    """Start `count` payments and pay each on the simulated handset; their CheckoutRequestIDs."""
-    ids = []
+    """Start `count` payments and pay each on the simulated handset; their payment ids."""
+    answers = []
     for n in range(count):
         response = requests.post(server.url + "/stkpush", json={"phone": f"0711{n:06d}", "amount": 100}, timeout=10)
         assert response.status_code == 200, response.text
-        ids.append(response.json()["checkoutRequestId"])
-    for checkout_id in ids:
-        requests.post(f"{simulator.url}/simulator/prompts/{checkout_id}/pin", json={"pin": "1234"}, timeout=5)
-    return ids
+        answers.append(response.json())
+    for answer in answers:
+        prompt = f"{simulator.url}/simulator/prompts/{answer['checkoutRequestId']}/pin"
+        requests.post(prompt, json={"pin": "1234"}, timeout=5)
+    return [answer["paymentId"] for answer in answers]
 
 
 def every_event(store, ids: list[str], check) -> bool:
     """Whether every payment has its completed event, each entry passing check."""
-    records = [store.get(checkout_id) for checkout_id in ids]
-    entries = [(tx.extra.get("webhooks") or {}).get(f"evt_{tx.checkout_request_id}_completed") for tx in records if tx]
+    records = [store.get(payment_id) for payment_id in ids]
+    entries = [(tx.extra.get("webhooks") or {}).get(f"evt_{tx.payment_id}_completed") for tx in records if tx]
     return len(entries) == len(ids) and all(entry and check(entry) for entry in entries)
 
 
@@ -680,10 +681,10 @@ def test_a_restarted_server_sends_the_pending_events_by_itself(
     finally:
         restarted.kill(signal.SIGTERM)
     # No reconcile ran; each event came once, verified, and resumed at its recorded attempt count.
-    for checkout_id in ids:
-        (delivery,) = shop.deliveries_of(f"evt_{checkout_id}_completed")
+    for payment_id in ids:
+        (delivery,) = shop.deliveries_of(f"evt_{payment_id}_completed")
         assert webhooks.verify(SECRET, delivery["headers"][webhooks.SIGNATURE_HEADER], delivery["raw"])
-        attempts = history(store.get(checkout_id), "webhook_attempt")
+        attempts = history(store.get(payment_id), "webhook_attempt")
         assert [a["status"] for a in attempts] == [None] * (len(attempts) - 1) + [200]
         assert [a["attempt"] for a in attempts] == list(range(1, len(attempts) + 1))
 
@@ -700,9 +701,9 @@ def test_several_workers_make_each_attempt_once_and_on_time(shared_store_url, si
         wait_until(lambda: every_event(store, ids, lambda entry: entry["delivered"]), timeout=30)
     finally:
         server.kill(signal.SIGTERM)
-    for checkout_id in ids:
-        deliveries = shop.deliveries_of(f"evt_{checkout_id}_completed")
-        attempts = history(store.get(checkout_id), "webhook_attempt")
+    for payment_id in ids:
+        deliveries = shop.deliveries_of(f"evt_{payment_id}_completed")
+        attempts = history(store.get(payment_id), "webhook_attempt")
         assert [(a["attempt"], a["status"]) for a in attempts] == [(1, 503), (2, 503), (3, 200)]
         assert [d["status"] for d in deliveries] == [503, 503, 200]
         for previous, delivery in zip(attempts, deliveries[1:], strict=False):
