@@ -268,7 +268,10 @@ function followable(answer) {
   const data = answer.body || {};
   const id = data.paymentId || data.checkoutRequestId;
   if (answer.status === 200) return Boolean(id && data.status); // a replay may be any state
-  return answer.status >= 502 && answer.status <= 504 && Boolean(data.paymentId) && data.status === "pending";
+  // M-Pesa did not answer the push, but the payment may be on its way, or already paid (its
+  // callback can beat the push's answer): follow it until the server knows.
+  return answer.status >= 502 && answer.status <= 504 && Boolean(data.paymentId)
+    && ["pending", "completed"].includes(data.status);
 }
 
 function stillRunning(answer) {
