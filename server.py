@@ -14,6 +14,7 @@ import logging
 import secrets
 import socket
 import sys
+from contextlib import suppress
 from dataclasses import replace
 
 import click
@@ -345,9 +346,8 @@ def serve(application: Flask) -> None:
     else:
         print(banner(application), flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        with suppress(KeyboardInterrupt):  # Ctrl+C: the way to stop it
+            server.serve_forever()
     finally:
         server.server_close()
         if shared is not None:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from contextlib import suppress
 from datetime import date, datetime
 
 from flask import Response, current_app, render_template, request, stream_with_context, url_for
@@ -228,10 +229,8 @@ def read_filters(args) -> tuple[dict, dict, list[str]]:
     form = {name: (args.get(name) or "").strip()[:100] for name in ("q", "status", "reason", "from", "to")}
     text = form["q"] or None
     if text:
-        try:
+        with suppress(mpesa.InvalidInput):  # not a phone: searched as it is
             text = mpesa.normalize_phone(text)  # 0712 345 678 finds 254712345678
-        except mpesa.InvalidInput:
-            pass
     status = form["status"] or None
     if status not in (None, *STATUSES):
         problems.append(f"Unknown status {status!r}: showing every status.")
@@ -308,10 +307,8 @@ def csv_row(tx: Transaction, full_phone: bool) -> list:
     """One payment as a CSV row, in CSV_COLUMNS order."""
     finished = tx.completed_at
     if tx.status == "completed" and tx.transaction_date:
-        try:  # M-Pesa's own completion time: what its statement shows
+        with suppress(ValueError):  # M-Pesa's own completion time, what its statement shows, when readable
             finished = datetime.fromisoformat(tx.transaction_date).timestamp()
-        except ValueError:
-            pass
     return [
         tx.mpesa_receipt_number or "",
         nairobi(finished, "%Y-%m-%d %H:%M:%S") if finished else "",

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,11 +84,9 @@ class Process:
         while time.monotonic() < deadline:
             if not self.alive():
                 raise BenchError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
-            try:
+            with suppress(requests.RequestException):  # not listening yet
                 if requests.get(url, timeout=1).status_code < 500:
                     return
-            except requests.RequestException:
-                pass
             time.sleep(0.05)
         raise BenchError(f"{self.name} did not answer {url} within {timeout:.0f}s:\n{self.log_tail()}")
 
@@ -107,10 +105,8 @@ class Process:
                     continue
         else:
             # The leader is gone; its group (gunicorn workers) may not be.
-            try:
+            with suppress(ProcessLookupError, PermissionError):  # the group is gone too
                 os.killpg(self.popen.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         self._log.close()
 
 

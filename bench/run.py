@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,17 +45,13 @@ def discover() -> list[str]:
 def machine() -> list[list[str]]:
     """The header: machine, software, date and command."""
     cpu = "unknown"
-    try:
+    with suppress(OSError):  # no /proc/cpuinfo: the model stays unknown
         match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
         cpu = match.group(1).strip() if match else platform.processor() or "unknown"
-    except OSError:
-        pass
     ram = "unknown"
-    try:
+    with suppress(OSError):  # no /proc/meminfo: the size stays unknown
         match = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
         ram = f"{int(match.group(1)) / 1024**2:.1f} GiB" if match else ram
-    except OSError:
-        pass
     return [
         ["machine", f"{os.cpu_count()} cores, {cpu}, {ram} RAM"],
         ["system", f"{platform.system()} {platform.release()} ({platform.machine()})"],

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
@@ -291,10 +291,8 @@ class Simulator:
 
     def _settle(self, checkout_id: str, code: int | str) -> None:
         """Scheduled end of a prompt; a person may have answered first, or a reset forgotten it."""
-        try:
+        with suppress(NotFound, Conflict):  # answered or forgotten already: nothing left to end
             self.finish(checkout_id, code)
-        except (NotFound, Conflict):
-            pass
 
     def _submit(self, url: str, bodies: list[dict], generation: int) -> None:
         with self.lock:

@@ -28,11 +28,9 @@ Knows nothing of Flask: the server calls these hooks and serves render() and sta
 from __future__ import annotations
 
 import glob
-import math
 import os
 import re
 import time
-from bisect import bisect_left
 from collections import Counter as Tally
 from contextlib import contextmanager
 
@@ -145,34 +143,16 @@ def timed(call: str, function):
 
 def requests_served(served) -> None:
     """Observe requests served, each (method, route, status, seconds); route is the URL rule
-    (/stkpush/status/<payment_or_checkout_id>), never the path.
-
-    The same numbers as observing each request on HTTP_SECONDS, written once per label set and
-    bucket instead of twice per request: with several workers every write goes to
-    prometheus-client's multiprocess file under its lock, most of an observation's cost.
-    """
-    batch: dict = {}  # labels -> [sum of seconds, count per bucket]
+    (/stkpush/status/<payment_or_checkout_id>), never the path."""
     for method, route, status, seconds in served:
-        labels = (method if method in _METHODS else "other", route or "unmatched", status)
-        totals = batch.get(labels)
-        if totals is None:
-            totals = batch[labels] = [0.0, [0] * len(_HTTP_UPPER_BOUNDS)]
-        totals[0] += seconds
-        totals[1][bisect_left(_HTTP_UPPER_BOUNDS, seconds)] += 1  # the first bound >= seconds, as observe()
-    for labels, (seconds, counts) in batch.items():
-        child = _HTTP_CHILDREN.get(labels)
-        if child is None:  # labels() validates and locks each time
-            child = _HTTP_CHILDREN[labels] = HTTP_SECONDS.labels(*labels[:2], str(labels[2]))
-        # Histogram.observe() as it is in prometheus-client 0.26, for many observations at once;
-        # tests/test_metrics.py checks the two give the same exposition.
-        child._sum.inc(seconds)
-        for bucket, count in zip(child._buckets, counts, strict=True):
-            if count:
-                bucket.inc(count)
+        child = _HTTP_CHILDREN.get((method, route, status))
+        if child is None:  # labels() validates and locks each time: a child per label set, kept
+            labels = (method if method in _METHODS else "other", route or "unmatched", str(status))
+            child = _HTTP_CHILDREN[(method, route, status)] = HTTP_SECONDS.labels(*labels)
+        child.observe(seconds)
 
 
 _HTTP_CHILDREN: dict = {}  # (method, route, status) -> HTTP_SECONDS's child: few, routes are the app's
-_HTTP_UPPER_BOUNDS = (*HTTP_BUCKETS, math.inf)  # as Histogram keeps them
 
 
 def _error_code(code) -> str:
