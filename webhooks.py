@@ -402,8 +402,14 @@ class WebhookSender:
             self._cond.wait_for(lambda: idle() or self._closed, timeout)
             return idle()
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop the workers (an attempt under way may finish) and close the session."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the workers and close the session; wait up to timeout seconds for the attempts
+        under way to finish, so that their outcome is recorded and their lock released.
+
+        At exit (server.start_background_work) a slow attempt must not be cut short: the
+        process would close the store under it, and leave the event locked for _lock_ttl
+        seconds. Ten seconds is most of a timed-out attempt and fits in gunicorn's graceful
+        timeout beside the upkeep's stop."""
         with self._cond:
             self._closed = True
             left = len(self._queue)

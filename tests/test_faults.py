@@ -400,6 +400,19 @@ def until_settled(url: str, pushes: list[Push], timeout: float) -> list[dict]:
         time.sleep(0.5)
 
 
+def webhook_history(url: str, ids: frozenset) -> dict:
+    """What a payment's record says of its status and its webhook attempts, for a failure message."""
+    payment = sorted(ids)[0]
+    record = requests.get(f"{url}/transactions/{payment}", headers=ADMIN, timeout=10).json()
+    record = record.get("transaction", record)
+    events = [
+        {key: entry.get(key) for key in ("at", "event", "eventId", "status", "attempt", "nextAttemptIn")}
+        for entry in record.get("history", [])
+        if entry.get("event", "").startswith("webhook") or entry.get("event") in ("completed", "failed", "timed_out")
+    ]
+    return {"payment": payment, "status": record.get("status"), "flags": record.get("flags"), "history": events[-6:]}
+
+
 def event_payment(event: dict) -> str:
     data = event.get("data", {})
     return data.get("paymentId") or data.get("checkoutRequestId")
@@ -537,10 +550,11 @@ def test_workers_killed_at_the_worst_moment_lose_no_paid_shilling(
         time.sleep(0.2)
 
     with subtests.test("every webhook delivered after a restart, without reconcile"):
-        missing = len(expected) - len(arrived())
+        missing = [ids for ids in expected if ids not in arrived()]
         assert not missing, (
-            f"{missing} of {len(expected)} final payments' events not delivered {WEBHOOK_TIMEOUT:.0f} s after the "
-            f"restart ({len(before_restart)} attempts answered 503 before it)"
+            f"{len(missing)} of {len(expected)} final payments' events not delivered {WEBHOOK_TIMEOUT:.0f} s after "
+            f"the restart ({len(before_restart)} attempts answered 503 before it); their webhook history: "
+            f"{[webhook_history(server.url, ids) for ids in missing[:3]]}"
         )
 
     with subtests.test("0 double completions reach the shop"):
