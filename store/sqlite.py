@@ -163,8 +163,11 @@ class _Connection:
         self.writer_lock = writer_lock
         self.pid = os.getpid()
         # A thread that ends drops its holder unclosed: the connection then closes itself,
-        # a bare file descriptor would not.
+        # a bare file descriptor would not. Not at exit, though (finalize's default): the
+        # process closes its descriptors as it ends, and until then a daemon thread may
+        # still be writing (a webhook attempt that the exit waits for).
         self._close_writer_lock = weakref.finalize(self, os.close, writer_lock)
+        self._close_writer_lock.atexit = False
 
     def close(self) -> None:
         self.db.close()
