@@ -13,15 +13,14 @@
     GET  /openapi.json                 the contract itself
     GET  /transactions[/<id>]          admin: list and read payments, phones unmasked
 
-Rate limits (Flask-Limiter, per client address unless said): a push counts against its
+Rate limits (ratelimits.py, per client address unless said): a push counts against its
 address and its phone only once a prompt was sent (a 200 that is not a replay), and a retry
 of a finished Idempotency-Key is never limited; polls, the catalogue and QR codes share the
-looser status limit, each route its own bucket; callbacks, health, monitoring and the
-contract are exempt. The limits are the app's settings and each app has its own Limiter
-(one Flask-Limiter instance keeps one app's storage), so init_app builds the blueprint for
-that app and puts each limit on its view there. Under RATELIMIT_ENABLED=false the server
-passes server.NoRateLimits, whose decorators change nothing. The phone's limit is keyed by a
-keyed hash of the number (phone_key), so no phone reaches Flask-Limiter's logs or counters.
+looser status limit, each route its own bucket; callbacks, health, monitoring, the contract
+and the admin routes have none. init_app puts the limits on the views when
+RATELIMIT_ENABLED is on (app.extensions["rate_limits"]); off, the views are left bare. The
+phone's limit is keyed by a keyed hash of the number (phone_key), so no phone reaches the
+logs or the counters' keys.
 
 The admin routes (require_admin) take the ADMIN_TOKEN as a bearer token; wrong ones count
 toward the same lockout as the dashboard's sign-in (lockout.py).
@@ -45,6 +44,7 @@ answers they write are read together, and what lies under them already has its o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
@@ -57,12 +57,15 @@ import secrets
 import threading
 import time
 from datetime import UTC, datetime
+from typing import NoReturn
 
 import segno
 from flask import Blueprint, Flask, current_app, jsonify, request
+from flask.typing import ResponseReturnValue
 
 import lockout
 import mpesa
+import ratelimits
 from config import Settings
 from payments import PAYMENT_ID_PREFIX, Payments, PushFailed, SoldOut, new_payment_id, settled_for_good
 from store import DuplicateTransaction, Store, Transaction
@@ -103,49 +106,95 @@ def get_settings() -> Settings:
     return current_app.extensions["settings"]
 
 
-def init_app(app: Flask, limiter, settings: Settings) -> None:
-    """Register the API on app, each route with its rate limits, and its store of final answers."""
+def init_app(app: Flask, settings: Settings) -> None:
+    """Register the API on app, each route with its rate limits (when on), and its store of final answers."""
     payments = app.extensions["payments"]
     app.extensions["final_answers"] = FinalAnswers(settings.retention_seconds, clock=payments.clock)
     metrics.preset_labels()
-    push_limits = (
-        limiter.limit(settings.rate_limit_push_per_ip, deduct_when=counts_as_prompt, exempt_when=is_replay),
-        limiter.limit(
-            settings.rate_limit_push_per_phone, key_func=phone_key, deduct_when=counts_as_prompt, exempt_when=is_replay
-        ),
-    )
-
-    def status_limit():
-        return limiter.limit(settings.rate_limit_status_per_ip)
-
+    push_limits, poll_limits = (), ()
+    if settings.ratelimit_enabled:
+        app.extensions["rate_limits"] = ratelimits.RateLimits(
+            app.extensions["store"],
+            {
+                "push-ip": settings.rate_limit_push_per_ip,
+                "push-phone": settings.rate_limit_push_per_phone,
+                "status": settings.rate_limit_status_per_ip,
+            },
+            clock=payments.clock,
+        )
+        push_limits, poll_limits = (push_limited,), (poll_limited,)
     routes = (
         ("POST", "/stkpush", stkpush, push_limits),
-        ("POST", "/stkpush/status", status_post, (status_limit(),)),
-        ("GET", "/stkpush/status/<payment_or_checkout_id>", status_get, (status_limit(),)),
-        ("POST", "/hooks/stk/<token>", daraja_callback, (limiter.exempt,)),
-        ("POST", "/hooks/stk/<token>/<payment_id>", daraja_callback, (limiter.exempt,)),
-        ("GET", "/metrics", prometheus_metrics, (limiter.exempt,)),
-        ("GET", "/stats", stats, (limiter.exempt,)),
-        ("GET", "/health", health, (limiter.exempt,)),
-        ("GET", "/catalog", catalog, (status_limit(),)),
-        ("GET", "/tickets/<number>/qr.svg", ticket_qr, (status_limit(),)),
+        ("POST", "/stkpush/status", status_post, poll_limits),
+        ("GET", "/stkpush/status/<payment_or_checkout_id>", status_get, poll_limits),
+        ("POST", "/hooks/stk/<token>", daraja_callback, ()),
+        ("POST", "/hooks/stk/<token>/<payment_id>", daraja_callback, ()),
+        ("GET", "/metrics", prometheus_metrics, ()),
+        ("GET", "/stats", stats, ()),
+        ("GET", "/health", health, ()),
+        ("GET", "/catalog", catalog, poll_limits),
+        ("GET", "/tickets/<number>/qr.svg", ticket_qr, poll_limits),
         ("POST", "/tickets/<number>/check-in", ticket_check_in, ()),
-        ("GET", "/openapi.json", openapi, (limiter.exempt,)),
+        ("GET", "/openapi.json", openapi, ()),
         ("GET", "/transactions", transactions, ()),
         ("GET", "/transactions/<payment_or_checkout_id>", transaction, ()),
     )
     bp = Blueprint("api", __name__)
     for method, rule, view, limits in routes:
-        for limit in reversed(limits):  # the last one innermost, as stacked decorators
+        for limit in limits:
             view = limit(view)
         bp.add_url_rule(rule, view_func=view, methods=[method])
     app.register_blueprint(bp)
 
 
+def push_limited(view):
+    """RATE_LIMIT_PUSH_PER_IP and _PER_PHONE on a push view: looked at before, counted after a prompt."""
+
+    @functools.wraps(view)
+    def limited(*args, **kwargs) -> ResponseReturnValue:
+        if is_replay():
+            return view(*args, **kwargs)
+        limits: ratelimits.RateLimits = current_app.extensions["rate_limits"]
+        clients = (("push-ip", request.remote_addr or "-"), ("push-phone", phone_key()))
+        verdict = ratelimits.tightest([limits.look(rule, key) for rule, key in clients])
+        if not verdict.allowed:
+            refuse(verdict)
+        response = current_app.make_response(view(*args, **kwargs))
+        if counts_as_prompt(response):
+            verdict = ratelimits.tightest([limits.count(rule, key) for rule, key in clients])
+        response.headers.update(verdict.headers(limits.clock()))
+        return response
+
+    return limited
+
+
+def poll_limited(view):
+    """RATE_LIMIT_STATUS_PER_IP on a view, a window per route and client address, counted from shares."""
+    rule = f"status:{view.__name__}"
+
+    @functools.wraps(view)
+    def limited(*args, **kwargs) -> ResponseReturnValue:
+        limits: ratelimits.RateLimits = current_app.extensions["rate_limits"]
+        verdict = limits.poll("status", f"{rule}:{request.remote_addr or '-'}")
+        if not verdict.allowed:
+            refuse(verdict)
+        response = current_app.make_response(view(*args, **kwargs))
+        response.headers.update(verdict.headers(limits.clock()))
+        return response
+
+    return limited
+
+
+def refuse(verdict: ratelimits.Verdict) -> NoReturn:
+    """Answer 429 for a spent window, saying when it ends."""
+    limits: ratelimits.RateLimits = current_app.extensions["rate_limits"]
+    log.info("rate limit of %s per window reached on %s", verdict.limit, request.endpoint)
+    raise ApiError(429, "Too many requests; slow down", headers=verdict.headers(limits.clock()))
+
+
 def phone_key() -> str:
     """The per-phone limit's key: a keyed hash of the push's normalised phone, never the number,
-    which Flask-Limiter would write in its log line when the limit is exceeded and in the
-    names of its counters."""
+    which would otherwise be written into the counters' keys in the store."""
     body = read_json()
     try:
         phone = mpesa.normalize_phone((body or {}).get("phone"))

@@ -23,6 +23,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 import mpesa
+import ratelimits
 import store
 
 MODES = ("simulator", "sandbox", "production")
@@ -115,6 +116,16 @@ class Settings:
     @property
     def store_kind(self) -> str:
         return self.store_url.split(":", 1)[0]
+
+
+def _rate_limit(env, name: str, default: str) -> str:
+    """A limit setting such as "10/minute;100/hour", checked here rather than at the first request."""
+    text = _get(env, name) or default
+    try:
+        ratelimits.parse(text)
+    except ratelimits.InvalidLimit as error:
+        raise ConfigError(f"{name}: {error}") from None
+    return text
 
 
 def _get(env, *names: str) -> str | None:
@@ -378,9 +389,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
         webhook_max_delay=_float(env, "WEBHOOK_MAX_DELAY", 300.0),
         upkeep_seconds=_upkeep_seconds(env),
         port=port,
-        rate_limit_push_per_phone=_get(env, "RATE_LIMIT_PUSH_PER_PHONE") or "3/minute;10/hour",
-        rate_limit_push_per_ip=_get(env, "RATE_LIMIT_PUSH_PER_IP") or "10/minute;100/hour",
-        rate_limit_status_per_ip=_get(env, "RATE_LIMIT_STATUS_PER_IP") or "120/minute",
+        rate_limit_push_per_phone=_rate_limit(env, "RATE_LIMIT_PUSH_PER_PHONE", "3/minute;10/hour"),
+        rate_limit_push_per_ip=_rate_limit(env, "RATE_LIMIT_PUSH_PER_IP", "10/minute;100/hour"),
+        rate_limit_status_per_ip=_rate_limit(env, "RATE_LIMIT_STATUS_PER_IP", "120/minute"),
         ratelimit_enabled=_bool(env, "RATELIMIT_ENABLED", True),
         usd_to_kes_rate=_float(env, "USD_TO_KES_RATE", None),
         query_interval=_float(env, "STATUS_QUERY_INTERVAL", 5.0),

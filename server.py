@@ -20,8 +20,6 @@ from dataclasses import replace
 import click
 from flask import Flask, current_app, jsonify, request
 from flask_cors import CORS
-from flask_limiter import Limiter
-from flask_limiter.util import get_remote_address
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import make_server
@@ -88,10 +86,6 @@ def create_app(
     app.config.update(
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         JSON_SORT_KEYS=False,
-        RATELIMIT_ENABLED=settings.ratelimit_enabled,
-        RATELIMIT_HEADERS_ENABLED=True,
-        RATELIMIT_STORAGE_URI=limiter_storage(settings.store_url),
-        RATELIMIT_KEY_PREFIX="limits",
     )
     app.json.sort_keys = False
     app.wsgi_app = requestlog.RequestLog(app.wsgi_app)
@@ -150,12 +144,7 @@ def create_app(
             allow_headers=["Content-Type", "Idempotency-Key", "X-Request-ID"],
             expose_headers=["Retry-After", "Idempotent-Replayed", "X-Request-ID"],
         )
-    if settings.ratelimit_enabled:
-        limiter = Limiter(get_remote_address, app=app)
-        app.extensions["rate_limiter"] = limiter  # Flask-Limiter holds itself only weakly
-    else:
-        limiter = NoRateLimits()
-    api.init_app(app, limiter, settings)
+    api.init_app(app, settings)
     register_handlers(app)
     app.register_blueprint(pages.bp)
     import admin  # the operator's dashboard at /admin (off while ADMIN_TOKEN is unset)
@@ -181,24 +170,6 @@ def create_app(
             print(f"{resent} webhook event(s) re-sent" + ("" if finished else "; some still pending"))
 
     return app
-
-
-class NoRateLimits:
-    """Stands in for Flask-Limiter under RATELIMIT_ENABLED=false: its decorators change nothing.
-
-    (A disabled Flask-Limiter still inspects every decorated request.)
-    """
-
-    def limit(self, *args, **kwargs):
-        return lambda view: view
-
-    def exempt(self, view):
-        return view
-
-
-def limiter_storage(store_url: str) -> str:
-    """Rate-limit counters live where the transactions live (memory for SQLite: one machine)."""
-    return store_url if store_url.startswith(("redis://", "rediss://")) else "memory://"
 
 
 SHARED_SECRET_SECONDS = 30 * 86400

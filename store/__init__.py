@@ -64,7 +64,7 @@ from store.dashboard import (
     tally,
 )
 from store.memory import MemoryStore
-from store.record import DEFAULT_RETENTION, STATUSES, Clock, DuplicateTransaction, Store, Transaction
+from store.record import DEFAULT_RETENTION, STATUSES, Allowance, Clock, DuplicateTransaction, Store, Transaction
 from store.redis import RedisStore
 from store.sqlite import SQLiteStore
 
@@ -76,6 +76,7 @@ __all__ = [
     "STATUSES",
     "TALLY_STEPS",
     "TALLY_UTC_OFFSET",
+    "Allowance",
     "Clock",
     "DuplicateTransaction",
     "MemoryStore",

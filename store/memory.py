@@ -29,12 +29,14 @@ from store.dashboard import (
 )
 from store.record import (
     DEFAULT_RETENTION,
+    Allowance,
     Clock,
     DuplicateTransaction,
     Page,
     R,
     Transaction,
     apply,
+    check_allowance,
     check_hold,
     check_page,
     check_ttl,
@@ -295,6 +297,21 @@ class MemoryStore:
         with self._lock:
             self._expire()
             self._values.pop(key, None)
+
+    def take_allowance(self, key: str, cost: int, limit: int, window: float) -> Allowance:
+        check_allowance(cost, limit, window)
+        key = f"allowance:{key}"
+        with self._lock:
+            now = self._expire()
+            current = self._values.get(key)
+            used, ends = (
+                (int(current[1]), current[0]) if current is not None and current[0] > now else (0, now + window)
+            )
+            taken = used + cost <= limit
+            if taken and cost:
+                used += cost
+                self._set(key, str(used), ends)
+        return Allowance(taken, limit - used, ends)
 
     def adjust_counter(self, key: str, delta: int, maximum: int | None = None) -> int | None:
         with self._lock:

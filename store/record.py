@@ -19,7 +19,7 @@ import copy
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
     from store.dashboard import Overview
@@ -79,6 +79,15 @@ class Transaction:
 
 # One page of records, and how many match in all.
 Page: TypeAlias = tuple[list[Transaction], int]
+
+
+class Allowance(NamedTuple):
+    """What take_allowance did: whether the units were taken, how many are left in the
+    window after it, and when the window ends (epoch seconds, the store's clock)."""
+
+    taken: bool
+    left: int
+    resets_at: float
 
 
 class DuplicateTransaction(Exception):
@@ -155,6 +164,14 @@ class Store(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the value under key, if any."""
+
+    def take_allowance(self, key: str, cost: int, limit: int, window: float) -> Allowance:
+        """Take cost units of key's allowance of limit units per window seconds, all or none, atomically.
+
+        A window starts with the first take after the previous one ended (a fixed window,
+        as rate limits count). Fewer than cost units left: nothing is taken. A cost of 0
+        takes nothing and reports what is left. Allowance keys are a space of their own.
+        """
 
     def adjust_counter(self, key: str, delta: int, maximum: int | None = None) -> int | None:
         """Atomically add delta to a durable integer counter (missing counts as 0).
@@ -235,6 +252,15 @@ def check_ttl(ttl: float) -> None:
     """Raise ValueError unless ttl is a positive number of seconds."""
     if not ttl > 0:
         raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+
+
+def check_allowance(cost: int, limit: int, window: float) -> None:
+    """Raise ValueError unless cost and limit are whole numbers (cost >= 0, limit >= 1) and window > 0."""
+    if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+        raise ValueError(f"cost must be a whole number, not {cost!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive whole number, not {limit!r}")
+    check_ttl(window)
 
 
 def check_hold(owner: str, units: dict[str, int], capacity: dict[str, int]) -> None:

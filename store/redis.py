@@ -25,12 +25,14 @@ from store.dashboard import Overview, Search, assemble, overview_plan, receipt_k
 from store.record import (
     DEFAULT_RETENTION,
     STATUSES,
+    Allowance,
     Clock,
     DuplicateTransaction,
     Page,
     R,
     Transaction,
     apply,
+    check_allowance,
     check_hold,
     check_page,
     check_ttl,
@@ -49,6 +51,17 @@ _SWEEP_BATCH = 20
 
 # Check and change in one step on the server: the counter never passes its bounds,
 # whichever worker or dyno adjusts it.
+# KEYS[1] the allowance; ARGV cost, limit, window (ms). Returns {taken 0|1, left, ms until the window ends}.
+_TAKE_ALLOWANCE = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cost, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl <= 0 then used, ttl = 0, tonumber(ARGV[3]) end
+if used + cost > limit then return {0, limit - used, ttl} end
+if cost > 0 then redis.call('SET', KEYS[1], used + cost, 'PX', ttl) end
+return {1, limit - used - cost, ttl}
+"""
+
 _ADJUST_COUNTER = """
 local value = tonumber(redis.call('GET', KEYS[1]) or '0') + tonumber(ARGV[1])
 if value < 0 or (ARGV[2] ~= '' and value > tonumber(ARGV[2])) then return false end
@@ -332,6 +345,14 @@ class RedisStore:
 
     def delete(self, key: str) -> None:
         self._redis.delete(self._kv_key(key))
+
+    def take_allowance(self, key: str, cost: int, limit: int, window: float) -> Allowance:
+        check_allowance(cost, limit, window)
+        now = self._clock()
+        taken, left, ttl = self._redis.eval(
+            _TAKE_ALLOWANCE, 1, f"{self._prefix}allowance:{key}", cost, limit, _milliseconds(window)
+        )
+        return Allowance(bool(taken), int(left), now + int(ttl) / 1000)
 
     def adjust_counter(self, key: str, delta: int, maximum: int | None = None) -> int | None:
         value = self._redis.eval(

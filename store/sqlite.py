@@ -24,12 +24,14 @@ from contextlib import contextmanager
 
 from store.dashboard import Overview, Search, assemble, overview_plan, tallied, tally_rows
 from store.record import (
+    Allowance,
     Clock,
     DuplicateTransaction,
     Page,
     R,
     Transaction,
     apply,
+    check_allowance,
     check_hold,
     check_page,
     check_ttl,
@@ -392,6 +394,24 @@ class SQLiteStore:
     def delete(self, key: str) -> None:
         with self._write() as db:
             db.execute("DELETE FROM kv WHERE key = ?", (key,))
+
+    def take_allowance(self, key: str, cost: int, limit: int, window: float) -> Allowance:
+        check_allowance(cost, limit, window)
+        key = f"allowance:{key}"
+        now = self._clock()
+        with self._write() as db:
+            self._purge(db, now)
+            row = db.execute("SELECT value, expires_at FROM kv WHERE key = ? AND expires_at > ?", (key, now)).fetchone()
+            used, ends = (json.loads(row[0]), row[1]) if row else (0, now + window)
+            taken = used + cost <= limit
+            if taken and cost:
+                used += cost
+                db.execute(
+                    "INSERT INTO kv (key, value, expires_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+                    (key, json.dumps(used), ends),
+                )
+        return Allowance(taken, limit - used, ends)
 
     def adjust_counter(self, key: str, delta: int, maximum: int | None = None) -> int | None:
         with self._write() as db:

@@ -62,8 +62,7 @@ def test_status_polling_has_its_own_looser_limit(live_server_factory):
 
 
 def test_only_a_refusal_tells_the_client_to_wait(live_server_factory):
-    # Flask-Limiter's headers add Retry-After to every answer; on a 200 it would tell a shop's
-    # HTTP client to hold off for a minute before its next poll.
+    # Retry-After on a 200 would tell a shop's HTTP client to hold off before its next poll.
     live = live_server_factory(**LIMITS, RATE_LIMIT_STATUS_PER_IP="2/minute")
     checkout_id = started(live)
     answers = [live.post("/stkpush/status", json={"checkoutRequestId": checkout_id}) for _ in range(3)]

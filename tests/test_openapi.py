@@ -693,7 +693,7 @@ def fingerprint(body) -> str:
 @fuzz_settings(400)
 @given(raw=raw_bodies(), key=idempotency_keys)
 def test_fuzz_stkpush(fuzz_server, raw, key):
-    # The limiter runs (its phone key reads every body) but never bites: answers stay repeatable.
+    # The limits run (the phone's key reads every body) but never bite: answers stay repeatable.
     state = once(
         fuzz_server,
         lambda: {
