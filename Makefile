@@ -29,8 +29,9 @@ check: $(READY)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Three test processes: most tests wait on servers and browsers, so three share two cores well.
 test: $(READY) services check
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 3
 
 bench: $(READY)
 	@./scripts/ensure-packages.sh wrk redis-server valgrind

@@ -28,7 +28,7 @@ import requests
 from config import ConfigError, load_settings
 from tests.helpers import PAID, ROOT, ServerProcess, free_port, wait_until
 
-SETTING_READERS = {"_get", "_int", "_float", "_bool", "_directory", "_secret"}
+SETTING_READERS = {"_get", "_int", "_float", "_bool", "_directory", "_secret", "_rate_limit"}
 # Read (or, for REDIS_URL, possibly read) by the server but set by Heroku, never by app.json.
 PLATFORM_SET = {"PORT": "Heroku sets it on every web dyno", "REDIS_URL": "the heroku-redis add-on sets and rotates it"}
 # Read by the server but set by the command that starts it (the Procfile, the image's ENV).
