@@ -311,7 +311,13 @@ def serve(application: Flask) -> None:
     server = make_server(host, settings.port, application, threaded=True, fd=listener.fileno())
     listener.close()  # the server holds its own copy of the socket
     # A simulator shared with other processes (SIMULATOR_PORT) is started by whoever starts the server.
-    shared = simulator.start_process(port=settings.simulator_port) if settings.simulator_port else None
+    shared = None
+    if settings.simulator_port:
+        try:
+            shared = simulator.start_process(port=settings.simulator_port)
+        except RuntimeError as error:
+            server.server_close()
+            sys.exit(f"Configuration error: SIMULATOR_PORT={settings.simulator_port}: {error} (is the port taken?)")
     if settings.log_format == "json":
         log.info(banner(application))
     else:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -17,12 +21,14 @@ from tests.helpers import (
     BROKE,
     CANCELLED,
     PAID,
+    ROOT,
     UNREACHABLE,
     WAITING,
     WRONG_PIN,
     FakeClock,
     admin,
     callback_body,
+    free_port,
     hook,
     poll,
     started,
@@ -578,3 +584,19 @@ def test_json_answers_get_the_api_security_headers_and_are_never_cached(live):
         assert answer.headers["Cache-Control"] == "no-store"
         # frame-ancestors does X-Frame-Options' work; a JSON answer has no links for a Referrer-Policy.
         assert "X-Frame-Options" not in answer.headers and "Referrer-Policy" not in answer.headers
+
+
+def test_a_taken_simulator_port_stops_start_up_with_one_line():
+    port, simulator_port = free_port(), free_port()
+    with socket.create_server(("127.0.0.1", simulator_port)):  # something else listens there
+        started = subprocess.run(
+            [sys.executable, "server.py"],
+            cwd=ROOT,
+            env={**os.environ, "PORT": str(port), "SIMULATOR_PORT": str(simulator_port), "LOG_FORMAT": "text"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert started.returncode != 0
+    assert f"SIMULATOR_PORT={simulator_port}" in started.stderr and "is the port taken?" in started.stderr
+    assert "Traceback" not in started.stderr + started.stdout
