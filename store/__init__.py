@@ -64,15 +64,19 @@ from store.dashboard import (
     tally,
 )
 from store.memory import MemoryStore
+from store.postgres import PostgresStore, check_postgres_url
 from store.record import DEFAULT_RETENTION, STATUSES, Clock, DuplicateTransaction, Store, Transaction
 from store.redis import RedisStore
 from store.sqlite import SQLiteStore
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")  # postgres:// is the form Heroku's DATABASE_URL uses
 
 __all__ = [
     "DEFAULT_RETENTION",
     "DURATION_BOUNDS",
     "MAX_OVERVIEW_BUCKETS",
     "PHONE_SUFFIX_MIN",
+    "POSTGRES_SCHEMES",
     "STATUSES",
     "TALLY_STEPS",
     "TALLY_UTC_OFFSET",
@@ -80,6 +84,7 @@ __all__ = [
     "DuplicateTransaction",
     "MemoryStore",
     "Overview",
+    "PostgresStore",
     "RedisStore",
     "SQLiteStore",
     "Store",
@@ -92,7 +97,7 @@ __all__ = [
 
 
 def open_store(url: str = "memory://", *, retention: float = DEFAULT_RETENTION, clock: Clock = time.time) -> Store:
-    """Open the store a STORE_URL names: memory://, sqlite:///path.db or redis://host:port/db."""
+    """Open the store a STORE_URL names: memory://, sqlite:///path.db, redis://host:port/db or postgresql://…"""
     if not retention > 0:
         raise ValueError(f"retention must be a positive number of seconds, not {retention!r}")
     scheme = check_url(url)
@@ -100,18 +105,23 @@ def open_store(url: str = "memory://", *, retention: float = DEFAULT_RETENTION, 
         return MemoryStore(retention=retention, clock=clock)
     if scheme == "sqlite":
         return SQLiteStore(_sqlite_path(url), clock=clock)
+    if scheme in POSTGRES_SCHEMES:
+        return PostgresStore.from_url(url, clock=clock)
     return RedisStore.from_url(url, retention=retention, clock=clock)
 
 
 def check_url(url: str) -> str:
     """Return the STORE_URL's scheme; raise ValueError naming STORE_URL if no store could open it."""
     scheme = urlsplit(url).scheme.lower()
-    if scheme not in ("memory", "sqlite", "redis", "rediss"):
+    if scheme not in ("memory", "sqlite", "redis", "rediss", *POSTGRES_SCHEMES):
         raise ValueError(
-            f"STORE_URL: unsupported scheme '{scheme}' (use memory://, sqlite:///path.db or redis://host:port/db)"
+            f"STORE_URL: unsupported scheme '{scheme}' (use memory://, sqlite:///path.db, "
+            "redis://host:port/db or postgresql://user:password@host:port/db)"
         )
     if scheme == "sqlite":
         _sqlite_path(url)
+    if scheme in POSTGRES_SCHEMES:
+        check_postgres_url(url)
     return scheme
 
 

@@ -69,6 +69,7 @@ WEBHOOK_TIMEOUT = 30.0
 DURABLE_STORES: dict[str, Callable[[pytest.FixtureRequest, Path], str]] = {
     "sqlite": lambda request, tmp_path: f"sqlite:///{tmp_path / 'payments.db'}",
     "redis": lambda request, tmp_path: request.getfixturevalue("clean_redis_url"),
+    "postgres": lambda request, tmp_path: request.getfixturevalue("clean_postgres_url"),
 }
 
 
