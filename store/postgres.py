@@ -100,7 +100,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-_RECORD_COLUMNS = (
+# The columns a record is written to, and their values (record_row): also what a bulk load
+# with COPY writes (bench/bench_dashboard.py).
+RECORD_COLUMNS = (
     "payment_id, checkout_request_id, order_id, status, reason, phone, phone_reversed,"
     " receipt_key, reference_key, initiated_at, record"
 )
@@ -158,8 +160,8 @@ def _migrate(conn: psycopg.Connection) -> None:
             conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
 
 
-def _record_row(tx: Transaction) -> tuple:
-    """The values of _RECORD_COLUMNS for tx (encode() refuses a bad record first)."""
+def record_row(tx: Transaction) -> tuple:
+    """The values of RECORD_COLUMNS for tx (encode() refuses a bad record first)."""
     data = encode(tx)
     return (
         tx.payment_id,
@@ -234,9 +236,9 @@ class PostgresStore:
         return cls(url, clock=clock, pool_max=check_postgres_url(url))
 
     def create(self, tx: Transaction) -> None:
-        row = _record_row(tx)
+        row = record_row(tx)
         with _duplicates_refused(tx), self._transaction() as conn:
-            conn.execute(f"INSERT INTO transactions ({_RECORD_COLUMNS}) VALUES ({', '.join(['%s'] * 11)})", row)
+            conn.execute(f"INSERT INTO transactions ({RECORD_COLUMNS}) VALUES ({', '.join(['%s'] * 11)})", row)
             self._count(conn, tally_rows(None, tallied(tx)))
 
     def get(self, payment_id: str) -> Transaction | None:
@@ -257,10 +259,10 @@ class PostgresStore:
             tx = decode(row[0])
             before = tallied(tx)
             result = apply(tx, mutate)
-            values = _record_row(tx)
+            values = record_row(tx)
             with _duplicates_refused(tx):
                 conn.execute(
-                    f"UPDATE transactions SET ({_RECORD_COLUMNS}) = ({', '.join(['%s'] * 11)}) WHERE payment_id = %s",
+                    f"UPDATE transactions SET ({RECORD_COLUMNS}) = ({', '.join(['%s'] * 11)}) WHERE payment_id = %s",
                     (*values, payment_id),
                 )
             self._count(conn, tally_rows(before, tallied(tx)))
@@ -485,9 +487,14 @@ class PostgresStore:
         One statement, so one snapshot: the page agrees with the total.
         """
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        # The page's keys first, from an index that holds them (every listing index ends with
+        # initiated_at, payment_id), then only those records: an offset skips keys, not records.
         row = self._one(
             f"SELECT (SELECT count(*) FROM transactions {where}),"
-            f" ARRAY(SELECT record FROM transactions {where} {_NEWEST_FIRST} LIMIT %(limit)s OFFSET %(offset)s)",
+            " ARRAY(SELECT t.record FROM"
+            f" (SELECT payment_id, initiated_at FROM transactions {where} {_NEWEST_FIRST}"
+            "  LIMIT %(limit)s OFFSET %(offset)s) AS page"
+            f" JOIN transactions AS t USING (payment_id) ORDER BY page.initiated_at DESC, page.payment_id DESC)",
             {**params, "limit": limit, "offset": offset},
         )
         assert row is not None  # an aggregate always answers one row
