@@ -80,6 +80,16 @@ def test_a_process_never_opens_more_connections_than_pool_max(clean_postgres_url
     assert wait_until(lambda: connections_named(clean_postgres_url, "pool-test") == 0, timeout=10)
 
 
+def test_connections_the_database_dropped_are_replaced_before_a_request_gets_them(clean_postgres_url):
+    store = open_store(f"{clean_postgres_url}?application_name=dropped-test")
+    store.create(payment())
+    with psycopg.connect(clean_postgres_url, autocommit=True) as db:  # as a database restart would
+        query = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'dropped-test'"
+        assert db.execute(query).fetchall()
+    assert store.get("pay_1") == payment()
+    store.close()
+
+
 @pytest.mark.parametrize(
     ("query", "problem"),
     [("?pool_max=0", "pool_max"), ("?pool_max=many", "pool_max"), ("?pool_max=", "pool_max")],
