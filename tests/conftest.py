@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 
 import pytest
@@ -152,6 +153,7 @@ def postgres_admin_url():
     try:
         yield url
     finally:
+        process.send_signal(signal.SIGINT)  # a fast shutdown: it does not wait for clients to leave
         stop_process(process)
         shutil.rmtree(folder, ignore_errors=True)
 
