@@ -323,7 +323,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
     if workers > 1 and store_url.startswith("memory:"):
         raise ConfigError(
             f"WEB_CONCURRENCY must be 1 with STORE_URL=memory:// (got {workers}): a memory store cannot be "
-            "shared by several workers; use sqlite:/// or redis:// for more"
+            "shared by several workers; use sqlite:///, redis:// or postgresql:// for more"
         )
     port = _int(env, "PORT", 3001, minimum=0)
     simulator_port = _int(env, "SIMULATOR_PORT", 0, minimum=1) or None

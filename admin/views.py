@@ -214,12 +214,12 @@ def reconcile():
 def _retention_note(length: int) -> str | None:
     store = _store()
     retention = current_app.extensions["settings"].retention_seconds
-    if store.kind == "sqlite" or length <= retention:
+    if store.kind in ("sqlite", "postgres") or length <= retention:  # the ledgers keep every payment
         return None
     return (
         f"The {store.kind} store keeps payments for {duration(retention, rough=True)} "
-        "(RETENTION_SECONDS): older ones are not counted here. Use the SQLite store, or "
-        "a longer retention, to see further back."
+        "(RETENTION_SECONDS): older ones are not counted here. Use the SQLite or PostgreSQL "
+        "store, or a longer retention, to see further back."
     )
 
 

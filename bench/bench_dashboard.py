@@ -4,14 +4,18 @@
 
 100,000 records (10,000 with --quick) spread over the last 30 days, with the mix a shop
 sees (mostly completed, some cancelled, a few timeouts and errors), go into a memory, a
-SQLite and (when a redis-server can be started) a Redis store. Then the overview of each
+SQLite, (when a redis-server can be started) a Redis and (when a PostgreSQL answers on
+127.0.0.1:5432 as user postgres) a PostgreSQL store, in a database made for the run and
+dropped after it. Then the overview of each
 dashboard window and a set of searches are timed, in this process, without HTTP: what the
 store costs a page view. Memory and Redis run with a 40-day retention so that the 30-day
 window holds every record.
 
 Loading: memory and Redis through create(); the SQLite file is written as a ledger from
 before the dashboard (one bulk transaction) and opened with open_store(), which adds the
-search columns and counts the counters once: that one-time upgrade is timed too. The
+search columns and counts the counters once: that one-time upgrade is timed too. PostgreSQL
+gets the rows and counters its create() would write, by COPY, then VACUUM ANALYZE (what
+autovacuum does to a table that grew by itself): one create() at a time would take minutes. The
 cost of one create() on the loaded store, counters included, is measured separately.
 """
 
@@ -21,17 +25,26 @@ import argparse
 import json
 import os
 import random
+import secrets
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from functools import partial
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
 
 from bench.harness import Context, fmt, median, start_redis, table
 from store import TALLY_UTC_OFFSET, Transaction, open_store
+from store.dashboard import tallied, tally_rows
+from store.postgres import RECORD_COLUMNS, record_row
 
 DAY = 86400
 RETENTION = 40 * DAY
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REPEATS = 7
 OUTCOMES = (  # (weight, status, reason, settled_by)
     (70, "completed", None, "callback"),
@@ -185,6 +198,45 @@ def load_sqlite(path):
     return load
 
 
+@contextmanager
+def postgres_database() -> Iterator[tuple[str | None, str]]:
+    """A database made for this run on the PostgreSQL at 127.0.0.1:5432, dropped after it:
+    (url, "") or (None, why not)."""
+    name = f"bench_{secrets.token_hex(6)}"
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
+            admin.execute(f"CREATE DATABASE {name}")
+    except psycopg.Error as error:
+        yield None, f"no PostgreSQL answers at 127.0.0.1:5432 as user postgres ({str(error).strip()[:200]})"
+        return
+    try:
+        yield urlunsplit(urlsplit(POSTGRES_ADMIN_URL)._replace(path=f"/{name}")), ""
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def load_postgres(url: str):
+    def load(records):
+        store = open_store(url)  # makes the schema
+        counters: dict[tuple[int, int, str], int] = {}
+        for tx in records:
+            for step, index, name, value in tally_rows(None, tallied(tx)):
+                counters[(step, index, name)] = counters.get((step, index, name), 0) + value
+        with psycopg.connect(url, autocommit=True) as db:
+            with db.transaction(), db.cursor() as cursor:
+                with cursor.copy(f"COPY transactions ({RECORD_COLUMNS}) FROM STDIN") as copy:
+                    for tx in records:
+                        copy.write_row(record_row(tx))
+                with cursor.copy("COPY tallies (step, bucket, name, value) FROM STDIN") as copy:
+                    for key, value in counters.items():
+                        copy.write_row((*key, value))
+            db.execute("VACUUM ANALYZE")
+        return store, "COPY of its rows and counters, then VACUUM ANALYZE"
+
+    return load
+
+
 def measure(name: str, load, records, now: float, extra: int, ctx: Context) -> dict:
     ctx.log(f"dashboard: loading {len(records):,} records into {name}")
     began = time.perf_counter()
@@ -222,7 +274,12 @@ def run(ctx: Context) -> str:
         stores.append(("Redis", load_redis(redis_url)))
     else:
         ctx.log(f"!!! REDIS DASHBOARD BENCH NOT RUN: {redis_how} !!!")
-    results = [measure(name, load, records, now, extra, ctx) for name, load in stores]
+    with postgres_database() as (postgres_url, postgres_how):
+        if postgres_url:
+            stores.append(("PostgreSQL", load_postgres(postgres_url)))
+        else:
+            ctx.log(f"!!! POSTGRESQL DASHBOARD BENCH NOT RUN: {postgres_how} !!!")
+        results = [measure(name, load, records, now, extra, ctx) for name, load in stores]
 
     window_names = [name for name, *_ in windows(now)]
     overview_rows = [
@@ -257,9 +314,11 @@ def run(ctx: Context) -> str:
         f"What one dashboard page costs the store, with {count:,} payments over 30 days "
         f"(median of {REPEATS} calls, in this process, no HTTP). The overview adds up "
         "per-time-bucket counters kept by every write, so its cost follows the number of "
-        "buckets (12, 24, 7 and 30), not the number of payments; searches use SQLite's indexes "
-        "and Redis's sorted sets, while the memory store looks at every record it holds."
-        + ("" if redis_url else f" **Redis not measured:** {redis_how}."),
+        "buckets (12, 24, 7 and 30), not the number of payments; searches use SQLite's and "
+        "PostgreSQL's indexes and Redis's sorted sets, while the memory store looks at every "
+        "record it holds."
+        + ("" if redis_url else f" **Redis not measured:** {redis_how}.")
+        + ("" if postgres_url else f" **PostgreSQL not measured:** {postgres_how}."),
         "",
         f"Every store counted {counted:,} payments in the 30-day window.",
         "",
@@ -276,7 +335,8 @@ def run(ctx: Context) -> str:
         "",
         table(["search (first 25)", "matches", *(f"{r['store']} (ms)" for r in results)], search_rows),
         "",
-        "One create() includes its counters (and, in SQLite, a synchronous commit to disk); "
+        "One create() includes its counters (and, in SQLite and PostgreSQL, a synchronous commit "
+        "to disk); "
         "the other benchmarks measure the payment path as a whole.",
     ]
     return "\n".join(parts)

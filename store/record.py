@@ -98,7 +98,7 @@ class DuplicateTransaction(Exception):
 class Store(Protocol):
     """Where transactions and short-lived key/values live; see the store package's docstring."""
 
-    kind: str  # "memory" | "sqlite" | "redis"
+    kind: str  # "memory" | "sqlite" | "redis" | "postgres"
 
     def create(self, tx: Transaction) -> None:
         """Save a new record; raise DuplicateTransaction if its payment id, or its
@@ -114,7 +114,7 @@ class Store(Protocol):
         """Atomically load, mutate(tx) in place, save; return (tx, mutate's result).
 
         Returns (None, None) when the id is unknown. No update is lost between threads or
-        (SQLite, Redis) processes. mutate may run more than once, so it must only touch tx;
+        (SQLite, Redis, PostgreSQL) processes. mutate may run more than once, so it must only touch tx;
         if it raises, nothing is saved and the exception propagates. It may set the
         CheckoutRequestID once (DuplicateTransaction if another record has it), never
         change it or the payment id (ValueError).
@@ -150,7 +150,7 @@ class Store(Protocol):
 
         since and step fall on 5-minute boundaries (hours and days: Nairobi's) and
         until - since is a multiple of step. Memory and Redis forget a bucket `retention`
-        s after its last write, as they forget records; SQLite keeps every bucket.
+        s after its last write, as they forget records; SQLite and PostgreSQL keep every bucket.
         """
 
     def add(self, key: str, value: dict, ttl: float) -> bool:

@@ -8,14 +8,21 @@
 - `redis_url` (session): database 15 of a throwaway redis-server on a free port with
   persistence off, else redis://127.0.0.1:6379/15 if something answers there, else a loud
   skip; `clean_redis_url` empties that database first.
-- `backend` and `store`: each test that asks runs on memory, SQLite and Redis in turn.
+- `postgres_url` (session): a throwaway database, created for the session and dropped after
+  it, on the PostgreSQL at 127.0.0.1:5432 if one answers (trust auth, user postgres), else
+  on one started for the session in a temporary folder (as nobody when we are root), else a
+  loud skip, or a failure under REQUIRE_POSTGRES=1 (CI sets it); `clean_postgres_url` empties
+  its tables first; `empty_postgres_url` is a database of its own with no tables at all.
+- `backend` and `store`: each test that asks runs on memory, SQLite, Redis and PostgreSQL in turn.
 - `browser` (per module): headless Chromium, or a loud skip without it; `open_page`: pages in
   one desktop-sized context, any console error failing the test.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import time
 
 import pytest
@@ -31,13 +38,19 @@ from tests.helpers import (
     LiveServer,
     Watched,
     chromium_path,
+    create_database,
+    drop_database,
+    empty_postgres,
+    postgres_answers,
     redis_answers,
     start_live_server,
+    start_postgres,
     start_redis,
     stop_process,
 )
 
 FALLBACK_REDIS_URL = "redis://127.0.0.1:6379/15"
+LOCAL_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 @pytest.fixture(scope="session")
@@ -120,11 +133,65 @@ def clean_redis_url(redis_url):
     return redis_url
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(scope="session")
+def postgres_admin_url():
+    """URL of a PostgreSQL database (postgres) where the session may create and drop databases."""
+    if postgres_answers(LOCAL_POSTGRES_URL):
+        yield LOCAL_POSTGRES_URL
+        return
+    try:
+        process, url, folder = start_postgres()
+    except RuntimeError as exc:
+        message = (
+            f"!!! POSTGRESQL TESTS NOT RUN: nothing answers at {LOCAL_POSTGRES_URL} and no throwaway "
+            f"server could be started ({exc}). Install Debian's postgresql package to run them. !!!"
+        )
+        print("\n" + message)
+        if os.environ.get("REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"{message} (REQUIRE_POSTGRES=1)")
+        pytest.skip(message)
+    try:
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)  # a fast shutdown: it does not wait for clients to leave
+        stop_process(process)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_admin_url):
+    """URL of a database made for this session, dropped at its end."""
+    url = create_database(postgres_admin_url)
+    try:
+        yield url
+    finally:
+        drop_database(postgres_admin_url, url)
+
+
+@pytest.fixture
+def clean_postgres_url(postgres_url):
+    """The session's PostgreSQL database, every table emptied for this test."""
+    empty_postgres(postgres_url)
+    return postgres_url
+
+
+@pytest.fixture
+def empty_postgres_url(postgres_admin_url):
+    """A database of this test's own, with no tables yet."""
+    url = create_database(postgres_admin_url)
+    try:
+        yield url
+    finally:
+        drop_database(postgres_admin_url, url)
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
 def backend(request, tmp_path):
-    """Each store backend in turn; memory and SQLite on a FakeClock, Redis on its own time."""
+    """Each store backend in turn; Redis on its own time, the others on a FakeClock."""
     if request.param == "redis":
         backend = Backend("redis", request.getfixturevalue("clean_redis_url"), time.time)
+    elif request.param == "postgres":
+        backend = Backend("postgres", request.getfixturevalue("clean_postgres_url"), FakeClock())
     elif request.param == "sqlite":
         backend = Backend("sqlite", f"sqlite:///{tmp_path / 'store.db'}", FakeClock())
     else:

@@ -8,7 +8,8 @@
   PAID, CANCELLED, WRONG_PIN, BROKE, UNREACHABLE, and WAITING (which waits for the handset).
 - The simulator's side: TEST_SETTINGS, CallbackReceiver (records what is POSTed to it).
 - Stores: Backend (opens stores of one kind, lets time pass for them); start_redis,
-  redis_answers, stop_process for a throwaway redis-server.
+  redis_answers, stop_process for a throwaway redis-server; postgres_answers,
+  start_postgres, create_database, drop_database for throwaway PostgreSQL databases.
 - Browsers: chromium_path, CHROMIUM_ARGS, Watched (a page whose console errors are kept),
   shot, visible, WAIT, PAID_AT_ONCE, HANDSET_PHONE.
 - Checkout links: CHECKOUT_SECRET, signed_query.
@@ -16,21 +17,26 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import hmac
 import json
 import os
+import pwd
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
+import psycopg
 import redis
 import requests
 from werkzeug.serving import make_server
@@ -294,8 +300,8 @@ class CallbackReceiver:
 class Backend:
     """Opens stores of one kind and lets time pass for them.
 
-    Memory and SQLite run on a fake clock; Redis keeps its own time, so for it time passes
-    by sleeping, and the durations in the suite are kept short.
+    Memory, SQLite and PostgreSQL run on a fake clock; Redis keeps its own time, so for it
+    time passes by sleeping, and the durations in the suite are kept short.
     """
 
     def __init__(self, kind: str, url: str, clock):
@@ -308,6 +314,11 @@ class Backend:
         store = open_store(self.url, retention=retention, clock=self.clock)
         self._opened.append(store)
         return store
+
+    @property
+    def ledger(self) -> bool:
+        """True for the stores that keep records until deleted (retention does not apply)."""
+        return self.kind in ("sqlite", "postgres")
 
     def elapse(self, seconds: float) -> None:
         if isinstance(self.clock, FakeClock):
@@ -366,6 +377,106 @@ def start_redis(binary: str, directory: Path, db: int = 15) -> tuple[subprocess.
         stop_process(process)
     log_tail = logfile.read_text(errors="replace")[-800:] if logfile.exists() else "(no log)"
     raise RuntimeError(f"redis-server did not start:\n{log_tail}")
+
+
+POSTGRES_START_TIMEOUT = 30.0
+
+
+def postgres_answers(url: str, timeout: int = 2) -> bool:
+    """Whether a PostgreSQL at url accepts a connection."""
+    try:
+        with psycopg.connect(url, connect_timeout=timeout):
+            return True
+    except psycopg.Error:
+        return False
+
+
+def _postgres_binary(name: str) -> str | None:
+    """A PostgreSQL server program: on PATH, or in Debian's /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda path: int(Path(path).parts[4]))
+    return versions[-1] if versions else None
+
+
+def start_postgres() -> tuple[subprocess.Popen, str, Path]:
+    """Start a throwaway PostgreSQL (trust auth, user postgres) on a free loopback port.
+
+    initdb refuses to run as root: as root, the cluster belongs to nobody, and initdb and
+    postgres run as nobody through setpriv. Returns the server, its admin URL (database
+    postgres) and its folder, which the caller removes once the server has stopped.
+    """
+    initdb, postgres = _postgres_binary("initdb"), _postgres_binary("postgres")
+    if initdb is None or postgres is None:
+        raise RuntimeError("no initdb and postgres programs (Debian's postgresql package has them)")
+    folder = Path(tempfile.mkdtemp(prefix="mpesa-test-postgres-"))
+    as_user: list[str] = []
+    if os.getuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+        as_user = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups", "--"]
+    data = folder / "data"
+    made = subprocess.run(
+        [*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if made.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise RuntimeError(f"initdb failed: {(made.stderr or made.stdout)[-800:]}")
+    logfile = folder / "postgres.log"
+    for _ in range(3):
+        port = free_port()
+        with open(logfile, "ab") as log:
+            process = subprocess.Popen(
+                [*as_user, postgres, "-D", str(data), "-p", str(port), "-k", str(folder)]
+                + ["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        deadline = time.monotonic() + POSTGRES_START_TIMEOUT
+        while time.monotonic() < deadline and process.poll() is None:
+            if postgres_answers(url):
+                return process, url, folder
+            time.sleep(0.1)
+        stop_process(process)
+    log_tail = logfile.read_text(errors="replace")[-800:] if logfile.exists() else "(no log)"
+    shutil.rmtree(folder, ignore_errors=True)
+    raise RuntimeError(f"postgres did not start:\n{log_tail}")
+
+
+def database_url(admin_url: str, name: str) -> str:
+    """The admin URL with another database in it."""
+    return urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
+
+
+def create_database(admin_url: str) -> str:
+    """Create an empty database with a random name; return its URL."""
+    name = f"mpesa_test_{secrets.token_hex(6)}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return database_url(admin_url, name)
+
+
+def drop_database(admin_url: str, url: str) -> None:
+    """Drop the database url names, ending any session still connected to it."""
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def empty_postgres(url: str) -> None:
+    """Delete every row of the store's tables, keeping the schema and its version."""
+    with psycopg.connect(url, autocommit=True) as db:
+        tables = db.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'schema_version'"
+        ).fetchall()
+        for (table,) in tables:
+            db.execute(f'DELETE FROM "{table}"')
 
 
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"

@@ -89,11 +89,11 @@ def test_kill_9_loses_nothing(server_env, tmp_path, simulator):
         restarted.kill(signal.SIGTERM)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def shared_store_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'shared.db'}"
-    return request.getfixturevalue("clean_redis_url")
+    return request.getfixturevalue(f"clean_{request.param}_url")
 
 
 def gunicorn(env: dict, port: int, log_path: Path, workers: int = 4) -> ServerProcess:

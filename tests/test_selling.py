@@ -176,10 +176,15 @@ def test_a_timeout_releases_and_a_late_payment_takes_them_back(live_server_facto
     assert "late_result" in tx["flags"] and "oversold" in tx["flags"]
 
 
-@pytest.mark.parametrize("store", ["memory", "sqlite", "redis"])
-def test_concurrent_buyers_never_oversell(live_server_factory, catalog_file, tmp_path, request, store):
+def store_url_of(kind: str, request, tmp_path) -> str:
+    """A store of each kind: in memory, a SQLite file, the test's Redis or PostgreSQL database."""
     urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path / 'shop.db'}"}
-    store_url = urls.get(store) or request.getfixturevalue("clean_redis_url")
+    return urls.get(kind) or request.getfixturevalue(f"clean_{kind}_url")
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite", "redis", "postgres"])
+def test_concurrent_buyers_never_oversell(live_server_factory, catalog_file, tmp_path, request, store):
+    store_url = store_url_of(store, request, tmp_path)
     live = live_server_factory(CATALOG_FILE=catalog_file, STORE_URL=store_url)
     phones = [f"07110{n:05d}" for n in range(12)]
     with ThreadPoolExecutor(12) as pool:
@@ -191,12 +196,11 @@ def test_concurrent_buyers_never_oversell(live_server_factory, catalog_file, tmp
 # Holds: per payment, ended by its verdict, and by reconcile after a crash.
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
 def stocked(request, live_server_factory, catalog_file, tmp_path, simulator):
     """A shop with seats (capacity 3) on each store in turn."""
     requests.patch(simulator.url + "/simulator/config", json={"auto_delay": 0.2}, timeout=5)
-    urls = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path / 'shop.db'}"}
-    store_url = urls.get(request.param) or request.getfixturevalue("clean_redis_url")
+    store_url = store_url_of(request.param, request, tmp_path)
     return live_server_factory(CATALOG_FILE=catalog_file, STORE_URL=store_url, ADMIN_TOKEN="admin-secret-0123456789")
 
 

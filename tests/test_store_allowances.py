@@ -14,7 +14,7 @@ def test_an_allowance_is_taken_until_it_runs_out(store, backend):
     assert store.take_allowance("ip:1", 2, limit=3, window=30).left == 0
     refused = store.take_allowance("ip:1", 1, limit=3, window=30)
     assert (refused.taken, refused.left) == (False, 0)
-    assert refused.resets_at == pytest.approx(first.resets_at, abs=0.01)  # the window does not move
+    assert refused.resets_at == pytest.approx(first.resets_at, abs=1)  # the window does not move (30 s on)
 
 
 def test_a_take_is_all_or_nothing_and_says_what_is_left(store):

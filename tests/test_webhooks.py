@@ -365,9 +365,13 @@ def test_redeliver_pending_sends_what_a_crashed_process_left_and_nothing_deliver
     assert restarted.redeliver_pending() == 0
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+@pytest.mark.parametrize("backend", ["sqlite", "redis", "postgres"])
 def test_two_senders_sharing_a_store_send_an_event_once(backend, receiver_factory, senders, tmp_path, request):
-    url = f"sqlite:///{tmp_path / 'payments.db'}" if backend == "sqlite" else request.getfixturevalue("clean_redis_url")
+    url = (
+        f"sqlite:///{tmp_path / 'payments.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue(f"clean_{backend}_url")
+    )
     store = open_store(url)
     tx = final_tx()
     store.create(tx)
@@ -647,11 +651,11 @@ def every_event(store, ids: list[str], check) -> bool:
     return len(entries) == len(ids) and all(entry and check(entry) for entry in entries)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def shared_store_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'payments.db'}"
-    return request.getfixturevalue("clean_redis_url")
+    return request.getfixturevalue(f"clean_{request.param}_url")
 
 
 @pytest.mark.parametrize(
