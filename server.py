@@ -16,6 +16,7 @@ import socket
 import sys
 from contextlib import suppress
 from dataclasses import replace
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import click
 from flask import Flask, current_app, jsonify, request
@@ -90,7 +91,7 @@ def create_app(
         JSON_SORT_KEYS=False,
         RATELIMIT_ENABLED=settings.ratelimit_enabled,
         RATELIMIT_HEADERS_ENABLED=True,
-        RATELIMIT_STORAGE_URI=limiter_storage(settings.store_url),
+        RATELIMIT_STORAGE_URI=limiter_storage(settings.redis_url),
         RATELIMIT_KEY_PREFIX="limits",
     )
     app.json.sort_keys = False
@@ -104,9 +105,7 @@ def create_app(
     if settings.callback_token is None:  # simulator mode: one made-up token, shared by every worker
         settings = replace(settings, callback_token=shared_secret(store, "callback-token"))
     if daraja is None:
-        # Several processes share a SQLite or Redis store: they share one token too.
-        tokens = mpesa.SharedTokenCache(store) if store.kind != "memory" else mpesa.TokenCache()
-        daraja, sim = build_daraja(settings, tokens)
+        daraja, sim = build_daraja(settings, token_cache(settings, store))
         if sim is not None:
             app.extensions["simulator"] = sim
     if settings.simulator:  # the simulator in use, for the handset page and the banner
@@ -196,9 +195,23 @@ class NoRateLimits:
         return view
 
 
-def limiter_storage(store_url: str) -> str:
-    """Rate-limit counters live where the transactions live (memory for SQLite: one machine)."""
-    return store_url if store_url.startswith(("redis://", "rediss://")) else "memory://"
+def limiter_storage(redis_url: str | None) -> str:
+    """Rate-limit counters live in the shared Redis when there is one (Settings.redis_url), else in
+    each process's memory. The store's own ?prefix= is not for the Redis client."""
+    if redis_url is None:
+        return "memory://"
+    parts = urlsplit(redis_url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    query = [(name, value) for name, value in query if name != "prefix"]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def token_cache(settings: Settings, store: Store) -> mpesa.TokenCache | mpesa.SharedTokenCache:
+    """One Daraja token for every process: kept in the shared Redis when there is one, else in a
+    shared store (SQLite, PostgreSQL); a memory store's process keeps its own."""
+    if settings.redis_url is not None and store.kind != "redis":
+        return mpesa.SharedTokenCache(open_store(settings.redis_url, retention=settings.retention_seconds))
+    return mpesa.SharedTokenCache(store) if store.kind != "memory" else mpesa.TokenCache()
 
 
 SHARED_SECRET_SECONDS = 30 * 86400
@@ -253,7 +266,8 @@ def banner(app: Flask) -> str:
         f"  Shortcode:  {settings.shortcode} ({settings.transaction_type})",
         f"  Mode:       {settings.mpesa_env}"
         + (f" (Daraja simulator at {settings.base_url})" if settings.simulator else ""),
-        f"  Store:      {app.extensions['store'].kind}",
+        f"  Store:      {app.extensions['store'].kind}" + store_origin(settings),
+        f"  Limits:     {limits_description(settings)}",
     ]
     if settings.simulator:
         lines.append(f"  Phone:      {base}/handset.html  (the simulated handset; PIN {simulator.SIM_PIN})")
@@ -265,6 +279,18 @@ def banner(app: Flask) -> str:
         lines.append("  Dashboard:  off; set ADMIN_TOKEN (16+ characters) to open it at /admin/")
     lines.append("Press Ctrl+C to stop.")
     return "\n".join(lines)
+
+
+def store_origin(settings: Settings) -> str:
+    """' (from DATABASE_URL)' when the store came from a platform's setting, not STORE_URL or the default."""
+    return f" (from {settings.store_origin})" if settings.store_origin in ("DATABASE_URL", "REDIS_URL") else ""
+
+
+def limits_description(settings: Settings) -> str:
+    """Where rate-limit counters and the Daraja token are kept, for the start-up lines."""
+    if settings.redis_url is None:
+        return "rate limits and the Daraja token in each process's memory (no Redis)"
+    return "rate limits and the Daraja token in Redis, shared by every process"
 
 
 def start_background_work(app: Flask) -> upkeep.Upkeep | None:
