@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import redis
 import requests
+import yaml
 
 from config import HEROKU_WORKERS, ConfigError, load_settings
 from tests.helpers import PAID, ROOT, ServerProcess, free_port, redis_answers, stop_process, wait_until
@@ -398,6 +399,23 @@ def test_compose_runs_the_server_on_a_durable_redis():
     assert re.search(rf"^\s*{re.escape(mount)}:", "\n".join(yaml_block(compose(), "volumes")), re.M), (
         f"{mount} is not a named volume"
     )
+
+
+def test_compose_postgres_variant_keeps_the_payments_in_a_durable_postgresql():
+    """compose.postgres.yaml, merged over compose.yaml: PostgreSQL for the payments, Redis for the limits."""
+    base, variant = (yaml.safe_load((ROOT / name).read_text()) for name in ("compose.yaml", "compose.postgres.yaml"))
+    web, postgres = variant["services"]["web"], variant["services"]["postgres"]
+    assert set(variant["services"]) == {"web", "postgres"} and "redis" in base["services"]
+    store = web["environment"]["STORE_URL"]
+    assert re.fullmatch(r"postgresql://mpesa:\$\{POSTGRES_PASSWORD:-\w+\}@postgres:5432/mpesa", store), store
+    assert web["environment"]["REDIS_URL"] == base["services"]["web"]["environment"]["STORE_URL"]
+    assert web["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert "pg_isready" in postgres["healthcheck"]["test"] and "ports" not in postgres
+    volume, _, mount = postgres["volumes"][0].partition(":")
+    assert mount == "/var/lib/postgresql/data" and volume in variant["volumes"]
+    command = "docker compose -f compose.yaml -f compose.postgres.yaml up --build"
+    assert command in (ROOT / "compose.postgres.yaml").read_text()
+    assert command in (ROOT / "docs" / "deploying.md").read_text()
 
 
 # The commands themselves.
