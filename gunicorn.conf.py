@@ -101,7 +101,7 @@ def on_starting(server):
 def when_ready(server):
     """Say where the pay page is; warn when several workers count their metrics alone."""
     server.log.info(
-        "Pay page: http://127.0.0.1:%s/pay.html (mode %s, store %s from %s, rate limits and Daraja token in %s, "
+        "Pay page: http://127.0.0.1:%s/pay.html (mode %s, store %s (%s), rate limits and Daraja token in %s, "
         "%s worker(s))",
         settings.port,
         settings.mpesa_env,

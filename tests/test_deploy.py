@@ -644,9 +644,11 @@ class DockerImage:
         return subprocess.run(command, capture_output=True, timeout=30).returncode
 
     def stop(self) -> None:
+        """Stop the container (run with --rm, so it goes) and remove the test's image."""
         subprocess.run(["docker", "stop", self.name], capture_output=True, timeout=60)
         if self.process is not None:
             self.process.wait(timeout=30)
+        subprocess.run(["docker", "image", "rm", "-f", self.tag], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -745,7 +747,7 @@ def test_heroku_deploy_without_credentials_serves_the_demo_from_its_add_ons(requ
         assert health.json()["mode"] == "simulator" and health.json()["store"].startswith("postgres")
         wait_until(lambda: booted_workers(server) == 2)
         log = server.log.read_text()
-        assert "store postgres from DATABASE_URL" in log and "Daraja token in redis" in log, log[-2000:]
+        assert "store postgres (DATABASE_URL)" in log and "Daraja token in redis" in log, log[-2000:]
     finally:
         server.stop()
 
@@ -755,7 +757,7 @@ def test_only_database_url_in_the_postgres_form_means_the_postgresql_store(reque
     try:
         assert requests.get(server.serving().url + "/health", timeout=5).json()["store"].startswith("postgres")
         log = server.log.read_text()
-        assert "store postgres from DATABASE_URL" in log and "Daraja token in memory" in log, log[-2000:]
+        assert "store postgres (DATABASE_URL)" in log and "Daraja token in memory" in log, log[-2000:]
     finally:
         server.stop()
 
@@ -772,7 +774,7 @@ def test_only_redis_url_means_redis_for_payments_and_rate_limits_and_workers_fol
         assert any(key.startswith("mpesa:tx:") for key in keys), keys  # the payment
         assert any("limits" in key.lower() for key in keys), keys  # and the rate-limit counters
         wait_until(lambda: booted_workers(server) == HEROKU_WORKERS)
-        assert "store redis from REDIS_URL" in server.log.read_text()
+        assert "store redis (REDIS_URL)" in server.log.read_text()
     finally:
         server.stop()
 
@@ -847,6 +849,8 @@ def test_the_start_up_banner_says_where_the_dashboard_is_and_how_to_stop(tmp_pat
         assert f"http://127.0.0.1:{port}/pay.html" in banner
         assert "Dashboard:" in banner and "/admin/" in banner
         assert "Ctrl+C to stop" in banner
+        assert re.search(r"Store: +memory$", banner, re.M), "which store; its origin only when an add-on chose it"
+        assert "rate limits and the Daraja token in each process's memory (no Redis)" in banner
     finally:
         server.kill(signal.SIGTERM)
 
