@@ -106,15 +106,16 @@ def get_settings() -> Settings:
     return current_app.extensions["settings"]
 
 
-def init_app(app: Flask, settings: Settings) -> None:
-    """Register the API on app, each route with its rate limits (when on), and its store of final answers."""
+def init_app(app: Flask, settings: Settings, counters: Store) -> None:
+    """Register the API on app, each route with its rate limits (when on, counted in counters), and its
+    store of final answers."""
     payments = app.extensions["payments"]
     app.extensions["final_answers"] = FinalAnswers(settings.retention_seconds, clock=payments.clock)
     metrics.preset_labels()
     push_limits, poll_limits = (), ()
     if settings.ratelimit_enabled:
         app.extensions["rate_limits"] = ratelimits.RateLimits(
-            app.extensions["store"],
+            counters,
             {
                 "push-ip": settings.rate_limit_push_per_ip,
                 "push-phone": settings.rate_limit_push_per_phone,

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import mpesa
 import ratelimits
@@ -49,6 +49,9 @@ SAFARICOM_CALLBACK_IPS = (
 )
 SECRET_MIN_LENGTH = 16
 MAKE_A_SECRET = " (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+# WEB_CONCURRENCY on a Heroku dyno when unset: what Heroku's Python buildpack picks for the 512 MB
+# dynos (Eco, Basic, Standard-1X). A dyno reports the host's CPUs, not its own share of them.
+HEROKU_WORKERS = 2
 # Daraja is reported to refuse callback URLs containing these (daraja-reference §7.5).
 REFUSED_CALLBACK_WORDS = ("m-pesa", "mpesa", "safaricom", "exec", "exe", "cmd", "sql", "query")
 
@@ -71,7 +74,10 @@ class Settings:
     # Unset in simulator mode: create_app makes one up and keeps it in the store for every worker.
     callback_token: str | None = field(default=None, repr=False)
     max_amount: int = 150_000
-    store_url: str = "memory://"
+    store_url: str = field(default="memory://", repr=False)  # may hold a password
+    store_origin: str = "default"  # the setting store_url came from: STORE_URL, DATABASE_URL or REDIS_URL
+    # The Redis every process shares rate-limit counters and the Daraja token in; None: each process its own.
+    redis_url: str | None = field(default=None, repr=False)
     transaction_ttl: int = 120
     retention_seconds: int = 86_400
     frontend_urls: tuple[str, ...] = ()
@@ -116,6 +122,11 @@ class Settings:
     @property
     def store_kind(self) -> str:
         return self.store_url.split(":", 1)[0]
+
+    @property
+    def limits_kind(self) -> str:
+        """Where rate-limit counters and the Daraja token are kept: Redis when there is one, else the store."""
+        return "redis" if self.redis_url else self.store_kind
 
 
 def _rate_limit(env, name: str, default: str) -> str:
@@ -252,9 +263,56 @@ def default_log_format() -> str:
     return "text" if sys.stdout is not None and sys.stdout.isatty() else "json"
 
 
-def default_workers(store_url: str) -> int:
-    """WEB_CONCURRENCY when unset: one for a memory store, which cannot be shared; else two per core and one."""
-    return 1 if store_url.startswith("memory:") else (os.cpu_count() or 1) * 2 + 1
+def default_workers(store_url: str, on_dyno: bool = False) -> int:
+    """WEB_CONCURRENCY when unset: one for a memory store, which cannot be shared; HEROKU_WORKERS on
+    a Heroku dyno, whose CPU count is the host's; else two per core and one."""
+    if store_url.startswith("memory:"):
+        return 1
+    return HEROKU_WORKERS if on_dyno else (os.cpu_count() or 1) * 2 + 1
+
+
+def redis_from_env(url: str) -> str:
+    """REDIS_URL as the Redis client takes it. Heroku's Key-Value Store speaks TLS (rediss://) with a
+    self-signed certificate that no authority vouches for, so its certificate is not checked
+    (ssl_cert_reqs=none) unless the URL says otherwise. Only for REDIS_URL: a STORE_URL is taken as given."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "rediss" or "ssl_cert_reqs" in parse_qs(parts.query):
+        return url
+    return urlunsplit(parts._replace(query="&".join(filter(None, [parts.query, "ssl_cert_reqs=none"]))))
+
+
+def choose_store(env) -> tuple[str, str]:
+    """The store's URL and the setting it came from: STORE_URL when set, else DATABASE_URL (PostgreSQL,
+    as Heroku's Postgres add-on sets it), else REDIS_URL (as the Key-Value Store add-on sets it), else
+    memory://. Error messages name the scheme, never the URL, which holds a password."""
+    url = _get(env, "STORE_URL")
+    if url is not None:
+        return url, "STORE_URL"
+    url = _get(env, "DATABASE_URL")
+    if url is not None:
+        return _add_on_url("DATABASE_URL", url, ("postgres", "postgresql")), "DATABASE_URL"
+    url = _get(env, "REDIS_URL")
+    if url is not None:
+        return redis_from_env(_add_on_url("REDIS_URL", url, ("redis", "rediss"))), "REDIS_URL"
+    return "memory://", "default"
+
+
+def _add_on_url(name: str, url: str, schemes: tuple[str, ...]) -> str:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in schemes:
+        raise ConfigError(
+            f"{name} must be a {' or '.join(s + '://' for s in schemes)} URL (got {scheme or 'no'} scheme): "
+            "set STORE_URL to choose the store yourself"
+        )
+    return url
+
+
+def shared_redis(env, store_url: str) -> str | None:
+    """The Redis for rate limits and the Daraja token: the store's when it is Redis, else REDIS_URL's."""
+    if urlsplit(store_url).scheme.lower() in ("redis", "rediss"):
+        return store_url
+    url = _get(env, "REDIS_URL")
+    return redis_from_env(_add_on_url("REDIS_URL", url, ("redis", "rediss"))) if url is not None else None
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Settings:
@@ -313,13 +371,13 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
     if max_amount > mpesa.DARAJA_MAX_AMOUNT:
         raise ConfigError(f"MAX_AMOUNT must not exceed Daraja's limit of {mpesa.DARAJA_MAX_AMOUNT}")
 
-    store_url = _get(env, "STORE_URL") or "memory://"
+    store_url, store_origin = choose_store(env)
     try:
         store.check_url(store_url)
     except ValueError as error:
-        raise ConfigError(str(error)) from None
+        raise ConfigError(str(error) if store_origin == "STORE_URL" else f"{store_origin}: {error}") from None
 
-    workers = _int(env, "WEB_CONCURRENCY", default_workers(store_url), minimum=1)
+    workers = _int(env, "WEB_CONCURRENCY", default_workers(store_url, on_dyno="DYNO" in env), minimum=1)
     if workers > 1 and store_url.startswith("memory:"):
         raise ConfigError(
             f"WEB_CONCURRENCY must be 1 with STORE_URL=memory:// (got {workers}): a memory store cannot be "
@@ -377,6 +435,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
         callback_token=callback_token,
         max_amount=max_amount,
         store_url=store_url,
+        store_origin=store_origin,
+        redis_url=shared_redis(env, store_url),
         transaction_ttl=_int(env, "TRANSACTION_TTL", 120, minimum=1),
         retention_seconds=_int(env, "RETENTION_SECONDS", 86_400, minimum=60),
         frontend_urls=tuple(u.strip().rstrip("/") for u in (_get(env, "FRONTEND_URL") or "").split(",") if u.strip()),

@@ -101,10 +101,13 @@ def on_starting(server):
 def when_ready(server):
     """Say where the pay page is; warn when several workers count their metrics alone."""
     server.log.info(
-        "Pay page: http://127.0.0.1:%s/pay.html (mode %s, store %s, %s worker(s))",
+        "Pay page: http://127.0.0.1:%s/pay.html (mode %s, store %s (%s), rate limits and Daraja token in %s, "
+        "%s worker(s))",
         settings.port,
         settings.mpesa_env,
         settings.store_kind,
+        settings.store_origin,
+        settings.limits_kind,
         workers,
     )
     if workers > 1 and not settings.metrics_dir:

@@ -97,9 +97,9 @@ def create_app(
     store = store or open_store(settings.store_url, retention=settings.retention_seconds)
     if settings.callback_token is None:  # simulator mode: one made-up token, shared by every worker
         settings = replace(settings, callback_token=shared_secret(store, "callback-token"))
+    counters = counter_store(settings, store)
     if daraja is None:
-        # Several processes share a SQLite or Redis store: they share one token too.
-        tokens = mpesa.SharedTokenCache(store) if store.kind != "memory" else mpesa.TokenCache()
+        tokens = mpesa.SharedTokenCache(counters) if counters.kind != "memory" else mpesa.TokenCache()
         daraja, sim = build_daraja(settings, tokens)
         if sim is not None:
             app.extensions["simulator"] = sim
@@ -144,7 +144,7 @@ def create_app(
             allow_headers=["Content-Type", "Idempotency-Key", "X-Request-ID"],
             expose_headers=["Retry-After", "Idempotent-Replayed", "X-Request-ID"],
         )
-    api.init_app(app, settings)
+    api.init_app(app, settings, counters)
     register_handlers(app)
     app.register_blueprint(pages.bp)
     import admin  # the operator's dashboard at /admin (off while ADMIN_TOKEN is unset)
@@ -170,6 +170,14 @@ def create_app(
             print(f"{resent} webhook event(s) re-sent" + ("" if finished else "; some still pending"))
 
     return app
+
+
+def counter_store(settings: Settings, store: Store) -> Store:
+    """Where rate-limit counters and the Daraja token live: the shared Redis when there is one
+    (the store's own, else REDIS_URL's), else the store itself."""
+    if settings.redis_url is not None and store.kind != "redis":
+        return open_store(settings.redis_url, retention=settings.retention_seconds)
+    return store
 
 
 SHARED_SECRET_SECONDS = 30 * 86400
@@ -224,7 +232,8 @@ def banner(app: Flask) -> str:
         f"  Shortcode:  {settings.shortcode} ({settings.transaction_type})",
         f"  Mode:       {settings.mpesa_env}"
         + (f" (Daraja simulator at {settings.base_url})" if settings.simulator else ""),
-        f"  Store:      {app.extensions['store'].kind}",
+        f"  Store:      {app.extensions['store'].kind}" + store_origin(settings),
+        f"  Limits:     {limits_description(settings)}",
     ]
     if settings.simulator:
         lines.append(f"  Phone:      {base}/handset.html  (the simulated handset; PIN {simulator.SIM_PIN})")
@@ -236,6 +245,18 @@ def banner(app: Flask) -> str:
         lines.append("  Dashboard:  off; set ADMIN_TOKEN (16+ characters) to open it at /admin/")
     lines.append("Press Ctrl+C to stop.")
     return "\n".join(lines)
+
+
+def store_origin(settings: Settings) -> str:
+    """' (from DATABASE_URL)' when the store came from a platform's setting, not STORE_URL or the default."""
+    return f" (from {settings.store_origin})" if settings.store_origin in ("DATABASE_URL", "REDIS_URL") else ""
+
+
+def limits_description(settings: Settings) -> str:
+    """Where rate-limit counters and the Daraja token are kept, for the start-up lines."""
+    if settings.redis_url is None and settings.store_kind == "memory":
+        return "rate limits and the Daraja token in this process's memory"
+    return f"rate limits and the Daraja token in {settings.limits_kind}, shared by every worker"
 
 
 def start_background_work(app: Flask) -> upkeep.Upkeep | None:

