@@ -2,16 +2,15 @@
 
 Every value comes from config.load_settings(), which reads and checks the environment: the
 workers (WEB_CONCURRENCY: one for a memory store, which cannot be shared), their threads
-(GUNICORN_THREADS), PORT, and LOG_FORMAT (JSON lines use the app's formatter and handler for
-gunicorn's own lines too; no access log, the app logs each request, unless --access-logfile
-asks for gunicorn's). Every handler masks phone numbers (AppLogger). The hooks are gunicorn's
+(GUNICORN_THREADS), PORT, and LOG_FORMAT (JSON lines use the app's formatter for gunicorn's
+own lines too, through logging's StreamHandler; no access log, the app logs each request,
+unless --access-logfile asks for gunicorn's). Every handler masks phone numbers (AppLogger). The hooks are gunicorn's
 documented server hooks:
 
 on_starting       empties the metrics directory (PROMETHEUS_MULTIPROC_DIR, which the command
                   starting gunicorn sets) and starts the Daraja simulator that every worker
                   talks to when the settings name one (SIMULATOR_PORT)
 when_ready        says where the pay page is, and warns when several workers count alone
-post_worker_init  each worker records its requests and writes its INFO lines on a thread of its own
 child_exit        a dead worker's live gauges leave /metrics
 on_exit           stops the simulator
 """
@@ -24,10 +23,10 @@ from gunicorn import glogging
 
 import simulator
 from config import ConfigError, load_settings
-from telemetry.logs import LineHandler, mask_phones_on
+from telemetry.logs import mask_phones_on
 
-# prometheus-client picks its mode when first imported: telemetry.metrics and telemetry.requestlog
-# are imported in the hooks below, after .env has had its say about PROMETHEUS_MULTIPROC_DIR.
+# prometheus-client picks its mode when first imported: telemetry.metrics is imported in the
+# hooks below, after .env has had its say about PROMETHEUS_MULTIPROC_DIR.
 load_dotenv()
 try:
     settings = load_settings()
@@ -47,14 +46,11 @@ if settings.log_format == "json":
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": "telemetry.logs.JsonFormatter"}},
-        "handlers": {
-            "stdout": {"class": "telemetry.logs.LineHandler", "formatter": "json", "stream": "ext://sys.stdout"}
-        },
+        "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
         "root": {"level": "INFO", "handlers": ["stdout"]},
         # gunicorn.access is left to gunicorn: silent unless --access-logfile is given.
         "loggers": {"gunicorn.error": {"handlers": [], "propagate": True}},
     }
-LOG_GATHER_SECONDS = 0.1  # how long a request may wait to be recorded, and an INFO line to be written
 
 
 class AppLogger(glogging.Logger):
@@ -116,17 +112,6 @@ def when_ready(server):
             "so /metrics and /stats show whichever worker answers",
             workers,
         )
-
-
-def post_worker_init(worker):
-    """Record requests (requestlog.defer) and write INFO lines (LineHandler.gather) on threads of the
-    worker's own, started after the fork so that the master runs neither."""
-    from telemetry import requestlog
-
-    requestlog.defer(LOG_GATHER_SECONDS)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, LineHandler):
-            handler.gather(LOG_GATHER_SECONDS)
 
 
 def child_exit(server, worker):

@@ -141,18 +141,10 @@ def timed(call: str, function):
     return wrapper
 
 
-def requests_served(served) -> None:
-    """Observe requests served, each (method, route, status, seconds); route is the URL rule
-    (/stkpush/status/<payment_or_checkout_id>), never the path."""
-    for method, route, status, seconds in served:
-        child = _HTTP_CHILDREN.get((method, route, status))
-        if child is None:  # labels() validates and locks each time: a child per label set, kept
-            labels = (method if method in _METHODS else "other", route or "unmatched", str(status))
-            child = _HTTP_CHILDREN[(method, route, status)] = HTTP_SECONDS.labels(*labels)
-        child.observe(seconds)
-
-
-_HTTP_CHILDREN: dict = {}  # (method, route, status) -> HTTP_SECONDS's child: few, routes are the app's
+def request_served(method: str, route: str | None, status: int, seconds: float) -> None:
+    """Observe one request served; route is the matched URL rule
+    (/stkpush/status/<payment_or_checkout_id>), never the path, and None when none matched."""
+    HTTP_SECONDS.labels(method if method in _METHODS else "other", route or "unmatched", str(status)).observe(seconds)
 
 
 def _error_code(code) -> str:

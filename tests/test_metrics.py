@@ -11,15 +11,12 @@ import io
 import json
 import logging
 import os
-import random
 import re
 import select
 import signal
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,10 +25,10 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 import simulator as sim_module
-from mpesa import mask_checkout_id, mask_phones
-from telemetry import requestlog
-from telemetry.logs import TEXT_LOG_FORMAT, JsonFormatter, LineHandler, mask_phones_on
-from telemetry.requestlog import RequestRecord
+from mpesa import mask_checkout_id
+from telemetry import metrics
+from telemetry.logs import JsonFormatter, log_time, mask_phones_on
+from telemetry.requestlog import API_SECURITY_HEADERS, SECURITY_HEADERS, RequestLog
 from tests.helpers import ServerProcess, callback_body, free_port, wait_until
 
 ADMIN = "admin-secret-0123456789"
@@ -220,20 +217,17 @@ def test_errors_and_refused_callbacks_carry_a_request_id_too(live_server_factory
 
 
 class Kept(logging.Handler):
-    """Keeps each record it is given, with the name of the thread that logged it."""
+    """Keeps each record it is given."""
 
     def __init__(self):
         super().__init__()
-        self.records: list[tuple[logging.LogRecord, str]] = []
+        self.records: list[logging.LogRecord] = []
 
     def emit(self, record):
-        self.records.append((record, threading.current_thread().name))
+        self.records.append(record)
 
 
-def test_deferred_requests_are_recorded_by_the_request_log_thread(live_server_factory, monkeypatch):
-    # As in a gunicorn worker (gunicorn.conf.py's post_worker_init).
-    monkeypatch.setattr(requestlog, "_served", None)
-    monkeypatch.setattr(requestlog, "_waiting", threading.Event())
+def test_each_request_is_logged_once_with_its_id_and_counted_when_answered(live_server_factory):
     kept, server_log = Kept(), logging.getLogger("server")
     server_log.addHandler(kept)
     level = server_log.level
@@ -241,83 +235,142 @@ def test_deferred_requests_are_recorded_by_the_request_log_thread(live_server_fa
     try:
         live = live_server_factory(ADMIN_TOKEN=ADMIN)
         before = total(scrape(live.url), "mpesa_http_request_duration_seconds_count", route="/health")
-        requestlog.defer(0.05)
         with ThreadPoolExecutor(8) as pool:
-            ids = {
-                answer.headers["X-Request-ID"]
-                for answer in pool.map(
-                    lambda n: live.get("/health", headers={"X-Request-ID": f"deferred-{n}"}), range(40)
-                )
-            }
-        assert ids == {f"deferred-{n}" for n in range(40)}
-
-        def recorded():
-            return [
-                (record, thread)
-                for record, thread in kept.records
-                if getattr(record, "request_id", "").startswith("deferred-")
-            ]
-
-        wait_until(lambda: len(recorded()) == 40, timeout=5, every=0.05)
-        assert {record.request_id for record, _ in recorded()} == ids
-        assert {thread for _, thread in recorded()} == {"request-log"}
-        assert all(record.path == "/health" and record.status == 200 for record, _ in recorded())
-        # The line's time is when the request was served, not when it was recorded.
-        assert all(record.created <= time.time() for record, _ in recorded())
-        wait_until(
-            lambda: (
-                total(scrape(live.url), "mpesa_http_request_duration_seconds_count", route="/health") >= before + 40
-            ),
-            timeout=5,
-            every=0.05,
-        )
+            answers = list(pool.map(lambda n: live.get("/health", headers={"X-Request-ID": f"many-{n}"}), range(40)))
+        assert {answer.headers["X-Request-ID"] for answer in answers} == {f"many-{n}" for n in range(40)}
+        logged = [record for record in kept.records if getattr(record, "request_id", "").startswith("many-")]
+        assert sorted(record.request_id for record in logged) == sorted(f"many-{n}" for n in range(40))
+        assert all(record.path == "/health" and record.status == 200 for record in logged)
+        assert total(scrape(live.url), "mpesa_http_request_duration_seconds_count", route="/health") == before + 40
     finally:
         server_log.removeHandler(kept)
         server_log.setLevel(level)
 
 
-DEFERRED_AT_EXIT = """
-import logging, sys
-from telemetry import logs, requestlog
-handler = logs.LineHandler(sys.stdout)
-handler.setFormatter(logs.JsonFormatter())
-logging.basicConfig(level=logging.INFO, handlers=[handler])
-requestlog.defer(3600)   # the thread sleeps past the exit: the exit records what waits
+def answering(status: str, headers: list[tuple[str, str]]):
+    """A WSGI app that answers every request with status and headers."""
 
-def app(environ, start_response):
-    start_response("201 Created", [("Content-Type", "text/plain")])
-    return [b"made"]
+    def app(environ, start_response):
+        start_response(status, list(headers))
+        return [b"{}"]
 
-served = requestlog.RequestLog(app)
-for n in range(3):
-    served({"REQUEST_METHOD": "POST", "PATH_INFO": f"/made/{n}", "REMOTE_ADDR": "127.0.0.1",
-            "HTTP_X_REQUEST_ID": f"exit-{n}"}, lambda status, headers, exc_info=None: None)
-print("served", flush=True)
-"""
+    return app
 
 
-def test_requests_still_waiting_are_recorded_at_exit():
-    import subprocess
+@pytest.fixture
+def request_lines():
+    """What the `server` logger writes while a test runs, as JSON lines with phones masked."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    mask_phones_on(handler)
+    server_log = logging.getLogger("server")
+    level = server_log.level
+    server_log.addHandler(handler)
+    server_log.setLevel(logging.INFO)
+    yield stream
+    server_log.removeHandler(handler)
+    server_log.setLevel(level)
 
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run(
-        [sys.executable, "-c", DEFERRED_AT_EXIT],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={name: value for name, value in os.environ.items() if name != "PROMETHEUS_MULTIPROC_DIR"},
+
+def serve(app, method: str, path: str, **environ) -> dict:
+    """The headers RequestLog(app) sends for one request."""
+    sent = {}
+    RequestLog(app)(
+        {"REQUEST_METHOD": method, "PATH_INFO": path, "wsgi.url_scheme": "http", **environ},
+        lambda status, headers, exc_info=None: sent.update(headers),
     )
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert lines[0] == "served"  # nothing was recorded while the program ran
-    entries = [json.loads(line) for line in lines[1:]]
-    assert [(e["request_id"], e["path"], e["status"]) for e in entries] == [
-        (f"exit-{n}", f"/made/{n}", 201) for n in range(3)
+    return sent
+
+
+ODD_PATH = '/pay/"quoted"\\tab\t\u00e9\u4e2d\U0001f600'
+HTTPS = {"wsgi.url_scheme": "https"}
+
+
+@pytest.mark.parametrize(
+    "method, path, given_id, address, logged_path, logged_id",
+    [
+        ("POST", "/stkpush", "trace-0001", "127.0.0.1", "/stkpush", "trace-0001"),
+        # What a client can put in a path, and a request with no known address.
+        ("GET", ODD_PATH, None, None, ODD_PATH, None),
+        ("BREW", "/", "a" * 64, "::1", "/", "a" * 64),
+        (
+            "GET",
+            "/stkpush/status/ws_CO_051220261234567890",
+            None,
+            "10.0.0.1",
+            "/stkpush/status/" + mask_checkout_id("ws_CO_051220261234567890"),
+            None,
+        ),
+        ("POST", "/hooks/stk/secret-token", None, "10.0.0.1", "/hooks/stk/***", None),  # the callback secret
+        # A phone polled for as if it were an id, under a request id a client chose.
+        ("GET", "/stkpush/status/0712345678", "254712345678", "::1", "/stkpush/status/0712****78", "2547******78"),
+    ],
+    ids=["plain", "odd-path-no-address", "odd-method", "checkout-id", "callback", "phone"],
+)
+def test_a_request_line_carries_the_request_fields_with_secrets_masked(
+    request_lines, method, path, given_id, address, logged_path, logged_id
+):
+    environ = {"REMOTE_ADDR": address} if address else {}
+    if given_id:
+        environ["HTTP_X_REQUEST_ID"] = given_id
+    sent = serve(answering("404 NOT FOUND", [("Content-Type", "application/json")]), method, path, **environ)
+    (line,) = request_lines.getvalue().splitlines()
+    entry = json.loads(line)
+    assert list(entry) == [
+        "time",
+        "level",
+        "logger",
+        "pid",
+        "request_id",
+        "message",
+        "method",
+        "path",
+        "status",
+        "duration_ms",
+        "remote_addr",
     ]
+    assert entry["request_id"] == (logged_id or sent["X-Request-ID"])
+    assert (entry["method"], entry["path"], entry["status"], entry["remote_addr"]) == (
+        method,
+        logged_path,
+        404,
+        address,
+    )
+    assert isinstance(entry["duration_ms"], float)
+    assert entry["message"] == f"{method} {logged_path} 404 {entry['duration_ms']:.1f}ms"
+    assert (entry["level"], entry["logger"], entry["pid"]) == ("INFO", "server", os.getpid())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"])
 
 
-# ------------------------------------------------------------------- request logs
+def test_json_answers_and_pages_get_their_own_security_headers(request_lines):
+    json_answer = serve(answering("200 OK", [("Content-Type", "application/json")]), "POST", "/stkpush/status")
+    assert {name: json_answer.get(name) for name, _ in API_SECURITY_HEADERS} == dict(API_SECURITY_HEADERS)
+    assert "X-Frame-Options" not in json_answer and "Strict-Transport-Security" not in json_answer
+    assert re.fullmatch(r"[0-9a-f]{32}", json_answer["X-Request-ID"])
+
+    page = serve(answering("200 OK", [("Content-Type", "text/html; charset=utf-8")]), "GET", "/pay.html", **HTTPS)
+    assert {name: page.get(name) for name, _ in SECURITY_HEADERS} == dict(SECURITY_HEADERS)
+    assert page["Strict-Transport-Security"] == "max-age=31536000"
+
+    # A header the app set itself is left as it is.
+    cached = serve(answering("200 OK", [("Content-Type", "text/css"), ("X-Frame-Options", "SAMEORIGIN")]), "GET", "/x")
+    assert cached["X-Frame-Options"] == "SAMEORIGIN"
+
+
+def test_requests_no_route_matched_are_counted_under_fixed_labels(request_lines):
+    def counted() -> float:
+        return sum(
+            sample.value
+            for family in metrics.HTTP_SECONDS.collect()
+            for sample in family.samples
+            if sample.name.endswith("_count")
+            and sample.labels == {"method": "other", "route": "unmatched", "status": "418"}
+        )
+
+    before = counted()
+    serve(answering("418 I'M A TEAPOT", [("Content-Type", "text/plain")]), "BREW", "/ws_CO_051220261234567890")
+    assert counted() == before + 1
 
 
 @pytest.fixture
@@ -470,12 +523,6 @@ def test_gunicorn_workers_numbers_add_up(process_env, tmp_path, simulator):
             answers = list(pool.map(lambda checkout_id: settled(server.url, checkout_id), ids))
         assert all(answer["status"] == "completed" for answer in answers)
 
-        # Each worker records its requests at most 0.1 s after serving them (requestlog.defer).
-        wait_until(
-            lambda: total(scrape(server.url), "mpesa_http_request_duration_seconds_count", route="/stkpush") == 12,
-            timeout=5,
-            every=0.05,
-        )
         for _ in range(3):  # whichever worker answers, it adds up every worker's numbers
             samples = scrape(server.url)
             assert total(samples, "mpesa_payments_total", status="completed") == 12
@@ -513,12 +560,9 @@ def test_gunicorn_with_one_worker_counts_and_logs_each_request(process_env, tmp_
     try:
         checkout_id = push(server.url, "0700 000 000").json()["checkoutRequestId"]
         assert settled(server.url, checkout_id)["status"] == "completed"
-        assert total(scrape(server.url), "mpesa_payments_total", status="completed") == 1
-        wait_until(
-            lambda: total(scrape(server.url), "mpesa_http_request_duration_seconds_count", route="/stkpush") == 1,
-            timeout=5,
-            every=0.05,
-        )
+        samples = scrape(server.url)
+        assert total(samples, "mpesa_payments_total", status="completed") == 1
+        assert total(samples, "mpesa_http_request_duration_seconds_count", route="/stkpush") == 1
     finally:
         server.kill(signal.SIGTERM)
 
@@ -560,9 +604,12 @@ def test_a_blank_metrics_directory_setting_stops_start_up(process_env):
 # ------------------------------------------------------------------- the log handler
 
 
+# ------------------------------------------------------------------- the log handler
+
+
 def line_logger(stream) -> logging.Logger:
-    """A logger of its own writing JSON lines through LineHandler to stream."""
-    handler = LineHandler(stream)
+    """A logger of its own writing JSON lines through logging's StreamHandler to stream."""
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
     logger = logging.getLogger(f"test-lines-{id(stream)}")
     logger.handlers, logger.propagate = [handler], False
@@ -606,386 +653,74 @@ def test_lines_from_many_threads_reach_a_pipe_whole_and_in_full():
     assert len(received.decode().splitlines()[-1]) > select.PIPE_BUF
 
 
-def test_the_line_handler_writes_to_a_stream_without_a_file_too():
-    stream = io.StringIO()
-    line_logger(stream).info("paid %s KES", 100, extra={"status": 200})
-    entry = json.loads(stream.getvalue())
-    assert entry["message"] == "paid 100 KES" and entry["status"] == 200
-    assert stream.getvalue().endswith("}\n")
+LINES_FROM_A_WORKER = """
+import logging, sys, threading
+from telemetry.logs import JsonFormatter
+handler = logging.StreamHandler(sys.stdout)
+handler.setFormatter(JsonFormatter())
+log = logging.getLogger("worker")
+log.addHandler(handler)
+log.setLevel(logging.INFO)
+
+def log_lines(thread):
+    for n in range(150):
+        log.info("worker %s thread %s line %s", sys.argv[1], thread, n, extra={"padding": "x" * (n * 23 % 3500)})
+
+threads = [threading.Thread(target=log_lines, args=(t,)) for t in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+"""
 
 
-def waiting_in(pipe_end: int) -> list[str]:
-    """The lines written to a non-blocking pipe so far (none: nothing was written)."""
-    data = b""
-    while True:
-        try:
-            chunk = os.read(pipe_end, 65536)
-        except BlockingIOError:
-            return data.decode().splitlines()
-        data += chunk
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["buffered", "unbuffered"])
+def test_lines_from_many_processes_reach_one_pipe_whole(unbuffered):
+    # As gunicorn's workers share the master's stdout: lines of up to 4,096 bytes, one write each.
+    import subprocess
 
-
-def test_gathered_lines_wait_and_go_out_in_order_before_a_warning_or_at_flush():
-    read_end, write_end = os.pipe()
-    os.set_blocking(read_end, False)
-    with os.fdopen(write_end, "w") as stream:
-        logger = line_logger(stream)
-        handler = logger.handlers[0]
-        handler.gather(3600)  # its writer thread does not wake during this test
-        for n in range(3):
-            logger.info("paid %s", n)
-        assert waiting_in(read_end) == []
-        logger.warning("Daraja slow")  # at once, after the lines logged before it
-        assert [json.loads(line)["message"] for line in waiting_in(read_end)] == [
-            "paid 0",
-            "paid 1",
-            "paid 2",
-            "Daraja slow",
-        ]
-        logger.info("paid 3")
-        handler.flush()
-        assert [json.loads(line)["message"] for line in waiting_in(read_end)] == ["paid 3"]
-        logger.info("paid 4")
-        handler.close()  # logging.shutdown at exit: what waits goes out, and later lines at once
-        logger.info("paid 5")
-        assert [json.loads(line)["message"] for line in waiting_in(read_end)] == ["paid 4", "paid 5"]
-    os.close(read_end)
-
-
-def test_the_writer_thread_writes_gathered_lines_whole_from_many_threads():
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("PROMETHEUS_MULTIPROC_DIR", "PYTHONUNBUFFERED")
+    }
     read_end, write_end = os.pipe()
     received, reader = read_in_background(read_end)
-    with os.fdopen(write_end, "w") as stream:
-        logger = line_logger(stream)
-        logger.handlers[0].gather(0.05)
-
-        def log_lines(thread):
-            for n in range(200):
-                if n % 2:
-                    logger.info("thread %s line %s", thread, n, extra={"padding": "x" * (n % 300)})
-                else:
-                    logger.handle(RequestRecord("POST", f"/t{thread}/{n}", 200, 1.5, "127.0.0.1", f"id-{n}"))
-
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(log_lines, range(8)))
-        # No flush: the writer thread alone writes them, within a few of its rounds.
-        wait_until(lambda: received.count(b"\n") == 8 * 200, timeout=10, every=0.05)
-        time.sleep(0.3)  # idle: the writer sleeps until the next line comes
-        logger.info("after a pause")
-        wait_until(lambda: received.count(b"\n") == 8 * 200 + 1, timeout=10, every=0.05)
-        logger.handlers[0].close()
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", LINES_FROM_A_WORKER, str(worker)],
+            cwd=root,
+            stdout=write_end,
+            env={**env, "PYTHONUNBUFFERED": unbuffered},
+        )
+        for worker in range(4)
+    ]
+    os.close(write_end)
+    assert [worker.wait(timeout=60) for worker in workers] == [0] * 4
     reader.join(timeout=10)
     os.close(read_end)
 
-    entries = [json.loads(line) for line in received.decode().splitlines()]
-    assert len(entries) == 8 * 200 + 1 and entries.pop()["message"] == "after a pause"
-    assert {e["message"] for e in entries if "padding" in e} == {
-        f"thread {t} line {n}" for t in range(8) for n in range(1, 200, 2)
+    lines = received.decode().splitlines()
+    assert max(len(line) for line in lines) > 3500
+    assert {json.loads(line)["message"] for line in lines} == {
+        f"worker {w} thread {t} line {n}" for w in range(4) for t in range(4) for n in range(150)
     }
-    requests_logged = [e for e in entries if "path" in e]
-    assert {e["path"] for e in requests_logged} == {f"/t{t}/{n}" for t in range(8) for n in range(0, 200, 2)}
-    assert all(
-        e["message"] == f"POST {e['path']} 200 1.5ms"
-        and e["status"] == 200
-        and e["request_id"] == "id-" + e["path"].rsplit("/", 1)[1]
-        for e in requests_logged
-    )
+    assert len(lines) == 4 * 4 * 150
 
 
-@pytest.mark.parametrize(
-    "formatter",
-    [
-        JsonFormatter(),
-        logging.Formatter(
-            TEXT_LOG_FORMAT + " %(filename)s %(module)s %(funcName)s %(lineno)d "
-            "%(msecs)03d %(relativeCreated)d %(levelno)s %(exc_text)s %(remote_addr)s"
-        ),
-    ],
-    ids=["json", "text"],
-)
-@pytest.mark.parametrize(
-    "fields",
-    [
-        ("POST", "/stkpush", 200, 34.9, "127.0.0.1", "trace-0001"),
-        # What a client can put in a path, and a request with no known address.
-        ("GET", '/pay/"quoted"\\tab\t\u00e9\u4e2d\U0001f600', 404, 0.0, None, "x"),
-        ("BREW", "/", 418, 12345.6, "::1", "a" * 64),
-    ],
-    ids=["plain", "odd-path-no-address", "odd-method"],
-)
-def test_the_request_record_formats_as_a_standard_record_would(formatter, fields):
-    method, path, status, duration_ms, remote_addr, request_id = fields
-    made = RequestRecord(*fields)
-    standard = logging.getLogger("server").makeRecord(
-        "server",
-        logging.INFO,
-        requestlog.__file__,
-        0,
-        "%s %s %s %.1fms",
-        (method, path, status, duration_ms),
-        None,
-        "RequestLog",
-        {
-            "method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": duration_ms,
-            "remote_addr": remote_addr,
-            "request_id": request_id,
-        },
-    )
-    standard.created, standard.msecs = made.created, made.msecs
-    assert abs(standard.relativeCreated - made.relativeCreated) < 1000 * (time.time() - made.created) + 1
-    standard.relativeCreated = made.relativeCreated
-    assert formatter.format(made) == formatter.format(standard)
-    assert made.process == os.getpid()
-    if isinstance(formatter, JsonFormatter):
-        assert made.json_line() is not None  # the line came from the record's own json_line()
-        assert json.loads(formatter.format(made))["path"] == path
-
-
-def test_a_request_record_a_filter_has_added_to_is_written_out_in_full():
-    made = RequestRecord("POST", "/stkpush", 200, 1.5, "127.0.0.1", "trace-0002")
-    made.tenant = "shop-7"  # as a logging.Filter on the handler may do
-    entry = json.loads(JsonFormatter().format(made))
-    assert made.json_line() is None
-    assert entry["tenant"] == "shop-7" and entry["path"] == "/stkpush" and entry["request_id"] == "trace-0002"
-
-
-# ------------------------------------------------------------------- a batch of requests recorded
-
-BATCH = [  # RequestLog's facts: (created, method, path, route, status, seconds, remote_addr, request_id)
-    (1764926142.5964, "POST", "/stkpush/status", "/stkpush/status", 200, 0.0012, "127.0.0.1", "f" * 32),
-    (
-        1764926142.9999996,
-        "GET",
-        "/stkpush/status/ws_CO_051220261234567890",
-        "/stkpush/status/<checkout_id>",
-        404,
-        0.25,
-        None,
-        "trace-1",
-    ),
-    (1764926143.0, "BREW", '/pay/"q"\\\t\u00e9\U0001f600', None, 418, 31.0, "::1", "x"),
-    (1764926143.25, "GET", "/hooks/stk/secret-token", "/hooks/stk/<token>", 403, 0.005, "10.0.0.1", "y"),
-    # A phone polled for as if it were an id, under a request id a client chose.
-    (
-        1764926143.5,
-        "GET",
-        "/stkpush/status/0712345678",
-        "/stkpush/status/<checkout_id>",
-        404,
-        0.001,
-        "::1",
-        "254712345678",
-    ),
-]
-
-
-@pytest.fixture
-def sole_json_handler(monkeypatch):
-    """A handler as gunicorn.conf.py and configure_logging leave the root logger's in a worker:
-    gathering, JSON lines, the request-id and phone filters. Its lines go to the pipe returned."""
-    read_end, write_end = os.pipe()
-    os.set_blocking(read_end, False)
-    stream = os.fdopen(write_end, "w")
-    handler = LineHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(requestlog.RequestIdFilter())
-    mask_phones_on(handler)
-    handler.gather(3600)  # written when flushed
-    server_log = logging.getLogger("server")
-    monkeypatch.setattr(server_log, "handlers", [])
-    monkeypatch.setattr(server_log, "filters", [])
-    monkeypatch.setattr(server_log, "propagate", True)
-    monkeypatch.setattr(server_log, "disabled", False)
-    level = server_log.level
-    server_log.setLevel(logging.INFO)
-    yield handler, read_end
-    server_log.setLevel(level)
-    handler.close()
-    stream.close()
-    os.close(read_end)
-
-
-@contextmanager
-def root_handlers(*handlers):
-    """The root logger with these handlers alone (pytest adds its own for each test)."""
-    kept = logging.root.handlers[:]
-    logging.root.handlers[:] = handlers
-    try:
-        yield
-    finally:
-        logging.root.handlers[:] = kept
-
-
-def recorded_lines(handler: LineHandler, read_end: int) -> list[str]:
-    handler.flush()
-    return waiting_in(read_end)
-
-
-def test_request_lines_made_without_records_are_the_lines_logging_makes(sole_json_handler):
-    handler, read_end = sole_json_handler
-    with root_handlers(handler):
-        assert requestlog._sole_json_handler() is handler
-        requestlog.record_requests(BATCH)
-        made_directly = recorded_lines(handler, read_end)
-
-        server_log = logging.getLogger("server")
-        server_log.addFilter(lambda record: True)  # a filter could change a record: each goes through logging
-        assert requestlog._sole_json_handler() is None
-        requestlog.record_requests(BATCH)
-        through_logging = recorded_lines(handler, read_end)
-
-    assert made_directly == through_logging and len(made_directly) == len(BATCH)
-    entries = [json.loads(line) for line in made_directly]
-    assert [(e["method"], e["status"], e["request_id"], e["remote_addr"]) for e in entries] == [
-        (method, status, mask_phones(request_id), address) for _, method, _, _, status, _, address, request_id in BATCH
-    ]
-    assert entries[0]["message"] == "POST /stkpush/status 200 1.2ms" and entries[0]["duration_ms"] == 1.2
-    assert entries[1]["path"] == "/stkpush/status/" + mask_checkout_id("ws_CO_051220261234567890")
-    assert entries[2]["path"] == BATCH[2][2]
-    assert entries[3]["path"] == "/hooks/stk/***"  # the callback secret never reaches a log
-    assert entries[4]["path"] == "/stkpush/status/0712****78" and entries[4]["request_id"] == "2547******78"
-    assert entries[0]["time"] == "2025-12-05T09:15:42.596Z" and entries[1]["time"] == "2025-12-05T09:15:43.000Z"
-    assert all(e["pid"] == os.getpid() and e["level"] == "INFO" and e["logger"] == "server" for e in entries)
-
-
-def test_request_lines_made_without_records_round_each_duration_as_the_record_does(sole_json_handler):
-    # The direct lines print the duration once with one decimal; a record holds it rounded.
-    handler, read_end = sole_json_handler
-    edges = [0.0, 1e-9, 0.00005, 0.00015, 0.00025, 0.00035, 0.0000499999, 0.00095, 0.0999999, 29.99995]
-    rng = random.Random(6)
-    seconds = edges + [rng.uniform(0, 0.05) for _ in range(60)] + [rng.uniform(0, 60) for _ in range(20)]
-    batch = [
-        (1764926142.5 + n, "POST", "/stkpush/status", "/stkpush/status", 200, value, "127.0.0.1", f"id-{n}")
-        for n, value in enumerate(seconds)
-    ]
-    with root_handlers(handler):
-        requestlog.record_requests(batch)
-        made_directly = recorded_lines(handler, read_end)
-        logging.getLogger("server").addFilter(lambda record: True)
-        requestlog.record_requests(batch)
-        through_logging = recorded_lines(handler, read_end)
-    assert len(made_directly) == len(batch) and made_directly == through_logging
-    assert [json.loads(line)["duration_ms"] for line in made_directly] == [round(s * 1000, 1) for s in seconds]
-
-
-def add_handler_filter(handler):
-    handler.addFilter(lambda record: True)
-
-
-def add_logger_handler(handler):
-    logging.getLogger("server").addHandler(logging.NullHandler())
-
-
-def add_root_handler(handler):
-    logging.root.handlers.append(logging.NullHandler())
-
-
-def text_lines(handler):
-    handler.setFormatter(logging.Formatter(TEXT_LOG_FORMAT))
-
-
-def warnings_only(handler):
-    handler.setLevel(logging.WARNING)
-
-
-def not_propagated(handler):
-    logging.getLogger("server").propagate = False
-
-
-@pytest.mark.parametrize(
-    "change", [add_handler_filter, add_logger_handler, add_root_handler, text_lines, warnings_only, not_propagated]
-)
-def test_request_lines_go_through_logging_whenever_logging_is_set_up_otherwise(sole_json_handler, change):
-    handler, read_end = sole_json_handler
-    with root_handlers(handler):
-        change(handler)
-        assert requestlog._sole_json_handler() is None
-        requestlog.record_requests(BATCH[:1])
-        lines = recorded_lines(handler, read_end)
-    if change in (warnings_only, not_propagated):
-        assert lines == []  # as logging would have it
-    elif change is text_lines:
-        assert lines == [
-            logging.Formatter(TEXT_LOG_FORMAT).format(
-                RequestRecord("POST", "/stkpush/status", 200, 1.2, "127.0.0.1", "f" * 32, BATCH[0][0])
-            )
-        ]
-    else:
-        assert [json.loads(line)["request_id"] for line in lines] == ["f" * 32]
-
-
-def test_a_handler_that_is_not_gathering_gets_each_line_through_logging(monkeypatch):
+def test_a_json_line_carries_its_extras_and_what_a_filter_adds():
     stream = io.StringIO()
-    handler = LineHandler(stream)  # gather() not called: lines are written at once
-    handler.setFormatter(JsonFormatter())
-    server_log = logging.getLogger("server")
-    monkeypatch.setattr(server_log, "handlers", [])
-    monkeypatch.setattr(server_log, "filters", [])
-    level = server_log.level
-    server_log.setLevel(logging.INFO)
-    try:
-        with root_handlers(handler):
-            assert requestlog._sole_json_handler() is None
-            requestlog.record_requests(BATCH[:2])
-    finally:
-        server_log.setLevel(level)
-    assert [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()] == ["f" * 32, "trace-1"]
+    logger = line_logger(stream)
+    logger.handlers[0].addFilter(lambda record: setattr(record, "tenant", "shop-7") or True)
+    logger.info("paid %s KES", 100, extra={"status": 200})
+    entry = json.loads(stream.getvalue())
+    assert list(entry)[:5] == ["time", "level", "logger", "pid", "message"]
+    assert entry["message"] == "paid 100 KES" and entry["status"] == 200 and entry["tenant"] == "shop-7"
+    assert stream.getvalue().endswith("}\n")
 
 
-def test_a_batch_of_requests_is_observed_as_each_request_would_be():
-    from prometheus_client import CollectorRegistry, Histogram
-
-    from telemetry import metrics
-
-    route = f"/batch-{os.getpid()}-{time.monotonic_ns()}"
-    # On the bounds, between them, past the last, and nothing at all.
-    durations = [0.0, 0.005, 0.0051, 0.01, 0.3, 0.3, 10.0, 30.0, 31.0, 120.0]
-    one_by_one = Histogram(
-        "one_by_one_seconds",
-        "each observed",
-        ["method", "route", "status"],
-        buckets=metrics.HTTP_BUCKETS,
-        registry=CollectorRegistry(),
-    )
-    for seconds in durations:
-        one_by_one.labels("POST", route, "200").observe(seconds)
-    metrics.requests_served([("POST", route, 200, seconds) for seconds in durations] + [("BREW", None, 418, 0.02)])
-
-    def samples(collector, name):
-        return {
-            (sample.name.replace(name, ""), sample.labels.get("le")): sample.value
-            for family in collector.collect()
-            for sample in family.samples
-            if sample.labels.get("route") == route and not sample.name.endswith("_created")
-        }
-
-    batched = samples(metrics.HTTP_SECONDS, "mpesa_http_request_duration_seconds")
-    assert batched == pytest.approx(samples(one_by_one, "one_by_one_seconds"))
-    assert batched[("_count", None)] == len(durations) and batched[("_bucket", "0.005")] == 2
-    unmatched = [
-        sample
-        for family in metrics.HTTP_SECONDS.collect()
-        for sample in family.samples
-        if sample.labels.get("route") == "unmatched"
-        and sample.labels.get("method") == "other"
-        and sample.labels.get("status") == "418"
-        and sample.name.endswith("_count")
-    ]
-    assert unmatched and unmatched[0].value >= 1
-
-
-def test_lines_handed_over_after_the_handler_closed_are_written_at_once():
-    read_end, write_end = os.pipe()
-    os.set_blocking(read_end, False)
-    with os.fdopen(write_end, "w") as stream:
-        handler = LineHandler(stream)
-        handler.gather(3600)
-        handler.gather_lines(['{"message":"waiting"}'])
-        assert waiting_in(read_end) == []
-        handler.close()  # what waits goes out; later lines are written at once
-        handler.gather_lines(['{"message":"late 1"}', '{"message":"late 2"}'])
-        assert [json.loads(line)["message"] for line in waiting_in(read_end)] == ["waiting", "late 1", "late 2"]
-    os.close(read_end)
+def test_a_line_time_is_utc_to_the_millisecond():
+    assert log_time(1764926142.5964) == "2025-12-05T09:15:42.596Z"
+    assert log_time(1764926142.9999996) == "2025-12-05T09:15:43.000Z"  # rounded to the microsecond first
+    assert log_time(1764926143.0) == "2025-12-05T09:15:43.000Z"
