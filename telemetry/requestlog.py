@@ -46,13 +46,12 @@ API_SECURITY_HEADERS = (
     ("Cache-Control", "no-store"),
 )
 HSTS = ("Strict-Transport-Security", "max-age=31536000")
-WAIT_STATUSES = ("429", "503")  # the answers where Retry-After means something
 
 
 class RequestLog:
     """WSGI middleware: X-Request-ID (the caller's if sane, else a new one), security headers
     (API_SECURITY_HEADERS on JSON, SECURITY_HEADERS on the rest, HSTS over HTTPS) where the app
-    set none of its own, Retry-After only on 429 and 503, the request's metrics and its log line.
+    set none of its own, the request's metrics and its log line.
 
     The id is in the WSGI environ under ENVIRON_KEY while the app runs, for the lines logged on
     the way (logs.RequestIdFilter). Put it inside ProxyFix, which corrects REMOTE_ADDR and the
@@ -72,9 +71,6 @@ class RequestLog:
         answered = {}
 
         def start(status, headers, exc_info=None):
-            if status[:3] not in WAIT_STATUSES:
-                # Flask-Limiter's headers put Retry-After on every answer; only a refusal means wait.
-                headers = [(name, value) for name, value in headers if name.lower() != "retry-after"]
             present = {name.lower(): value for name, value in headers}
             is_json = present.get("content-type", "").startswith("application/json")
             ours = API_SECURITY_HEADERS if is_json else SECURITY_HEADERS
