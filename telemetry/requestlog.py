@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
-import uuid
 
 from mpesa import mask_phones
 from telemetry import metrics
@@ -66,7 +66,7 @@ class RequestLog:
     def __call__(self, environ, start_response):
         started = time.perf_counter()
         given = environ.get("HTTP_X_REQUEST_ID")
-        request_id = given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if given and REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
         environ[ENVIRON_KEY] = request_id
         answered = {}
 
