@@ -4,8 +4,8 @@ Every value comes from config.load_settings(), which reads and checks the enviro
 workers (WEB_CONCURRENCY: one for a memory store, which cannot be shared), their threads
 (GUNICORN_THREADS), PORT, and LOG_FORMAT (JSON lines use the app's formatter for gunicorn's
 own lines too, through logging's StreamHandler; no access log, the app logs each request,
-unless --access-logfile asks for gunicorn's). Every handler masks phone numbers (AppLogger). The hooks are gunicorn's
-documented server hooks:
+unless --access-logfile asks for gunicorn's). Every handler masks phone numbers (AppLogger).
+The hooks are gunicorn's documented server hooks:
 
 on_starting       empties the metrics directory (PROMETHEUS_MULTIPROC_DIR, which the command
                   starting gunicorn sets) and starts the Daraja simulator that every worker
