@@ -203,7 +203,7 @@ def run(ctx: Context) -> str:
         target.run(1, scratch, counted=False)
     for number in range(rounds):
         ctx.log(f"polling: round {number + 1} of {rounds}")
-        for target in order:
+        for target in order if number % 2 == 0 else reversed(order):  # every other round backwards
             target.run(seconds, scratch)
 
     # Idle now; the counts below run on servers of their own.
@@ -415,7 +415,8 @@ def _method(rounds: int, seconds: int, answers: dict[str, requests.Response], ta
         ),
         "",
         f"The protocol: {rounds} rounds, after one uncounted warm-up run of every target. A round "
-        "runs every target once, in a fixed order (the table of targets below): "
+        "runs every target once, in a fixed order (the table of targets below; every other round "
+        "backwards, so that no target always follows the same one): "
         f"`wrk -t{THREADS} -c{CONNECTIONS} -d{seconds}s` (a Lua script for the POST body), new "
         "connections for every run. A row's ratio is the median of its per-round ratios: the "
         "target's polls per second over its reference's in the same round, so that what the machine "
@@ -432,7 +433,7 @@ def _instructions(
     ctx: Context, simulator_url: str, redis_url: str | None, postgres_url: str | None, size: int, scratch: Path
 ) -> tuple[dict[str, float], str]:
     """Instructions per poll in one worker, counted by callgrind: the ratio without the machine's noise."""
-    polls = ctx.runs(500, 300)
+    polls = 300
     if callgrind_tools() is None:
         return {}, (
             "### Instructions per poll\n\n!!! valgrind is not installed, so the instructions per poll "
@@ -466,7 +467,7 @@ def _instructions(
         f"with one worker so that the count repeats) over {polls:,} polls from 4 keep-alive "
         "connections, after 100 to warm up. Only user space is counted; the kernel's work (system "
         "calls, scheduling), about the same per poll for both apps, is not. The count does not depend "
-        "on what else the machine is doing and repeats to within about half a percent.",
+        "on what else the machine is doing and repeats to within about one percent over 300 requests.",
         "",
         table(["poll", "instructions per poll", "above the bare app", "bare ÷ poll"], rows),
     ]
@@ -539,9 +540,8 @@ def _baseline(
             "",
             table(["poll", f"at {label}", "now", "change"], rows),
             "",
-            f"The count's own spread is about half a percent over 1,000 polls and about one percent over "
-            f"300 (the same code counted twice: up to 0.8 %); this run counted {polls:,}. A smaller change "
-            "is noise.",
+            f"The count's own spread over {polls:,} polls is about one percent (the same code counted twice: "
+            "up to 0.8 %); a smaller change is noise.",
         ]
     )
 
