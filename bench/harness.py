@@ -867,7 +867,7 @@ def instructions_per_request(
     starts in `cwd`, so the Procfile, gunicorn.conf.py and the app are that tree's (another
     revision's checkout, say). User-space instructions only: the kernel's work (system calls,
     scheduling) is not counted. The count does not depend on what else the machine is doing,
-    and repeats to within about one percent over 300 requests.
+    and repeats to within about one percent over a few hundred requests.
     """
     import http.client
 
