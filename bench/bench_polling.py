@@ -507,10 +507,10 @@ def _server_counts(
     counts = {}
     for name, store_url in stores:
         ctx.log(f"polling: counting instructions per poll, {name}" + ("" if cwd == ROOT else f" at {ctx.baseline}"))
-        env = server_env(simulator_url, store_url, free_port(), WEB_CONCURRENCY=1, **DASHBOARD_ON, **KEEP_PENDING)
+        settings = {"WEB_CONCURRENCY": 1, **DASHBOARD_ON, **KEEP_PENDING, **LIMITS_ON, **NO_QUERIES}
         found = instructions_per_request(
             ctx,
-            {**env, **LIMITS_ON, **NO_QUERIES},
+            server_env(simulator_url, store_url, free_port(), **settings),
             "server:app",
             "/stkpush/status",
             _payments,
