@@ -34,7 +34,7 @@ test: $(READY) services check
 	$(BIN)/python -m pytest -n 3
 
 bench: $(READY)
-	@./scripts/ensure-packages.sh wrk redis-server valgrind
+	@./scripts/ensure-packages.sh wrk redis-server valgrind npm
 	$(BIN)/python -m bench.run
 
 docs: $(READY)

@@ -3,7 +3,9 @@
     run.py            the runner: every bench_*.py here, one Markdown section each
     harness.py        free ports, processes that always stop, the load generators
     bare_app.py       the ceiling: a bare Flask app answering like a completed status poll
-    bench_polling.py  POST /stkpush/status throughput, per store, against the bare app
+    express/          the anchor: an Express server answering status polls from a Map (npm ci on first run)
+    bench_polling.py  POST /stkpush/status throughput in production configuration, per store,
+                      against the bare app and the Express server
     bench_push.py     1,000 STK pushes through the server and straight to the simulator
     bench_daraja_load.py  STK queries Daraja receives while 100 clients poll one payment
     bench_memory.py   bytes per record in the memory store and the time to expire them

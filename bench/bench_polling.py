@@ -1,19 +1,25 @@
-"""Status polling throughput: POST /stkpush/status for a completed payment, per store.
+"""Status polling in production configuration: POST /stkpush/status per store, against the bare
+Flask app and against an Express server.
 
-Each store's server runs under the Procfile's gunicorn configuration (gunicorn.conf.py:
-memory one worker, SQLite and Redis 2 x cores + 1 workers; 8 threads each) with the dashboard
-on and rate limits off, beside bench/bare_app.py under the same configuration: the ceiling for
-this stack.
-Rounds are interleaved (bare, memory, bare, SQLite, Redis, then again, one second each, three
-times a round) so drift on the machine hits every target alike; the table shows medians. A
-second in which one of several workers served every poll (wrk's connections all landed on it)
-is run again, for every target alike; the ratios with those seconds counted are given too.
-Instructions per poll are counted with callgrind as well; with `--baseline REV` also for the
-server code at REV (a scratch git worktree), so a change shows what it costs a poll.
+Every server runs the Procfile's web command (harness.start_gunicorn) with rate limits on and the
+status limit out of reach, so each poll pays the limiter's check and count and none is refused;
+the limiter keeps its counters wherever the server puts them for its store. Each store's server
+is polled for a completed payment and for a pending one (pushed to a number the simulator leaves
+to its handset, which nobody answers).
+
+The protocol: ROUNDS interleaved rounds, each running every target once (wrk -t2 -c32 for SECONDS,
+new connections each run); a row's ratio is the median of its per-round ratios (the target over
+its reference of the same round). Instructions per poll, counted by callgrind in one worker, stand
+beside the ratios as the figure the machine's load does not move. With `--baseline REV` the
+server at REV is counted too (a scratch git worktree), so a change shows what it costs a poll.
+Rows with rate limits off, or one worker, are diagnostics: they come after the goal rows.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -23,6 +29,7 @@ from bench.harness import (
     BenchError,
     Context,
     LoadResult,
+    Process,
     callgrind_tools,
     checkout,
     completed_payment,
@@ -33,8 +40,11 @@ from bench.harness import (
     instructions_per_request,
     load,
     median,
+    pending_payment,
+    postgres_database,
     revision_hash,
     server_env,
+    start_express,
     start_gunicorn,
     start_redis,
     start_simulator,
@@ -42,296 +52,413 @@ from bench.harness import (
     wrk_path,
 )
 
-GOAL = 0.9
-CONNECTIONS = 32
-# A round runs each target this many times for a second (wrk's shortest run), interleaved: every
-# wrk run opens its connections anew, and a several-worker server deals them out anew to its workers.
-DEALS = 3
-LIMITED = "memory, rate limits on"
-# On as in production, with limits no benchmark client reaches (one IP polls here).
-LIMITS_ON = {"RATELIMIT_ENABLED": "true", "RATE_LIMIT_STATUS_PER_IP": "100000000/minute"}
-UNLOGGED = "memory, no request log line"
-# A diagnostic, not a setting: the server's logger raised to WARNING at interpreter start-up
-# (sitecustomize), to show what the one INFO line per request costs under gunicorn.
-QUIET_LOGGER = 'import logging\nlogging.getLogger("server").setLevel(logging.WARNING)\n'
-DIAGNOSTICS = (LIMITED, UNLOGGED)
-LOPSIDED = 0.8  # a second where one worker used this share of the workers' CPU time is lopsided
-# A lopsided second is run again, up to this many times: it measures how gunicorn's workers raced
-# to accept the connections wrk opened at once, a draw both apps make alike, not what a poll costs.
-REDEALS = 2
-SERVING = 0.1  # a worker that used this share of the workers' CPU time in a run counts as serving in it
-# The operator's dashboard on, as most servers run: a secret key then exists, and Flask would
-# open a cookie session for every request if admin.SessionInterface let it.
+GOAL_BARE = 0.9  # of the bare Flask app under the same command, per store and poll
+GOAL_EXPRESS = 1.0  # of the Express server, Redis store
+CONNECTIONS, THREADS = 32, 2  # wrk -t2 -c32
+COMPLETED, PENDING = "completed", "pending"
+# Rate limits on as in production, the status limit out of reach (one IP polls here).
+LIMITS_ON = {"RATELIMIT_ENABLED": "true", "RATE_LIMIT_STATUS_PER_IP": "1000000/second"}
+LIMITS_OFF = {"RATELIMIT_ENABLED": "false"}
+# The pending payment stays pending through the run (past TRANSACTION_TTL it would be timed out).
+KEEP_PENDING = {"TRANSACTION_TTL": 3600}
+# Under callgrind polls come some fifty times slower, so the STK Query a pending payment's polls
+# send once per STATUS_QUERY_INTERVAL would weigh that much more per poll, and land in a count or
+# not by chance: the counts leave it out.
+NO_QUERIES = {"STATUS_FIRST_QUERY_AFTER": 3600}
+# The operator's dashboard on, as most servers run it.
 DASHBOARD_ON = {"ADMIN_TOKEN": "bench-admin-token-0123456789abcdef"}
+_phones = itertools.count()  # each pending payment needs a phone of its own: the simulator locks a busy one
+
+
+@dataclass
+class Target:
+    """Something every round polls: its status endpoint, the poll, and what each round measured."""
+
+    name: str
+    url: str
+    body: dict
+    pids: Callable[[], list[int]]  # whose CPU time a poll costs (gunicorn's workers, or node)
+    serving: str  # "gunicorn, 5 workers", "node, 1 process"
+    results: list[LoadResult] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # µs of CPU per answered poll, per round
+
+    def run(self, seconds: float, scratch: Path, counted: bool = True) -> None:
+        pids = self.pids()
+        before = cpu_seconds(pids)
+        result = load(self.url, self.body, seconds, CONNECTIONS, scratch, THREADS)
+        after = cpu_seconds(pids)
+        if not counted:
+            return
+        self.results.append(result)
+        if before is not None and after is not None and result.ok:
+            self.cpu.append((after - before) / result.ok * 1e6)
+
+    def rps(self) -> float | None:
+        return median(r.rps for r in self.results)
+
+    def errors(self) -> int:
+        return sum(r.errors for r in self.results)
+
+
+@dataclass
+class Row:
+    """A ratio: a target over its reference, round by round."""
+
+    label: str
+    target: str
+    against: str
+    goal: float | None  # None: a diagnostic
+    counted: str | None = None  # the target's key among the instruction counts (its reference: "bare app")
+    skipped: str | None = None  # why it did not run
 
 
 def run(ctx: Context) -> str:
-    rounds = ctx.runs(6, 1)
+    rounds = ctx.runs(7, 2)
+    seconds = 1
     scratch = ctx.scratch("polling")
-    sim = start_simulator(ctx, auto_delay=0.1)
+    sim = start_simulator(ctx)
     redis_url, redis_how = start_redis(ctx)
-    if redis_url is None:
-        ctx.log(f"!!! REDIS POLLING NOT RUN: {redis_how} !!!")
-
-    stores = [("memory", "memory://"), ("SQLite", f"sqlite:///{scratch / 'payments.db'}")]
-    if redis_url:
-        stores.append(("Redis", redis_url))
-    # Not goal rows: what Flask-Limiter costs per poll when limits are on, as they are by
-    # default, and what the request's log line costs.
-    stores += [(LIMITED, "memory://"), (UNLOGGED, "memory://")]
-    quiet = scratch / "quiet-logger"
-    quiet.mkdir(exist_ok=True)
-    (quiet / "sitecustomize.py").write_text(QUIET_LOGGER)
-    extra_settings = {LIMITED: LIMITS_ON, UNLOGGED: {"PYTHONPATH": str(quiet)}}
-
-    targets = {}  # name -> (url, body)
-    bodies = {}
-    servers = {}  # name -> its gunicorn (master) process
-    for name, url in stores:
-        ctx.log(f"polling: starting the server with the {name} store")
-        settings = {**DASHBOARD_ON, **extra_settings.get(name, {})}
-        server = start_gunicorn(
-            ctx, server_env(sim.url, url, free_port(), **settings), name=f"server-{name.split(',')[0]}-{len(targets)}"
-        )
-        checkout_id = completed_payment(server.url)
-        body = {"checkoutRequestId": checkout_id}
-        answer = requests.post(server.url + "/stkpush/status", json=body, timeout=10)
-        if answer.status_code != 200 or answer.json().get("status") != "completed":
-            raise BenchError(f"{name}: the status poll answered {answer.status_code} {answer.text[:200]}")
-        bodies[name] = len(answer.content)
-        targets[name] = (server.url + "/stkpush/status", body)
-        servers[name] = server
-
-    size = bodies["memory"]
-    bare = {}
-    for label, store_url in (("1 worker", "memory://"), ("several workers", stores[1][1])):
-        env = server_env(sim.url, store_url, free_port(), BARE_BODY_BYTES=size)
-        process = start_gunicorn(ctx, env, app="bench.bare_app:app", name=f"bare-{label}")
-        answer = requests.post(process.url + "/stkpush/status", json={"checkoutRequestId": "x"}, timeout=10)
-        if len(answer.content) != size:
-            raise BenchError(f"the bare app answered {len(answer.content)} bytes, not {size}")
-        bare[label] = (process.url + "/stkpush/status", {"checkoutRequestId": "x"})
-        servers["bare " + label] = process
-    workers = {
-        "memory": "1 worker",
-        "SQLite": "several workers",
-        "Redis": "several workers",
-        LIMITED: "1 worker",
-        UNLOGGED: "1 worker",
-    }
-
-    order = [
-        ("bare 1 worker", bare["1 worker"]),
-        ("memory", targets["memory"]),
-        (LIMITED, targets[LIMITED]),
-        (UNLOGGED, targets[UNLOGGED]),
-        ("bare several workers", bare["several workers"]),
+    postgres_url, postgres_how = postgres_database(ctx)
+    stores = [
+        ("memory", "memory://", None),
+        ("SQLite", f"sqlite:///{scratch / 'payments.db'}", None),
+        ("Redis", redis_url, None if redis_url else redis_how),
+        ("PostgreSQL", postgres_url, None if postgres_url else postgres_how),
     ]
-    order += [(name, targets[name]) for name in ("SQLite", "Redis") if name in targets]
-    results: dict[str, list] = {name: [] for name, _ in order}  # per round: its deals together
-    cpu: dict[str, list] = {name: [] for name, _ in order}  # per round: worker CPU µs per answered poll
-    redealt: dict[str, list] = {name: [] for name, _ in order}  # per round: its lopsided seconds run again
-    first_draws: dict[str, list] = {name: [] for name, _ in order}  # per round: its deals as first drawn
-    stayed = 0  # lopsided seconds kept after REDEALS more tries
-    errors: dict[str, int] = {name: 0 for name, _ in order}  # over every second run
-    serving: dict[str, list] = {name: [] for name, _ in order}  # per round: workers that served each deal
-    if not ctx.quick:
-        for _name, (url, body) in order:  # warm up every worker and connection pool
-            load(url, body, 1, CONNECTIONS, scratch)
-    for round_number in range(rounds):
-        deals: dict[str, list] = {name: [] for name, _ in order}
-        for deal in range(DEALS):
-            for name, (url, body) in order:
-                ctx.log(f"polling: round {round_number + 1}/{rounds}, deal {deal + 1}/{DEALS}: {name}")
-                deals[name].append(_deal(servers[name], url, body, scratch))
-        for name, _ in order:
-            results[name].append(_together([result for result, _, _ in deals[name]]))
-            first_draws[name].append(
-                _together([redrawn[0] if redrawn else result for result, _, redrawn in deals[name]])
-            )
-            used = [shares for _, shares, _ in deals[name]]
-            redealt[name].append(sum(len(redrawn) for _, _, redrawn in deals[name]))
-            stayed += sum(_lopsided(shares) for _, shares, _ in deals[name])
-            errors[name] += sum(r.errors for result, _, redrawn in deals[name] for r in [result, *redrawn])
-            if all(used):
-                cpu[name].append(sum(map(sum, used)) / results[name][-1].ok * 1e6)
-                several = len(used[0]) > 1
-                serving[name].append(
-                    [sum(share >= SERVING * sum(shares) for share in shares) for shares in used] if several else None
-                )
-            else:
-                serving[name].append(None)
+    targets: dict[str, Target] = {}
+    answers: dict[str, requests.Response] = {}  # target name -> our server's answer to its poll
+    rows: list[Row] = []
+    diagnostics: list[Row] = []
 
-    def rps(name, rounds=results):
-        return median(r.rps for r in rounds[name])
+    def serve(name: str, store_url: str, app: str = "server:app", **settings) -> Process:
+        env = server_env(sim.url, store_url, free_port(), **DASHBOARD_ON, **KEEP_PENDING, **settings)
+        ctx.log(f"polling: starting {name}")
+        return start_gunicorn(ctx, env, app=app, name=name.replace(" ", "-").replace(",", ""))
 
-    rows = []
-    verdicts = []
-    as_drawn = []  # the several-worker ratios with the lopsided seconds counted
-    client_ok = results["memory"][0].tool == "wrk"
-    for name, _ in stores:
-        ceiling_name = "bare " + workers[name]
-        ours, ceiling = rps(name), rps(ceiling_name)
-        ratio = ours / ceiling if ours and ceiling else None
-        met = ratio is not None and ratio >= GOAL
-        drawn_text = ""
-        if workers[name] == "several workers":
-            ours_drawn, ceiling_drawn = rps(name, first_draws), rps(ceiling_name, first_draws)
-            drawn_text = _ratio_text(ours_drawn / ceiling_drawn if ours_drawn and ceiling_drawn else None)
-            as_drawn.append(f"{name} {drawn_text}")
-        # The Python generator saturates before the bare app does: its ratios say nothing.
-        verdict = ("yes" if met else "**no**") if client_ok else "unknown (no wrk)"
-        if name in DIAGNOSTICS:
-            verdict = "(not a goal)"
+    def add(name: str, process: Process, body: dict, pids=None) -> Target:
+        workers = len(gunicorn_workers(process))
+        serving = "node, 1 process" if pids else f"gunicorn, {workers} worker" + ("s" if workers > 1 else "")
+        targets[name] = Target(
+            name, process.url + "/stkpush/status", body, pids or (lambda: gunicorn_workers(process)), serving
+        )
+        return targets[name]
+
+    bare_of = {}  # store -> the bare app target under the same command
+    servers = {}  # store -> its server (rate limits on)
+    for store, store_url, missing in stores:
+        if missing:
+            ctx.log(f"!!! {store.upper()} POLLING NOT RUN: {missing} !!!")
+            for kind in (COMPLETED, PENDING):
+                rows.append(Row(f"{store}, {kind}", "", "", GOAL_BARE, skipped=missing))
+            continue
+        server = servers[store] = serve(f"{store} store", store_url, **LIMITS_ON)
+        for kind, body in _payments(server.url).items():
+            add(f"{store}, {kind}", server, body)
+            answers[f"{store}, {kind}"] = _answer(server.url, body, kind)
+        bare_of[store] = "bare app, " + targets[f"{store}, {COMPLETED}"].serving.removeprefix("gunicorn, ")
+        if bare_of[store] not in targets:
+            size = len(answers[f"{store}, {COMPLETED}"].content)
+            bare = serve(bare_of[store], store_url, app="bench.bare_app:app", BARE_BODY_BYTES=size)
+            add(bare_of[store], bare, {"checkoutRequestId": "x"})
+            _check_size(bare, size)
+        for kind in (COMPLETED, PENDING):
+            name = f"{store}, {kind}"
+            rows.append(Row(name, name, bare_of[store], GOAL_BARE, counted=name))
+
+    # Diagnostics: what the limiter costs (limits off), and one worker against one Node process.
+    memory_off = serve("memory store, rate limits off", "memory://", **LIMITS_OFF)
+    add("memory, rate limits off, completed", memory_off, {"checkoutRequestId": completed_payment(memory_off.url)})
+    diagnostics.append(
+        Row("memory, rate limits off, completed", "memory, rate limits off, completed", bare_of["memory"], None)
+    )
+    if redis_url:  # the Redis store's payments, seen by these servers too
+        redis_off = serve("Redis store, rate limits off", redis_url, **LIMITS_OFF)
+        add("Redis, rate limits off, completed", redis_off, targets[f"Redis, {COMPLETED}"].body)
+        redis_one = serve("Redis store, one worker", redis_url, WEB_CONCURRENCY=1, **LIMITS_ON)
+        add("Redis, one worker, completed", redis_one, targets[f"Redis, {COMPLETED}"].body)
+        diagnostics.append(
+            Row("Redis, rate limits off, completed", "Redis, rate limits off, completed", bare_of["Redis"], None)
+        )
+
+    # The Express anchor, seeded with the Redis store's answers (the same JSON for the same poll).
+    express_missing = None if redis_url else f"no Redis store to compare with ({redis_how})"
+    if redis_url:
+        redis_polls = {kind: targets[f"Redis, {kind}"].body for kind in (COMPLETED, PENDING)}
+        seed = {body["checkoutRequestId"]: answers[f"Redis, {kind}"].json() for kind, body in redis_polls.items()}
+        try:
+            express = start_express(ctx, seed)
+        except BenchError as error:
+            express_missing = str(error)
         else:
-            verdicts.append(f"{name} {_ratio_text(ratio)} ({verdict})")
+            for kind, body in redis_polls.items():
+                add(f"Express, {kind}", express, body, pids=lambda: [express.pid])
+                _check_same(express, servers["Redis"].url, body)
+            diagnostics.append(
+                Row("Redis, one worker, completed", "Redis, one worker, completed", f"Express, {COMPLETED}", None)
+            )
+    for kind in (COMPLETED, PENDING):
+        name = f"Redis, {kind}"
+        rows.append(Row(name, name, f"Express, {kind}", GOAL_EXPRESS, skipped=express_missing))
+    if express_missing:
+        ctx.log(f"!!! EXPRESS NOT RUN: {express_missing} !!!")
+
+    order = sorted(targets.values(), key=_position)
+    for target in order:  # warm up every worker, connection pool and JIT; not counted
+        target.run(1, scratch, counted=False)
+    for number in range(rounds):
+        ctx.log(f"polling: round {number + 1} of {rounds}")
+        for target in order if number % 2 == 0 else reversed(order):  # every other round backwards
+            target.run(seconds, scratch)
+
+    # Idle now; the counts below run on servers of their own.
+    ctx.stop(*(process for process in ctx.processes if process.name not in ("simulator", "redis")))
+    size = len(answers[f"memory, {COMPLETED}"].content)
+    counts, counts_text = _instructions(ctx, sim.url, redis_url, postgres_url, size, scratch)
+    client_ok = order[0].results[0].tool == "wrk"
+    for row in rows:
+        if row.goal is not None and not row.skipped:
+            ratio = _ratio(targets, row)
+            verdict = _verdict(targets, row, ratio) if client_ok else "unknown (no wrk)"
             ctx.summary.append(
                 [
-                    f"status polling, {name} store",
-                    f"≥ {GOAL} of the bare app",
-                    f"{_ratio_text(ratio)} ({fmt(ours)} vs {fmt(ceiling)} req/s"
-                    + (f"; {drawn_text} with lopsided seconds counted)" if drawn_text else ")"),
+                    f"status polling, {row.label}, rate limits on",
+                    f"≥ {row.goal} of the {_reference(row)}",
+                    f"{_ratio_text(ratio, row.goal)} ({fmt(targets[row.target].rps())} vs "
+                    f"{fmt(targets[row.against].rps())} req/s)" + _counted_text(counts, row),
                     verdict,
                 ]
             )
-        cpu_ours, cpu_ceiling = median(cpu[name]), median(cpu[ceiling_name])
-        cpu_text = (
-            f"{fmt(cpu_ours)} / {fmt(cpu_ceiling)} ({fmt(cpu_ceiling / cpu_ours, 2)})"
-            if cpu_ours and cpu_ceiling
-            else "—"
-        )
-        rows.append(
-            [
-                name,
-                _workers_text(workers[name]),
-                fmt(ours),
-                fmt(ceiling),
-                f"**{_ratio_text(ratio)}**",
-                verdict,
-                cpu_text,
-                f"{fmt(median(r.p50_ms for r in results[name]), 1)} / "
-                f"{fmt(median(r.p99_ms for r in results[name]), 1)}",
-                f"{fmt(median(r.p50_ms for r in results[ceiling_name]), 1)} / "
-                f"{fmt(median(r.p99_ms for r in results[ceiling_name]), 1)}",
-                errors[name],
-            ]
-        )
-    if not redis_url:
-        rows.append(["Redis", "—", "**skipped**", "", "", "", "", "", "", redis_how])
+        elif row.skipped:
+            ctx.summary.append(
+                [f"status polling, {row.label}", f"≥ {row.goal} of the {_reference(row)}", "not run", "—"]
+            )
 
-    tool = results["memory"][0].tool
-    runs_text = "; ".join(
-        f"{name}: "
-        + ", ".join(
-            _run_text(r.rps, again, served)
-            for r, again, served in zip(results[name], redealt[name], serving[name], strict=True)
-        )
-        for name, _ in order
-    )
-    several = [name for name, _ in order if any(serving[name])]
-    seconds_kept = sum(len(deals) for name in several for deals in serving[name] if deals)
-    run_again = sum(sum(redealt[name]) for name in several)
     lines = [
         "## 1. Status polling throughput",
         "",
-        f"`POST /stkpush/status` for a completed payment, {CONNECTIONS} keep-alive connections, "
-        f"median of {rounds} round(s); a round runs every target {DEALS} times for 1 s, interleaved "
-        "(new connections each time), and counts the polls over its seconds; load from "
-        + (
-            "`wrk` (1 thread, a Lua script for the POST body)"
-            if tool == "wrk"
-            else "the Python generator (threads with pooled sessions; **wrk is not installed**, "
-            "so the client, not the server, may be the limit)"
-        )
-        + ". "
-        "Servers: `gunicorn -c gunicorn.conf.py server:app` with the dashboard on (`ADMIN_TOKEN` set) "
-        "and `RATELIMIT_ENABLED=false` (the row "
-        f"*{LIMITED}*: `RATELIMIT_ENABLED=true` with `RATE_LIMIT_STATUS_PER_IP` set out of reach, "
-        "so every poll pays Flask-Limiter's check and count as in production; the row "
-        f"*{UNLOGGED}*: the `server` logger raised to WARNING by a `sitecustomize.py` on "
-        "`PYTHONPATH`, a diagnostic of what the one log line per request costs, not a setting); ceiling: "
-        "`gunicorn -c gunicorn.conf.py bench.bare_app:app` (same workers and threads, "
-        f"a JSON body of the same {size} bytes). Both bound to 127.0.0.1.",
+        *_method(rounds, seconds, answers, targets),
         "",
-        table(
-            [
-                "store",
-                "gunicorn",
-                "server req/s",
-                "bare app req/s",
-                "ratio",
-                f"≥ {GOAL}",
-                "CPU µs per poll, server / bare (bare ÷ server)",
-                "server p50 / p99 ms",
-                "bare p50 / p99 ms",
-                "errors",
-            ],
-            rows,
-        ),
+        "### Goals",
         "",
-        f"Goal: ratio ≥ {GOAL}. Result: " + ", ".join(verdicts) + ".",
+        _ratio_table(targets, rows, counts, rounds, client_ok),
         "",
-        "CPU per poll: the gunicorn workers' CPU time (user + system, from `/proc`) over each round, "
-        "divided by the polls answered, median over the rounds. Latencies: the median of every "
-        "second's figures. CPU per poll varies less from run to run than "
-        "requests per second, which also depend on how the machine shares its cores between the "
-        "load generator and the server at that moment. Most of it is gunicorn's own work, which both "
-        "apps pay.",
+        "### Diagnostics",
         "",
-        "Every round (req/s; with several workers, how many of them served the polls in each of its "
-        f"seconds, each using at least {SERVING:.0%} of the workers' CPU time): {runs_text}.",
+        "Not goals: the same polls with rate limits off (what the limiter costs), and one gunicorn "
+        "worker against the one Node process.",
         "",
-        "gunicorn's workers share one listening socket and race to accept the connections `wrk` opens "
-        f"at once, so each `wrk` run deals a several-worker server's {CONNECTIONS} connections out anew, "
-        f"to one worker or to all {_several_workers()}. How many serve moves the rate more than "
-        "anything else in a second (on 2 cores: one worker alone is held to one core by its GIL, two "
-        "use both cores, more switch between processes more), and both apps draw from the same "
-        f"lottery: each round takes {DEALS} draws, so that one draw moves a round less. In a lopsided "
-        f"second one of the workers used at least {LOPSIDED:.0%} of the workers' CPU time and served "
-        "the polls alone, at about half the usual rate: that measures the race to accept, not what a "
-        f"poll costs, so it is run again, up to {REDEALS} times, for the bare app and the server alike. "
-        f"Seconds run again: {run_again} ("
-        + ", ".join(f"{name} {sum(redealt[name])}" for name in several)
-        + f"), for {seconds_kept} kept; lopsided still after {REDEALS} more tries, and counted: {stayed}. "
-        "The ratios with the lopsided seconds counted, each second as first drawn: "
-        + (", ".join(as_drawn) or "—")
-        + ".",
+        _ratio_table(targets, diagnostics, counts, rounds, client_ok),
+        "",
+        "### Every target",
+        "",
+        _targets_table(order),
+        "",
+        "CPU per poll: the CPU time (user + system, from `/proc`) of the target's workers (or of the "
+        "Node process) during the round, over the polls answered; the median over the rounds. "
+        "Latencies: the median over the rounds of `wrk`'s figures.",
     ]
     if redis_url:
         from redis.utils import HIREDIS_AVAILABLE
 
         parser = "hiredis" if HIREDIS_AVAILABLE else "redis-py's Python parser (hiredis missing)"
         lines += ["", f"Redis: {redis_how}; answers read by {parser}."]
+    if postgres_url:
+        lines += ["", f"PostgreSQL: {postgres_how}, dropped afterwards."]
     if not wrk_path():
         lines += ["", "!!! wrk was not installed: `scripts/ensure-packages.sh wrk` installs it (root or sudo). !!!"]
-    if len(set(bodies.values())) > 1:
-        lines += ["", f"Note: answer sizes differ between stores: {bodies}."]
-    for name in list(servers):  # idle now; the counts below run on servers of their own
-        ctx.stop(servers.pop(name))
-    lines += ["", _instructions(ctx, sim.url, redis_url, size, scratch)]
+    lines += ["", counts_text]
     return "\n".join(lines)
 
 
-def _instructions(ctx: Context, simulator_url: str, redis_url: str | None, size: int, scratch) -> str:
+def _payments(server_url: str) -> dict[str, dict]:
+    """A completed and a pending payment on the server: the poll body for each."""
+    return {
+        COMPLETED: {"checkoutRequestId": completed_payment(server_url)},
+        PENDING: {"checkoutRequestId": pending_payment(server_url, f"25479800{next(_phones):04d}")},
+    }
+
+
+def _answer(server_url: str, body: dict, kind: str) -> requests.Response:
+    answer = requests.post(server_url + "/stkpush/status", json=body, timeout=10)
+    if answer.status_code != 200 or answer.json().get("status") != kind:
+        raise BenchError(f"the {kind} poll answered {answer.status_code} {answer.text[:200]}")
+    return answer
+
+
+def _check_size(bare: Process, size: int) -> None:
+    answer = requests.post(bare.url + "/stkpush/status", json={"checkoutRequestId": "x"}, timeout=10)
+    if len(answer.content) != size:
+        raise BenchError(f"the bare app answered {len(answer.content)} bytes, not {size}")
+
+
+def _check_same(express: Process, server_url: str, body: dict) -> None:
+    """The Express server answers the poll with the JSON text our server gives now (Flask adds a newline)."""
+    answer = requests.post(express.url + "/stkpush/status", json=body, timeout=10)
+    ours = requests.post(server_url + "/stkpush/status", json=body, timeout=10)
+    if answer.status_code != 200 or answer.text.strip() != ours.text.strip():
+        raise BenchError(f"the Express server answered {answer.status_code} {answer.text[:300]}, not {ours.text[:300]}")
+
+
+def _position(target: Target) -> int:
+    """Rounds run the targets in this order (a stable sort: as added within a group)."""
+    groups = ["bare app, 1 worker", "memory", "bare app", "SQLite", "PostgreSQL", "Redis", "Express"]
+    return next(i for i, prefix in enumerate(groups) if target.name.startswith(prefix))
+
+
+def _ratios(targets: dict[str, Target], row: Row) -> list[float]:
+    ours, theirs = targets[row.target].results, targets[row.against].results
+    return [a.rps / b.rps for a, b in zip(ours, theirs, strict=True) if b.rps]
+
+
+def _ratio(targets: dict[str, Target], row: Row) -> float | None:
+    return median(_ratios(targets, row))
+
+
+def _verdict(targets: dict[str, Target], row: Row, ratio: float | None) -> str:
+    if targets[row.target].errors() or targets[row.against].errors():
+        return "**no** (errors)"
+    return "yes" if ratio is not None and row.goal is not None and ratio >= row.goal else "**no**"
+
+
+def _reference(row: Row) -> str:
+    return "Express server" if row.against.startswith("Express") else "bare app"
+
+
+def _counted_text(counts: dict[str, float], row: Row) -> str:
+    if row.counted in counts and "bare app" in counts:
+        return f"; counted {fmt(counts['bare app'] / counts[row.counted], 3)}"
+    return ""
+
+
+def _ratio_table(targets: dict[str, Target], rows: list[Row], counts: dict[str, float], rounds, client_ok) -> str:
+    lines = []
+    for row in rows:
+        if row.skipped:
+            lines.append([row.label, _reference(row), "**not run**", "", "", "", "", "", row.skipped])
+            continue
+        ratios = _ratios(targets, row)
+        ratio = median(ratios)
+        goal = f"≥ {row.goal}" if row.goal is not None else "diagnostic"
+        verdict = "—" if row.goal is None else _verdict(targets, row, ratio) if client_ok else "unknown (no wrk)"
+        counted = (
+            fmt(counts["bare app"] / counts[row.counted], 3)
+            if row.counted in counts and "bare app" in counts and row.against.startswith("bare")
+            else "—"
+        )
+        cpu_ours, cpu_theirs = median(targets[row.target].cpu), median(targets[row.against].cpu)
+        lines.append(
+            [
+                row.label,
+                row.against,
+                f"**{_ratio_text(ratio, row.goal)}** ({fmt(min(ratios, default=None), 2)} – "
+                f"{fmt(max(ratios, default=None), 2)})",
+                goal,
+                verdict,
+                f"{fmt(targets[row.target].rps())} / {fmt(targets[row.against].rps())}",
+                fmt(cpu_theirs / cpu_ours, 2) if cpu_ours and cpu_theirs else "—",
+                counted,
+                targets[row.target].errors() + targets[row.against].errors(),
+            ]
+        )
+    header = [
+        "poll",
+        "against",
+        f"ratio: median of {rounds} rounds (lowest – highest)",
+        "goal",
+        "met",
+        "req/s: poll / against",
+        "CPU per poll: against ÷ poll",
+        "counted: bare ÷ server instructions",
+        "errors",
+    ]
+    return table(header, lines)
+
+
+def _targets_table(order: list[Target]) -> str:
+    rows = [
+        [
+            target.name,
+            target.serving,
+            fmt(target.rps()),
+            ", ".join(fmt(r.rps) for r in target.results),
+            fmt(median(target.cpu)),
+            f"{fmt(median(r.p50_ms for r in target.results), 1)} / {fmt(median(r.p99_ms for r in target.results), 1)}",
+            target.errors(),
+        ]
+        for target in order
+    ]
+    return table(["target", "served by", "req/s", "every round", "CPU µs per poll", "p50 / p99 ms", "errors"], rows)
+
+
+def _method(rounds: int, seconds: int, answers: dict[str, requests.Response], targets: dict[str, Target]) -> list[str]:
+    completed = answers.get(f"memory, {COMPLETED}")
+    pending = answers.get(f"memory, {PENDING}")
+    sizes = f" ({len(completed.content)} and {len(pending.content)} bytes of JSON)" if completed and pending else ""
+    express = "Express, completed" in targets
+    return [
+        "`POST /stkpush/status` in production configuration: every server runs the `Procfile`'s web "
+        "command as the benchmark can reproduce it, `PROMETHEUS_MULTIPROC_DIR=<a new folder> gunicorn "
+        "-c gunicorn.conf.py server:app` with `--bind 127.0.0.1:<port>` added, the workers "
+        "`gunicorn.conf.py` picks for the store. Rate limits are on (`RATELIMIT_ENABLED=true`) with "
+        "the status limit out of reach (`RATE_LIMIT_STATUS_PER_IP=1000000/second`), so every poll "
+        "pays the limiter's check and count and none is refused; the limiter keeps its counters "
+        "where the server puts them for its store. The dashboard is on (`ADMIN_TOKEN` set). Each "
+        "store's server is polled for a completed payment and for a pending one" + sizes + ": the "
+        "pending payment was pushed to a number the simulator leaves to its handset, which nobody "
+        "answers, and `TRANSACTION_TTL=3600` keeps it pending through the run; the STK Query "
+        "throttle works as in production (`STATUS_FIRST_QUERY_AFTER` and `STATUS_QUERY_INTERVAL` "
+        "at their defaults), so now and then a poll asks the simulator, which answers that the "
+        "payment is still being processed.",
+        "",
+        "References: the bare Flask app (`bench/bare_app.py`: reads the JSON body, answers a "
+        "completed-payment body of the same size; no store, limiter or log line) under the same "
+        "command and workers, `bench.bare_app:app` in place of `server:app`; and "
+        + (
+            "an Express server (`bench/express/`: Express 4 with `cors()` and `express.json()`, one "
+            "Node process, the payments in a `Map`), seeded with the Redis store server's answers "
+            "and checked to answer each poll with the same JSON text (Flask's body alone ends with a newline)."
+            if express
+            else "an Express server (`bench/express/`), **not run** this time (see the goals)."
+        ),
+        "",
+        f"The protocol: {rounds} rounds, after one uncounted warm-up run of every target. A round "
+        "runs every target once, in a fixed order (the table of targets below; every other round "
+        "backwards, so that no target always follows the same one): "
+        f"`wrk -t{THREADS} -c{CONNECTIONS} -d{seconds}s` (a Lua script for the POST body), new "
+        "connections for every run. A row's ratio is the median of its per-round ratios: the "
+        "target's polls per second over its reference's in the same round, so that what the machine "
+        "does meanwhile (other work on its cores, how gunicorn's workers happened to share the "
+        "connections of one run) reaches both sides alike and one odd round does not move the "
+        "result. The lowest and highest per-round ratios are shown beside it. Every answer must be "
+        "a 200: a goal with errors counts as not met. Beside the ratio stand two steadier figures: "
+        "the CPU time a poll costs the reference over what it costs the target (the median per "
+        "round of each, from `/proc`; it moves less with the machine's load than polls per second "
+        "do), and the instruction count (below): the share of the bare app's speed the server "
+        "would reach if user-space instructions were all a poll cost, which the machine's load "
+        "does not move.",
+    ]
+
+
+def _instructions(
+    ctx: Context, simulator_url: str, redis_url: str | None, postgres_url: str | None, size: int, scratch: Path
+) -> tuple[dict[str, float], str]:
     """Instructions per poll in one worker, counted by callgrind: the ratio without the machine's noise."""
-    polls = 300 if ctx.quick else 1000
+    polls = 300
     if callgrind_tools() is None:
-        return (
+        return {}, (
             "### Instructions per poll\n\n!!! valgrind is not installed, so the instructions per poll "
             "were not counted: `scripts/ensure-packages.sh valgrind` installs it. !!!"
         )
     ctx.log("polling: counting instructions per poll, bare app")
-    counts = {
-        "bare app": instructions_per_request(
-            ctx,
-            server_env(simulator_url, "memory://", free_port(), BARE_BODY_BYTES=size),
-            "bench.bare_app:app",
-            "/stkpush/status",
-            {"checkoutRequestId": "x"},
-            polls,
-        )
-    }
-    counts.update(_server_counts(ctx, simulator_url, redis_url, polls, scratch / "callgrind"))
+    counts = instructions_per_request(
+        ctx,
+        server_env(simulator_url, "memory://", free_port(), BARE_BODY_BYTES=size),
+        "bench.bare_app:app",
+        "/stkpush/status",
+        lambda url: {"bare app": {"checkoutRequestId": "x"}},
+        polls,
+    )
+    counts.update(_server_counts(ctx, simulator_url, redis_url, postgres_url, polls, scratch / "callgrind"))
     ceiling = counts["bare app"]
     rows = [
         [
@@ -345,50 +472,52 @@ def _instructions(ctx: Context, simulator_url: str, redis_url: str | None, size:
     lines = [
         "### Instructions per poll",
         "",
-        f"The same polls counted instead of timed: valgrind's callgrind counts the machine instructions "
-        f"the server's processes execute (gunicorn, one worker with its 8 threads) over {polls:,} polls "
-        "from 4 keep-alive connections, after 200 to warm up. SQLite and Redis run as they do with "
-        "several workers (prometheus-client's multiprocess files), in one worker so that the count "
-        "repeats. Only user space is counted; the kernel's work (system calls, scheduling), about the "
-        "same per poll for both apps, is not. The count does not depend on what else the machine is "
-        "doing and repeats to within about half a percent, where the ratios above move with the "
-        "machine's load from run to run.",
+        f"The same polls counted instead of timed: valgrind's callgrind counts the machine "
+        f"instructions the server's processes execute (the same command and settings, rate limits on, "
+        f"with one worker so that the count repeats) over {polls:,} polls from 4 keep-alive "
+        "connections, after 100 to warm up. The polls of a pending payment are counted without the "
+        "STK Query they send Daraja now and then (`STATUS_FIRST_QUERY_AFTER=3600` for the count): at "
+        "full speed one query per `STATUS_QUERY_INTERVAL` is spread over thousands of polls, under "
+        "callgrind over a hundred or so, and whether one fell in a count would be chance. "
+        "Only user space is counted; the kernel's work (system "
+        "calls, scheduling), about the same per poll for both apps, is not. The count does not depend "
+        "on what else the machine is doing and repeats to within about one percent.",
         "",
-        table(["app", "instructions per poll", "above the bare app", "bare ÷ app"], rows),
-        "",
-        "A ratio here is the share of the bare app's speed the server would reach if both spent all "
-        "their time in user space; the kernel's equal share per poll moves the throughput ratio "
-        "closer to 1.",
+        table(["poll", "instructions per poll", "above the bare app", "bare ÷ poll"], rows),
     ]
     if ctx.baseline:
-        lines += ["", _baseline(ctx, ctx.baseline, simulator_url, redis_url, polls, scratch, counts)]
-    return "\n".join(lines)
+        lines += ["", _baseline(ctx, ctx.baseline, simulator_url, redis_url, postgres_url, polls, scratch, counts)]
+    return counts, "\n".join(lines)
 
 
 def _server_counts(
-    ctx: Context, simulator_url: str, redis_url: str | None, polls: int, scratch: Path, cwd: Path = ROOT
+    ctx: Context,
+    simulator_url: str,
+    redis_url: str | None,
+    postgres_url: str | None,
+    polls: int,
+    scratch: Path,
+    cwd: Path = ROOT,
 ) -> dict[str, float]:
-    """Instructions per poll of the server started in cwd, per store, its files in scratch."""
-    multiprocess = scratch / "metrics"
-    multiprocess.mkdir(parents=True, exist_ok=True)
-    # As with several workers: prometheus-client's multiprocess files, SQLite or Redis shared.
-    several = {"WEB_CONCURRENCY": 1, "PROMETHEUS_MULTIPROC_DIR": multiprocess}
-    stores = [("memory", "memory://", {}), ("SQLite", f"sqlite:///{scratch / 'payments.db'}", several)]
-    if redis_url:
-        stores.append(("Redis", redis_url, several))
+    """Instructions per poll, completed and pending, of the server started in cwd, per store."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    stores = [("memory", "memory://"), ("SQLite", f"sqlite:///{scratch / 'payments.db'}")]
+    stores += [("Redis", redis_url)] if redis_url else []
+    stores += [("PostgreSQL", postgres_url)] if postgres_url else []
     counts = {}
-    for name, store_url, settings in stores:
+    for name, store_url in stores:
         ctx.log(f"polling: counting instructions per poll, {name}" + ("" if cwd == ROOT else f" at {ctx.baseline}"))
-        counts[name] = instructions_per_request(
+        settings = {"WEB_CONCURRENCY": 1, **DASHBOARD_ON, **KEEP_PENDING, **LIMITS_ON, **NO_QUERIES}
+        found = instructions_per_request(
             ctx,
-            server_env(simulator_url, store_url, free_port(), **DASHBOARD_ON, **settings),
+            server_env(simulator_url, store_url, free_port(), **settings),
             "server:app",
             "/stkpush/status",
-            {"checkoutRequestId": "x"},
+            _payments,
             polls,
-            prepare=lambda url: {"checkoutRequestId": completed_payment(url)},
             cwd=cwd,
         )
+        counts.update({f"{name}, {kind}": count for kind, count in found.items()})
     return counts
 
 
@@ -397,6 +526,7 @@ def _baseline(
     revision: str,
     simulator_url: str,
     redis_url: str | None,
+    postgres_url: str | None,
     polls: int,
     scratch: Path,
     now: dict[str, float],
@@ -406,88 +536,32 @@ def _baseline(
     label = revision if short.startswith(revision) else f"{revision} ({short})"
     try:
         with checkout(ctx, revision) as tree:
-            before = _server_counts(ctx, simulator_url, redis_url, polls, scratch / "callgrind-baseline", cwd=tree)
+            before = _server_counts(
+                ctx, simulator_url, redis_url, postgres_url, polls, scratch / "callgrind-baseline", cwd=tree
+            )
     except BenchError as error:  # the counts above still stand
         return f"**Not counted at `{label}` (`--baseline`):** {error}"
-    rows = [[name, fmt(count), fmt(now[name]), f"{(now[name] - count) / count:+.1%}"] for name, count in before.items()]
+    rows = [
+        [name, fmt(count), fmt(now[name]), f"{(now[name] - count) / count:+.1%}"]
+        for name, count in before.items()
+        if name in now
+    ]
     return "\n".join(
         [
             f"Against `{label}` (`--baseline`): its server code, checked out in a scratch git worktree and "
-            "started from there (its own `gunicorn -c gunicorn.conf.py server:app`), counted in this run "
-            "with the same Python, simulator, settings and polls as the rows above.",
+            "started from there (its own `Procfile` command), counted in this run with the same Python, "
+            "simulator, settings and polls as the rows above.",
             "",
-            table(["store", f"at {label}", "now", "change"], rows),
+            table(["poll", f"at {label}", "now", "change"], rows),
             "",
-            "The count's own spread is about half a percent over 1,000 polls and about one percent over "
-            "`--quick`'s 300 (the same code counted twice: up to 0.8 %); a smaller change is noise.",
+            f"The count's own spread over {polls:,} polls is about one percent (the same code counted twice: "
+            "up to 0.8 %); a smaller change is noise.",
         ]
     )
 
 
-def _deal(server, url: str, body: dict, scratch) -> tuple[LoadResult, list[float] | None, list[LoadResult]]:
-    """One second of wrk, run again while it comes out lopsided (up to REDEALS times): the second
-    kept, the CPU seconds each worker used in it, and the lopsided seconds run again."""
-    redrawn = []
-    while True:
-        result, used = _second(server, url, body, scratch)
-        if not _lopsided(used) or len(redrawn) == REDEALS:
-            return result, used, redrawn
-        redrawn.append(result)
-
-
-def _lopsided(used: list[float] | None) -> bool:
-    """One of several workers used LOPSIDED of their CPU time: it took every connection."""
-    return used is not None and len(used) > 1 and max(used) >= LOPSIDED * sum(used)
-
-
-def _second(server, url: str, body: dict, scratch) -> tuple[LoadResult, list[float] | None]:
-    """One second of wrk: its result, and the CPU seconds each worker used (None if /proc did not tell)."""
-    workers = gunicorn_workers(server)  # asked each time: all of them are up by now
-    before = [cpu_seconds([pid]) for pid in workers]
-    result = load(url, body, 1, CONNECTIONS, scratch)
-    after = [cpu_seconds([pid]) for pid in workers]
-    used = [end - start for start, end in zip(before, after, strict=True) if start is not None and end is not None]
-    return result, (used if used and len(used) == len(workers) and result.ok else None)
-
-
-def _together(runs: list[LoadResult]) -> LoadResult:
-    """A round's deals as one run: polls over their seconds; latencies, the deals' median."""
-    seconds, ok = sum(r.seconds for r in runs), sum(r.ok for r in runs)
-    return LoadResult(
-        runs[0].tool,
-        seconds,
-        sum(r.requests for r in runs),
-        ok,
-        sum(r.errors for r in runs),
-        ok / seconds if seconds else 0.0,
-        median(r.p50_ms for r in runs),
-        median(r.p99_ms for r in runs),
-    )
-
-
-def _run_text(rps: float, run_again: int, serving: list[int] | None) -> str:
-    """A round: '2,725 (4, 3, 5 workers; 1 run again)', the workers serving each second it kept,
-    and the lopsided seconds it ran again."""
-    notes = (
-        [", ".join(map(str, serving)) + (" worker" if serving == [1] else " workers")] if serving is not None else []
-    ) + ([f"{run_again} run again"] if run_again else [])
-    return fmt(rps) + (f" ({'; '.join(notes)})" if notes else "")
-
-
-def _ratio_text(ratio: float | None) -> str:
+def _ratio_text(ratio: float | None, goal: float | None) -> str:
     """Two decimals, or three where two would round across the goal (0.899 is not 0.90)."""
-    if ratio is not None and (round(ratio, 2) >= GOAL) != (ratio >= GOAL):
+    if ratio is not None and goal is not None and (round(ratio, 2) >= goal) != (ratio >= goal):
         return fmt(ratio, 3)
     return fmt(ratio, 2)
-
-
-def _several_workers() -> int:
-    import multiprocessing
-
-    return multiprocessing.cpu_count() * 2 + 1  # gunicorn.conf.py's default for SQLite and Redis
-
-
-def _workers_text(kind: str) -> str:
-    if kind == "1 worker":
-        return "1 worker × 8 threads"
-    return f"{_several_workers()} workers × 8 threads"

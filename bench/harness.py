@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -119,6 +121,7 @@ class Context:
     workdir: Path | None = None
     processes: list[Process] = field(default_factory=list)
     summary: list = field(default_factory=list)  # [benchmark, goal, result, met?] for the top table
+    cleanups: list = field(default_factory=list)  # called after the processes stop, last first
     _own_workdir: bool = False
 
     def __enter__(self) -> Context:
@@ -129,6 +132,8 @@ class Context:
 
     def __exit__(self, *exc) -> None:
         self.stop_all()
+        while self.cleanups:
+            self.cleanups.pop()()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -160,10 +165,13 @@ class Context:
             process.wait_ready(ready_url, timeout)
         return process
 
-    def stop(self, process: Process) -> None:
-        process.stop()
-        if process in self.processes:
-            self.processes.remove(process)
+    def stop(self, *processes: Process) -> None:
+        """Stop these processes, all at once (a gunicorn takes seconds to shut down gracefully)."""
+        with ThreadPoolExecutor(max(1, len(processes))) as pool:
+            list(pool.map(Process.stop, processes))
+        for process in processes:
+            if process in self.processes:
+                self.processes.remove(process)
 
     def stop_all(self) -> None:
         while self.processes:
@@ -300,15 +308,49 @@ def start_simulator(
     return process
 
 
+def procfile_web(root: Path = ROOT) -> tuple[dict[str, str], list[str]]:
+    """The Procfile's web command: the settings it assigns before the command, and gunicorn's
+    arguments, e.g. ({"PROMETHEUS_MULTIPROC_DIR": "$(mktemp -d)"}, ["-c", "gunicorn.conf.py", "server:app"])."""
+    lines = [line for line in (root / "Procfile").read_text().splitlines() if line.startswith("web:")]
+    if not lines:
+        raise BenchError("the Procfile has no web: line")
+    words = shlex.split(lines[0].removeprefix("web:"))
+    settings = {}
+    while words and re.fullmatch(r"[A-Za-z_]\w*=.*", words[0]):
+        name, _, value = words.pop(0).partition("=")
+        settings[name] = value
+    if not words or words[0] != "gunicorn" or "server:app" not in words:
+        raise BenchError(f"the Procfile's web command is not `gunicorn ... server:app`: {lines[0]}")
+    return settings, words[1:]
+
+
+def procfile_command(ctx: Context, env: dict, app: str = "server:app", root: Path = ROOT) -> tuple[list[str], dict]:
+    """The Procfile's web command and environment for `app`, bound to loopback only: gunicorn
+    from this Python, the Procfile's settings as it makes them (`$(mktemp -d)`: a fresh folder)."""
+    settings, arguments = procfile_web(root)
+    env = dict(env)
+    for name, value in settings.items():
+        if value == "$(mktemp -d)":
+            env[name] = str(ctx.scratch(f"{name.lower()}-{secrets.token_hex(4)}"))
+        elif "$" in value or "`" in value:
+            raise BenchError(f"the Procfile sets {name}={value}, which the benchmark cannot make")
+        else:
+            env[name] = value
+    arguments = [app if word == "server:app" else word for word in arguments]
+    return [PYTHON, "-m", "gunicorn", "--bind", f"{LOCAL}:{env['PORT']}", *arguments], env
+
+
 def start_gunicorn(ctx: Context, env: dict, app: str = "server:app", name: str = "server") -> Process:
-    """The Procfile's `gunicorn -c gunicorn.conf.py <app>`, bound to loopback only; with several
-    workers (a SQLite or Redis store) in a fresh metrics directory, as the Procfile gives it."""
+    """The Procfile's web command (procfile_command) serving app, on loopback port env["PORT"];
+    returns once every worker the settings ask for is up."""
+    from config import load_settings
+
+    command, env = procfile_command(ctx, env, app)
     port = int(env["PORT"])
-    if not env.get("STORE_URL", "memory://").startswith("memory:") and "PROMETHEUS_MULTIPROC_DIR" not in env:
-        env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(ctx.scratch(f"metrics-{name}-{port}"))}
-    command = [PYTHON, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"{LOCAL}:{port}", app]
     process = ctx.start(name, command, env, ready_url=f"http://{LOCAL}:{port}/health", timeout=60)
     process.url = f"http://{LOCAL}:{port}"
+    workers = load_settings(env).workers
+    wait_until(lambda: len(gunicorn_workers(process)) >= workers, timeout=60)
     return process
 
 
@@ -436,6 +478,94 @@ def completed_payment(server_url: str, phone: str = "254700000000") -> str:
         timeout=20,
     )
     return checkout_id
+
+
+def pending_payment(server_url: str, phone: str) -> str:
+    """Push to a number that waits for the simulated handset (which nobody answers); return its id."""
+    answer = requests.post(
+        server_url + "/stkpush",
+        json={"phone": phone, "amount": 100, "accountReference": "BENCH-2", "description": "Benchmark"},
+        timeout=30,
+    )
+    if answer.status_code != 200:
+        raise BenchError(f"push for the pending payment failed: {answer.status_code} {answer.text[:300]}")
+    checkout_id = answer.json()["checkoutRequestId"]
+    polled = requests.post(server_url + "/stkpush/status", json={"checkoutRequestId": checkout_id}, timeout=10)
+    if polled.status_code != 200 or polled.json().get("status") != "pending":
+        raise BenchError(f"the new payment is not pending: {polled.status_code} {polled.text[:300]}")
+    return checkout_id
+
+
+EXPRESS_DIR = ROOT / "bench" / "express"
+
+
+def express_ready(ctx: Context) -> str | None:
+    """Install bench/express/'s pinned packages (`npm ci`) unless they are there; None when the
+    Express server can run, else why not."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        return "node and npm are not installed (`scripts/ensure-packages.sh npm` installs them)"
+    installed = EXPRESS_DIR / "node_modules" / ".package-lock.json"  # written by npm ci
+    lock = EXPRESS_DIR / "package-lock.json"
+    if installed.exists() and installed.stat().st_mtime >= lock.stat().st_mtime:
+        return None
+    ctx.log("installing bench/express/'s packages (npm ci)")
+    try:
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=EXPRESS_DIR, capture_output=True, text=True, timeout=300
+        )
+    except subprocess.TimeoutExpired:
+        return "npm ci did not finish within 300 s"
+    return None if done.returncode == 0 else f"npm ci failed: {(done.stderr or done.stdout).strip()[-500:]}"
+
+
+def start_express(ctx: Context, answers: dict[str, dict], name: str = "express") -> Process:
+    """bench/express/server.js (one Node process) answering each poll body's checkoutRequestId
+    with the answer given for it."""
+    problem = express_ready(ctx)
+    if problem:
+        raise BenchError(problem)
+    port = free_port()
+    seed = ctx.workdir / f"express-{port}.json"
+    seed.write_text(json.dumps(answers))
+    command = [shutil.which("node") or "node", "server.js", str(port), str(seed)]
+    process = ctx.start(name, command, ready_url=f"http://{LOCAL}:{port}/health", cwd=EXPRESS_DIR)
+    process.url = f"http://{LOCAL}:{port}"
+    return process
+
+
+POSTGRES_ADMIN_URL = f"postgresql://postgres@{LOCAL}:5432/postgres"
+
+
+def postgres_database(ctx: Context) -> tuple[str | None, str]:
+    """A throwaway database on the PostgreSQL at 127.0.0.1:5432, dropped when the context closes:
+    (url, how) or (None, why not)."""
+    import store
+
+    try:
+        store.check_url("postgresql://localhost/x")
+    except ValueError as error:
+        return None, f"this code has no PostgreSQL store ({error})"
+    try:
+        import psycopg
+    except ImportError:
+        return None, "psycopg is not installed"
+    name = f"bench_{secrets.token_hex(6)}"
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
+            admin.execute(f"CREATE DATABASE {name}")
+    except psycopg.Error as error:
+        return None, f"no PostgreSQL answers at {LOCAL}:5432 as user postgres ({str(error).strip()[:200]})"
+
+    def drop() -> None:
+        with (
+            suppress(psycopg.Error),  # the server went away: nothing left to drop
+            psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin,
+        ):
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    ctx.cleanups.append(drop)
+    return f"postgresql://postgres@{LOCAL}:5432/{name}", "throwaway database on the PostgreSQL at port 5432"
 
 
 @dataclass
@@ -579,10 +709,10 @@ def run_python_load(
     )
 
 
-def load(url: str, body: dict, seconds: float, connections: int, workdir: Path) -> LoadResult:
-    """wrk when installed, else the Python generator."""
+def load(url: str, body: dict, seconds: float, connections: int, workdir: Path, threads: int = 1) -> LoadResult:
+    """wrk (with `threads` threads) when installed, else the Python generator."""
     if wrk_path():
-        return run_wrk(url, body, seconds, connections, workdir)
+        return run_wrk(url, body, seconds, connections, workdir, threads)
     return run_python_load(url, body, seconds, connections)
 
 
@@ -722,22 +852,22 @@ def instructions_per_request(
     env: dict,
     app: str,
     path: str,
-    body: dict,
+    prepare,
     requests_counted: int,
-    prepare=None,
-    warm_up: int = 200,
+    warm_up: int = 100,
     connections: int = 4,
     cwd: Path = ROOT,
-) -> float:
+) -> dict[str, float]:
     """Machine instructions a gunicorn server executes per POST, counted by valgrind's callgrind.
 
-    The server (`gunicorn -c gunicorn.conf.py app`, every process under callgrind, counting
-    off until the load starts) gets `warm_up` requests, then `requests_counted` more from
-    `connections` keep-alive connections while its processes count. prepare(url), when given,
-    runs first and returns the body to send. The server starts in `cwd`, so gunicorn.conf.py and
-    the app are that tree's (another revision's checkout, say). User-space instructions only:
-    the kernel's work (system calls, scheduling) is not counted. The count does not depend on
-    what else the machine is doing, and repeats to within about half a percent.
+    The server (the Procfile's web command serving app, every process under callgrind,
+    counting off until the load starts) is started, prepare(url) returns the bodies to count
+    ({label: body}), and each body in turn gets `warm_up` requests, then `requests_counted`
+    more from `connections` keep-alive connections while the processes count. The server
+    starts in `cwd`, so the Procfile, gunicorn.conf.py and the app are that tree's (another
+    revision's checkout, say). User-space instructions only: the kernel's work (system calls,
+    scheduling) is not counted. The count does not depend on what else the machine is doing,
+    and repeats to within about one percent over a few hundred requests.
     """
     import http.client
 
@@ -747,67 +877,65 @@ def instructions_per_request(
     valgrind, control = tools
     port = int(env["PORT"])
     out = ctx.scratch(f"callgrind-{port}")
+    command, env = procfile_command(ctx, env, app, root=cwd)
     command = [
         valgrind,
         "--tool=callgrind",
         "--trace-children=yes",
         "--instr-atstart=no",
         f"--callgrind-out-file={out}/callgrind.%p",
-        PYTHON,
-        "-m",
-        "gunicorn",
-        "-c",
-        "gunicorn.conf.py",
-        "--bind",
-        f"{LOCAL}:{port}",
-        app,
+        *command,
     ]
     server = ctx.start(
         f"callgrind-{app}", command, env, ready_url=f"http://{LOCAL}:{port}/health", timeout=300, cwd=cwd
     )
     try:
-        url = f"http://{LOCAL}:{port}"
-        payload = json.dumps(prepare(url) if prepare else body)
-
-        def post(count: int) -> None:
-            connection = http.client.HTTPConnection(LOCAL, port, timeout=120)
-            try:
-                for _ in range(count):
-                    connection.request("POST", path, payload, {"Content-Type": "application/json"})
-                    answer = connection.getresponse()
-                    answer.read()
-                    if answer.status != 200:
-                        raise BenchError(f"{app} answered {answer.status} under callgrind")
-            finally:
-                connection.close()
-
-        def load_from_all(total: int) -> None:
-            with ThreadPoolExecutor(connections) as pool:
-                list(pool.map(post, [total // connections] * connections))
-
-        load_from_all(warm_up)
+        bodies = prepare(f"http://{LOCAL}:{port}")
         processes = [server.pid] + gunicorn_workers(server)
 
         def tell(*args: str) -> None:
             for pid in processes:
                 subprocess.run([control, *args, str(pid)], capture_output=True, timeout=60)
 
-        tell("--instr=on")
-        tell("--zero")
-        load_from_all(requests_counted)
-        tell("--dump")
-        # One dump per process, named callgrind.<pid>.<n>; the totals line is written last.
-        totals = {}
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(totals) < len(processes):
-            for dump in out.glob("callgrind.*.*"):
-                text = dump.read_text(errors="replace")
-                found = re.findall(r"^(?:totals|summary): (\d+)", text, re.M)
-                if found:
-                    totals[dump.name] = int(found[-1])
-            time.sleep(0.2)
-        if len(totals) < len(processes):
-            raise BenchError(f"callgrind wrote {len(totals)} of {len(processes)} counts for {app}")
-        return sum(totals.values()) / (requests_counted // connections * connections)
+        counts = {}
+        for label, body in bodies.items():
+            payload = json.dumps(body)
+
+            def post(count: int, payload: str = payload) -> None:
+                connection = http.client.HTTPConnection(LOCAL, port, timeout=120)
+                try:
+                    for _ in range(count):
+                        connection.request("POST", path, payload, {"Content-Type": "application/json"})
+                        answer = connection.getresponse()
+                        answer.read()
+                        if answer.status != 200:
+                            raise BenchError(f"{app} answered {answer.status} under callgrind")
+                finally:
+                    connection.close()
+
+            def load_from_all(total: int) -> None:
+                with ThreadPoolExecutor(connections) as pool:
+                    list(pool.map(post, [total // connections] * connections))
+
+            load_from_all(warm_up)
+            seen = set(out.glob("callgrind.*.*"))
+            tell("--instr=on")
+            tell("--zero")
+            load_from_all(requests_counted)
+            tell("--dump")
+            tell("--instr=off")  # the next body's warm-up runs uninstrumented, several times faster
+            # One new dump per process, named callgrind.<pid>.<n>; the totals line is written last.
+            totals: dict[str, int] = {}
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(totals) < len(processes):
+                for dump in set(out.glob("callgrind.*.*")) - seen:
+                    found = re.findall(r"^(?:totals|summary): (\d+)", dump.read_text(errors="replace"), re.M)
+                    if found:
+                        totals[dump.name] = int(found[-1])
+                time.sleep(0.2)
+            if len(totals) < len(processes):
+                raise BenchError(f"callgrind wrote {len(totals)} of {len(processes)} counts for {app}")
+            counts[label] = sum(totals.values()) / (requests_counted // connections * connections)
+        return counts
     finally:
         ctx.stop(server)
