@@ -86,7 +86,8 @@ class RateLimits:
         self.clock = clock
         self.rules = {name: parse(text) for name, text in rules.items()}
         self._shares: dict[str, list] = {}  # window key -> [units left here, window end, left in the store]
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _shares
+        self._claiming = threading.Lock()  # held while a share is taken from the store
 
     def look(self, rule: str, key: str) -> Verdict:
         """Whether key has room in every window of rule; takes nothing."""
@@ -107,29 +108,38 @@ class RateLimits:
 
     def _take_from_share(self, item: RateLimitItem, rule: str, key: str) -> Verdict:
         window = _window_key(item, rule, key)
+        kept = self._use_share(window, item.amount)
+        if kept is not None:
+            return kept
+        # One thread at a time takes a new share, so that a worker's threads, finding the share
+        # used up together, do not each take one: the others then find the new one.
+        with self._claiming:
+            kept = self._use_share(window, item.amount)
+            if kept is not None:
+                return kept
+            size = max(1, item.amount // SHARE_OF_LIMIT)
+            taken, left, resets_at = self.store.take_allowance(window, size, item.amount, item.get_expiry())
+            if not taken and left > 0:  # less than a share is left: take what there is
+                size = left
+                taken, left, resets_at = self.store.take_allowance(window, size, item.amount, item.get_expiry())
+            if not taken:
+                return Verdict(False, item.amount, 0, resets_at)
+            with self._lock:
+                if len(self._shares) >= MAX_SHARES_KEPT:
+                    now = self.clock()
+                    self._shares = {name: share for name, share in self._shares.items() if share[1] > now}
+                self._shares[window] = [size - 1, resets_at, left]
+        return Verdict(True, item.amount, size - 1 + left, resets_at)
+
+    def _use_share(self, window: str, limit: int) -> Verdict | None:
+        """One unit from this worker's share of the window, if it has one left and the window lasts."""
         now = self.clock()
         with self._lock:
             share = self._shares.get(window)
-            if share is not None and share[0] > 0 and share[1] > now:
-                share[0] -= 1
-                return Verdict(True, item.amount, share[0] + share[2], share[1])
-        size = max(1, item.amount // SHARE_OF_LIMIT)
-        taken, left, resets_at = self.store.take_allowance(window, size, item.amount, item.get_expiry())
-        if not taken and left > 0:  # less than a share is left: take what there is
-            size = left
-            taken, left, resets_at = self.store.take_allowance(window, size, item.amount, item.get_expiry())
-        if not taken:
-            return Verdict(False, item.amount, 0, resets_at)
-        with self._lock:
-            share = self._shares.get(window)
-            if share is not None and share[1] > now:  # another thread took a share of this window meanwhile
-                share[0] += size - 1
-                share[2] = min(share[2], left)
-                return Verdict(True, item.amount, share[0] + share[2], share[1])
-            if len(self._shares) >= MAX_SHARES_KEPT:
-                self._shares = {name: kept for name, kept in self._shares.items() if kept[1] > now}
-            self._shares[window] = [size - 1, resets_at, left]
-        return Verdict(True, item.amount, size - 1 + left, resets_at)
+            if share is None or share[0] <= 0 or share[1] <= now:
+                return None
+            share[0] -= 1
+            return Verdict(True, limit, share[0] + share[2], share[1])
 
 
 def _window_key(item: RateLimitItem, rule: str, key: str) -> str:

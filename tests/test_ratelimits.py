@@ -11,6 +11,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -153,3 +154,21 @@ def polled_by(log_path) -> set[int]:
     """The workers that wrote a request line for a poll."""
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     return {line["pid"] for line in lines if line.get("path", "").startswith("/stkpush/status/")}
+
+
+def test_a_burst_of_threads_on_one_worker_is_refused_only_past_the_limit(store, backend):
+    (worker,) = workers(backend, store, 1, "100/minute")  # a share of 5 polls
+    start = threading.Barrier(40)
+    answers: list[bool] = []
+
+    def client() -> None:
+        start.wait()
+        answers.extend(worker.poll("status", "busy-client").allowed for _ in range(2))
+
+    threads = [threading.Thread(target=client) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers.count(True) == 80, "threads finding the share used up at once must not each take one"
+    assert sum(worker.poll("status", "busy-client").allowed for _ in range(30)) == 20
