@@ -108,6 +108,7 @@ RECORD_COLUMNS = (
     "payment_id, checkout_request_id, order_id, status, reason, phone, phone_reversed,"
     " receipt_key, reference_key, initiated_at, record"
 )
+_RECORD_VALUES = ", ".join("%s" for _ in RECORD_COLUMNS.split(","))
 _COUNT = (
     "INSERT INTO tallies AS t (step, bucket, name, value) VALUES (%s, %s, %s, %s)"
     " ON CONFLICT (step, bucket, name) DO UPDATE SET value = t.value + excluded.value"
@@ -240,7 +241,7 @@ class PostgresStore:
     def create(self, tx: Transaction) -> None:
         row = record_row(tx)
         with _duplicates_refused(tx), self._transaction() as conn:
-            conn.execute(f"INSERT INTO transactions ({RECORD_COLUMNS}) VALUES ({', '.join(['%s'] * 11)})", row)
+            conn.execute(f"INSERT INTO transactions ({RECORD_COLUMNS}) VALUES ({_RECORD_VALUES})", row)
             self._count(conn, tally_rows(None, tallied(tx)))
 
     def get(self, payment_id: str) -> Transaction | None:
@@ -264,7 +265,7 @@ class PostgresStore:
             values = record_row(tx)
             with _duplicates_refused(tx):
                 conn.execute(
-                    f"UPDATE transactions SET ({RECORD_COLUMNS}) = ({', '.join(['%s'] * 11)}) WHERE payment_id = %s",
+                    f"UPDATE transactions SET ({RECORD_COLUMNS}) = ({_RECORD_VALUES}) WHERE payment_id = %s",
                     (*values, payment_id),
                 )
             self._count(conn, tally_rows(before, tallied(tx)))
