@@ -545,8 +545,12 @@ class Payments:
                     log.warning("reconcile: stock held for unknown payment %s released: %s", shown(owner), released)
 
     def _may_query(self, tx: Transaction) -> bool:
-        # One query per transaction per interval across every thread, worker and dyno.
-        return self.store.add(f"query:{tx.payment_id}", {"at": self.clock()}, self.settings.query_interval)
+        # One query per transaction per interval across every thread, worker and dyno. Most polls
+        # of a pending payment find the interval's key taken: a read tells them, without a write.
+        key = f"query:{tx.payment_id}"
+        return self.store.get_value(key) is None and self.store.add(
+            key, {"at": self.clock()}, self.settings.query_interval
+        )
 
     def _query_and_settle(self, tx: Transaction) -> Transaction | None:
         now = self.clock()
