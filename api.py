@@ -171,12 +171,11 @@ def push_limited(view):
 
 def poll_limited(view):
     """RATE_LIMIT_STATUS_PER_IP on a view, a window per route and client address, counted from shares."""
-    rule = f"status:{view.__name__}"
 
     @functools.wraps(view)
     def limited(*args, **kwargs) -> ResponseReturnValue:
         limits: ratelimits.RateLimits = current_app.extensions["rate_limits"]
-        verdict = limits.poll("status", f"{rule}:{request.remote_addr or '-'}")
+        verdict = limits.poll("status", f"{view.__name__}:{request.remote_addr or '-'}")
         if not verdict.allowed:
             refuse(verdict)
         response = current_app.make_response(view(*args, **kwargs))

@@ -458,39 +458,33 @@ def wait_until(check, timeout: float = 15.0, every: float = 0.05):
     raise BenchError(f"condition not met within {timeout:.0f}s")
 
 
-def completed_payment(server_url: str, phone: str = "254700000000") -> str:
-    """Push to a simulator test number that pays, wait for the callback; return its id."""
+def pushed(server_url: str, phone: str, reference: str) -> str:
+    """Push 100 KES to phone under the account reference; its CheckoutRequestID."""
     answer = requests.post(
         server_url + "/stkpush",
-        json={"phone": phone, "amount": 100, "accountReference": "BENCH-1", "description": "Benchmark"},
+        json={"phone": phone, "amount": 100, "accountReference": reference, "description": "Benchmark"},
         timeout=30,
     )
     if answer.status_code != 200:
-        raise BenchError(f"push for the completed payment failed: {answer.status_code} {answer.text[:300]}")
-    checkout_id = answer.json()["checkoutRequestId"]
-    wait_until(
-        lambda: (
-            requests.post(server_url + "/stkpush/status", json={"checkoutRequestId": checkout_id}, timeout=10)
-            .json()
-            .get("status")
-            == "completed"
-        ),
-        timeout=20,
-    )
+        raise BenchError(f"push {reference} failed: {answer.status_code} {answer.text[:300]}")
+    return answer.json()["checkoutRequestId"]
+
+
+def status_of(server_url: str, checkout_id: str) -> requests.Response:
+    return requests.post(server_url + "/stkpush/status", json={"checkoutRequestId": checkout_id}, timeout=10)
+
+
+def completed_payment(server_url: str, phone: str = "254700000000") -> str:
+    """Push to a simulator test number that pays, wait for the callback; return its id."""
+    checkout_id = pushed(server_url, phone, "BENCH-1")
+    wait_until(lambda: status_of(server_url, checkout_id).json().get("status") == "completed", timeout=20)
     return checkout_id
 
 
 def pending_payment(server_url: str, phone: str) -> str:
     """Push to a number that waits for the simulated handset (which nobody answers); return its id."""
-    answer = requests.post(
-        server_url + "/stkpush",
-        json={"phone": phone, "amount": 100, "accountReference": "BENCH-2", "description": "Benchmark"},
-        timeout=30,
-    )
-    if answer.status_code != 200:
-        raise BenchError(f"push for the pending payment failed: {answer.status_code} {answer.text[:300]}")
-    checkout_id = answer.json()["checkoutRequestId"]
-    polled = requests.post(server_url + "/stkpush/status", json={"checkoutRequestId": checkout_id}, timeout=10)
+    checkout_id = pushed(server_url, phone, "BENCH-2")
+    polled = status_of(server_url, checkout_id)
     if polled.status_code != 200 or polled.json().get("status") != "pending":
         raise BenchError(f"the new payment is not pending: {polled.status_code} {polled.text[:300]}")
     return checkout_id
