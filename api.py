@@ -170,7 +170,8 @@ def push_limited(view):
 
 
 def poll_limited(view):
-    """RATE_LIMIT_STATUS_PER_IP on a view, a window per route and client address, counted from shares."""
+    """RATE_LIMIT_STATUS_PER_IP on a view, a window per route and client address, counted from
+    shares. Only a refusal carries the X-RateLimit headers: a worker's count is an estimate."""
 
     @functools.wraps(view)
     def limited(*args, **kwargs) -> ResponseReturnValue:
@@ -178,9 +179,7 @@ def poll_limited(view):
         verdict = limits.poll("status", f"{view.__name__}:{request.remote_addr or '-'}")
         if not verdict.allowed:
             refuse(verdict)
-        response = current_app.make_response(view(*args, **kwargs))
-        response.headers.update(verdict.headers(limits.clock()))
-        return response
+        return view(*args, **kwargs)
 
     return limited
 

@@ -16,9 +16,10 @@ survive a restart on a durable one:
   window; with W workers it is allowed at least limit - (W - 1) x share before a 429,
   since the other workers may hold unused shares. With one worker the count is exact.
 
-A refusal is a 429 with Retry-After (seconds until the window ends); every answer of a
-limited route carries X-RateLimit-Limit, -Remaining and -Reset (epoch seconds) for the
-tightest window. On a poll, Remaining is the answering worker's estimate.
+A refusal is a 429 with Retry-After (seconds until the window ends) and X-RateLimit-Limit,
+-Remaining and -Reset (epoch seconds) for the tightest window; a push's answer carries the
+X-RateLimit headers too, an allowed poll's does not (its Remaining would be one worker's
+estimate).
 """
 
 from __future__ import annotations

@@ -19,9 +19,10 @@ from telemetry.logs import ENVIRON_KEY
 
 log = logging.getLogger("server")
 
-# Routes a page polls every second (the simulated handset): counted in the metrics, but a
-# successful poll writes no log line, so the log shows what happened rather than the polling.
-QUIET_ROUTES = frozenset({"/simulator/prompts"})
+# Routes polled every second or so (a payment's status, the simulated handset's prompts):
+# counted in the metrics, but a successful poll writes no line, so the log shows what happened
+# (the push, the callback, the queries a poll sends Daraja) rather than the polling.
+QUIET_ROUTES = frozenset({"/stkpush/status", "/stkpush/status/<payment_or_checkout_id>", "/simulator/prompts"})
 REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")  # an incoming X-Request-ID we reuse
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; "

@@ -440,13 +440,13 @@ def test_json_request_logs_carry_the_request_fields_and_no_secrets(process_env, 
     assert {"mpesa", "payments", "server"} <= traced
 
     paths = {e["path"] for e in requests_logged}
-    assert f"/stkpush/status/{mask_checkout_id(checkout_id)}" in paths
+    assert not [path for path in paths if path.startswith("/stkpush/status")], "a successful poll writes no line"
     assert "/hooks/stk/***" in paths
     assert len({e["request_id"] for e in requests_logged}) == len(requests_logged)
     assert_private(text, checkout_id)
 
 
-def test_handset_polls_and_pending_queries_keep_the_log_quiet(process_env, tmp_path):
+def test_status_polls_handset_polls_and_pending_queries_keep_the_log_quiet(process_env, tmp_path):
     port, env = process_env
     env = {**env, "LOG_FORMAT": "json", "STATUS_FIRST_QUERY_AFTER": "0", "STATUS_QUERY_INTERVAL": "1"}
     server = ServerProcess([sys.executable, "server.py"], env, port, tmp_path / "server.log")
@@ -460,10 +460,20 @@ def test_handset_polls_and_pending_queries_keep_the_log_quiet(process_env, tmp_p
             return "still being processed" in server.log_path.read_text()
 
         wait_until(asked_daraja, timeout=20)
+        assert requests.get(f"{server.url}/stkpush/status/pay_000000000000000000000000", timeout=5).status_code == 404
+        polls_counted = total(
+            scrape(server.url),
+            "mpesa_http_request_duration_seconds_count",
+            route="/stkpush/status/<payment_or_checkout_id>",
+        )
     finally:
         server.kill(signal.SIGTERM)
     entries = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
     assert any(e.get("path") == "/stkpush" for e in entries)
+    # Successful polls are counted, not logged; a poll that fails still gets its line.
+    polls_logged = [(e["path"], e["status"]) for e in entries if str(e.get("path", "")).startswith("/stkpush/status")]
+    assert polls_logged == [("/stkpush/status/pay_000000000000000000000000", 404)]
+    assert polls_counted >= 2
     assert not [e for e in entries if str(e.get("path", "")).startswith("/simulator/prompts")]
     assert not [e for e in entries if e["level"] in ("WARNING", "ERROR")], "a waiting prompt is no warning"
 
