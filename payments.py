@@ -52,6 +52,7 @@ FINAL_OUTCOMES = ("completed", "failed", "amount_mismatch", "timed_out")
 
 TICKET_TTL = 400 * 24 * 3600  # a ticket can be looked up (and checked in) this long
 PAYMENT_ID_PREFIX = "pay_"
+MAX_QUERIES_REMEMBERED = 10_000  # past this, query intervals that ended are forgotten
 
 
 def new_payment_id() -> str:
@@ -187,6 +188,7 @@ class Payments:
         # Called as on_settling(tx, now) inside the update that makes tx final, after every
         # other change: what it writes on tx is saved with the verdict or not at all.
         self.on_settling = on_settling
+        self._queried_until: dict[str, float] = {}  # payment id -> end of the query interval seen taken
 
     def callback_url(self, payment_id: str) -> str:
         """Where Daraja is to send this payment's result: the id in the path finds the record."""
@@ -545,12 +547,23 @@ class Payments:
                     log.warning("reconcile: stock held for unknown payment %s released: %s", shown(owner), released)
 
     def _may_query(self, tx: Transaction) -> bool:
-        # One query per transaction per interval across every thread, worker and dyno. Most polls
-        # of a pending payment find the interval's key taken: a read tells them, without a write.
+        # One query per transaction per interval across every thread, worker and dyno: whoever
+        # adds the interval's key sends it. Most polls of a pending payment come while the key is
+        # taken. This process remembers until when a key it found taken lasts, and asks the store
+        # again only after that; in between, a read tells, without a write.
+        now = self.clock()
+        if self._queried_until.get(tx.payment_id, 0.0) > now:
+            return False
         key = f"query:{tx.payment_id}"
-        return self.store.get_value(key) is None and self.store.add(
-            key, {"at": self.clock()}, self.settings.query_interval
-        )
+        taken = self.store.get_value(key)
+        won = taken is None and self.store.add(key, {"at": now}, self.settings.query_interval)
+        self._remember_query(tx.payment_id, taken["at"] if taken else now, now)
+        return won
+
+    def _remember_query(self, payment_id: str, at: float, now: float) -> None:
+        if len(self._queried_until) >= MAX_QUERIES_REMEMBERED:
+            self._queried_until = {key: until for key, until in self._queried_until.items() if until > now}
+        self._queried_until[payment_id] = at + self.settings.query_interval
 
     def _query_and_settle(self, tx: Transaction) -> Transaction | None:
         now = self.clock()

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 # long as the application's and Redis's clocks agree within the slack.
 _CLOCK_SLACK = 60.0
 _SWEEP_BATCH = 20
+_IDS_REMEMBERED = 10_000  # CheckoutRequestID -> payment id pairs a store keeps, then starts afresh
 
 
 # Check and change in one step on the server: the counter never passes its bounds,
@@ -168,6 +169,7 @@ class RedisStore:
         self._all = f"{prefix}idx:all"
         self._reasons = f"{prefix}idx:reasons"
         self._holders = f"{prefix}holds"
+        self._payment_ids: dict[str, str] = {}  # CheckoutRequestID -> payment id, as the index said
 
     @classmethod
     def from_url(cls, url: str, *, retention: float = DEFAULT_RETENTION, clock: Clock = time.time) -> RedisStore:
@@ -205,9 +207,21 @@ class RedisStore:
         return decode(data) if data is not None else None
 
     def find(self, checkout_request_id: str) -> Transaction | None:
+        # A CheckoutRequestID names one payment for good, so polls by it read the index once
+        # per process and then the record alone: one round trip instead of two.
+        remembered = self._payment_ids.get(checkout_request_id)
+        if remembered is not None:
+            tx = self.get(remembered)
+            if tx is not None and tx.checkout_request_id == checkout_request_id:
+                return tx
         payment_id = cast("str | None", self._redis.get(self._checkout_key(checkout_request_id)))
         tx = self.get(payment_id if payment_id is not None else checkout_request_id)
-        return tx if tx is not None and tx.checkout_request_id == checkout_request_id else None
+        if tx is None or tx.checkout_request_id != checkout_request_id:
+            return None
+        if len(self._payment_ids) >= _IDS_REMEMBERED:
+            self._payment_ids.clear()
+        self._payment_ids[checkout_request_id] = tx.payment_id
+        return tx
 
     def update(self, payment_id: str, mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
         key = self._tx_key(payment_id)

@@ -32,6 +32,7 @@ from tests.helpers import (
     hook,
     poll,
     started,
+    wait_until,
 )
 
 
@@ -167,6 +168,31 @@ def test_status_queries_daraja_at_most_once_per_interval(live_server_factory, si
     for _ in range(20):
         assert poll(live, checkout_id, timeout=0)["status"] == "pending"
     assert live.sim("GET", "/simulator/stats").json()["queries"] - before == 1
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_workers_sharing_a_store_query_once_per_interval_and_again_after_it(
+    live_server_factory, request, tmp_path, store
+):
+    # Each worker remembers until when an interval it found taken lasts; the next interval's
+    # query must still go out, from whichever worker polls first.
+    url = f"sqlite:///{tmp_path / 'shared.db'}" if store == "sqlite" else request.getfixturevalue("clean_redis_url")
+    settings = {"STORE_URL": url, "STATUS_FIRST_QUERY_AFTER": "0", "STATUS_QUERY_INTERVAL": "1"}
+    settings["ADMIN_TOKEN"] = "admin-secret-0123456789"
+    workers = [live_server_factory(**settings) for _ in range(2)]
+    checkout_id = started(workers[0])
+
+    def query_times() -> list[float]:
+        return [entry["at"] for entry in admin(workers[0], checkout_id)["history"] if entry["event"] == "queried"]
+
+    def queried_twice() -> bool:
+        for worker in workers:
+            assert poll(worker, checkout_id, timeout=0)["status"] == "pending"  # the prompt lasts 5 s
+        return len(query_times()) >= 2
+
+    wait_until(queried_twice, timeout=10)
+    first, second = query_times()[:2]
+    assert second - first >= 1
 
 
 def test_duplicate_callbacks_change_nothing(live):

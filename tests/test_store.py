@@ -473,6 +473,18 @@ def test_records_expire_after_retention_except_in_the_ledgers(backend):
         store.create(make_tx())  # the id is free again
 
 
+def test_find_follows_a_checkout_id_to_the_record_that_holds_it_now(backend):
+    if backend.ledger:
+        pytest.skip("a ledger keeps every record: a CheckoutRequestID is never free again")
+    store = backend.open(retention=0.6)
+    store.create(dataclasses.replace(make_tx("ws_CO_9", initiated_at=backend.clock()), payment_id="pay_first"))
+    assert store.find("ws_CO_9").payment_id == "pay_first"
+    backend.elapse(1.0)
+    assert store.find("ws_CO_9") is None
+    store.create(dataclasses.replace(make_tx("ws_CO_9", initiated_at=backend.clock()), payment_id="pay_second"))
+    assert store.find("ws_CO_9").payment_id == "pay_second"
+
+
 @pytest.mark.parametrize("result_code", [0, 1032, "SFC_IC0003", None])
 def test_records_round_trip_through_dicts_json_and_the_store(store, result_code):
     tx = make_tx(
