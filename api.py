@@ -18,7 +18,7 @@ address and its phone only once a prompt was sent (a 200 that is not a replay), 
 of a finished Idempotency-Key is never limited; polls, the catalogue and QR codes share the
 looser status limit, each route its own bucket; callbacks, health, monitoring, the contract
 and the admin routes have none. init_app puts the limits on the views when
-RATELIMIT_ENABLED is on (app.extensions["rate_limits"]); off, the views are left bare. The
+RATELIMIT_ENABLED is on (each decorator given the app's RateLimits); off, the views are left bare. The
 phone's limit is keyed by a keyed hash of the number (phone_key), so no phone reaches the
 logs or the counters' keys.
 
@@ -114,7 +114,7 @@ def init_app(app: Flask, settings: Settings, counters: Store) -> None:
     metrics.preset_labels()
     push_limits, poll_limits = (), ()
     if settings.ratelimit_enabled:
-        app.extensions["rate_limits"] = ratelimits.RateLimits(
+        limits = ratelimits.RateLimits(
             counters,
             {
                 "push-ip": settings.rate_limit_push_per_ip,
@@ -123,7 +123,8 @@ def init_app(app: Flask, settings: Settings, counters: Store) -> None:
             },
             clock=payments.clock,
         )
-        push_limits, poll_limits = (push_limited,), (poll_limited,)
+        push_limits = (functools.partial(push_limited, limits=limits),)
+        poll_limits = (functools.partial(poll_limited, limits=limits),)
     routes = (
         ("POST", "/stkpush", stkpush, push_limits),
         ("POST", "/stkpush/status", status_post, poll_limits),
@@ -148,18 +149,17 @@ def init_app(app: Flask, settings: Settings, counters: Store) -> None:
     app.register_blueprint(bp)
 
 
-def push_limited(view):
+def push_limited(view, limits: ratelimits.RateLimits):
     """RATE_LIMIT_PUSH_PER_IP and _PER_PHONE on a push view: looked at before, counted after a prompt."""
 
     @functools.wraps(view)
     def limited(*args, **kwargs) -> ResponseReturnValue:
         if is_replay():
             return view(*args, **kwargs)
-        limits: ratelimits.RateLimits = current_app.extensions["rate_limits"]
         clients = (("push-ip", request.remote_addr or "-"), ("push-phone", phone_key()))
         verdict = ratelimits.tightest([limits.look(rule, key) for rule, key in clients])
         if not verdict.allowed:
-            refuse(verdict)
+            refuse(verdict, limits.clock())
         response = current_app.make_response(view(*args, **kwargs))
         if counts_as_prompt(response):
             verdict = ratelimits.tightest([limits.count(rule, key) for rule, key in clients])
@@ -169,26 +169,24 @@ def push_limited(view):
     return limited
 
 
-def poll_limited(view):
+def poll_limited(view, limits: ratelimits.RateLimits):
     """RATE_LIMIT_STATUS_PER_IP on a view, a window per route and client address, counted from
     shares. Only a refusal carries the X-RateLimit headers: a worker's count is an estimate."""
 
     @functools.wraps(view)
     def limited(*args, **kwargs) -> ResponseReturnValue:
-        limits: ratelimits.RateLimits = current_app.extensions["rate_limits"]
         verdict = limits.poll("status", f"{view.__name__}:{request.remote_addr or '-'}")
         if not verdict.allowed:
-            refuse(verdict)
+            refuse(verdict, limits.clock())
         return view(*args, **kwargs)
 
     return limited
 
 
-def refuse(verdict: ratelimits.Verdict) -> NoReturn:
+def refuse(verdict: ratelimits.Verdict, now: float) -> NoReturn:
     """Answer 429 for a spent window, saying when it ends."""
-    limits: ratelimits.RateLimits = current_app.extensions["rate_limits"]
     log.info("rate limit of %s per window reached on %s", verdict.limit, request.endpoint)
-    raise ApiError(429, "Too many requests; slow down", headers=verdict.headers(limits.clock()))
+    raise ApiError(429, "Too many requests; slow down", headers=verdict.headers(now))
 
 
 def phone_key() -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from limits import RateLimitItem, parse_many
 
@@ -54,8 +54,7 @@ def parse(text: str) -> list[RateLimitItem]:
     return items
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """Whether a request may go on, and the tightest window's numbers for the headers."""
 
     allowed: bool
