@@ -18,9 +18,9 @@ address and its phone only once a prompt was sent (a 200 that is not a replay), 
 of a finished Idempotency-Key is never limited; polls, the catalogue and QR codes share the
 looser status limit, each route its own bucket; callbacks, health, monitoring, the contract
 and the admin routes have none. init_app puts the limits on the views when
-RATELIMIT_ENABLED is on (each decorator given the app's RateLimits); off, the views are left bare. The
-phone's limit is keyed by a keyed hash of the number (phone_key), so no phone reaches the
-logs or the counters' keys.
+RATELIMIT_ENABLED is on (each decorator given the app's RateLimits); off, the views are left
+bare. The phone's limit is keyed by a keyed hash of the number (phone_key), so no phone
+reaches the logs or the counters' keys.
 
 The admin routes (require_admin) take the ADMIN_TOKEN as a bearer token; wrong ones count
 toward the same lockout as the dashboard's sign-in (lockout.py).

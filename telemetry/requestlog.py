@@ -1,9 +1,10 @@
-"""What every answer gets, whoever gave it: a request id, security headers, metrics, one log line.
+"""What every answer gets, whoever gave it: a request id, security headers, metrics, a log line.
 
 RequestLog wraps the Flask app as WSGI middleware, so it sees every answer: the routes', the
 error handlers', the rate limiter's refusals and the static pages'. It adds its headers to the
 list the app hands to start_response, and once the app has answered it observes the request's
-duration and logs its line, in the thread that served the request.
+duration and logs its line (not for a successful poll: QUIET_ROUTES), in the thread that
+served the request.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ HSTS = ("Strict-Transport-Security", "max-age=31536000")
 class RequestLog:
     """WSGI middleware: X-Request-ID (the caller's if sane, else a new one), security headers
     (API_SECURITY_HEADERS on JSON, SECURITY_HEADERS on the rest, HSTS over HTTPS) where the app
-    set none of its own, the request's metrics and its log line.
+    set none of its own, the request's metrics and its log line (none for a successful poll).
 
     The id is in the WSGI environ under ENVIRON_KEY while the app runs, for the lines logged on
     the way (logs.RequestIdFilter). Put it inside ProxyFix, which corrects REMOTE_ADDR and the
