@@ -70,6 +70,7 @@ SIGNATURE_HEADER = "Mpesa-Signature"
 DEFAULT_TOLERANCE = 300
 USER_AGENT = "mpesa-stk-server-webhooks/1"
 RECENT_SECONDS = 3 * 86400  # how far back redeliver_pending looks
+DEFAULT_TIMEOUT = (3.05, 10)  # an attempt's connect and read timeouts, seconds
 _ANSWER_BYTES = 64 * 1024  # read this much of an answer, so the connection can be reused
 _PAGE = 100
 
@@ -244,6 +245,12 @@ def _lock_key(event: str) -> str:
     return f"webhook-lock:{event}"
 
 
+def lock_ttl(timeout: float | tuple[float, float] = DEFAULT_TIMEOUT) -> float:
+    """How long an attempt's lock lasts: longer than any attempt (connect + read timeouts), so
+    a lock is only ever left behind by a process that died mid-attempt, and then not for long."""
+    return (sum(timeout) if isinstance(timeout, tuple) else 2 * timeout) + 30
+
+
 def _recorded(tx: Transaction, event: dict, now: float) -> dict:
     """Record event on tx (unless it is there) and return its entry."""
     record_event(tx, event, now)
@@ -294,7 +301,7 @@ class WebhookSender:
         max_attempts: int = 8,
         base_delay: float = 1.0,
         max_delay: float = 300.0,
-        timeout: float | tuple[float, float] = (3.05, 10),
+        timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
         sleep: Callable[[float], None] | None = None,
         workers: int = 2,
     ):
@@ -312,9 +319,7 @@ class WebhookSender:
         self.timeout = timeout
         self._sleep = sleep
         self._workers = workers
-        # Outlives any attempt (connect + read timeouts), so a lock is only ever left
-        # behind by a process that died mid-attempt, and then not for long.
-        self._lock_ttl = (sum(timeout) if isinstance(timeout, tuple) else 2 * timeout) + 30
+        self._lock_ttl = lock_ttl(timeout)
         self.session = self._new_session()
         self._cond = threading.Condition()
         self._queue: list[tuple[float, int, _Job]] = []  # heap of (due, seq, job)
