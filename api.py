@@ -650,12 +650,11 @@ def status_for(identifier, field: str):
         return current_app.response_class(body, mimetype="application/json")
     payments = get_payments()
     if field == "paymentId" or id_field(identifier) == "paymentId":
-        tx = payments.status(identifier)
+        tx, order_status = payments.poll(identifier)
     else:
-        tx = payments.status(checkout_request_id=identifier)
-    if tx is None:
+        tx, order_status = payments.poll(checkout_request_id=identifier)
+    if tx is None or order_status is None:
         raise ApiError(404, "Transaction not found", status="not_found")
-    order_status = payments.order_status(tx)
     response = jsonify(status_answer(tx, order_status))
     # A failed attempt's order may still be paid by another attempt: its answer may change.
     if settled_for_good(tx) and (order_status == "completed" or tx.order_id is None):

@@ -40,7 +40,7 @@ from typing import Any
 import checkout
 import mpesa
 from config import Settings
-from store import DuplicateTransaction, Store, Transaction
+from store import DuplicateTransaction, Store, Transaction, order_key
 from telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,14 @@ def settled_for_good(tx: Transaction) -> bool:
     the callback (see Payments._settle); every other final record stays as it is.
     """
     return tx.is_final and tx.settled_by != "timeout" and not awaits_receipt(tx)
+
+
+def order_status_of(tx: Transaction, paid: dict | None) -> str:
+    """ "completed" when tx completed, or its order's marker `paid` says an attempt for the same
+    amount did; else tx's status."""
+    if tx.status == "completed" or paid is None:
+        return tx.status
+    return "completed" if paid.get("amount") == tx.amount else tx.status
 
 
 class Payments:
@@ -485,9 +493,26 @@ class Payments:
             tx = self.store.get(payment_id)
         else:
             tx = self.store.find(checkout_request_id) if checkout_request_id is not None else None
-        if tx is not None and tx.extra.get("stock") in ("to_release", "to_reclaim"):
+        return self._followed_up(tx) if tx is not None else None
+
+    def poll(
+        self, payment_id: str | None = None, *, checkout_request_id: str | None = None
+    ) -> tuple[Transaction | None, str | None]:
+        """status() and order_status() of one payment, as a status poll answers: the record and
+        its order's marker read together."""
+        tx, paid = self.store.get_with_order(payment_id, checkout_request_id=checkout_request_id)
+        if tx is None:
+            return None, None
+        followed = self._followed_up(tx)
+        if followed is not tx:  # settled or queried meanwhile: its order may have changed too
+            return followed, self.order_status(followed)
+        return tx, order_status_of(tx, paid)
+
+    def _followed_up(self, tx: Transaction) -> Transaction:
+        """tx, or what it became after asking Daraja when a callback is overdue."""
+        if tx.extra.get("stock") in ("to_release", "to_reclaim"):
             self._move_stock(tx)  # its verdict was saved but the process died before moving the stock
-        if tx is None or tx.is_final:
+        if tx.is_final:
             return tx
         age = self.clock() - tx.initiated_at
         if age >= self.settings.transaction_ttl:
@@ -500,8 +525,7 @@ class Payments:
         """ "completed" once an attempt of tx's order for the same amount completed; else tx's status."""
         if tx.status == "completed" or tx.order_id is None:
             return tx.status
-        paid = self.store.get_value(f"order:{tx.order_id}")
-        return "completed" if paid is not None and paid.get("amount") == tx.amount else tx.status
+        return order_status_of(tx, self.store.get_value(order_key(tx.order_id)))
 
     def settle_expired(self, tx: Transaction) -> Transaction:
         """One last query for a payment past its TTL; otherwise mark it timed out (or unknown)."""
@@ -820,7 +844,7 @@ class Payments:
                 self.store.set_value(f"ticket:{ticket['number']}", {"paymentId": tx.payment_id}, TICKET_TTL)
             if tx.order_id is not None:  # the order is paid, whatever its other attempts did
                 self.store.add(
-                    f"order:{tx.order_id}",
+                    order_key(tx.order_id),
                     {"paymentId": tx.payment_id, "amount": tx.amount},
                     self.settings.retention_seconds,
                 )

@@ -71,7 +71,16 @@ from store.dashboard import (
 )
 from store.memory import MemoryStore
 from store.postgres import PostgresStore, check_postgres_url
-from store.record import DEFAULT_RETENTION, STATUSES, Allowance, Clock, DuplicateTransaction, Store, Transaction
+from store.record import (
+    DEFAULT_RETENTION,
+    STATUSES,
+    Allowance,
+    Clock,
+    DuplicateTransaction,
+    Store,
+    Transaction,
+    order_key,
+)
 from store.redis import RedisStore
 from store.sqlite import SQLiteStore
 
@@ -99,6 +108,7 @@ __all__ = [
     "Transaction",
     "duration_bound",
     "open_store",
+    "order_key",
     "tally",
 ]
 

@@ -42,6 +42,7 @@ from store.record import (
     check_ttl,
     decode,
     encode,
+    order_key,
     stock_key,
 )
 
@@ -158,6 +159,20 @@ class MemoryStore:
             payment_id = self._checkouts.get(checkout_request_id)
             record = self._live(payment_id, now) if payment_id is not None else None
         return decode(record.data) if record else None
+
+    def get_with_order(
+        self, payment_id: str | None = None, *, checkout_request_id: str | None = None
+    ) -> tuple[Transaction | None, dict | None]:
+        with self._lock:
+            now = self._expire()
+            if payment_id is None and checkout_request_id is not None:
+                payment_id = self._checkouts.get(checkout_request_id)
+            record = self._live(payment_id, now) if payment_id is not None else None
+            if record is None:
+                return None, None
+            tx = decode(record.data)
+            paid = self._values.get(order_key(tx.order_id)) if tx.order_id is not None else None
+        return tx, json.loads(paid[1]) if paid is not None and paid[0] > now else None
 
     def update(self, payment_id: str, mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
         with self._lock:

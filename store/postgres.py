@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool
 
 from store.dashboard import Overview, Search, assemble, overview_plan, receipt_key, reference_key, tallied, tally_rows
 from store.record import (
+    ORDER_KEY_PREFIX,
     Allowance,
     Clock,
     DuplicateTransaction,
@@ -251,6 +252,22 @@ class PostgresStore:
     def find(self, checkout_request_id: str) -> Transaction | None:
         row = self._one("SELECT record FROM transactions WHERE checkout_request_id = %s", (checkout_request_id,))
         return decode(row[0]) if row else None
+
+    def get_with_order(
+        self, payment_id: str | None = None, *, checkout_request_id: str | None = None
+    ) -> tuple[Transaction | None, dict | None]:
+        by, identifier = (
+            ("payment_id", payment_id) if payment_id is not None else ("checkout_request_id", checkout_request_id)
+        )
+        row = self._one(
+            "SELECT t.record, kv.value FROM transactions AS t"
+            " LEFT JOIN kv ON kv.key = %s || t.order_id AND kv.expires_at > %s"
+            f" WHERE t.{by} = %s",
+            (ORDER_KEY_PREFIX, self._clock(), identifier),
+        )
+        if row is None:
+            return None, None
+        return decode(row[0]), json.loads(row[1]) if row[1] is not None else None
 
     def update(self, payment_id: str, mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
         with self._transaction() as conn:

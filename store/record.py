@@ -29,6 +29,7 @@ Clock = Callable[[], float]
 
 STATUSES = ("pending", "completed", "failed")
 DEFAULT_RETENTION = 86400.0
+ORDER_KEY_PREFIX = "order:"  # order_key(): the backends' queries join a record to its order's marker by it
 
 
 @dataclass
@@ -109,6 +110,14 @@ class Store(Protocol):
 
     def find(self, checkout_request_id: str) -> Transaction | None:
         """Return a copy of the record with this CheckoutRequestID, or None."""
+
+    def get_with_order(
+        self, payment_id: str | None = None, *, checkout_request_id: str | None = None
+    ) -> tuple[Transaction | None, dict | None]:
+        """Return a copy of the record with this payment id (else this CheckoutRequestID) and
+        the live value under order_key(its order_id), its order's paid marker: (None, None)
+        when there is no such record. What a status poll reads, in one query or one Redis
+        round trip."""
 
     def update(self, payment_id: str, mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
         """Atomically load, mutate(tx) in place, save; return (tx, mutate's result).
@@ -273,6 +282,11 @@ def check_hold(owner: str, units: dict[str, int], capacity: dict[str, int]) -> N
         limit = capacity.get(item)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"capacity of {item!r} must be a whole number, not {limit!r}")
+
+
+def order_key(order_id: str) -> str:
+    """The key of an order's paid marker, added when one of the order's attempts completes."""
+    return ORDER_KEY_PREFIX + order_id
 
 
 def stock_key(item: str) -> str:

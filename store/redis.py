@@ -38,6 +38,7 @@ from store.record import (
     check_ttl,
     decode,
     encode,
+    order_key,
     stock_key,
 )
 
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 # long as the application's and Redis's clocks agree within the slack.
 _CLOCK_SLACK = 60.0
 _SWEEP_BATCH = 20
-_IDS_REMEMBERED = 10_000  # CheckoutRequestID -> payment id pairs a store keeps, then starts afresh
+_IDS_REMEMBERED = 10_000  # the ids of polled payments a store keeps, then starts afresh
 
 
 # Check and change in one step on the server: the counter never passes its bounds,
@@ -169,7 +170,7 @@ class RedisStore:
         self._all = f"{prefix}idx:all"
         self._reasons = f"{prefix}idx:reasons"
         self._holders = f"{prefix}holds"
-        self._payment_ids: dict[str, str] = {}  # CheckoutRequestID -> payment id, as the index said
+        self._polled: dict[str, tuple[str, str | None]] = {}  # id polled -> (payment id, order id)
 
     @classmethod
     def from_url(cls, url: str, *, retention: float = DEFAULT_RETENTION, clock: Clock = time.time) -> RedisStore:
@@ -207,21 +208,37 @@ class RedisStore:
         return decode(data) if data is not None else None
 
     def find(self, checkout_request_id: str) -> Transaction | None:
-        # A CheckoutRequestID names one payment for good, so polls by it read the index once
-        # per process and then the record alone: one round trip instead of two.
-        remembered = self._payment_ids.get(checkout_request_id)
-        if remembered is not None:
-            tx = self.get(remembered)
-            if tx is not None and tx.checkout_request_id == checkout_request_id:
-                return tx
         payment_id = cast("str | None", self._redis.get(self._checkout_key(checkout_request_id)))
         tx = self.get(payment_id if payment_id is not None else checkout_request_id)
-        if tx is None or tx.checkout_request_id != checkout_request_id:
-            return None
-        if len(self._payment_ids) >= _IDS_REMEMBERED:
-            self._payment_ids.clear()
-        self._payment_ids[checkout_request_id] = tx.payment_id
-        return tx
+        return tx if tx is not None and tx.checkout_request_id == checkout_request_id else None
+
+    def get_with_order(
+        self, payment_id: str | None = None, *, checkout_request_id: str | None = None
+    ) -> tuple[Transaction | None, dict | None]:
+        # A record's payment, checkout and order ids are set once, so a poll after a process's
+        # first knows both keys and reads the record and the marker in one round trip (MGET).
+        named = payment_id if payment_id is not None else checkout_request_id
+        known = self._polled.get(named) if named is not None else None
+        if known is not None:
+            tx, paid = self._record_and_marker(*known)
+            if tx is not None and (payment_id is not None or tx.checkout_request_id == checkout_request_id):
+                return tx, paid
+        if payment_id is not None:
+            tx = self.get(payment_id)
+        else:
+            tx = self.find(checkout_request_id) if checkout_request_id is not None else None
+        if tx is None:
+            return None, None
+        if len(self._polled) >= _IDS_REMEMBERED:
+            self._polled.clear()
+        self._polled[cast(str, named)] = (tx.payment_id, tx.order_id)
+        return tx, self.get_value(order_key(tx.order_id)) if tx.order_id is not None else None
+
+    def _record_and_marker(self, payment_id: str, order_id: str | None) -> tuple[Transaction | None, dict | None]:
+        if order_id is None:
+            return self.get(payment_id), None
+        data, paid = self._redis.mget(self._tx_key(payment_id), self._kv_key(order_key(order_id)))
+        return (decode(data) if data is not None else None), (json.loads(paid) if paid is not None else None)
 
     def update(self, payment_id: str, mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
         key = self._tx_key(payment_id)

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 from store.dashboard import Overview, Search, assemble, overview_plan, tallied, tally_rows
 from store.record import (
+    ORDER_KEY_PREFIX,
     Allowance,
     Clock,
     DuplicateTransaction,
@@ -254,6 +255,26 @@ class SQLiteStore:
             .fetchone()
         )
         return decode(row[0]) if row else None
+
+    def get_with_order(
+        self, payment_id: str | None = None, *, checkout_request_id: str | None = None
+    ) -> tuple[Transaction | None, dict | None]:
+        by, identifier = (
+            ("payment_id", payment_id) if payment_id is not None else ("checkout_request_id", checkout_request_id)
+        )
+        row = (
+            self._db()
+            .execute(
+                "SELECT t.record, kv.value FROM transactions AS t"
+                " LEFT JOIN kv ON kv.key = ? || t.order_id AND kv.expires_at > ?"
+                f" WHERE t.{by} = ?",
+                (ORDER_KEY_PREFIX, self._clock(), identifier),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None, None
+        return decode(row[0]), json.loads(row[1]) if row[1] is not None else None
 
     def update(self, payment_id: str, mutate: Callable[[Transaction], R]) -> tuple[Transaction | None, R | None]:
         with self._write() as db:

@@ -33,6 +33,7 @@ from store import (
     Tally,
     Transaction,
     open_store,
+    order_key,
     tally,
 )
 from store.record import decode
@@ -487,6 +488,44 @@ def test_find_follows_a_checkout_id_to_the_record_that_holds_it_now(backend):
     assert store.find("ws_CO_9") is None
     store.create(second)
     assert store.find("ws_CO_9").payment_id == "pay_second"
+
+
+def test_a_poll_reads_the_record_with_its_orders_paid_marker(store, backend):
+    """get_with_order: the record by either id, and the live value under its order's key."""
+    tx = dataclasses.replace(make_tx("ws_CO_7", initiated_at=backend.clock()), payment_id="pay_7", order_id="ord_7")
+    store.create(tx)
+    store.create(dataclasses.replace(make_tx("ws_CO_8", initiated_at=backend.clock()), payment_id="pay_8"))
+    for _ in range(2):  # a second poll may read differently (the Redis store remembers the ids)
+        assert store.get_with_order("pay_7") == (tx, None)
+        assert store.get_with_order(checkout_request_id="ws_CO_7") == (tx, None)
+    store.add(order_key("ord_7"), {"paymentId": "pay_other", "amount": 100}, ttl=0.3)
+    store.add(order_key("ord_8"), {"paymentId": "pay_x", "amount": 1}, ttl=30)  # another order's
+    for _ in range(2):
+        assert store.get_with_order("pay_7") == (tx, {"paymentId": "pay_other", "amount": 100})
+        assert store.get_with_order(checkout_request_id="ws_CO_7")[1] == {"paymentId": "pay_other", "amount": 100}
+        assert store.get_with_order("pay_8")[1] is None  # no order: no marker
+    backend.elapse(0.4)
+    assert store.get_with_order("pay_7") == (tx, None)  # the marker expired
+    assert store.get_with_order("pay_unknown") == (None, None)
+    assert store.get_with_order(checkout_request_id="ws_CO_unknown") == (None, None)
+    assert store.get_with_order(checkout_request_id="pay_7") == (None, None)  # a payment id is not a checkout id
+
+
+def test_a_poll_follows_a_checkout_id_to_the_record_that_holds_it_now(backend):
+    store = backend.open(retention=0.6)
+    first = dataclasses.replace(make_tx("ws_CO_9", initiated_at=backend.clock()), payment_id="pay_first")
+    store.create(dataclasses.replace(first, order_id="ord_first"))
+    assert store.get_with_order(checkout_request_id="ws_CO_9")[0].payment_id == "pay_first"
+    backend.elapse(1.0)
+    second = dataclasses.replace(make_tx("ws_CO_9", initiated_at=backend.clock()), payment_id="pay_second")
+    if backend.ledger:  # the ledger keeps every record: its CheckoutRequestID is never free again
+        assert store.get_with_order(checkout_request_id="ws_CO_9")[0].payment_id == "pay_first"
+        return
+    assert store.get_with_order(checkout_request_id="ws_CO_9") == (None, None)
+    store.create(dataclasses.replace(second, order_id="ord_second"))
+    store.add(order_key("ord_second"), {"paymentId": "pay_second", "amount": 100}, ttl=30)
+    tx, paid = store.get_with_order(checkout_request_id="ws_CO_9")
+    assert (tx.payment_id, paid) == ("pay_second", {"paymentId": "pay_second", "amount": 100})
 
 
 @pytest.mark.parametrize("result_code", [0, 1032, "SFC_IC0003", None])
