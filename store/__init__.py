@@ -7,7 +7,8 @@
 
 The interface. Every backend offers the same small `Store`: records keyed by the server's
 own payment id, found as well by Daraja's CheckoutRequestID (set once, when Daraja gives
-it), with an atomic read-modify-write (`update`), newest-first listing, and a
+it), read with its order's paid marker in one go for a status poll (`get_with_order`), with
+an atomic read-modify-write (`update`), newest-first listing, and a
 small key/value space with TTLs and an atomic set-if-absent (`add`) for idempotency keys,
 query throttles and locks, plus durable counters (`adjust_counter`) and stock holds per
 payment (`hold_stock`, then `release_stock` or `keep_stock`, exactly once) for stock.

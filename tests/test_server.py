@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,10 +23,12 @@ from tests.helpers import (
     CANCELLED,
     PAID,
     ROOT,
+    SERVER_DEFAULTS,
     UNREACHABLE,
     WAITING,
     WRONG_PIN,
     FakeClock,
+    ServerProcess,
     admin,
     callback_body,
     free_port,
@@ -385,6 +388,39 @@ def test_oversized_body_is_a_413_in_json(live):
     response = live.post("/stkpush", json={"phone": WAITING, "amount": 1, "description": "x" * 70_000})
     assert response.status_code == 413
     assert response.json()["success"] is False and "too large" in response.json()["message"]
+
+
+@pytest.fixture
+def gunicorn_server(simulator, tmp_path):
+    """The server under the Procfile's gunicorn command (one worker, memory store)."""
+    port = free_port()
+    env = {**SERVER_DEFAULTS, "MPESA_BASE_URL": simulator.url, "PORT": str(port), "STORE_URL": "memory://"}
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"]
+    server = ServerProcess(command, env, port, tmp_path / "server.log")
+    yield server
+    server.kill(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("server", ["live", "gunicorn_server"])
+def test_a_body_over_the_limit_is_a_413_whether_sent_whole_or_in_chunks(request, server):
+    url = request.getfixturevalue(server).url
+
+    def chunks(data: bytes):  # requests sends a generator with Transfer-Encoding: chunked
+        yield from (data[start : start + 8192] for start in range(0, len(data), 8192))
+
+    headers = {"Content-Type": "application/json"}
+    big = json.dumps({"phone": WAITING, "amount": 1, "description": "x" * 70_000}).encode()
+    for body in (big, chunks(big)):
+        response = requests.post(url + "/stkpush", data=body, headers=headers, timeout=30)
+        assert response.status_code == 413 and response.json()["message"] == "Request body too large (limit 64 KB)"
+    for phone in ("254712345601", "254712345602"):  # each waits for the handset: one prompt per phone
+        small = json.dumps({"phone": phone, "amount": 1, "description": "x" * 100}).encode()
+        body = small if phone.endswith("1") else chunks(small)
+        response = requests.post(url + "/stkpush", data=body, headers=headers, timeout=30)
+        assert response.status_code == 200 and response.json()["status"] == "pending"
+        poll_body = chunks(json.dumps({"checkoutRequestId": response.json()["checkoutRequestId"]}).encode())
+        polled = requests.post(url + "/stkpush/status", data=poll_body, headers=headers, timeout=30)
+        assert polled.status_code == 200 and polled.json()["status"] == "pending"
 
 
 def test_amount_as_digit_string_is_accepted(live):
