@@ -228,6 +228,34 @@ def test_a_later_attempt_completes_the_order_an_earlier_attempt_failed(live):
     assert (again["status"], again["reason"], again["orderStatus"]) == ("failed", "cancelled", "completed")
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite", "redis", "postgres"])
+def test_a_pending_attempt_answers_its_order_paid_once_another_attempt_paid_it(
+    live_server_factory, request, tmp_path, store
+):
+    urls = {
+        "memory": lambda: "memory://",
+        "sqlite": lambda: f"sqlite:///{tmp_path / 'shared.db'}",
+        "redis": lambda: request.getfixturevalue("clean_redis_url"),
+        "postgres": lambda: request.getfixturevalue("clean_postgres_url"),
+    }
+    first_server = live_server_factory(STORE_URL=urls[store]())
+    # A second server on a shared store polls what the first started (a memory store is its own).
+    other = live_server_factory(STORE_URL=urls[store]()) if store != "memory" else first_server
+    first = payment(first_server, WAITING, 300, orderId="ORDER-9")  # its prompt waits for the handset
+    for server in (first_server, other):  # each server reads the record and the order's marker
+        for identifier in (first["paymentId"], first["checkoutRequestId"]):
+            assert (status(server, identifier)["status"], status(server, identifier)["orderStatus"]) == (
+                "pending",
+                "pending",
+            )
+    second = payment(first_server, PAID, 300, orderId="ORDER-9")
+    assert settled(first_server, second["paymentId"])["status"] == "completed"
+    for server in (first_server, other):
+        for identifier in (first["paymentId"], first["checkoutRequestId"]):
+            answer = status(server, identifier)
+            assert (answer["status"], answer["orderStatus"]) == ("pending", "completed")
+
+
 def test_an_attempt_for_another_amount_does_not_complete_the_order(live):
     first = payment(live, CANCELLED, 300, orderId="ORDER-8")
     settled(live, first["paymentId"])
