@@ -1,10 +1,10 @@
-# The payment server as the Procfile runs it: gunicorn with gunicorn.conf.py on $PORT.
+# The payment server as the Procfile runs it: `python serve.py`, uWSGI on $PORT.
 # No setting is baked in (.dockerignore keeps .env out): pass them at run time, e.g.
 #   docker run --env-file .env -p 3001:3001 IMAGE
 # With none, the server runs its Daraja simulator demo.
 FROM python:3.11-slim
 
-# PROMETHEUS_MULTIPROC_DIR: where gunicorn's workers add up their metrics, set before anything
+# PROMETHEUS_MULTIPROC_DIR: where the workers add up their metrics, set before anything
 # imports prometheus-client (the Procfile makes a fresh one; a container is one server).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -34,4 +34,4 @@ EXPOSE 3001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '3001'), timeout=4)"]
 
-CMD ["gunicorn", "-c", "gunicorn.conf.py", "server:app"]
+CMD ["python", "serve.py"]

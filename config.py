@@ -4,11 +4,10 @@ The only module that reads the environment. Names follow API.md; spellings commo
 guides are accepted as aliases. A missing or malformed setting raises ConfigError with one line naming
 it, so start-up stops with that line instead of a stack trace at the first payment.
 
-Two settings are read by libraries as well, under their documented names: WEB_CONCURRENCY
-(gunicorn's worker count) and PROMETHEUS_MULTIPROC_DIR, which switches prometheus-client's
-multiprocess mode on only if it is in the environment before prometheus_client is imported.
-So the command that starts the server sets it (Procfile, Dockerfile), never the code, and
-this module checks it.
+WEB_CONCURRENCY, the worker count, keeps the name Heroku's Python buildpack gives it.
+PROMETHEUS_MULTIPROC_DIR is read by prometheus-client as well, which switches its multiprocess
+mode on only if it is in the environment before prometheus_client is imported. So the command
+that starts the server sets it (Procfile, Dockerfile), never the code, and this module checks it.
 """
 
 from __future__ import annotations
@@ -105,11 +104,11 @@ class Settings:
     checkout_secret: str | None = field(default=None, repr=False)
     callback_allowed_ips: tuple = ()  # ip_network objects; empty: any source address
     # A Daraja simulator shared by the server's processes, which base_url then points at; the
-    # command that starts the server starts it there (gunicorn.conf.py, python server.py).
+    # command that starts the server starts it there (serve.py, python server.py).
     simulator_port: int | None = None
     log_format: str = "text"  # text | json
-    workers: int = 1  # gunicorn worker processes (WEB_CONCURRENCY)
-    threads: int = 8  # threads per gunicorn worker
+    workers: int = 1  # worker processes (WEB_CONCURRENCY)
+    threads: int = 8  # threads per worker (WEB_THREADS; GUNICORN_THREADS, its earlier name, is read too)
     metrics_dir: str | None = None  # prometheus-client's multiprocess directory; None: each process counts alone
     admin_login_free_tries: int = 3  # wrong /admin tokens from one address before each try must wait
     admin_login_delay: float = 1.0  # the first wait, in seconds; it doubles with each wrong token
@@ -466,7 +465,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides) -> Sett
         simulator_port=simulator_port,
         log_format=log_format,
         workers=workers,
-        threads=_int(env, "GUNICORN_THREADS", 8, minimum=1),
+        threads=_int(env, "WEB_THREADS" if _get(env, "WEB_THREADS") else "GUNICORN_THREADS", 8, minimum=1),
         metrics_dir=_directory(env, "PROMETHEUS_MULTIPROC_DIR"),
         admin_login_free_tries=_int(env, "ADMIN_LOGIN_FREE_TRIES", 3),
         admin_login_delay=_float(env, "ADMIN_LOGIN_DELAY", 1.0),

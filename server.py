@@ -20,7 +20,7 @@ from dataclasses import replace
 import click
 from flask import Flask, current_app, jsonify, request
 from flask_cors import CORS
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, LengthRequired, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import make_server
 from werkzeug.wsgi import get_content_length
@@ -61,6 +61,7 @@ def register_handlers(app: Flask) -> None:
         messages = {
             404: "Not found",
             405: "Method not allowed",
+            411: "Content-Length is required: a body sent in chunks is not accepted",
             413: f"Request body too large (limit {MAX_BODY_BYTES // 1024} KB)",
             429: "Too many requests; slow down",
         }
@@ -76,18 +77,18 @@ def register_handlers(app: Flask) -> None:
 
 
 def limit_body() -> None:
-    """Refuse a body over MAX_BODY_BYTES with a 413, whether its length was declared or not.
+    """Refuse a body over MAX_BODY_BYTES with a 413, and a body sent in chunks with a 411.
 
-    A body sent in chunks has no declared length: it is read here, up to one byte past the
-    limit. A declared length is checked without reading: werkzeug's own limit
-    (MAX_CONTENT_LENGTH) would read every body through a counting wrapper, which costs a
-    status poll twice what this check does (docs/design.md).
+    The declared length is checked without reading: werkzeug's own limit (MAX_CONTENT_LENGTH)
+    would read every body through a counting wrapper, which costs a status poll twice what this
+    check does (docs/design.md). A body sent in chunks declares no length, and uWSGI hands the
+    app none of it (WSGI has no way to say how long it is), so it is refused under every server
+    alike: answering it as an empty body would be wrong.
     """
     environ = request.environ
-    length = get_content_length(environ)  # None when not declared, or sent in chunks
-    if length is None and "HTTP_TRANSFER_ENCODING" in environ:
-        request.max_content_length = MAX_BODY_BYTES + 1
-        length = len(request.get_data())
+    if "HTTP_TRANSFER_ENCODING" in environ:
+        raise LengthRequired()
+    length = get_content_length(environ)
     if length is not None and length > MAX_BODY_BYTES:
         raise RequestEntityTooLarge()
 

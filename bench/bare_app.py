@@ -2,8 +2,8 @@
 
 It reads the JSON body as any endpoint must and answers a fixed completed-payment body of
 BARE_BODY_BYTES bytes (the real answer's size, measured by the benchmark): no store, no
-logging, no rate limiter, no security headers. Served by the same gunicorn.conf.py as the
-server (`gunicorn -c gunicorn.conf.py bench.bare_app:app`), so the same workers and threads.
+logging, no rate limiter, no security headers. Served by the same command as the
+server (`python serve.py --app bench.bare_app:app`), so the same workers and threads.
 """
 
 from __future__ import annotations

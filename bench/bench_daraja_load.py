@@ -24,7 +24,7 @@ from bench.harness import (
     percentile,
     server_env,
     simulator_stats,
-    start_gunicorn,
+    start_server,
     start_simulator,
     store_urls,
     table,
@@ -44,7 +44,7 @@ def run(ctx: Context) -> str:
     rows = []
     for number, (name, url) in enumerate(stores):
         env = server_env(sim.url, url, free_port(), STATUS_FIRST_QUERY_AFTER=0, STATUS_QUERY_INTERVAL=QUERY_INTERVAL)
-        server = start_gunicorn(ctx, env, name=f"server-{name}")
+        server = start_server(ctx, env, name=f"server-{name}")
         answer = requests.post(
             server.url + "/stkpush", json={"phone": f"25479900{number:04d}", "amount": 10}, timeout=30
         )
@@ -86,7 +86,7 @@ def run(ctx: Context) -> str:
             "## 3. Daraja load",
             "",
             f"{CLIENTS} clients (threads, one pooled session each) poll one pending payment every "
-            f"{INTERVAL * 1000:.0f} ms for {seconds:.0f} s through the server (Procfile gunicorn configuration, "
+            f"{INTERVAL * 1000:.0f} ms for {seconds:.0f} s through the server (the Procfile's command, "
             f"`STATUS_FIRST_QUERY_AFTER=0`, `STATUS_QUERY_INTERVAL={QUERY_INTERVAL:.0f}`); one run per store. "
             f"The clients ask for {CLIENTS / INTERVAL * seconds:,.0f} polls; on 2 shared cores fewer are "
             "answered, which only makes the throttle's job easier per poll, not per second.",

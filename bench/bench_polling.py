@@ -1,7 +1,7 @@
 """Status polling in production configuration: POST /stkpush/status per store, against the bare
 Flask app and against an Express server.
 
-Every server runs the Procfile's web command (harness.start_gunicorn) with rate limits on and the
+Every server runs the Procfile's web command (harness.start_server) with rate limits on and the
 status limit out of reach, so each poll pays the limiter's check and count and none is refused;
 the limiter keeps its counters wherever the server puts them for its store. Each store's server
 is polled for a completed payment and for a pending one (pushed to a number the simulator leaves
@@ -36,7 +36,6 @@ from bench.harness import (
     cpu_seconds,
     fmt,
     free_port,
-    gunicorn_workers,
     instructions_per_request,
     load,
     median,
@@ -44,9 +43,10 @@ from bench.harness import (
     postgres_database,
     revision_hash,
     server_env,
+    server_workers,
     start_express,
-    start_gunicorn,
     start_redis,
+    start_server,
     start_simulator,
     table,
     wrk_path,
@@ -77,8 +77,8 @@ class Target:
     name: str
     url: str
     body: dict
-    pids: Callable[[], list[int]]  # whose CPU time a poll costs (gunicorn's workers, or node)
-    serving: str  # "gunicorn, 5 workers", "node, 1 process"
+    pids: Callable[[], list[int]]  # whose CPU time a poll costs (uWSGI's workers, or node)
+    serving: str  # "uWSGI, 5 workers", "node, 1 process"
     results: list[LoadResult] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)  # µs of CPU per answered poll, per round
 
@@ -130,16 +130,16 @@ def run(ctx: Context) -> str:
     rows: list[Row] = []
     diagnostics: list[Row] = []
 
-    def serve(name: str, store_url: str, app: str = "server:app", **settings) -> Process:
+    def serve(name: str, store_url: str, app: str | None = None, **settings) -> Process:
         env = server_env(sim.url, store_url, free_port(), **DASHBOARD_ON, **KEEP_PENDING, **settings)
         ctx.log(f"polling: starting {name}")
-        return start_gunicorn(ctx, env, app=app, name=name.replace(" ", "-").replace(",", ""))
+        return start_server(ctx, env, app=app, name=name.replace(" ", "-").replace(",", ""))
 
     def add(name: str, process: Process, body: dict, pids=None) -> Target:
-        workers = len(gunicorn_workers(process))
-        serving = "node, 1 process" if pids else f"gunicorn, {workers} worker" + ("s" if workers > 1 else "")
+        workers = len(server_workers(process))
+        serving = "node, 1 process" if pids else f"uWSGI, {workers} worker" + ("s" if workers > 1 else "")
         targets[name] = Target(
-            name, process.url + "/stkpush/status", body, pids or (lambda: gunicorn_workers(process)), serving
+            name, process.url + "/stkpush/status", body, pids or (lambda: server_workers(process)), serving
         )
         return targets[name]
 
@@ -155,7 +155,7 @@ def run(ctx: Context) -> str:
         for kind, body in _payments(server.url).items():
             add(f"{store}, {kind}", server, body)
             answers[f"{store}, {kind}"] = _answer(server.url, body, kind)
-        bare_of[store] = "bare app, " + targets[f"{store}, {COMPLETED}"].serving.removeprefix("gunicorn, ")
+        bare_of[store] = "bare app, " + targets[f"{store}, {COMPLETED}"].serving.removeprefix("uWSGI, ")
         if bare_of[store] not in targets:
             size = len(answers[f"{store}, {COMPLETED}"].content)
             bare = serve(bare_of[store], store_url, app="bench.bare_app:app", BARE_BODY_BYTES=size)
@@ -244,7 +244,7 @@ def run(ctx: Context) -> str:
         "",
         "### Diagnostics",
         "",
-        "Not goals: the same polls with rate limits off (what the limiter costs), and one gunicorn "
+        "Not goals: the same polls with rate limits off (what the limiter costs), and one uWSGI "
         "worker against the one Node process.",
         "",
         _ratio_table(targets, diagnostics, counts, rounds, client_ok),
@@ -397,9 +397,8 @@ def _method(rounds: int, seconds: int, answers: dict[str, requests.Response], ta
     express = "Express, completed" in targets
     return [
         "`POST /stkpush/status` in production configuration: every server runs the `Procfile`'s web "
-        "command as the benchmark can reproduce it, `PROMETHEUS_MULTIPROC_DIR=<a new folder> gunicorn "
-        "-c gunicorn.conf.py server:app` with `--bind 127.0.0.1:<port>` added, the workers "
-        "`gunicorn.conf.py` picks for the store. Rate limits are on (`RATELIMIT_ENABLED=true`) with "
+        "command, `PROMETHEUS_MULTIPROC_DIR=<a new folder> python serve.py` (uWSGI), with the workers "
+        "and threads `serve.py` picks for the store. Rate limits are on (`RATELIMIT_ENABLED=true`) with "
         "the status limit out of reach (`RATE_LIMIT_STATUS_PER_IP=1000000/second`), so every poll "
         "pays the limiter's check and count and none is refused; the limiter keeps its counters "
         "where the server puts them for its store. The dashboard is on (`ADMIN_TOKEN` set). Each "
@@ -412,7 +411,7 @@ def _method(rounds: int, seconds: int, answers: dict[str, requests.Response], ta
         "",
         "References: the bare Flask app (`bench/bare_app.py`: reads the JSON body, answers a "
         "completed-payment body of the same size; no store, limiter or log line) under the same "
-        "command and workers, `bench.bare_app:app` in place of `server:app`; and "
+        "command and workers (`python serve.py --app bench.bare_app:app`); and "
         + (
             "an Express server (`bench/express/`: Express 4 with `cors()` and `express.json()`, one "
             "Node process, the payments in a `Map`), seeded with the Redis store server's answers "
@@ -427,7 +426,7 @@ def _method(rounds: int, seconds: int, answers: dict[str, requests.Response], ta
         f"`wrk -t{THREADS} -c{CONNECTIONS} -d{seconds}s` (a Lua script for the POST body), new "
         "connections for every run. A row's ratio is the median of its per-round ratios: the "
         "target's polls per second over its reference's in the same round, so that what the machine "
-        "does meanwhile (other work on its cores, how gunicorn's workers happened to share the "
+        "does meanwhile (other work on its cores, how the server's workers happened to share the "
         "connections of one run) reaches both sides alike and one odd round does not move the "
         "result. The lowest and highest per-round ratios are shown beside it. Every answer must be "
         "a 200: a goal with errors counts as not met. Beside the ratio stand two steadier figures: "
@@ -511,7 +510,7 @@ def _server_counts(
         found = instructions_per_request(
             ctx,
             server_env(simulator_url, store_url, free_port(), **settings),
-            "server:app",
+            None,
             "/stkpush/status",
             _payments,
             polls,

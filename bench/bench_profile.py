@@ -1,4 +1,4 @@
-"""Where the time goes: py-spy samples the gunicorn worker during status polls and pushes.
+"""Where the time goes: py-spy samples the server's worker during status polls and pushes.
 
 py-spy (from .bench-venv/, never the project's venv) attaches to the one worker of a
 memory-store server without pausing it (--nonblocking) while wrk (or the Python generator)
@@ -27,12 +27,12 @@ from bench.harness import (
     bench_venv_python,
     completed_payment,
     free_port,
-    gunicorn_workers,
     load,
     post_batch,
     server_env,
-    start_gunicorn,
+    server_workers,
     start_redis,
+    start_server,
     start_simulator,
     table,
 )
@@ -43,10 +43,6 @@ CONCERNS = [  # label, test on a frame's (file, function); none of them wraps th
     (
         "logging (log lines, each request's own included)",
         lambda f, fn: f.startswith("logging/"),
-    ),
-    (
-        "gunicorn access-log atoms, built then dropped",
-        lambda f, fn: f == "gunicorn/glogging.py" and fn.startswith(("Logger.access", "Logger.atoms")),
     ),
     ("JSON encode/decode", lambda f, fn: f.startswith(("json/", "flask/json"))),
     ("store.py (reads, writes, encoding)", lambda f, fn: f.startswith("store/")),
@@ -78,10 +74,10 @@ def run(ctx: Context) -> str:
     own_files = _own_files()
 
     sim = start_simulator(ctx)
-    server = start_gunicorn(ctx, server_env(sim.url, "memory://", free_port()), name="server-profiled")
-    workers = gunicorn_workers(server)
+    server = start_server(ctx, server_env(sim.url, "memory://", free_port()), name="server-profiled")
+    workers = server_workers(server)
     if len(workers) != 1:
-        raise BenchError(f"expected one gunicorn worker for the memory store, found {workers}")
+        raise BenchError(f"expected one worker for the memory store, found {workers}")
     checkout_id = completed_payment(server.url)
     scratch = ctx.scratch("profile")
 
@@ -354,14 +350,14 @@ def _micro(ctx: Context) -> str:
     return "\n".join(
         [
             f"Best of 5 × {repeat:,} calls each, in this process: one completed payment polled through "
-            "the WSGI app with no HTTP server in front (so without gunicorn's own cost per request, "
+            "the WSGI app with no HTTP server in front (so without uWSGI's own cost per request, "
             "which both apps pay alike), then the pieces of a poll one by one. Rate limits off, "
             "as in section 1.",
             "",
             table(["what", "time per call"], rows),
             "",
             "A ratio of 0.9 in section 1 leaves the server about 11% more CPU per request than the bare "
-            "app *including* gunicorn's share, and gunicorn's share is most of the bare app's cost.",
+            "app *including* uWSGI's share.",
         ]
     )
 
@@ -372,9 +368,6 @@ PROPOSALS = {
         "every line is made, formatted and written on the thread answering the request "
         "(the request's own line, a push's `payment … started`, Daraja calls); fewer lines "
         "per request, or fewer fields per line, would make it cheaper"
-    ),
-    "gunicorn access-log atoms, built then dropped": (
-        "gunicorn builds access-log fields nobody writes: check `AppLogger` in gunicorn.conf.py"
     ),
     "request metrics (metrics.py, prometheus_client)": (
         "with several workers each observation writes prometheus-client's multiprocess files; "

@@ -30,7 +30,7 @@ from bench.harness import (
     server_env,
     simulator_reset,
     simulator_stats,
-    start_gunicorn,
+    start_server,
     start_simulator,
     store_urls,
     table,
@@ -47,7 +47,7 @@ def run(ctx: Context) -> str:
 
     servers = {}
     for name, url in stores:
-        servers[name] = start_gunicorn(ctx, server_env(sim.url, url, free_port()), name=f"server-{name}")
+        servers[name] = start_server(ctx, server_env(sim.url, url, free_port()), name=f"server-{name}")
     token = requests.get(
         sim.url + "/oauth/v1/generate",
         params={"grant_type": "client_credentials"},
@@ -122,7 +122,7 @@ def run(ctx: Context) -> str:
         "",
         f"{pushes:,} STK pushes from {THREADS} threads (one pooled `requests` session each), every push "
         f"to its own phone number, median of {rounds} run(s) per path; servers under the Procfile's "
-        "gunicorn configuration, rate limits off, Daraja = the simulator in its own process. "
+        "command (uWSGI), rate limits off, Daraja = the simulator in its own process. "
         "Latency is what the client measures for one request.",
         "",
         table(

@@ -2,7 +2,7 @@
 
     with Context(quick=True) as ctx:
         sim = start_simulator(ctx)
-        server = start_gunicorn(ctx, server_env(sim.url, "memory://"))
+        server = start_server(ctx, server_env(sim.url, "memory://"))
         result = load(server.url + "/stkpush/status", {"checkoutRequestId": "..."}, seconds=2)
 
 Processes run in their own session and are stopped as a group (SIGTERM, then SIGKILL)
@@ -106,7 +106,7 @@ class Process:
                 except subprocess.TimeoutExpired:
                     continue
         else:
-            # The leader is gone; its group (gunicorn workers) may not be.
+            # The leader is gone; its group (uWSGI's workers) may not be.
             with suppress(ProcessLookupError, PermissionError):  # the group is gone too
                 os.killpg(self.popen.pid, signal.SIGKILL)
         self._log.close()
@@ -166,7 +166,7 @@ class Context:
         return process
 
     def stop(self, *processes: Process) -> None:
-        """Stop these processes, all at once (a gunicorn takes seconds to shut down gracefully)."""
+        """Stop these processes, all at once (a server takes seconds to shut down gracefully)."""
         with ThreadPoolExecutor(max(1, len(processes))) as pool:
             list(pool.map(Process.stop, processes))
         for process in processes:
@@ -256,7 +256,14 @@ _SERVER_SETTINGS = (
 def base_env() -> dict:
     """This environment with every server setting blanked (an empty value counts as unset)."""
     env = dict(os.environ)
-    for name in ("DYNO", "WEB_CONCURRENCY", "GUNICORN_THREADS", "PROMETHEUS_MULTIPROC_DIR", "METRICS_STARTED_AT"):
+    for name in (
+        "DYNO",
+        "WEB_CONCURRENCY",
+        "WEB_THREADS",
+        "GUNICORN_THREADS",
+        "PROMETHEUS_MULTIPROC_DIR",
+        "METRICS_STARTED_AT",
+    ):
         env.pop(name, None)
     env.update(dict.fromkeys(_SERVER_SETTINGS, ""))
     env["PYTHONUNBUFFERED"] = "1"
@@ -309,8 +316,8 @@ def start_simulator(
 
 
 def procfile_web(root: Path = ROOT) -> tuple[dict[str, str], list[str]]:
-    """The Procfile's web command: the settings it assigns before the command, and gunicorn's
-    arguments, e.g. ({"PROMETHEUS_MULTIPROC_DIR": "$(mktemp -d)"}, ["-c", "gunicorn.conf.py", "server:app"])."""
+    """The Procfile's web command: the settings it assigns before the command, and serve.py's
+    arguments, e.g. ({"PROMETHEUS_MULTIPROC_DIR": "$(mktemp -d)"}, [])."""
     lines = [line for line in (root / "Procfile").read_text().splitlines() if line.startswith("web:")]
     if not lines:
         raise BenchError("the Procfile has no web: line")
@@ -319,14 +326,15 @@ def procfile_web(root: Path = ROOT) -> tuple[dict[str, str], list[str]]:
     while words and re.fullmatch(r"[A-Za-z_]\w*=.*", words[0]):
         name, _, value = words.pop(0).partition("=")
         settings[name] = value
-    if not words or words[0] != "gunicorn" or "server:app" not in words:
-        raise BenchError(f"the Procfile's web command is not `gunicorn ... server:app`: {lines[0]}")
-    return settings, words[1:]
+    if words[:2] != ["python", "serve.py"]:
+        raise BenchError(f"the Procfile's web command is not `python serve.py ...`: {lines[0]}")
+    return settings, words[2:]
 
 
-def procfile_command(ctx: Context, env: dict, app: str = "server:app", root: Path = ROOT) -> tuple[list[str], dict]:
-    """The Procfile's web command and environment for `app`, bound to loopback only: gunicorn
-    from this Python, the Procfile's settings as it makes them (`$(mktemp -d)`: a fresh folder)."""
+def procfile_command(ctx: Context, env: dict, app: str | None = None, root: Path = ROOT) -> tuple[list[str], dict]:
+    """The Procfile's web command and environment, serving app (None: the server itself) with the
+    same options: serve.py from this Python, the Procfile's settings as it makes them (`$(mktemp -d)`:
+    a fresh folder)."""
     settings, arguments = procfile_web(root)
     env = dict(env)
     for name, value in settings.items():
@@ -336,12 +344,11 @@ def procfile_command(ctx: Context, env: dict, app: str = "server:app", root: Pat
             raise BenchError(f"the Procfile sets {name}={value}, which the benchmark cannot make")
         else:
             env[name] = value
-    arguments = [app if word == "server:app" else word for word in arguments]
-    return [PYTHON, "-m", "gunicorn", "--bind", f"{LOCAL}:{env['PORT']}", *arguments], env
+    return [PYTHON, "serve.py", *(["--app", app] if app else []), *arguments], env
 
 
-def start_gunicorn(ctx: Context, env: dict, app: str = "server:app", name: str = "server") -> Process:
-    """The Procfile's web command (procfile_command) serving app, on loopback port env["PORT"];
+def start_server(ctx: Context, env: dict, app: str | None = None, name: str = "server") -> Process:
+    """The Procfile's web command (procfile_command) serving app, on port env["PORT"];
     returns once every worker the settings ask for is up."""
     from config import load_settings
 
@@ -350,12 +357,12 @@ def start_gunicorn(ctx: Context, env: dict, app: str = "server:app", name: str =
     process = ctx.start(name, command, env, ready_url=f"http://{LOCAL}:{port}/health", timeout=60)
     process.url = f"http://{LOCAL}:{port}"
     workers = load_settings(env).workers
-    wait_until(lambda: len(gunicorn_workers(process)) >= workers, timeout=60)
+    wait_until(lambda: len(server_workers(process)) >= workers, timeout=60)
     return process
 
 
-def gunicorn_workers(process: Process) -> list[int]:
-    """The pids of a gunicorn master's workers."""
+def server_workers(process: Process) -> list[int]:
+    """The pids of a uWSGI master's workers (the benchmark's servers attach no simulator to it)."""
     try:
         out = subprocess.run(
             ["ps", "-o", "pid=", "--ppid", str(process.pid)], capture_output=True, text=True, timeout=5
@@ -844,7 +851,7 @@ def callgrind_tools() -> tuple[str, str] | None:
 def instructions_per_request(
     ctx: Context,
     env: dict,
-    app: str,
+    app: str | None,
     path: str,
     prepare,
     requests_counted: int,
@@ -852,13 +859,13 @@ def instructions_per_request(
     connections: int = 4,
     cwd: Path = ROOT,
 ) -> dict[str, float]:
-    """Machine instructions a gunicorn server executes per POST, counted by valgrind's callgrind.
+    """Machine instructions the server command executes per POST, counted by valgrind's callgrind.
 
     The server (the Procfile's web command serving app, every process under callgrind,
     counting off until the load starts) is started, prepare(url) returns the bodies to count
     ({label: body}), and each body in turn gets `warm_up` requests, then `requests_counted`
     more from `connections` keep-alive connections while the processes count. The server
-    starts in `cwd`, so the Procfile, gunicorn.conf.py and the app are that tree's (another
+    starts in `cwd`, so the Procfile, serve.py and the app are that tree's (another
     revision's checkout, say). User-space instructions only: the kernel's work (system calls,
     scheduling) is not counted. The count does not depend on what else the machine is doing,
     and repeats to within about one percent over a few hundred requests.
@@ -881,11 +888,11 @@ def instructions_per_request(
         *command,
     ]
     server = ctx.start(
-        f"callgrind-{app}", command, env, ready_url=f"http://{LOCAL}:{port}/health", timeout=300, cwd=cwd
+        f"callgrind-{app or 'server'}", command, env, ready_url=f"http://{LOCAL}:{port}/health", timeout=300, cwd=cwd
     )
     try:
         bodies = prepare(f"http://{LOCAL}:{port}")
-        processes = [server.pid] + gunicorn_workers(server)
+        processes = [server.pid] + server_workers(server)
 
         def tell(*args: str) -> None:
             for pid in processes:

@@ -58,7 +58,7 @@ def machine() -> list[list[str]]:
         ["Python", f"{platform.python_implementation()} {platform.python_version()}"],
         [
             "stack",
-            ", ".join(_versions("flask", "werkzeug", "gunicorn", "requests", "redis"))
+            ", ".join(_versions("flask", "werkzeug", "pyuwsgi", "requests", "redis"))
             + f", wrk {wrk_version()}, {_redis_version()}",
         ],
         ["code", _code_state()],

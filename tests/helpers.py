@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -133,6 +134,26 @@ def start_live_server(simulator_url: str, **env) -> LiveServer:
     server = make_server("127.0.0.1", port, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return LiveServer(f"http://127.0.0.1:{port}", simulator_url, app, server)
+
+
+# The Procfile's web command (its fresh PROMETHEUS_MULTIPROC_DIR is each test's to set).
+PROCFILE_COMMAND = [sys.executable, "serve.py"]
+
+
+def workers_ready(log_text: str) -> int:
+    """How many uWSGI workers have built the app, from uWSGI's lines in a server's log."""
+    return log_text.count("WSGI app 0 (mountpoint='') ready")
+
+
+def stats_options(port: int) -> tuple[str, ...]:
+    """uWSGI options for its stats server on port, read by requests_by_worker."""
+    return ("--stats", f"127.0.0.1:{port}", "--stats-http")
+
+
+def requests_by_worker(stats_port: int) -> dict[int, int]:
+    """How many requests each uWSGI worker has answered, by pid, from its stats server."""
+    workers = requests.get(f"http://127.0.0.1:{stats_port}", timeout=5).json()["workers"]
+    return {worker["pid"]: worker["requests"] for worker in workers}
 
 
 class ServerProcess:

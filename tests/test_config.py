@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from config import HEROKU_WORKERS, ConfigError, choose_store, load_settings
+from tests.helpers import PROCFILE_COMMAND
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = "sixteen-letters!"  # the shortest secret taken
@@ -44,7 +45,7 @@ def project_modules() -> list[Path]:
 
 def test_config_is_the_only_module_that_reads_the_environment():
     modules = project_modules()
-    assert ROOT / "config.py" in modules and ROOT / "gunicorn.conf.py" in modules
+    assert ROOT / "config.py" in modules and ROOT / "serve.py" in modules
     assert environment_reads(ROOT / "config.py"), "the scan finds config.py's reads"
     elsewhere = [read for path in modules if path.name != "config.py" for read in environment_reads(path)]
     assert not elsewhere, elsewhere
@@ -57,7 +58,8 @@ def test_config_is_the_only_module_that_reads_the_environment():
         ({"WEB_CONCURRENCY": "2"}, "WEB_CONCURRENCY"),  # memory:// by default
         ({"STORE_URL": "memory://", "WEB_CONCURRENCY": "3"}, "WEB_CONCURRENCY"),
         ({"STORE_URL": "sqlite:///x.db", "WEB_CONCURRENCY": "0"}, "WEB_CONCURRENCY"),
-        ({"GUNICORN_THREADS": "0"}, "GUNICORN_THREADS"),
+        ({"WEB_THREADS": "0"}, "WEB_THREADS"),
+        ({"WEB_THREADS": "eight"}, "WEB_THREADS"),
         ({"GUNICORN_THREADS": "eight"}, "GUNICORN_THREADS"),
         ({"PROMETHEUS_MULTIPROC_DIR": ""}, "PROMETHEUS_MULTIPROC_DIR"),
         ({"PROMETHEUS_MULTIPROC_DIR": "  "}, "PROMETHEUS_MULTIPROC_DIR"),
@@ -141,7 +143,8 @@ def test_workers_default_to_one_for_memory_and_two_per_core_and_one_otherwise():
     shared = {"STORE_URL": "sqlite:///x.db", "MPESA_BASE_URL": "http://127.0.0.1:9"}
     assert load_settings(shared).workers == (os.cpu_count() or 1) * 2 + 1
     assert load_settings({**shared, "WEB_CONCURRENCY": "4", "GUNICORN_THREADS": "2"}).workers == 4
-    assert load_settings({**shared, "GUNICORN_THREADS": "2"}).threads == 2
+    assert load_settings({**shared, "WEB_THREADS": "2"}).threads == 2
+    assert load_settings({**shared, "GUNICORN_THREADS": "3"}).threads == 3  # its earlier name
     assert load_settings({}).threads == 8
 
 
@@ -274,22 +277,22 @@ def test_upkeep_rounds_come_every_15_seconds_unless_set_or_turned_off():
         ([sys.executable, "server.py"], {"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
         ([sys.executable, "server.py"], {"STORE_URL": "sqlite:////no/such/dir/payments.db"}, "STORE_URL"),
         (
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"],
+            PROCFILE_COMMAND,
             {"STORE_URL": "sqlite:///:memory:"},
             "STORE_URL",
         ),
         (
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"],
+            PROCFILE_COMMAND,
             {"WEB_CONCURRENCY": "2", "STORE_URL": "memory://"},
             "WEB_CONCURRENCY",
         ),
         (
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"],
+            PROCFILE_COMMAND,
             {"PROMETHEUS_MULTIPROC_DIR": "/proc/no-metrics-here"},
             "PROMETHEUS_MULTIPROC_DIR",
         ),
         (
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"],
+            PROCFILE_COMMAND,
             {"ADMIN_TOKEN": "a"},
             "ADMIN_TOKEN",
         ),
@@ -297,10 +300,10 @@ def test_upkeep_rounds_come_every_15_seconds_unless_set_or_turned_off():
     ids=[
         "server.py-log-format",
         "server.py-sqlite-folder",
-        "gunicorn-sqlite-memory",
-        "gunicorn-memory-workers",
-        "gunicorn-metrics-directory",
-        "gunicorn-admin-token",
+        "procfile-sqlite-memory",
+        "procfile-memory-workers",
+        "procfile-metrics-directory",
+        "procfile-admin-token",
     ],
 )
 def test_a_bad_setting_stops_start_up_with_one_line(command, environ, setting):

@@ -30,7 +30,17 @@ import requests
 import yaml
 
 from config import HEROKU_WORKERS, ConfigError, load_settings
-from tests.helpers import PAID, ROOT, ServerProcess, free_port, redis_answers, stop_process, wait_until
+from tests.helpers import (
+    PAID,
+    PROCFILE_COMMAND,
+    ROOT,
+    ServerProcess,
+    free_port,
+    redis_answers,
+    stop_process,
+    wait_until,
+    workers_ready,
+)
 
 SETTING_READERS = {"_get", "_int", "_float", "_bool", "_directory", "_secret", "_rate_limit"}
 # Read (or, for REDIS_URL, possibly read) by the server but set by Heroku, never by app.json.
@@ -311,7 +321,7 @@ def test_dockerfile_runs_the_procfile_command_on_slim_python_311():
     assert set(assignments) == set(COMMAND_SET), "what the Procfile sets for the command, and why"
     for name in COMMAND_SET:
         assert docker_env().get(name), f"the image sets {name} too"
-    assert "PORT" in docker_env(), "gunicorn.conf.py binds $PORT; the image says its default"
+    assert "PORT" in docker_env(), "serve.py binds $PORT; the image says its default"
     assert "MPESA_ENV" not in docker_env(), "no credentials: the image must start the demo"
 
 
@@ -376,7 +386,7 @@ def test_dockerignore_keeps_out_local_state_and_keeps_in_the_server():
     context = set(build_context())
     needed = {path for path in os.listdir(ROOT) if path.endswith(".py")}
     needed |= {path.relative_to(ROOT).as_posix() for path in ROOT.glob("telemetry/*.py")}
-    needed |= {"requirements.txt", "gunicorn.conf.py"}
+    needed |= {"requirements.txt"}
     assert not needed - context, sorted(needed - context)
     assert any(path.startswith("templates/") for path in context)
     assert any(path.startswith("static/") for path in context)
@@ -422,7 +432,7 @@ def test_compose_postgres_variant_keeps_the_payments_in_a_durable_postgresql():
 
 
 def base_env(home: Path, bin_dir: Path | None = None) -> dict[str, str]:
-    """A bare environment whose PATH finds gunicorn in bin_dir (default: this interpreter's)."""
+    """A bare environment whose PATH finds python in bin_dir (default: this interpreter's)."""
     return {
         "PATH": os.pathsep.join([str(bin_dir or Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
         "HOME": str(home),
@@ -476,7 +486,7 @@ class Server:
         return self
 
     def stop(self) -> None:
-        """SIGTERM to gunicorn's master, as `docker stop` sends; then end what is left of its group."""
+        """SIGTERM to uWSGI's master, as `docker stop` sends; then end what is left of its group."""
         if self.process is None:
             return
         if self.process.poll() is None:
@@ -596,7 +606,7 @@ class ImageCommand:
         self.server.serving()
 
     def process_user(self) -> int:
-        """The real uid gunicorn's master runs as."""
+        """The real uid uWSGI's master runs as."""
         status = Path(f"/proc/{self.server.process.pid}/status").read_text()
         return int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
 
@@ -732,7 +742,7 @@ def heroku_server(tmp: Path, **env: str) -> Server:
 
 
 def booted_workers(server: Server) -> int:
-    return len(re.findall(r"Booting worker with pid", server.log.read_text()))
+    return workers_ready(server.log.read_text())
 
 
 def test_heroku_deploy_without_credentials_serves_the_demo_from_its_add_ons(request, tmp_path, redis_url):
@@ -942,7 +952,7 @@ def test_demo_workers_share_one_callback_token(tmp_path):
         "ADMIN_TOKEN": token,
         "CALLBACK_TOKEN": "",
     }
-    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"]
+    command = PROCFILE_COMMAND
     server = ServerProcess(command, env, port, tmp_path / "server.log")
     try:
 

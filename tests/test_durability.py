@@ -1,4 +1,4 @@
-"""Nothing is lost: SQLite across restarts and kill -9, and several gunicorn workers."""
+"""Nothing is lost: SQLite across restarts and kill -9, and several workers under the Procfile's command."""
 
 from __future__ import annotations
 
@@ -15,7 +15,17 @@ import pytest
 import requests
 
 from tests.helpers import CALLBACK_TOKEN as TOKEN
-from tests.helpers import PAID, ROOT, WAITING, ServerProcess, free_port, wait_until
+from tests.helpers import (
+    PAID,
+    PROCFILE_COMMAND,
+    ROOT,
+    WAITING,
+    ServerProcess,
+    free_port,
+    requests_by_worker,
+    stats_options,
+    wait_until,
+)
 
 
 def status(base: str, checkout_id: str) -> dict:
@@ -96,19 +106,11 @@ def shared_store_url(request, tmp_path):
     return request.getfixturevalue(f"clean_{request.param}_url")
 
 
-def gunicorn(env: dict, port: int, log_path: Path, workers: int = 4, options: tuple[str, ...] = ()) -> ServerProcess:
-    env = {**env, "WEB_CONCURRENCY": str(workers), "GUNICORN_THREADS": "4"}
-    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *options, "server:app"]
-    return ServerProcess(command, env, port, log_path)
-
-
-# A successful poll writes no line of the app's own: gunicorn's access log says which worker answered.
-ACCESS_LOG_WITH_PIDS = ("--access-logfile", "-", "--access-logformat", "answered-by %(p)s %(m)s %(U)s %(s)s")
-
-
-def poll_answerers(log_text: str) -> set[str]:
-    """The workers that answered a poll with a 200, from gunicorn's access log (ACCESS_LOG_WITH_PIDS)."""
-    return set(re.findall(r"answered-by <(\d+)> POST /stkpush/status 200", log_text))
+def procfile_server(
+    env: dict, port: int, log_path: Path, workers: int = 4, options: tuple[str, ...] = ()
+) -> ServerProcess:
+    env = {**env, "WEB_CONCURRENCY": str(workers), "WEB_THREADS": "4"}
+    return ServerProcess([*PROCFILE_COMMAND, *options], env, port, log_path)
 
 
 def pids_by_path(log_text: str) -> dict[str, set[str]]:
@@ -120,10 +122,11 @@ def pids_by_path(log_text: str) -> dict[str, set[str]]:
     return seen
 
 
-def test_gunicorn_workers_share_payments_and_one_token(server_env, shared_store_url, tmp_path, simulator):
+def test_workers_share_payments_and_one_token(server_env, shared_store_url, tmp_path, simulator):
     port, env = server_env
-    server = gunicorn(
-        {**env, "STORE_URL": shared_store_url}, port, tmp_path / "gunicorn.log", options=ACCESS_LOG_WITH_PIDS
+    stats_port = free_port()
+    server = procfile_server(
+        {**env, "STORE_URL": shared_store_url}, port, tmp_path / "server.log", options=stats_options(stats_port)
     )
     try:
         phones = [f"0711{n:06d}" for n in range(40)]
@@ -131,10 +134,12 @@ def test_gunicorn_workers_share_payments_and_one_token(server_env, shared_store_
             ids = list(pool.map(lambda phone: push(server.url, phone), phones))
             # The kernel may hand a burst of connections to one worker: poll until another
             # worker has answered too, so that the payments are seen across workers.
+            before = requests_by_worker(stats_port)
             for _ in range(20):
                 answers = list(pool.map(lambda checkout_id: status(server.url, checkout_id), ids * 3))
                 assert all(answer["status"] == "pending" for answer in answers), answers
-                workers = poll_answerers(server.log_path.read_text())
+                after = requests_by_worker(stats_port)
+                workers = {pid for pid, count in after.items() if count > before.get(pid, 0)}
                 if len(workers) > 1:
                     break
         assert len(workers) > 1, "every poll went to one worker"
@@ -147,7 +152,7 @@ def test_gunicorn_workers_share_payments_and_one_token(server_env, shared_store_
 
 def test_killing_a_worker_under_load_loses_nothing(server_env, shared_store_url, tmp_path, simulator):
     port, env = server_env
-    server = gunicorn({**env, "STORE_URL": shared_store_url}, port, tmp_path / "gunicorn.log", workers=2)
+    server = procfile_server({**env, "STORE_URL": shared_store_url}, port, tmp_path / "server.log", workers=2)
     try:
         phones = [f"0111{n:06d}" for n in range(30)]
         ids: list[str] = []

@@ -1,7 +1,7 @@
-"""The fault suite: a rush of payments on gunicorn's workers, workers killed at the worst moment.
+"""The fault suite: a rush of payments on the server's workers, workers killed at the worst moment.
 
 On every durable store, the server runs as an operator runs it: the Procfile's command
-(`gunicorn -c gunicorn.conf.py server:app`, with its PROMETHEUS_MULTIPROC_DIR), 4 workers, rate
+(`python serve.py`, uWSGI, with its PROMETHEUS_MULTIPROC_DIR), 4 workers, rate
 limits on but out of reach, a webhook receiver of the shop's, and a catalogue whose seats are
 limited. The test's own simulator holds every push answer HOLD seconds after it has prompted the
 customer (its `slow` fault). 200 pushes from 16 threads, each with its own Idempotency-Key; part
@@ -30,7 +30,6 @@ import json
 import os
 import re
 import signal
-import sys
 import time
 import uuid
 from collections import Counter
@@ -44,7 +43,7 @@ import pytest
 import requests
 
 import webhooks
-from tests.helpers import CALLBACK_TOKEN, ServerProcess, free_port, wait_until
+from tests.helpers import CALLBACK_TOKEN, PROCFILE_COMMAND, ServerProcess, free_port, wait_until
 
 PUSHES = 200
 CLIENTS = 16
@@ -210,7 +209,7 @@ def every_prompt_ended(sim_url: str) -> bool:
 
 
 def children(pid: int) -> list[int]:
-    """The processes whose parent is pid (gunicorn's workers, for its master)."""
+    """The processes whose parent is pid (the workers, for uWSGI's master)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -340,11 +339,11 @@ def operator_env(store_url: str, sim_url: str, port: int, webhook_url: str, tmp_
 
 @pytest.fixture
 def operator_servers():
-    """Start the Procfile's gunicorn command; whatever is left running is killed afterwards."""
+    """Start the Procfile's command; whatever is left running is killed afterwards."""
     started: list[ServerProcess] = []
 
     def start(env: dict[str, str], log_path: Path) -> ServerProcess:
-        command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"]
+        command = PROCFILE_COMMAND
         started.append(ServerProcess(command, env, int(env["PORT"]), log_path))
         return started[-1]
 
@@ -446,7 +445,7 @@ def test_workers_killed_at_the_worst_moment_lose_no_paid_shilling(
     port = free_port()
     env = operator_env(store_url, simulator.url, port, callback_receiver.url, tmp_path)
     callback_receiver.status = 503  # the shop's end is down: every webhook waits for a retry
-    server = operator_servers(env, tmp_path / "gunicorn-first.log")
+    server = operator_servers(env, tmp_path / "server-first.log")
     wait_until(lambda: all_workers_up(server), timeout=30)
     arm_simulator(simulator.url)
 
@@ -568,7 +567,7 @@ def test_workers_killed_at_the_worst_moment_lose_no_paid_shilling(
     server.kill(signal.SIGTERM)
     callback_receiver.status = 200
     since_restart = len(callback_receiver.bodies)
-    server = operator_servers(env, tmp_path / "gunicorn-second.log")
+    server = operator_servers(env, tmp_path / "server-second.log")
     final = [record for record in admin_records(server.url) if record["status"] != "pending"]
     expected = {
         frozenset(record_ids(record)): f"payment.{'completed' if record['status'] == 'completed' else 'failed'}"

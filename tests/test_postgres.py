@@ -21,7 +21,7 @@ import requests
 
 from store import PostgresStore, Store, Transaction, open_store
 from store.postgres import DEFAULT_POOL_MAX, SCHEMA_VERSION
-from tests.helpers import CALLBACK_TOKEN, ROOT, ServerProcess, free_port, wait_until
+from tests.helpers import CALLBACK_TOKEN, PROCFILE_COMMAND, ROOT, ServerProcess, free_port, wait_until
 
 TABLES = {"schema_version", "transactions", "tallies", "kv", "counters", "stock_holds"}
 
@@ -181,13 +181,13 @@ def test_five_workers_starting_at_once_on_an_empty_database_make_the_schema_once
         "CALLBACK_TOKEN": CALLBACK_TOKEN,
         "STORE_URL": empty_postgres_url,
         "WEB_CONCURRENCY": "5",
-        "GUNICORN_THREADS": "2",
+        "WEB_THREADS": "2",
         "LOG_FORMAT": "json",
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),  # as the Procfile makes it
     }
     (tmp_path / "metrics").mkdir()
-    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"]
-    server = ServerProcess(command, env, port, tmp_path / "gunicorn.log")
+    command = PROCFILE_COMMAND
+    server = ServerProcess(command, env, port, tmp_path / "server.log")
     try:
 
         def answering_workers() -> set[int]:

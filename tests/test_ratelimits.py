@@ -18,7 +18,7 @@ import pytest
 import requests
 
 import ratelimits
-from tests.helpers import CALLBACK_TOKEN, ServerProcess, free_port, wait_until
+from tests.helpers import CALLBACK_TOKEN, PROCFILE_COMMAND, ServerProcess, free_port, wait_until, workers_ready
 
 
 def workers(backend, store, count: int, limit: str = "120/minute") -> list[ratelimits.RateLimits]:
@@ -102,7 +102,7 @@ def test_a_bad_limit_setting_stops_start_up_with_one_line():
     assert "RATE_LIMIT_STATUS_PER_IP" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_gunicorn_workers_share_the_poll_limit(simulator, tmp_path):
+def test_workers_share_the_poll_limit(simulator, tmp_path):
     limit, count = 40, 3
     share = limit // ratelimits.SHARE_OF_LIMIT
     port = free_port()
@@ -119,9 +119,7 @@ def test_gunicorn_workers_share_the_poll_limit(simulator, tmp_path):
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
         "LOG_FORMAT": "json",
     }
-    server = ServerProcess(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"], env, port, tmp_path / "gunicorn.log"
-    )
+    server = ServerProcess(PROCFILE_COMMAND, env, port, tmp_path / "server.log")
     try:
         url = server.url + "/stkpush/status/pay_000000000000000000000000"
 
@@ -132,7 +130,7 @@ def test_gunicorn_workers_share_the_poll_limit(simulator, tmp_path):
 
         with ThreadPoolExecutor(count) as pool:
             # Until every worker has loaded the app, the first one takes every request: wait for all three.
-            wait_until(lambda: served_by(tmp_path / "gunicorn.log") >= count, timeout=30, every=0.2)
+            wait_until(lambda: workers_ready((tmp_path / "server.log").read_text()) >= count, timeout=30, every=0.2)
             codes: list[int] = []
             while not codes or codes[-1] != 429:
                 codes.extend(pool.map(poll, range(count)))
@@ -140,14 +138,9 @@ def test_gunicorn_workers_share_the_poll_limit(simulator, tmp_path):
         allowed = codes.count(404)  # an unknown payment: a poll let through
         assert limit - (count - 1) * share <= allowed <= limit, codes
         assert set(codes) == {404, 429}
-        wait_until(lambda: len(polled_by(tmp_path / "gunicorn.log")) > 1, timeout=10)  # dealt out among them
+        wait_until(lambda: len(polled_by(tmp_path / "server.log")) > 1, timeout=10)  # dealt out among them
     finally:
         server.kill()
-
-
-def served_by(log_path) -> int:
-    """How many gunicorn workers have booted, from the log."""
-    return log_path.read_text().count("Booting worker")
 
 
 def polled_by(log_path) -> set[int]:

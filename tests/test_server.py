@@ -22,6 +22,7 @@ from tests.helpers import (
     BROKE,
     CANCELLED,
     PAID,
+    PROCFILE_COMMAND,
     ROOT,
     SERVER_DEFAULTS,
     UNREACHABLE,
@@ -391,18 +392,18 @@ def test_oversized_body_is_a_413_in_json(live):
 
 
 @pytest.fixture
-def gunicorn_server(simulator, tmp_path):
-    """The server under the Procfile's gunicorn command (one worker, memory store)."""
+def procfile_server(simulator, tmp_path):
+    """The server under the Procfile's command, uWSGI (one worker, memory store)."""
     port = free_port()
     env = {**SERVER_DEFAULTS, "MPESA_BASE_URL": simulator.url, "PORT": str(port), "STORE_URL": "memory://"}
-    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"]
+    command = PROCFILE_COMMAND
     server = ServerProcess(command, env, port, tmp_path / "server.log")
     yield server
     server.kill(signal.SIGTERM)
 
 
-@pytest.mark.parametrize("server", ["live", "gunicorn_server"])
-def test_a_body_over_the_limit_is_a_413_whether_sent_whole_or_in_chunks(request, server):
+@pytest.mark.parametrize("server", ["live", "procfile_server"])
+def test_a_body_over_the_limit_is_a_413_and_one_sent_in_chunks_a_411(request, server):
     url = request.getfixturevalue(server).url
 
     def chunks(data: bytes):  # requests sends a generator with Transfer-Encoding: chunked
@@ -410,17 +411,21 @@ def test_a_body_over_the_limit_is_a_413_whether_sent_whole_or_in_chunks(request,
 
     headers = {"Content-Type": "application/json"}
     big = json.dumps({"phone": WAITING, "amount": 1, "description": "x" * 70_000}).encode()
-    for body in (big, chunks(big)):
+    response = requests.post(url + "/stkpush", data=big, headers=headers, timeout=30)
+    assert response.status_code == 413 and response.json()["message"] == "Request body too large (limit 64 KB)"
+    small = json.dumps({"phone": "254712345601", "amount": 1, "description": "x" * 100}).encode()
+    for body in (chunks(big), chunks(small)):
         response = requests.post(url + "/stkpush", data=body, headers=headers, timeout=30)
-        assert response.status_code == 413 and response.json()["message"] == "Request body too large (limit 64 KB)"
-    for phone in ("254712345601", "254712345602"):  # each waits for the handset: one prompt per phone
-        small = json.dumps({"phone": phone, "amount": 1, "description": "x" * 100}).encode()
-        body = small if phone.endswith("1") else chunks(small)
-        response = requests.post(url + "/stkpush", data=body, headers=headers, timeout=30)
-        assert response.status_code == 200 and response.json()["status"] == "pending"
-        poll_body = chunks(json.dumps({"checkoutRequestId": response.json()["checkoutRequestId"]}).encode())
-        polled = requests.post(url + "/stkpush/status", data=poll_body, headers=headers, timeout=30)
-        assert polled.status_code == 200 and polled.json()["status"] == "pending"
+        assert response.status_code == 411 and response.json() == {
+            "success": False,
+            "message": "Content-Length is required: a body sent in chunks is not accepted",
+        }
+    response = requests.post(url + "/stkpush", data=small, headers=headers, timeout=30)
+    assert response.status_code == 200 and response.json()["status"] == "pending"
+    polled = requests.post(url + "/stkpush/status", json={"checkoutRequestId": response.json()["checkoutRequestId"]})
+    assert polled.status_code == 200 and polled.json()["status"] == "pending"
+    prompts = requests.get(request.getfixturevalue("simulator").url + "/simulator/prompts", timeout=10).json()
+    assert [p["phone"] for p in prompts["prompts"]].count("254712345601") == 1  # the refused bodies prompted nobody
 
 
 def test_amount_as_digit_string_is_accepted(live):
@@ -621,7 +626,7 @@ def test_logs_never_show_full_phones_or_the_callback_token(live, caplog):
     poll(live, checkout_id)
     live.post(hook(live), json=callback_body(checkout_id))
     # Our own loggers; werkzeug's development access log is off in `python server.py`
-    # and gunicorn's is off in gunicorn.conf.py.
+    # and uWSGI's request log is off in serve.py.
     ours = ("server", "payments", "mpesa", "store", "simulator", "pages")
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.split(".")[0] in ours)
     assert "2547******00" in text

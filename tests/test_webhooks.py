@@ -26,6 +26,7 @@ from tests.helpers import (
     CALLBACK_TOKEN,
     CANCELLED,
     PAID,
+    PROCFILE_COMMAND,
     ROOT,
     WAITING,
     ServerProcess,
@@ -609,7 +610,6 @@ def test_a_real_result_after_our_timeout_is_a_second_event(shop, simulator):
 # Resuming by itself after a restart, once across workers (real server processes).
 
 SERVER_PY = [sys.executable, "server.py"]
-GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "server:app"]
 
 
 def serve(command, simulator, store_url: str, shop_url: str, log_path, **env) -> ServerProcess:
@@ -660,8 +660,8 @@ def shared_store_url(request, tmp_path):
 
 @pytest.mark.parametrize(
     "command, stop, workers",
-    [(SERVER_PY, signal.SIGINT, "1"), (GUNICORN, signal.SIGTERM, "3")],
-    ids=["server.py", "gunicorn"],
+    [(SERVER_PY, signal.SIGINT, "1"), (PROCFILE_COMMAND, signal.SIGTERM, "3")],
+    ids=["server.py", "procfile"],
 )
 def test_a_restarted_server_sends_the_pending_events_by_itself(
     command, stop, workers, shared_store_url, simulator, receiver_factory, tmp_path
@@ -697,8 +697,8 @@ def test_several_workers_make_each_attempt_once_and_on_time(shared_store_url, si
     shop = receiver_factory(fail_first=2)
     # Retries fall due every 1 to 2 s and upkeep rounds come every second, in whichever
     # worker holds the lease: both try to send the same attempts.
-    env = {"WEB_CONCURRENCY": "3", "GUNICORN_THREADS": "4", "WEBHOOK_BASE_DELAY": "2", "WEBHOOK_MAX_DELAY": "2"}
-    server = serve(GUNICORN, simulator, shared_store_url, shop.url, tmp_path / "gunicorn.log", **env)
+    env = {"WEB_CONCURRENCY": "3", "WEB_THREADS": "4", "WEBHOOK_BASE_DELAY": "2", "WEBHOOK_MAX_DELAY": "2"}
+    server = serve(PROCFILE_COMMAND, simulator, shared_store_url, shop.url, tmp_path / "server.log", **env)
     store = open_store(shared_store_url)
     try:
         ids = pay(server, simulator, 5)
