@@ -40,6 +40,17 @@ WORKER_MERCY = 20  # seconds a stopping worker gets; Heroku kills the dyno's pro
 log = logging.getLogger("serve")
 
 
+def listen_queue(wanted: int = 1024) -> int:
+    """Connections the kernel may queue before a worker thread accepts one: uWSGI's default of
+    100 refuses a burst of new connections early, and uWSGI will not start asking for more than
+    the system allows (net.core.somaxconn, which the kernel would cap it to silently)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as limit:
+            return min(wanted, int(limit.read()))
+    except (OSError, ValueError):
+        return 100  # uWSGI's own default
+
+
 def uwsgi_options(settings: Settings, app: str = APP) -> list[str]:
     """uWSGI's options for these settings."""
     options = [
@@ -58,6 +69,8 @@ def uwsgi_options(settings: Settings, app: str = APP) -> list[str]:
         app,
         "--buffer-size",
         "32768",  # request line and headers; uWSGI drops a bigger request without an answer
+        "--listen",
+        str(listen_queue()),
         "--disable-logging",
         # Write errors (a client gone before its answer) would be logged with the path, which may hold a phone number.
         "--ignore-sigpipe",

@@ -173,8 +173,8 @@ def _frames(stack: str) -> list[tuple[str, str]]:
 
 def _report(stacks: Counter, own_files: set[str]) -> tuple[str, dict]:
     """The tables for one path, and each concern's share of its samples."""
-    # Only request-handling stacks: the worker's main loop and heartbeat are not the path.
-    stacks = Counter({stack: n for stack, n in stacks.items() if "handle_request" in stack})
+    # Only request-handling stacks (uWSGI calls the app from C): not the upkeep's or the webhook sender's threads.
+    stacks = Counter({stack: n for stack, n in stacks.items() if stack.startswith("Flask.__call__ ")})
     total = sum(stacks.values())
     if not total:
         return "No samples (the load did not reach the worker?).", {}

@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import simulator as sim_module
 from mpesa import mask_checkout_id
+from serve import listen_queue
 from telemetry import metrics
 from telemetry.logs import JsonFormatter, log_time, mask_phones_on
 from telemetry.requestlog import API_SECURITY_HEADERS, SECURITY_HEADERS, RequestLog
@@ -579,6 +580,9 @@ def test_one_worker_counts_and_logs_each_request(process_env, tmp_path):
     assert len(app_lines) == 1  # the app's own line for the one push; uWSGI writes none per request
     assert not [line for line in lines if "POST /stkpush" in line and not line.startswith("{")]
     assert lines[-1] == "goodbye to uWSGI."  # SIGTERM: a graceful stop, to the end
+    # A burst of new connections waits in a queue longer than uWSGI's default of 100.
+    assert f"your server socket listen backlog is limited to {listen_queue()} connections" in lines
+    assert listen_queue() > 100
 
 
 def test_a_blank_metrics_directory_setting_stops_start_up(process_env):
