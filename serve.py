@@ -10,9 +10,10 @@ return). The master forks the workers; each builds the app after the fork
 when the settings name SIMULATOR_PORT, stopping it when it stops.
 
 SIGTERM, which `docker stop` sends to the master and Heroku to every process of the dyno, stops
-the server gracefully (uWSGI's own default would reload it): no new requests; each worker
-finishes those it holds and runs Python's exit handlers (the webhook sender records the attempt
-under way, the upkeep stops); after WORKER_MERCY seconds the master kills what is left.
+the server gracefully (uWSGI's own default would reload it), a worker still building the app
+included: no new requests; each worker finishes those it holds and runs Python's exit handlers
+(the webhook sender records the attempt under way, the upkeep stops); after WORKER_MERCY
+seconds the master kills what is left.
 
 uWSGI writes no line per request: the app logs its own, with phone numbers masked, which
 uWSGI's request log would print in full. uWSGI's own lines (workers started and stopped) are
@@ -78,7 +79,13 @@ def uwsgi_options(settings: Settings, app: str = APP) -> list[str]:
         "--disable-write-exception",
         "--hook-master-start",
         "unix_signal:15 gracefully_kill_them_all",
-        "--hook-accepting",  # in each worker, once it is ready
+        # In a worker: from the fork (it inherits the master's handlers, which would act as a
+        # master), and again once it is ready, where uWSGI makes SIGTERM a reload.
+        "--hook-post-fork",
+        "unix_signal:15 gracefully_kill",
+        "--hook-post-fork",
+        "unix_signal:1 gracefully_kill",
+        "--hook-accepting",
         "unix_signal:15 gracefully_kill",
         "--worker-reload-mercy",
         str(WORKER_MERCY),

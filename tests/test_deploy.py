@@ -431,6 +431,44 @@ def test_compose_postgres_variant_keeps_the_payments_in_a_durable_postgresql():
 # The commands themselves.
 
 
+def test_sigterm_to_every_process_while_the_workers_build_the_app_stops_the_server_gracefully(tmp_path):
+    """Heroku signals every process of a dyno, a restart may come while the workers are still
+    building the app, and each must still stop and run its exit handlers (where the webhook
+    sender records its attempt under way)."""
+    exited = tmp_path / "exited"
+    exited.mkdir()
+    env = {
+        **os.environ,
+        "PORT": str(free_port()),
+        "WEB_CONCURRENCY": "3",
+        "STORE_URL": f"sqlite:///{tmp_path / 'payments.db'}",
+        "MPESA_BASE_URL": "http://127.0.0.1:9",
+        "SLOW_START_SECONDS": "5",
+        "EXITED_DIR": str(exited),
+    }
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [*PROCFILE_COMMAND, "--app", "tests.slow_start_app:app"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(lambda: log.read_text().count("spawned uWSGI worker") == 3, timeout=30)
+        workers = {int(pid) for pid in re.findall(r"spawned uWSGI worker \d+ \(pid: (\d+)", log.read_text())}
+        assert workers_ready(log.read_text()) == 0, "a worker built the app before the stop: the test proves nothing"
+        os.killpg(server.pid, signal.SIGTERM)
+        assert server.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+    assert {int(path.name) for path in exited.iterdir()} == workers, log.read_text()[-3000:]
+    assert log.read_text().rstrip().endswith("goodbye to uWSGI.")
+
+
 def base_env(home: Path, bin_dir: Path | None = None) -> dict[str, str]:
     """A bare environment whose PATH finds python in bin_dir (default: this interpreter's)."""
     return {
