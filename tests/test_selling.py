@@ -278,14 +278,18 @@ def test_reconcile_releases_holds_of_unknown_payments_and_leaves_pending_ones(st
     assert admin(stocked, waiting)["status"] == "pending"
 
 
-def test_a_status_poll_moves_the_stock_of_a_verdict_saved_just_before_a_crash(stocked):
+def test_a_status_poll_moves_the_stock_of_a_verdict_saved_just_before_a_crash(stocked, simulator):
+    # No prompt timeout during the test: its callback would move the stock too, racing the poll.
+    requests.patch(simulator.url + "/simulator/config", json={"prompt_timeout": 3600}, timeout=5).raise_for_status()
     checkout_id = seats(stocked, quantity=2)
 
     def saved_failed_then_died(tx):  # what the settling worker wrote before it died
         tx.status, tx.reason = "failed", "cancelled"
         tx.extra["stock"] = "to_release"
 
-    stocked.app.extensions["store"].update(checkout_id, saved_failed_then_died)
+    store = stocked.app.extensions["store"]
+    saved, _ = store.update(store.find(checkout_id).payment_id, saved_failed_then_died)
+    assert saved is not None and saved.status == "failed"
     assert available(stocked, "seat") == 1
     assert poll(stocked, checkout_id)["status"] == "failed"
     assert available(stocked, "seat") == 3
@@ -300,11 +304,13 @@ def test_a_late_payment_keeps_a_hold_a_dead_worker_did_not_release(stocked, left
         tx.status, tx.reason, tx.settled_by = "failed", "timeout", "timeout"
         tx.extra["stock"] = left_as
 
-    stocked.app.extensions["store"].update(checkout_id, timed_out_then_died)
+    store = stocked.app.extensions["store"]
+    saved, _ = store.update(store.find(checkout_id).payment_id, timed_out_then_died)
+    assert saved is not None and saved.status == "failed"
     stocked.post(hook(stocked), json=callback_body(checkout_id, amount=3000.0))
     assert poll(stocked, checkout_id)["status"] == "completed"
     assert available(stocked, "seat") == 1  # counted once: neither given back nor taken twice
-    assert stocked.app.extensions["store"].stock_holders() == []
+    assert store.stock_holders() == []
     tx = admin(stocked, checkout_id)
     assert tx["extra"]["stock"] == "sold" and "oversold" not in tx["flags"]
     reconcile(stocked)
