@@ -18,14 +18,15 @@ seconds the master kills what is left.
 uWSGI writes no line per request: the app logs its own, with phone numbers masked, which
 uWSGI's request log would print in full. uWSGI's own lines (workers started and stopped) are
 text whatever LOG_FORMAT says: it writes them itself, and its encoders would wrap the app's
-JSON lines too, which share its output. Arguments after --app are more uWSGI options, e.g.
-`--stats 127.0.0.1:9191` for its per-worker stats.
+JSON lines too, which share its output. Any argument but --app is passed to uWSGI, e.g.
+`--stats 127.0.0.1:9191 --stats-http` for its per-worker stats.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 
 import pyuwsgi
@@ -50,6 +51,18 @@ def listen_queue(wanted: int = 1024) -> int:
             return min(wanted, int(limit.read()))
     except (OSError, ValueError):
         return 100  # uWSGI's own default
+
+
+def can_listen_on(port: int) -> bool:
+    """Whether the simulator could listen on 127.0.0.1:port: uWSGI would only start it again and
+    again if it cannot, and every push would fail."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the simulator's own server does
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def uwsgi_options(settings: Settings, app: str = APP) -> list[str]:
@@ -105,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_settings()
     except ConfigError as error:
         sys.exit(f"Configuration error: {error}")
+    if settings.simulator_port and not can_listen_on(settings.simulator_port):
+        sys.exit(f"Configuration error: SIMULATOR_PORT={settings.simulator_port}: in use (is the port taken?)")
     configure_logging(settings.log_format)
     if settings.metrics_dir:
         metrics.clear(settings.metrics_dir)

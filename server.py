@@ -2,8 +2,8 @@
 
 It wires the rooms together: the JSON API (api.py, API.md), the pages (pages.py), the
 operator's dashboard (admin/), one error handler per kind of error, and the reconcile
-command. `python server.py` runs the development server; the Procfile runs gunicorn
-with gunicorn.conf.py. Both build the app with app_from_environment(), which also starts
+command. `python server.py` runs the development server; the Procfile runs uWSGI through
+serve.py. Both build the app with app_from_environment(), which also starts
 the process's background upkeep (upkeep.py).
 """
 
@@ -325,7 +325,7 @@ _app = None
 
 
 def __getattr__(name):
-    # `gunicorn server:app` builds the application on first use, not at import,
+    # `server:app` (flask --app server) builds the application on first use, not at import,
     # so that importing this module (tests, tools) starts nothing.
     global _app
     if name == "app":

@@ -2,7 +2,7 @@
 
 Some work has no request to start it: payments left pending past TRANSACTION_TTL after an
 outage, webhook events whose process died before their next attempt. The serving processes
-(server.app_from_environment: each gunicorn worker after the fork, `python server.py`) each
+(server.app_from_environment: each uWSGI worker after the fork, `python server.py`) each
 run one daemon thread that, every UPKEEP_SECONDS, tries to take a lease in the shared store
 
     store.add("upkeep:lease", {...}, ttl=UPKEEP_SECONDS)

@@ -413,8 +413,8 @@ class WebhookSender:
 
         At exit (server.start_background_work) a slow attempt must not be cut short: the
         process would close the store under it, and leave the event locked for _lock_ttl
-        seconds. Ten seconds is most of a timed-out attempt and fits in gunicorn's graceful
-        timeout beside the upkeep's stop."""
+        seconds. Ten seconds is most of a timed-out attempt and fits in the 20 s a stopping
+        worker gets (serve.py) beside the upkeep's stop."""
         with self._cond:
             self._closed = True
             left = len(self._queue)

@@ -2,7 +2,8 @@
 
 start() serves it in-process on a daemon thread (the payment server's `python server.py` and the
 tests); start_process() starts `python -m simulator` as a child process and waits until it
-answers (gunicorn's master, so every worker shares one simulator); main() is that command.
+answers (`python server.py` with SIMULATOR_PORT); main() is that command, which serve.py has
+uWSGI's master run, so every worker shares one simulator.
 """
 
 from __future__ import annotations

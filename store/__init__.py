@@ -35,7 +35,7 @@ object, and a value JSON cannot hold, or a status outside STATUSES, fails the sa
 everywhere: with an exception, before anything is saved.
 
 Which to choose. memory:// for development, tests and one-process demos; sqlite:// for one
-machine, gunicorn workers included, and wherever a permanent ledger is wanted; postgresql://
+machine, several workers included, and wherever a permanent ledger is wanted; postgresql://
 for a permanent ledger that several machines or dynos share (Heroku Postgres); redis:// when
 they share payments kept for `retention`.
 

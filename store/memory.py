@@ -1,6 +1,6 @@
 """The memory backend: records and values in one process's memory, behind one lock.
 
-Does not guarantee anything beyond one process: each gunicorn worker would have its own
+Does not guarantee anything beyond one process: each worker process would have its own
 store, and a restart forgets everything. For development, tests and single-process demos.
 """
 
@@ -105,7 +105,7 @@ def _without(entries: list, leaving: list) -> list:
 class MemoryStore:
     """Records and values in this process's memory, behind one lock.
 
-    Does not guarantee anything beyond one process: each gunicorn worker would have its
+    Does not guarantee anything beyond one process: each worker process would have its
     own store (a callback landing on another worker is never seen) and a restart forgets
     everything. For development, tests and single-process demos.
 

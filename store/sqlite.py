@@ -188,7 +188,7 @@ class SQLiteStore:
     `search`, and every write adjusts the per-bucket counters in `tallies` for `overview`,
     in the same transaction.
 
-    Several gunicorn workers may share the file: every thread of every process gets its own
+    Several worker processes may share the file: every thread of every process gets its own
     connection (reopened after a fork), and writes run under BEGIN IMMEDIATE. Writers first
     queue for an flock on `<path>-lock`, so that the kernel hands the write lock on: left to
     SQLite's busy handler, waiting writers sleep and retry, up to 100 ms at a time, and
@@ -216,7 +216,7 @@ class SQLiteStore:
         self._open: weakref.WeakSet[_Connection] = weakref.WeakSet()
         self._inherited: list[_Connection] = []
         # The set-up connection is closed at once, so a parent that forks workers
-        # (gunicorn --preload) holds no connection for them to inherit.
+        # (a server that builds the app before forking) holds no connection for them to inherit.
         try:
             db = self._connect()
             writer_lock = self._open_writer_lock()

@@ -4,8 +4,8 @@ LOG_FORMAT (config.py) picks text lines (TEXT_LOG_FORMAT) or JSON lines (JsonFor
 object per line, for log collectors). Either way logging's StreamHandler writes them to stdout,
 and every line logged while a request is served carries that request's id (RequestIdFilter; the
 id is the one telemetry.requestlog gives the request). configure_logging() sets this up for
-`python server.py` and each gunicorn worker; gunicorn.conf.py's logconfig_dict uses the same
-formatter and handler for gunicorn's own lines.
+`python server.py` and for serve.py, whose uWSGI workers inherit it; uWSGI writes its own few
+lines itself, as text.
 
 No line carries a phone number, whoever wrote it: the server's modules mask the numbers they
 log, and PhoneMaskFilter, on every handler these set-ups install, masks any other
@@ -30,7 +30,7 @@ ENVIRON_KEY = "mpesa.request_id"  # where telemetry.requestlog keeps the request
 def configure_logging(log_format: str) -> None:
     """Log to stdout as text or JSON lines (log_format, settings.log_format), with the request id on each JSON line."""
     root = logging.getLogger()
-    if not root.handlers:  # under gunicorn, gunicorn.conf.py has set up the handler already
+    if not root.handlers:  # a uWSGI worker has the one serve.py set up, from before the fork
         logging.basicConfig(level=logging.INFO, format=TEXT_LOG_FORMAT, stream=sys.stdout)
     json_lines = log_format == "json"
     for handler in root.handlers:

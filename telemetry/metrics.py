@@ -11,12 +11,12 @@ The metrics (every label takes a few fixed values: never a phone number or an id
     mpesa_webhook_deliveries_total{result}            merchant webhook attempts: delivered|retry|given_up
     mpesa_http_request_duration_seconds{method,route,status}  histogram of every request served
 
-Several processes (gunicorn workers) add up their numbers through prometheus-client's
+Several processes (uWSGI's workers) add up their numbers through prometheus-client's
 multiprocess mode: it is on when PROMETHEUS_MULTIPROC_DIR is in the environment before
 prometheus_client is first imported, so the command that starts the server sets it (Procfile,
 Dockerfile), and config.py checks it (settings.metrics_dir). Each process writes its own files
-there; render() and stats(), given that directory, add them up, and gunicorn.conf.py empties it
-with clear() when gunicorn starts. Without it each process counts in memory, alone. Either way
+there; render() and stats(), given that directory, add them up, and serve.py empties it
+with clear() before uWSGI starts. Without it each process counts in memory, alone. Either way
 the numbers start at zero with the server.
 
 A callback that matches no payment (an old or foreign id) counts as unmatched: it is kept
@@ -40,8 +40,8 @@ from prometheus_client.exposition import choose_encoder
 import mpesa
 from telemetry.logs import log_time
 
-# This module's first import: under gunicorn the master's (gunicorn.conf.py imports it before
-# forking), so every worker reports the server's start, not its own.
+# This module's first import: under uWSGI the master's (serve.py imports it before forking),
+# so every worker reports the server's start, not its own.
 STARTED_AT = time.time()
 
 DARAJA_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 12, 20, 30)
@@ -208,6 +208,6 @@ def stats(directory: str | None = None) -> dict:
 
 
 def clear(directory: str) -> None:
-    """Remove a previous run's numbers from the multiprocess directory (gunicorn's on_starting)."""
+    """Remove a previous run's numbers from the multiprocess directory (serve.py, before uWSGI starts)."""
     for path in glob.glob(os.path.join(directory, "*.db")):
         os.remove(path)

@@ -653,11 +653,12 @@ def test_json_answers_get_the_api_security_headers_and_are_never_cached(live):
         assert "X-Frame-Options" not in answer.headers and "Referrer-Policy" not in answer.headers
 
 
-def test_a_taken_simulator_port_stops_start_up_with_one_line():
+@pytest.mark.parametrize("command", [[sys.executable, "server.py"], PROCFILE_COMMAND], ids=["server.py", "procfile"])
+def test_a_taken_simulator_port_stops_start_up_with_one_line(command):
     port, simulator_port = free_port(), free_port()
     with socket.create_server(("127.0.0.1", simulator_port)):  # something else listens there
         started = subprocess.run(
-            [sys.executable, "server.py"],
+            command,
             cwd=ROOT,
             env={**os.environ, "PORT": str(port), "SIMULATOR_PORT": str(simulator_port), "LOG_FORMAT": "text"},
             capture_output=True,
